@@ -1,0 +1,27 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE = Path(os.environ.get("UNIPERCEIVER_REFERENCE", REPO.parent / "shared" / "reference"))
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    if not (REFERENCE / "ref_io.pt").exists():
+        raise FileNotFoundError(f"reference fixtures not found at {REFERENCE}; set UNIPERCEIVER_REFERENCE")
+    return REFERENCE
+
+
+@pytest.fixture(scope="session")
+def ref_io(reference_dir: Path) -> dict:
+    return torch.load(reference_dir / "ref_io.pt", map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def ref_moe_io(reference_dir: Path) -> dict:
+    return torch.load(reference_dir / "ref_moe_io.pt", map_location="cpu", weights_only=True)

@@ -1,0 +1,198 @@
+"""Presets, overrides, sizes, and forward + backward of every task type on the tiny preset."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import uniperceiver_cli as up
+from uniperceiver_cli.model.config import PRESETS, ModelConfig, MoEConfig, PromptConfig, get_config
+from uniperceiver_cli.model.uniperceiver import VOCABULARY, UniPerceiver, two_stream_mask
+
+# Unique elements of the reference's state dicts, and what ours leaves out (docs/architecture.md):
+# the frozen sin-cos table (a buffer rebuilt from the config), the unused video type row (folded into
+# the patch bias), the never-used text type row 1, and 5 temperatures of task families never trained.
+REFERENCE_ELEMENTS = {"base": 124_757_003, "large": 355_532_811, "base-moe": 422_668_811,
+                      "large-moe": 1_414_205_451}
+
+
+def _left_out(config: ModelConfig) -> int:
+    d, grid = config.width, config.grid_size
+    count = grid * grid * d + d + d + 5
+    if config.moe is not None:  # the linear2 and self_attn.dense gates reuse another gate's decision
+        gate = config.moe.attribute_length * d + d + 2 * d + config.moe.num_experts * d
+        count += 2 * gate * sum(config.moe.is_moe_layer(i) for i in range(config.layers))
+    return count
+
+
+def _count(config: ModelConfig) -> int:
+    with torch.device("meta"):
+        return UniPerceiver(config).num_parameters()
+
+
+@pytest.mark.parametrize("preset", sorted(REFERENCE_ELEMENTS))
+def test_sizes_match_the_reference(preset):
+    config = get_config(preset)
+    assert _count(config) == REFERENCE_ELEMENTS[preset] - _left_out(config)
+
+
+def test_documented_base_and_large_counts():
+    assert _count(get_config("base")) == 124_604_934
+    assert _count(get_config("large")) == 355_330_054
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_every_preset_builds(preset):
+    config = get_config(preset)
+    with torch.device("meta"):
+        model = UniPerceiver(config)
+    assert len(model.blocks) == config.layers
+    assert model.blocks[0].attn.qkv.weight.shape[-2:] == (3 * config.width, config.width)
+    assert (model.blocks[0].attn.gate is not None) == (config.moe is not None)
+
+
+def test_every_field_can_be_overridden():
+    base = get_config("tiny")
+    changed = {"width": 96, "layers": 2, "heads": 3, "mlp_dim": 128, "vocab_size": 49411, "max_text_len": 77,
+               "image_size": 32, "patch_size": 8, "max_frames": 4, "pos_scale": 1.0, "layer_scale_init": 0.1,
+               "drop_path": 0.2, "temperature_init": 0.05, "moe": {"num_experts": 2},
+               "prompt": {"deep_prompt_length": 3}}
+    assert set(changed) == {f.name for f in dataclasses.fields(ModelConfig)}
+    config = get_config("tiny", **changed)
+    for name, value in changed.items():
+        if name == "moe":
+            assert config.moe == MoEConfig(num_experts=2)
+        elif name == "prompt":
+            assert config.prompt == PromptConfig(deep_prompt_length=3)
+        else:
+            assert getattr(config, name) == value, name
+    assert get_config("tiny-moe", moe={"top_k": 1}).moe == MoEConfig(num_experts=4, top_k=1)
+    assert base.width == 64  # presets are not mutated
+    model = up.create_model("tiny", image_size=32, layers=1)
+    assert model.visual_embed.spatial.shape == (4, 64) and len(model.blocks) == 1
+
+
+def test_bad_overrides_fail_clearly():
+    with pytest.raises(ValueError, match="unknown model config field.*depth"):
+        get_config("tiny", depth=3)
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        get_config("huge")
+    with pytest.raises(ValueError, match="not divisible by heads"):
+        get_config("tiny", heads=5)
+    with pytest.raises(ValueError, match="unknown MoEConfig field"):
+        get_config("tiny", moe={"experts": 2})
+
+
+def test_two_stream_mask_matches_the_reference_layout():
+    # S i0 i1 | t0 t1 t2 | q0 q1 q2 ; "." may attend (reference doc, section 3.3)
+    rows = ["...XXXXXX", "...XXXXXX", "...XXXXXX", "....XXXXX", ".....XXXX", "......XXX",
+            "...XXX.XX", "....XXX.X", ".....XXX."]
+    expected = torch.tensor([[c == "." for c in row] for row in rows])
+    assert torch.equal(two_stream_mask(3, 3, 3), expected)
+
+
+SIZE = 32
+
+
+@pytest.fixture(params=["tiny", "tiny-moe"])
+def model(request):
+    torch.manual_seed(0)
+    return up.create_model(request.param, image_size=SIZE, drop_path=0.1).train()
+
+
+def test_classification_image_and_video_train(model):
+    labels = torch.randint(0, 49406, (5, 4))
+    images, video = torch.randn(2, 3, SIZE, SIZE), torch.randn(2, 3, 3, SIZE, SIZE)
+    targets = model.encode_text(labels)
+    loss = torch.nn.functional.cross_entropy(model.classification_logits(images, targets), torch.tensor([1, 3]))
+    loss = loss + torch.nn.functional.cross_entropy(model.classification_logits(video, targets),
+                                                    torch.tensor([0, 2]))
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.visual_embed.patch.weight.grad.abs().sum() > 0
+    assert model.head.logit_scale["img_cls"].grad != 0 and model.head.logit_scale["video_cls"].grad != 0
+
+
+def test_retrieval_trains_both_directions(model):
+    images = torch.randn(3, 3, SIZE, SIZE)
+    ids = torch.randint(0, 49406, (3, 6))
+    padding = torch.zeros(3, 6, dtype=torch.bool)
+    padding[0, 4:] = True
+    logits = model.retrieval_logits(images, ids, padding)
+    assert logits.shape == (3, 3)
+    target = torch.arange(3)
+    loss = torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.T, target)
+    loss.backward()
+    assert model.head.logit_scale["retrieve"].grad != 0
+    assert model.text_embed.word.weight.grad.abs().sum() > 0
+
+
+def test_captioning_and_mlm_train(model):
+    vocab_ids = torch.arange(300)
+    vocabulary = model.encode_text(torch.stack([vocab_ids, torch.full_like(vocab_ids, 49407)], 1),
+                                   routing=VOCABULARY)
+    ids = torch.randint(0, 300, (2, 5))
+    padding = torch.zeros(2, 5, dtype=torch.bool)
+    padding[1, 3:] = True
+    logits = model.caption_logits(torch.randn(2, 3, SIZE, SIZE), ids, padding, vocabulary)
+    assert logits.shape == (2, 5, 300)
+    loss = torch.nn.functional.cross_entropy(logits[~padding], ids[~padding])
+    text = torch.randint(0, 300, (2, 8))
+    selected = torch.zeros(2, 8, dtype=torch.bool)
+    selected[:, [2, 5]] = True
+    masked = text.masked_fill(selected, 49410)
+    mlm = model.mlm_logits(masked, None, selected, vocabulary)
+    assert mlm.shape == (4, 300)
+    loss = loss + torch.nn.functional.cross_entropy(mlm, text[selected])
+    loss.backward()
+    assert model.head.logit_scale["caption"].grad != 0 and model.head.logit_scale["text_mlm"].grad != 0
+    # every block's weights learn from these two tasks
+    for block in model.blocks:
+        assert block.attn.qkv.weight.grad.abs().sum() > 0 and block.mlp.fc2.weight.grad.abs().sum() > 0
+
+
+def test_caption_queries_do_not_see_their_own_word():
+    torch.manual_seed(0)
+    model = up.create_model("tiny", image_size=SIZE).eval()
+    vocabulary = torch.nn.functional.normalize(torch.randn(50, 64), dim=-1)
+    images = torch.randn(1, 3, SIZE, SIZE)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    changed = torch.tensor([[5, 6, 9, 8]])  # word 2 differs: queries 0..2 must not change, query 3 must
+    with torch.no_grad():
+        a = model.caption_logits(images, ids, None, vocabulary)
+        b = model.caption_logits(images, changed, None, vocabulary)
+    torch.testing.assert_close(a[:, :3], b[:, :3])
+    assert not torch.allclose(a[:, 3], b[:, 3])
+
+
+def test_temperature_is_capped_at_100():
+    model = up.create_model("tiny")
+    with torch.no_grad():
+        model.head.logit_scale["img_cls"].fill_(6.0)  # exp(6) = 403
+    scale = model.head.scale("img_cls")
+    assert scale.item() == 100.0
+    scale.backward()
+    assert model.head.logit_scale["img_cls"].grad == 0
+
+
+def test_prompt_tuning_parameters():
+    torch.manual_seed(0)
+    config = {"deep_prompt_length": 4, "separate_target_prompts": True, "spe_bias": True,
+              "classifier_classes": 7}
+    model = up.create_model("tiny", image_size=SIZE, prompt=config).eval()
+    assert model.blocks[0].prompt.shape == (4, 64) and model.blocks[0].target_prompt.shape == (4, 64)
+    images = torch.randn(2, 3, SIZE, SIZE)
+    targets = torch.nn.functional.normalize(torch.randn(7, 64), dim=-1)
+    with torch.no_grad():
+        before = model.classification_logits(images, targets)
+        model.blocks[1].prompt.add_(torch.randn(4, 64))  # deep prompts change the input's encoding
+        after = model.classification_logits(images, targets)
+        assert not torch.allclose(before, after)
+        text = torch.tensor([[10, 11, 49407]])
+        t1 = model.encode_text(text)
+        model.blocks[1].target_prompt.add_(torch.randn(4, 64))  # the target side has its own prompts
+        assert not torch.allclose(t1, model.encode_text(text))
+        model.text_embed.spe_bias.add_(torch.randn(64))
+        assert not torch.allclose(after, model.classification_logits(images, targets))
+    # the classifier prompt starts at zero: logits are the similarity logits until it learns
+    assert model.head.fc_prompt.weight.abs().sum() == 0

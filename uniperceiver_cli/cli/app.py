@@ -1,0 +1,37 @@
+"""The ``uniperceiver`` command. Each subcommand lives in its own module and only parses, then calls the library."""
+
+from __future__ import annotations
+
+import typer
+
+from uniperceiver_cli import __version__
+from uniperceiver_cli.cli import presets
+
+app = typer.Typer(
+    name="uniperceiver",
+    help="Uni-Perceiver and Uni-Perceiver-MoE: one generalist Transformer for images, video and text.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"uniperceiver {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Uni-Perceiver and Uni-Perceiver-MoE: one generalist Transformer for images, video and text."""
+
+
+app.command("presets")(presets.presets)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,157 @@
+"""Typed model configuration and the named presets.
+
+Every field has the reference's default (see docs/architecture.md). ``create_model(preset, **overrides)``
+accepts any field as an override; nested ``moe`` / ``prompt`` accept a dataclass or a dict of their fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+SPE_ID = 49410
+EOT_ID = 49407
+VOCAB_SIZE = 49411
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+VIDEO_MEAN = (0.5, 0.5, 0.5)
+VIDEO_STD = (0.5, 0.5, 0.5)
+
+
+@dataclass
+class MoEConfig:
+    """Attribute-routed mixture of experts (Uni-Perceiver-MoE)."""
+
+    num_experts: int = 8
+    top_k: int = 2
+    # Which layers hold experts: "odd" = index % 2 == 0 (the reference's name), "four" = index % 4 == 0, "all".
+    location: str = "odd"
+    attribute_length: int = 8
+    # Noise added to the gate logits in training: "vmoe" (Gaussian, std noise_std / num_experts), "gumbel", "none".
+    noise_policy: str = "vmoe"
+    noise_std: float = 1.0
+
+    def is_moe_layer(self, index: int) -> bool:
+        if self.location == "odd":
+            return index % 2 == 0
+        if self.location == "four":
+            return index % 4 == 0
+        if self.location == "all":
+            return True
+        raise ValueError(f"moe.location must be 'odd', 'four' or 'all', got {self.location!r}")
+
+
+@dataclass
+class PromptConfig:
+    """Prompt-tuning parameters; all off by default."""
+
+    deep_prompt_length: int = 0  # learned key/value prefixes per layer (the reference uses 10)
+    separate_target_prompts: bool = False  # targets get their own prefixes (retrieval configs)
+    spe_bias: bool = False  # learned vector added to every <|spe|> embedding
+    classifier_classes: int = 0  # > 0 adds the zero-initialised linear classifier prompt head
+
+
+@dataclass
+class ModelConfig:
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_dim: int = 3072
+    vocab_size: int = VOCAB_SIZE
+    max_text_len: int = 512
+    image_size: int = 224
+    patch_size: int = 16
+    max_frames: int = 8
+    # Both sin-cos coordinates are multiplied by this (160/224 for every post-stage-1 model).
+    pos_scale: float = 160 / 224
+    layer_scale_init: float = 1e-3
+    drop_path: float = 0.1
+    temperature_init: float = 0.07
+    moe: MoEConfig | None = None
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig(**self.moe)
+        if isinstance(self.prompt, dict):
+            self.prompt = PromptConfig(**self.prompt)
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        if self.width % 4:
+            raise ValueError(f"width {self.width} must be divisible by 4 for the 2-D sin-cos table")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def logit_scale_init(self) -> float:
+        return math.log(1 / self.temperature_init)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown model config field(s): {', '.join(unknown)}")
+        return cls(**data)
+
+
+_MOE_BASE = {"num_experts": 8, "top_k": 2, "location": "odd"}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The reference's parity-fixture size: 64 wide, 3 layers, 2 heads of 32.
+    "tiny": {"width": 64, "layers": 3, "heads": 2, "mlp_dim": 256, "drop_path": 0.0},
+    "tiny-moe": {
+        "width": 64, "layers": 3, "heads": 2, "mlp_dim": 256, "drop_path": 0.0,
+        "moe": {"num_experts": 4, "top_k": 2, "location": "odd"},
+    },
+    "small": {"width": 384, "layers": 12, "heads": 6, "mlp_dim": 1536},
+    "base": {"width": 768, "layers": 12, "heads": 12, "mlp_dim": 3072},
+    "large": {"width": 1024, "layers": 24, "heads": 16, "mlp_dim": 4096, "drop_path": 0.2},
+    "base-moe": {"width": 768, "layers": 12, "heads": 12, "mlp_dim": 3072, "moe": _MOE_BASE},
+    "large-moe": {
+        "width": 1024, "layers": 24, "heads": 16, "mlp_dim": 4096, "drop_path": 0.2, "moe": _MOE_BASE,
+    },
+}
+
+
+def _merge_nested(base: Any, override: Any, kind: type) -> Any:
+    """An override of a nested config: a dataclass replaces, a dict updates the preset's fields."""
+    if override is None or isinstance(override, kind):
+        return override
+    if not isinstance(override, dict):
+        raise TypeError(f"expected {kind.__name__} or dict, got {type(override).__name__}")
+    fields = {f.name for f in dataclasses.fields(kind)}
+    unknown = sorted(set(override) - fields)
+    if unknown:
+        raise ValueError(f"unknown {kind.__name__} field(s): {', '.join(unknown)}")
+    start = dataclasses.asdict(base) if base is not None else {}
+    return kind(**{**start, **override})
+
+
+def get_config(preset: str | ModelConfig = "base", **overrides: Any) -> ModelConfig:
+    """The config of a named preset (or a given config) with field overrides applied."""
+    if isinstance(preset, ModelConfig):
+        config = dataclasses.replace(preset)
+    else:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+        config = ModelConfig(**PRESETS[preset])
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown model config field(s): {', '.join(unknown)}")
+    if "moe" in overrides:
+        overrides["moe"] = _merge_nested(config.moe, overrides["moe"], MoEConfig)
+    if "prompt" in overrides:
+        overrides["prompt"] = _merge_nested(config.prompt, overrides["prompt"], PromptConfig)
+    return dataclasses.replace(config, **overrides)

@@ -1,0 +1,110 @@
+"""The shared Transformer: pre-LN blocks with LayerScale, drop path and (optionally) expert linears."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath
+from torch import nn
+
+from uniperceiver_cli.model.config import ModelConfig
+from uniperceiver_cli.model.moe import AttributeGate, ExpertLinear, Routing
+
+KV = tuple[torch.Tensor, torch.Tensor]  # keys and values, each (B, H, L, head_dim)
+
+
+class _Routed(nn.Module):
+    """Base of the two sub-layers that may hold experts: one gate decision serves both of their linears."""
+
+    gate: AttributeGate | None
+
+    def _decide(self, routing: Routing | None, x: torch.Tensor):
+        if self.gate is None:
+            return None, None
+        if routing is None:
+            raise ValueError("a mixture-of-experts layer needs the sequence's attribute routing")
+        return self.gate(routing.attributes(x.device)), routing.spans(x.shape[1])
+
+    @staticmethod
+    def _apply(layer: nn.Module, x: torch.Tensor, decision, spans) -> torch.Tensor:
+        return layer(x) if decision is None else layer(x, decision, spans)
+
+
+class Attention(_Routed):
+    def __init__(self, config: ModelConfig, moe: bool) -> None:
+        super().__init__()
+        d = config.width
+        self.heads = config.heads
+        if moe:
+            assert config.moe is not None
+            self.qkv = ExpertLinear(d, 3 * d, config.moe.num_experts)
+            self.out = ExpertLinear(d, d, config.moe.num_experts)
+            self.gate = AttributeGate(d, config.moe)
+        else:
+            self.qkv, self.out, self.gate = nn.Linear(d, 3 * d), nn.Linear(d, d), None
+
+    def _split(self, qkv: torch.Tensor) -> torch.Tensor:
+        return qkv.unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)  # (3, B, H, S, head_dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, routing: Routing | None,
+                past: KV | None = None, prefix: torch.Tensor | None = None) -> tuple[torch.Tensor, KV]:
+        """x (B, S, D), already normed. ``prefix`` (P, D), normed, is prepended to keys and values only;
+        ``past`` holds the keys/values of earlier tokens. Returns the output and all keys/values seen."""
+        decision, spans = self._decide(routing, x)
+        q, k, v = self._split(self._apply(self.qkv, x, decision, spans))
+        if prefix is not None:
+            first = None if decision is None else (decision[0][:1], decision[1][:1])
+            pk, pv = self._split(self._apply(self.qkv, prefix[None], first, [(0, prefix.shape[0])]))[1:]
+            k = torch.cat([pk.expand(x.shape[0], -1, -1, -1), k], dim=2)
+            v = torch.cat([pv.expand(x.shape[0], -1, -1, -1), v], dim=2)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self._apply(self.out, out.transpose(1, 2).flatten(2), decision, spans), (k, v)
+
+
+class MLP(_Routed):
+    def __init__(self, config: ModelConfig, moe: bool) -> None:
+        super().__init__()
+        d, h = config.width, config.mlp_dim
+        if moe:
+            assert config.moe is not None
+            self.fc1 = ExpertLinear(d, h, config.moe.num_experts)
+            self.fc2 = ExpertLinear(h, d, config.moe.num_experts)
+            self.gate = AttributeGate(d, config.moe)
+        else:
+            self.fc1, self.fc2, self.gate = nn.Linear(d, h), nn.Linear(h, d), None
+
+    def forward(self, x: torch.Tensor, routing: Routing | None) -> torch.Tensor:
+        decision, spans = self._decide(routing, x)
+        return self._apply(self.fc2, F.gelu(self._apply(self.fc1, x, decision, spans)), decision, spans)
+
+
+class Block(nn.Module):
+    """x += g1 * DropPath(Attn(LN1(x))); x += g2 * DropPath(MLP(LN2(x)))."""
+
+    def __init__(self, config: ModelConfig, moe: bool) -> None:
+        super().__init__()
+        d = config.width
+        self.norm1 = nn.LayerNorm(d)
+        self.attn = Attention(config, moe)
+        self.gamma1 = nn.Parameter(torch.full((d,), config.layer_scale_init))
+        self.norm2 = nn.LayerNorm(d)
+        self.mlp = MLP(config, moe)
+        self.gamma2 = nn.Parameter(torch.full((d,), config.layer_scale_init))
+        self.drop_path = DropPath(config.drop_path) if config.drop_path > 0 else nn.Identity()
+        p = config.prompt
+        self.prompt = nn.Parameter(torch.zeros(p.deep_prompt_length, d)) if p.deep_prompt_length else None
+        separate = p.deep_prompt_length and p.separate_target_prompts
+        self.target_prompt = nn.Parameter(torch.zeros(p.deep_prompt_length, d)) if separate else None
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, routing: Routing | None,
+                past: KV | None = None, side: str = "input") -> tuple[torch.Tensor, KV]:
+        prompt = None
+        if past is None and self.prompt is not None:  # with a cache, the prompts already sit in `past`
+            prompt = self.target_prompt if side == "target" and self.target_prompt is not None else self.prompt
+            prompt = self.norm1(prompt)
+        a, kv = self.attn(self.norm1(x), mask, routing, past, prompt)
+        x = x + self.drop_path(self.gamma1 * a)
+        x = x + self.drop_path(self.gamma2 * self.mlp(self.norm2(x), routing))
+        return x, kv

@@ -1,0 +1,243 @@
+"""CLIP byte-level BPE text tokenizer with the reference's five special tokens.
+
+The vocabulary is CLIP's ``bpe_simple_vocab_16e6.txt.gz`` (read from the installed ``open_clip`` package):
+256 byte tokens, the same 256 with ``</w>``, 48,894 merges, then ``<|startoftext|>`` 49406,
+``<|endoftext|>`` 49407, ``<|mask|>`` 49408, ``<|gen|>`` 49409 and ``<|spe|>`` 49410 (49,411 ids).
+
+The BPE itself runs in HuggingFace ``tokenizers``; only the reference's text cleanup (ftfy, double HTML
+unescape, whitespace collapse, lower case) runs in Python. The reference encodes every text as
+``text + " <|endoftext|>"`` with no start token; ``Tokenizer.encode`` does the same by default.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import html
+import importlib.util
+from collections.abc import Sequence
+from pathlib import Path
+
+import ftfy
+import regex
+import torch
+from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
+from tokenizers import Tokenizer as _Backend
+from tokenizers.models import BPE
+
+from uniperceiver_cli.model.config import EOT_ID, SPE_ID, VOCAB_SIZE
+
+__all__ = ["EOT_ID", "GEN_ID", "MASK_ID", "SOT_ID", "SPE_ID", "VOCAB_SIZE", "Tokenizer", "get_tokenizer"]
+
+SOT_ID = 49406
+MASK_ID = 49408
+GEN_ID = 49409
+
+BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
+_NUM_MERGES = 49152 - 256 - 2  # the reference keeps merge lines [1, 48895) of the file
+_SPECIALS = ("<|startoftext|>", "<|endoftext|>", "<|mask|>", "<|gen|>", "<|spe|>")
+# The reference's pre-tokenisation regex. It does not know <|mask|>: that text becomes ordinary BPE ids.
+_PATTERN = (
+    r"<\|startoftext\|>|<\|endoftext\|>|<\|gen\|>|<\|spe\|>"
+    r"|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"
+)
+_TEXT_SPECIALS = {s: i for i, s in zip(range(SOT_ID, VOCAB_SIZE), _SPECIALS, strict=True) if s != "<|mask|>"}
+# The reference regex only finds a special where a match can start; right after a punctuation character the
+# punctuation run swallows its "<|" instead. The backend splits specials out anywhere, so texts with such
+# a glued special take the slower exact path.
+_GLUED_SPECIAL = regex.compile(r"[^\s\p{L}\p{N}](?:<\|startoftext\|>|<\|endoftext\|>|<\|gen\|>|<\|spe\|>)")
+_WHITESPACE = regex.compile(r"\s+")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from the 256 byte values to printable characters, in CLIP's vocabulary order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+    others = [b for b in range(256) if b not in printable]
+    chars = printable + [256 + n for n in range(len(others))]
+    return {b: chr(c) for b, c in zip(printable + others, chars, strict=True)}
+
+
+def _bpe_path() -> Path:
+    # find_spec locates the package without importing it (importing open_clip takes seconds).
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"the CLIP merges file {BPE_FILE} comes with open_clip_torch; install it")
+    return Path(next(iter(spec.submodule_search_locations))) / BPE_FILE
+
+
+def _build_backend(bpe_path: Path) -> _Backend:
+    lines = gzip.decompress(bpe_path.read_bytes()).decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : _NUM_MERGES + 1]]
+    byte_tokens = list(_bytes_to_unicode().values())
+    tokens = byte_tokens + [t + "</w>" for t in byte_tokens] + [a + b for a, b in merges] + list(_SPECIALS)
+    vocab = {token: i for i, token in enumerate(tokens)}
+    if len(vocab) != VOCAB_SIZE:
+        raise ValueError(f"{bpe_path} gives {len(vocab)} distinct tokens, expected {VOCAB_SIZE}")
+
+    backend = _Backend(BPE(vocab, merges, end_of_word_suffix="</w>", fuse_unk=False))
+    # The pattern gets (?i) because the reference compiles it with IGNORECASE (it matters for e.g. "'ſ").
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex("(?i)" + _PATTERN), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in _TEXT_SPECIALS])
+    return backend
+
+
+def _clean(text: str) -> str:
+    """The reference's cleanup: ftfy, HTML unescape twice, collapse whitespace, lower case."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    text = _WHITESPACE.sub(" ", text).strip().lower()
+    # U+0345 matches no branch of the reference regex under IGNORECASE, so the reference drops it like a
+    # space; Oniguruma's case folding would count it as a letter.
+    return text.replace("\u0345", " ")
+
+
+def _truncate(ids: list[int], max_len: int | None) -> list[int]:
+    if max_len is None or len(ids) <= max_len:
+        return ids
+    return ids[: max_len - 1] + ids[-1:]
+
+
+def _check_max_len(max_len: int | None) -> None:
+    if max_len is not None and max_len < 1:
+        raise ValueError(f"max_len must be at least 1, got {max_len}")
+
+
+class Tokenizer:
+    """The reference's CLIP BPE tokenizer (``ClipTokenizer``) on a HuggingFace ``tokenizers`` backend.
+
+    Args:
+        bpe_path: The gzipped CLIP merges file; defaults to the copy shipped with ``open_clip``.
+    """
+
+    def __init__(self, bpe_path: str | Path | None = None) -> None:
+        self._backend = _build_backend(Path(bpe_path) if bpe_path is not None else _bpe_path())
+        self.vocab_size: int = self._backend.get_vocab_size()
+
+    @functools.cached_property
+    def _plain_backend(self) -> _Backend:
+        # A copy that leaves special-token text to the pre-tokenizer regex, as the reference does.
+        backend = _Backend.from_str(self._backend.to_str())
+        backend.encode_special_tokens = True
+        return backend
+
+    def _encode_glued(self, cleaned: str) -> list[int]:
+        encoding = self._plain_backend.encode(cleaned, add_special_tokens=False)
+        ids: list[int] = []
+        # Group BPE tokens by pre-token; a pre-token that is exactly a special string becomes its id.
+        start = 0
+        word_ids = encoding.word_ids
+        for end in range(1, len(word_ids) + 1):
+            if end < len(word_ids) and word_ids[end] == word_ids[start]:
+                continue
+            text = "".join(encoding.tokens[start:end]).removesuffix("</w>")
+            special = _TEXT_SPECIALS.get(text)
+            ids.extend(encoding.ids[start:end] if special is None else [special])
+            start = end
+        return ids
+
+    def _prepare(self, text: str, add_eot: bool) -> str:
+        # The EOT goes into the text before cleanup, exactly as the reference writes text + " <|endoftext|>".
+        return _clean(text + " <|endoftext|>" if add_eot else text)
+
+    def encode(self, text: str, *, add_eot: bool = True, max_len: int | None = None) -> list[int]:
+        """Encodes one text the way the reference does.
+
+        Args:
+            text: Raw text; it is cleaned and lower-cased first. ``<|spe|>``, ``<|endoftext|>``,
+                ``<|startoftext|>`` and ``<|gen|>`` in it become their special ids.
+            add_eot: Encode ``text + " <|endoftext|>"``, so the ids end with ``EOT_ID``.
+            max_len: Keep at most this many ids: the first ``max_len - 1`` and then the last one, so a
+                final EOT survives truncation.
+
+        Returns:
+            The token ids, with no start token.
+        """
+        _check_max_len(max_len)
+        cleaned = self._prepare(text, add_eot)
+        if _GLUED_SPECIAL.search(cleaned):
+            ids = self._encode_glued(cleaned)
+        else:
+            ids = self._backend.encode(cleaned, add_special_tokens=False).ids
+        return _truncate(ids, max_len)
+
+    def encode_batch(
+        self, texts: Sequence[str], *, add_eot: bool = True, max_len: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encodes several texts like ``encode`` and right-pads them to the longest.
+
+        Args:
+            texts: Raw texts.
+            add_eot: As in ``encode``.
+            max_len: As in ``encode``, applied to each text before padding.
+
+        Returns:
+            ``ids`` (B, L) int64, padded with 0, and ``padding`` (B, L) bool, True at the padded positions.
+        """
+        _check_max_len(max_len)
+        cleaned = [self._prepare(text, add_eot) for text in texts]
+        rows = [encoding.ids for encoding in self._backend.encode_batch(cleaned, add_special_tokens=False)]
+        for i, text in enumerate(cleaned):
+            if _GLUED_SPECIAL.search(text):
+                rows[i] = self._encode_glued(text)
+        rows = [_truncate(row, max_len) for row in rows]
+        length = max((len(row) for row in rows), default=0)
+        ids = torch.zeros(len(rows), length, dtype=torch.long)
+        padding = torch.ones(len(rows), length, dtype=torch.bool)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            padding[i, : len(row)] = False
+        return ids, padding
+
+    def _decodable(self, ids: Sequence[int] | torch.Tensor, stop_at_eot: bool) -> list[int]:
+        if isinstance(ids, torch.Tensor):
+            if ids.dim() != 1:
+                raise ValueError(f"expected a 1-D tensor of ids, got shape {tuple(ids.shape)}")
+            ids = ids.tolist()
+        ids = [int(i) for i in ids]
+        if stop_at_eot and EOT_ID in ids:
+            ids = ids[: ids.index(EOT_ID)]
+        if any(not 0 <= i < self.vocab_size for i in ids):
+            raise ValueError(f"token ids must lie in [0, {self.vocab_size})")
+        return [i for i in ids if i < SOT_ID]
+
+    def decode(self, ids: Sequence[int] | torch.Tensor, *, stop_at_eot: bool = True) -> str:
+        """Turns BPE ids back into text, as CLIP's decoder does (``</w>`` becomes a space).
+
+        Args:
+            ids: Token ids, a sequence or a 1-D tensor.
+            stop_at_eot: Cut the ids at the first ``EOT_ID``.
+
+        Returns:
+            The text without special tokens, stripped. Invalid UTF-8 byte sequences become U+FFFD.
+        """
+        text = self._backend.decode(self._decodable(ids, stop_at_eot), skip_special_tokens=False)
+        return text.replace("</w>", " ").strip()
+
+    def decode_batch(
+        self, ids: Sequence[Sequence[int]] | torch.Tensor, *, stop_at_eot: bool = True
+    ) -> list[str]:
+        """Decodes several id sequences like ``decode``.
+
+        Args:
+            ids: A sequence of id sequences, or a 2-D tensor (B, L) whose rows end in EOT or padding.
+            stop_at_eot: As in ``decode``; it also drops a row's padding after its EOT.
+
+        Returns:
+            One text per row.
+        """
+        if isinstance(ids, torch.Tensor) and ids.dim() != 2:
+            raise ValueError(f"expected a 2-D tensor of ids, got shape {tuple(ids.shape)}")
+        rows = [self._decodable(row, stop_at_eot) for row in ids]
+        texts = self._backend.decode_batch(rows, skip_special_tokens=False)
+        return [text.replace("</w>", " ").strip() for text in texts]
+
+
+@functools.lru_cache(maxsize=1)
+def get_tokenizer() -> Tokenizer:
+    """Returns the shared tokenizer, built on the first call."""
+    return Tokenizer()

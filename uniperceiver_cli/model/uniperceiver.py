@@ -1,0 +1,281 @@
+"""The Uni-Perceiver network: one shared encoder for images, video and text, scored by similarity."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from uniperceiver_cli.model.config import EOT_ID, SPE_ID, ModelConfig
+from uniperceiver_cli.model.embeddings import TextEmbedding, VisualEmbedding
+from uniperceiver_cli.model.heads import SimilarityHead
+from uniperceiver_cli.model.layers import KV, Block
+from uniperceiver_cli.model.moe import ExpertLinear, Routing
+
+VISUAL = Routing(("visual_input",))
+TEXT_TARGET = Routing(("text_target",))
+VOCABULARY = Routing(("vocabulary",))
+
+
+def two_stream_mask(prefix: int, words: int, queries: int, device: torch.device | None = None) -> torch.Tensor:
+    """The captioning attention layout [prefix | words | queries]; True = may attend. (S, S)
+
+    The prefix (<|spe|> + visual tokens) sees only itself; word j sees the prefix and words 0..j;
+    query j sees the prefix, words 0..j-1 and itself, so it predicts word j without seeing it.
+    """
+    size = prefix + words + queries
+    mask = torch.zeros(size, size, dtype=torch.bool, device=device)
+    mask[:, :prefix] = True
+    w, q = slice(prefix, prefix + words), slice(prefix + words, size)
+    mask[w, w] = torch.ones(words, words, dtype=torch.bool, device=device).tril()
+    mask[q, w] = torch.ones(queries, words, dtype=torch.bool, device=device).tril(-1)
+    mask[q, q] = torch.eye(queries, dtype=torch.bool, device=device)
+    return mask
+
+
+class UniPerceiver(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.text_embed = TextEmbedding(config)
+        self.visual_embed = VisualEmbedding(config)
+        self.embed_norm = nn.LayerNorm(config.width)  # shared by text and visual tokens
+        moe = config.moe
+        self.blocks = nn.ModuleList(
+            Block(config, moe=moe is not None and moe.is_moe_layer(i)) for i in range(config.layers))
+        self.head = SimilarityHead(config)
+        self._vocabulary: torch.Tensor | None = None
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ initialisation
+    def reset_parameters(self) -> None:
+        """MAE-style init: xavier-uniform linears (a fused QKV counts as three), N(0, 0.02) tables."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                fan_out, fan_in = module.weight.shape
+                if fan_out == 3 * fan_in:
+                    fan_out = fan_in
+                bound = math.sqrt(6 / (fan_in + fan_out))
+                nn.init.uniform_(module.weight, -bound, bound)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, ExpertLinear):
+                _, fan_out, fan_in = module.weight.shape
+                if fan_out == 3 * fan_in:
+                    fan_out = fan_in
+                bound = math.sqrt(6 / (fan_in + fan_out))
+                nn.init.uniform_(module.weight, -bound, bound)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=0.02)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        patch = self.visual_embed.patch
+        nn.init.xavier_uniform_(patch.weight.view(patch.weight.shape[0], -1))
+        nn.init.zeros_(patch.bias)
+        nn.init.normal_(self.text_embed.text_type, std=0.02)
+        for block in self.blocks:
+            for prompt in (block.prompt, block.target_prompt):
+                if prompt is not None:
+                    nn.init.normal_(prompt, std=0.02)
+        self.head.reset_parameters()
+
+    def train(self, mode: bool = True) -> UniPerceiver:
+        self._vocabulary = None  # cached target features are only valid while the weights do not change
+        return super().train(mode)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        self._vocabulary = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    # ------------------------------------------------------------------ embedding
+    def spe(self, batch: int) -> torch.Tensor:
+        """The <|spe|> prefix every sequence starts with: LN(word embedding), no position. (B, 1, D)"""
+        return self.embed_norm(self.text_embed.spe()).expand(batch, 1, -1)
+
+    def embed_text(self, ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        return self.embed_norm(self.text_embed(ids, positions))
+
+    def embed_visual(self, video: torch.Tensor) -> torch.Tensor:
+        """video (B, T, 3, H, W) -> (B, T*N, D). In training the temporal ids start at a random offset
+        (an image gets a random one of the temporal rows), at evaluation at 0."""
+        offset = 0
+        spare = self.config.max_frames - video.shape[1]
+        if self.training and spare > 0:
+            offset = int(torch.randint(0, spare + 1, ()))
+        return self.embed_norm(self.visual_embed(video, offset))
+
+    # ------------------------------------------------------------------ the encoder
+    def encode(self, x: torch.Tensor, *, padding: torch.Tensor | None = None,
+               structure: torch.Tensor | None = None, routing: Routing | None = None,
+               side: str = "input", past: list[KV] | None = None,
+               ) -> tuple[torch.Tensor, list[KV]]:
+        """Run the shared encoder on embedded tokens.
+
+        Args:
+            x: (B, S, D) embedded tokens, <|spe|> included where the sequence has one.
+            padding: (B, S) True at padded tokens (masked as keys only).
+            structure: (S, K) True where token i may attend key j; K counts ``past`` keys plus the S tokens.
+            routing: attribute rows for mixture-of-experts layers (ignored by dense layers).
+            side: "input" or "target": which deep prompts a prompt-tuned model prepends.
+            past: per-layer keys/values of earlier tokens (caption decoding); deep prompts sit inside them.
+
+        Returns:
+            The last layer's output (B, S, D) and every layer's keys/values, prompts and past included.
+        """
+        b, s, _ = x.shape
+        past_len = past[0][0].shape[2] if past is not None else 0
+        allowed = None
+        if padding is not None:
+            allowed = ~padding[:, None, None, :]  # (B, 1, 1, S)
+            if past_len:
+                allowed = F.pad(allowed, (past_len, 0), value=True)
+        if structure is not None:
+            allowed = structure[None, None] if allowed is None else allowed & structure
+        prompt_len = self.config.prompt.deep_prompt_length if past is None else 0
+        if prompt_len and allowed is not None:
+            allowed = F.pad(allowed, (prompt_len, 0), value=True)
+        caches = []
+        for i, block in enumerate(self.blocks):
+            x, kv = block(x, allowed, routing, None if past is None else past[i], side)
+            caches.append(kv)
+        return x, caches
+
+    def encode_visual(self, video: torch.Tensor, routing: Routing = VISUAL) -> torch.Tensor:
+        """[<|spe|>, visual tokens] through the encoder. video (B, T, 3, H, W) -> (B, 1 + T*N, D)."""
+        x = torch.cat([self.spe(video.shape[0]), self.embed_visual(video)], dim=1)
+        return self.encode(x, routing=routing)[0]
+
+    def encode_text_tokens(self, ids: torch.Tensor, padding: torch.Tensor | None = None, *,
+                           routing: Routing = TEXT_TARGET, side: str = "target") -> torch.Tensor:
+        """[<|spe|>, ids] through the encoder. ids (B, L) -> (B, 1 + L, D)."""
+        x = torch.cat([self.spe(ids.shape[0]), self.embed_text(ids)], dim=1)
+        if padding is not None:
+            padding = F.pad(padding, (1, 0), value=False)
+        return self.encode(x, padding=padding, routing=routing, side=side)[0]
+
+    def features(self, out: torch.Tensor) -> torch.Tensor:
+        """Encoder output (B, S, D) -> the normalised feature of its <|spe|> slot. (B, D)"""
+        return self.head.project(out[:, 0])
+
+    # ------------------------------------------------------------------ public feature API
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W), preprocessed -> L2-normalised features (B, D)."""
+        if images.dim() != 4:
+            raise ValueError(f"encode_image expects (B, 3, H, W), got shape {tuple(images.shape)}")
+        return self.features(self.encode_visual(images[:, None]))
+
+    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
+        """video (B, T, 3, H, W), preprocessed -> L2-normalised features (B, D)."""
+        if video.dim() != 5:
+            raise ValueError(f"encode_video expects (B, T, 3, H, W), got shape {tuple(video.shape)}")
+        return self.features(self.encode_visual(video))
+
+    def encode_text(self, texts: Sequence[str] | torch.Tensor, padding: torch.Tensor | None = None, *,
+                    routing: Routing = TEXT_TARGET, max_len: int | None = None,
+                    chunk_size: int = 4096) -> torch.Tensor:
+        """Texts (strings, or ids (B, L) with optional padding) -> L2-normalised features (B, D).
+
+        Strings are tokenised with the CLIP BPE plus end-of-text. Encoded as candidates (targets), the
+        way class names and retrieval captions are; large sets run in chunks of ``chunk_size``.
+        """
+        if not isinstance(texts, torch.Tensor):
+            from uniperceiver_cli.model.tokenizer import get_tokenizer
+
+            texts, padding = get_tokenizer().encode_batch(list(texts), max_len=max_len or self.config.max_text_len)
+        device = self.head.proj.weight.device
+        texts = texts.to(device)
+        padding = padding.to(device) if padding is not None else None
+        feats = []
+        for start in range(0, texts.shape[0], chunk_size):
+            part = slice(start, start + chunk_size)
+            out = self.encode_text_tokens(texts[part], None if padding is None else padding[part],
+                                          routing=routing)
+            feats.append(self.features(out))
+        return torch.cat(feats)
+
+    def vocabulary_features(self) -> torch.Tensor:
+        """Features of the whole vocabulary, [v, <|endoftext|>] for every id v: index i is token i.
+
+        Captioning and MLM score against this set. Cached while the model is in eval mode.
+        """
+        if self._vocabulary is not None and not self.training:
+            return self._vocabulary
+        device = self.head.proj.weight.device
+        ids = torch.arange(self.config.vocab_size, device=device)
+        pairs = torch.stack([ids, torch.full_like(ids, EOT_ID)], dim=1)
+        feats = self.encode_text(pairs, routing=VOCABULARY)
+        if not self.training:
+            self._vocabulary = feats
+        return feats
+
+    # ------------------------------------------------------------------ task logits
+    def classification_logits(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) or video (B, T, 3, H, W) against target features (C, D) -> (B, C)."""
+        video = inputs.dim() == 5
+        query = self.encode_video(inputs) if video else self.encode_image(inputs)
+        return self.head.logits(query, targets, "video_cls" if video else "img_cls", classifier=True)
+
+    def retrieval_logits(self, inputs: torch.Tensor, text_ids: torch.Tensor,
+                         text_padding: torch.Tensor | None = None) -> torch.Tensor:
+        """Visual inputs (B, ...) against texts (B', L) -> image-to-text logits (B, B'); transpose for t2i."""
+        query = self.encode_video(inputs) if inputs.dim() == 5 else self.encode_image(inputs)
+        return self.head.logits(query, self.encode_text(text_ids, text_padding), "retrieve")
+
+    def caption_logits(self, inputs: torch.Tensor, ids: torch.Tensor, padding: torch.Tensor | None,
+                       vocabulary: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced captioning in one pass with the two-stream layout.
+
+        inputs (B, 3, H, W) or (B, T, 3, H, W); caption ids (B, n) ending in <|endoftext|>, no start token.
+        Query j predicts ids[:, j]. Returns logits (B, n, V) against the vocabulary features.
+        """
+        video = inputs if inputs.dim() == 5 else inputs[:, None]
+        b, n = ids.shape
+        visual = self.embed_visual(video)
+        prefix = 1 + visual.shape[1]
+        positions = torch.arange(n, device=ids.device)
+        queries = torch.full_like(ids, SPE_ID)
+        x = torch.cat([self.spe(b), visual, self.embed_text(ids, positions),
+                       self.embed_text(queries, positions)], dim=1)
+        pad = None
+        if padding is not None:
+            pad = torch.cat([padding.new_zeros(b, prefix), padding, padding], dim=1)
+        routing = Routing(("caption_visual", "caption_text"), (prefix,))
+        out, _ = self.encode(x, padding=pad, structure=two_stream_mask(prefix, n, n, ids.device),
+                             routing=routing)
+        query = self.head.project(out[:, prefix + n:])  # (B, n, D)
+        return self.head.logits(query.flatten(0, 1), vocabulary, "caption").unflatten(0, (b, n))
+
+    def mlm_logits(self, ids: torch.Tensor, padding: torch.Tensor | None, selected: torch.Tensor,
+                   vocabulary: torch.Tensor) -> torch.Tensor:
+        """Masked language modelling: ids (B, L) with <|spe|> at masked words; ``selected`` (B, L) marks
+        the positions to score. Returns logits (M, V) for the M selected positions, in row-major order."""
+        out = self.encode_text_tokens(ids, padding, routing=Routing(("text_input",)), side="input")
+        query = self.head.project(out[:, 1:][selected])
+        return self.head.logits(query, vocabulary, "text_mlm")
+
+    # ------------------------------------------------------------------ convenience inference
+    @torch.inference_mode()
+    def classify(self, inputs: torch.Tensor, labels: Sequence[str] | torch.Tensor) -> torch.Tensor:
+        """Zero-shot classification. inputs: images (B, 3, H, W) or videos (B, T, 3, H, W), preprocessed;
+        labels: class names, or their features (C, D). Returns probabilities (B, C)."""
+        targets = labels if isinstance(labels, torch.Tensor) else self.encode_text(labels)
+        return self.classification_logits(inputs, targets).softmax(dim=-1)
+
+    @torch.inference_mode()
+    def caption(self, inputs: torch.Tensor, *, beam_size: int = 2, max_len: int = 21) -> list[str]:
+        """Captions for images (B, 3, H, W) or videos (B, T, 3, H, W), by cached beam search
+        (``beam_size=1`` is greedy decoding)."""
+        from uniperceiver_cli.model.decoding import beam_search
+        from uniperceiver_cli.model.tokenizer import get_tokenizer
+
+        result = beam_search(self, inputs, beam_size=beam_size, max_len=max_len)
+        return get_tokenizer().decode_batch(result.tokens)
+
+    def num_parameters(self) -> int:
+        """Unique parameter elements (tied tensors counted once)."""
+        return sum(p.numel() for p in self.parameters())
