@@ -60,7 +60,7 @@ CHAR_RANGES = [(0x20, 0x3000), (0x3000, 0x10000), (0x1F000, 0x2A000)]  # Latin t
 
 
 def _random_char(rng: random.Random) -> str:
-    # Code points assigned since Unicode 3.2, so the answer does not depend on the regex library's tables.
+    # Only code points already assigned in Unicode 3.2, so the result does not depend on Unicode tables.
     while True:
         c = chr(rng.randrange(*rng.choice(CHAR_RANGES)))
         if unicodedata.ucd_3_2_0.category(c) not in ("Cn", "Cs"):

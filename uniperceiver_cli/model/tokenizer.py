@@ -127,16 +127,15 @@ class Tokenizer:
 
     def _encode_glued(self, cleaned: str) -> list[int]:
         encoding = self._plain_backend.encode(cleaned, add_special_tokens=False)
+        bpe_ids, tokens, word_ids = encoding.ids, encoding.tokens, encoding.word_ids
         ids: list[int] = []
-        # Group BPE tokens by pre-token; a pre-token that is exactly a special string becomes its id.
+        # Group the BPE tokens by pre-token; a pre-token that is exactly a special's text becomes its id.
         start = 0
-        word_ids = encoding.word_ids
         for end in range(1, len(word_ids) + 1):
             if end < len(word_ids) and word_ids[end] == word_ids[start]:
                 continue
-            text = "".join(encoding.tokens[start:end]).removesuffix("</w>")
-            special = _TEXT_SPECIALS.get(text)
-            ids.extend(encoding.ids[start:end] if special is None else [special])
+            special = _TEXT_SPECIALS.get("".join(tokens[start:end]).removesuffix("</w>"))
+            ids.extend(bpe_ids[start:end] if special is None else [special])
             start = end
         return ids
 
@@ -185,13 +184,11 @@ class Tokenizer:
             if _GLUED_SPECIAL.search(text):
                 rows[i] = self._encode_glued(text)
         rows = [_truncate(row, max_len) for row in rows]
-        length = max((len(row) for row in rows), default=0)
-        ids = torch.zeros(len(rows), length, dtype=torch.long)
-        padding = torch.ones(len(rows), length, dtype=torch.bool)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-            padding[i, : len(row)] = False
-        return ids, padding
+        lengths = torch.tensor([len(row) for row in rows], dtype=torch.long)
+        length = int(lengths.max()) if rows else 0
+        ids = torch.tensor([row + [0] * (length - len(row)) for row in rows], dtype=torch.long)
+        padding = torch.arange(length) >= lengths[:, None]  # (B, L)
+        return ids.reshape(len(rows), length), padding
 
     def _decodable(self, ids: Sequence[int] | torch.Tensor, stop_at_eot: bool) -> list[int]:
         if isinstance(ids, torch.Tensor):
@@ -218,9 +215,7 @@ class Tokenizer:
         text = self._backend.decode(self._decodable(ids, stop_at_eot), skip_special_tokens=False)
         return text.replace("</w>", " ").strip()
 
-    def decode_batch(
-        self, ids: Sequence[Sequence[int]] | torch.Tensor, *, stop_at_eot: bool = True
-    ) -> list[str]:
+    def decode_batch(self, ids: Sequence[Sequence[int]] | torch.Tensor, *, stop_at_eot: bool = True) -> list[str]:
         """Decodes several id sequences like ``decode``.
 
         Args:

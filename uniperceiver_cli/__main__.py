@@ -1,0 +1,3 @@
+from uniperceiver_cli.cli.app import main
+
+main()
