@@ -113,8 +113,14 @@ def test_classification_image_and_video_train(model):
     assert model.head.logit_scale["img_cls"].grad != 0 and model.head.logit_scale["video_cls"].grad != 0
 
 
-def test_retrieval_trains_both_directions(model):
-    images = torch.randn(3, 3, SIZE, SIZE)
+def _visual(kind, batch):
+    shape = (batch, 3, SIZE, SIZE) if kind == "image" else (batch, 2, 3, SIZE, SIZE)
+    return torch.randn(shape)
+
+
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_retrieval_trains_both_directions(model, kind):
+    images = _visual(kind, 3)
     ids = torch.randint(0, 49406, (3, 6))
     padding = torch.zeros(3, 6, dtype=torch.bool)
     padding[0, 4:] = True
@@ -127,14 +133,15 @@ def test_retrieval_trains_both_directions(model):
     assert model.text_embed.word.weight.grad.abs().sum() > 0
 
 
-def test_captioning_and_mlm_train(model):
+@pytest.mark.parametrize("kind", ["image", "video"])
+def test_captioning_and_mlm_train(model, kind):
     vocab_ids = torch.arange(300)
     vocabulary = model.encode_text(torch.stack([vocab_ids, torch.full_like(vocab_ids, 49407)], 1),
                                    routing=VOCABULARY)
     ids = torch.randint(0, 300, (2, 5))
     padding = torch.zeros(2, 5, dtype=torch.bool)
     padding[1, 3:] = True
-    logits = model.caption_logits(torch.randn(2, 3, SIZE, SIZE), ids, padding, vocabulary)
+    logits = model.caption_logits(_visual(kind, 2), ids, padding, vocabulary)
     assert logits.shape == (2, 5, 300)
     loss = torch.nn.functional.cross_entropy(logits[~padding], ids[~padding])
     text = torch.randint(0, 300, (2, 8))
@@ -196,3 +203,15 @@ def test_prompt_tuning_parameters():
         assert not torch.allclose(after, model.classification_logits(images, targets))
     # the classifier prompt starts at zero: logits are the similarity logits until it learns
     assert model.head.fc_prompt.weight.abs().sum() == 0
+
+
+def test_bf16_autocast_forward_stays_close_to_fp32():
+    torch.manual_seed(0)
+    model = up.create_model("tiny-moe", image_size=SIZE).eval()
+    images, labels = torch.randn(2, 3, SIZE, SIZE), torch.randint(0, 49406, (4, 3))
+    with torch.no_grad():
+        reference = model.classification_logits(images, model.encode_text(labels))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model.classification_logits(images, model.encode_text(labels))
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), reference, atol=0.3, rtol=0.05)

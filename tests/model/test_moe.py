@@ -5,7 +5,7 @@ import torch
 
 import uniperceiver_cli as up
 from uniperceiver_cli.model.config import MoEConfig
-from uniperceiver_cli.model.moe import ATTRIBUTES, ExpertLinear, Routing, merge_experts, route
+from uniperceiver_cli.model.moe import ATTRIBUTES, AttributeGate, ExpertLinear, Routing, merge_experts, route
 
 
 def test_top2_gates_are_renormalised_and_top1_keeps_the_probability():
@@ -48,10 +48,22 @@ def test_merging_weights_equals_mixing_outputs():
     assert w.shape == (2, 5, 6) and b.shape == (2, 5)
 
 
+def test_gate_reads_the_reference_attribute_rows():
+    gate = AttributeGate(16, MoEConfig(num_experts=4))
+    rows = ("caption_visual", "caption_text")
+    attributes = torch.tensor([ATTRIBUTES[r] for r in rows], dtype=torch.float32)
+    expected = gate.router(gate.tag_norm(gate.tag_proj(attributes))).softmax(-1)
+    ids, gates = gate.eval()(rows)
+    torch.testing.assert_close(ids, expected.topk(2).indices)
+    top = expected.topk(2).values
+    torch.testing.assert_close(gates, top / top.sum(-1, keepdim=True))
+    assert ATTRIBUTES["caption_text"] == (1, 1, 0, 1, 0, 1, 0, 1)
+    assert ATTRIBUTES["vocabulary"] == (1, 1, 0, 1, 0, 1, 1, 0)
+
+
 def test_routing_rows_and_spans():
     routing = Routing(("caption_visual", "caption_text"), (5,))
     assert routing.spans(9) == [(0, 5), (5, 9)]
-    assert routing.attributes().tolist() == [list(ATTRIBUTES["caption_visual"]), list(ATTRIBUTES["caption_text"])]
     with pytest.raises(ValueError, match="need 1 bounds"):
         Routing(("caption_visual", "caption_text"))
     with pytest.raises(ValueError, match="unknown attribute row"):

@@ -23,7 +23,7 @@ class _Routed(nn.Module):
             return None, None
         if routing is None:
             raise ValueError("a mixture-of-experts layer needs the sequence's attribute routing")
-        return self.gate(routing.attributes(x.device)), routing.spans(x.shape[1])
+        return self.gate(routing.rows), routing.spans(x.shape[1])
 
     @staticmethod
     def _apply(layer: nn.Module, x: torch.Tensor, decision, spans) -> torch.Tensor:

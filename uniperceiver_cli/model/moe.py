@@ -27,6 +27,7 @@ ATTRIBUTES: dict[str, tuple[int, ...]] = {
     "text_target": (1, 0, 0, 1, 0, 1, 1, 0),  # class names, retrieval captions
     "vocabulary": (1, 1, 0, 1, 0, 1, 1, 0),  # the vocabulary and label-word target sets
 }
+_ROW_INDEX = {name: i for i, name in enumerate(ATTRIBUTES)}
 
 
 @dataclass(frozen=True)
@@ -46,9 +47,6 @@ class Routing:
         if unknown:
             raise ValueError(f"unknown attribute row(s) {unknown}; known: {', '.join(ATTRIBUTES)}")
 
-    def attributes(self, device: torch.device | None = None) -> torch.Tensor:
-        return torch.tensor([ATTRIBUTES[r] for r in self.rows], dtype=torch.float32, device=device)
-
     def spans(self, length: int) -> list[tuple[int, int]]:
         edges = (0, *self.bounds, length)
         return list(zip(edges[:-1], edges[1:], strict=True))
@@ -63,10 +61,13 @@ class AttributeGate(nn.Module):
         self.tag_proj = nn.Linear(config.attribute_length, width)
         self.tag_norm = nn.LayerNorm(width)
         self.router = nn.Linear(width, config.num_experts, bias=False)
+        # Every known row, kept on the model's device so routing never copies from the host.
+        self.register_buffer("table", torch.tensor(list(ATTRIBUTES.values()), dtype=torch.float32), persistent=False)
 
-    def forward(self, attributes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """attributes (R, A) -> (expert ids (R, k), gate values (R, k))."""
-        logits = self.router(self.tag_norm(self.tag_proj(attributes.to(self.tag_proj.weight.dtype))))
+    def forward(self, rows: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Named attribute rows -> (expert ids (R, k), gate values (R, k))."""
+        attributes = torch.stack([self.table[_ROW_INDEX[r]] for r in rows]).to(self.tag_proj.weight.dtype)
+        logits = self.router(self.tag_norm(self.tag_proj(attributes)))
         return route(logits.float(), self.config, training=self.training)
 
 
