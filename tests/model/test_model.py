@@ -215,3 +215,11 @@ def test_bf16_autocast_forward_stays_close_to_fp32():
             low = model.classification_logits(images, model.encode_text(labels))
     assert low.dtype == torch.bfloat16
     torch.testing.assert_close(low.float(), reference, atol=0.3, rtol=0.05)
+
+
+def test_model_moves_to_another_dtype():
+    torch.manual_seed(0)
+    model = up.create_model("tiny-moe", image_size=SIZE).eval().to(torch.bfloat16)
+    with torch.no_grad():
+        feats = model.encode_image(torch.randn(2, 3, SIZE, SIZE, dtype=torch.bfloat16))
+    assert feats.dtype == torch.bfloat16 and torch.isfinite(feats).all()

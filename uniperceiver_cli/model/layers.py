@@ -26,7 +26,7 @@ class _Routed(nn.Module):
         return self.gate(routing.rows), routing.spans(x.shape[1])
 
     @staticmethod
-    def _apply(layer: nn.Module, x: torch.Tensor, decision, spans) -> torch.Tensor:
+    def _linear(layer: nn.Module, x: torch.Tensor, decision, spans) -> torch.Tensor:
         return layer(x) if decision is None else layer(x, decision, spans)
 
 
@@ -51,16 +51,16 @@ class Attention(_Routed):
         """x (B, S, D), already normed. ``prefix`` (P, D), normed, is prepended to keys and values only;
         ``past`` holds the keys/values of earlier tokens. Returns the output and all keys/values seen."""
         decision, spans = self._decide(routing, x)
-        q, k, v = self._split(self._apply(self.qkv, x, decision, spans))
+        q, k, v = self._split(self._linear(self.qkv, x, decision, spans))
         if prefix is not None:
             first = None if decision is None else (decision[0][:1], decision[1][:1])
-            pk, pv = self._split(self._apply(self.qkv, prefix[None], first, [(0, prefix.shape[0])]))[1:]
+            pk, pv = self._split(self._linear(self.qkv, prefix[None], first, [(0, prefix.shape[0])]))[1:]
             k = torch.cat([pk.expand(x.shape[0], -1, -1, -1), k], dim=2)
             v = torch.cat([pv.expand(x.shape[0], -1, -1, -1), v], dim=2)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self._apply(self.out, out.transpose(1, 2).flatten(2), decision, spans), (k, v)
+        return self._linear(self.out, out.transpose(1, 2).flatten(2), decision, spans), (k, v)
 
 
 class MLP(_Routed):
@@ -77,7 +77,7 @@ class MLP(_Routed):
 
     def forward(self, x: torch.Tensor, routing: Routing | None) -> torch.Tensor:
         decision, spans = self._decide(routing, x)
-        return self._apply(self.fc2, F.gelu(self._apply(self.fc1, x, decision, spans)), decision, spans)
+        return self._linear(self.fc2, F.gelu(self._linear(self.fc1, x, decision, spans)), decision, spans)
 
 
 class Block(nn.Module):
