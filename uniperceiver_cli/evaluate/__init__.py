@@ -1,0 +1,1 @@
+"""Evaluation: metrics of the papers, runners over shards, decoding and result files."""
