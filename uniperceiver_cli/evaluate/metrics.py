@@ -59,9 +59,9 @@ def retrieval_recall(similarity: torch.Tensor, text_to_item: torch.Tensor,
     return out
 
 
-def mlm_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Percent of masked tokens predicted exactly. logits (M, V) at the masked positions, labels (M,)."""
-    return 100.0 * (logits.argmax(dim=-1) == labels).float().mean().item()
+def mlm_accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
+    """Percent of masked tokens predicted exactly. predicted and labels: token ids (M,) at masked positions."""
+    return 100.0 * (predicted == labels).float().mean().item()
 
 
 def caption_metrics(predictions: Mapping[str | int, str],

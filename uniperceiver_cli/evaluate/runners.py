@@ -1,0 +1,201 @@
+"""Evaluation runners: batches in, metrics and per-sample predictions out.
+
+Each runner takes any iterable of loader batches (``uniperceiver_cli.data.loader``), so the training
+engine can call the same code every N steps. Target sets (class names, the vocabulary) are encoded once
+per evaluation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from uniperceiver_cli.evaluate.metrics import (
+    SPICE_NOTE,
+    average_views,
+    caption_metrics,
+    mlm_accuracy,
+    retrieval_recall,
+    topk_accuracy,
+)
+from uniperceiver_cli.model.config import SPE_ID
+from uniperceiver_cli.model.decoding import beam_search
+from uniperceiver_cli.model.tokenizer import get_tokenizer
+from uniperceiver_cli.model.uniperceiver import UniPerceiver
+
+Batch = dict[str, Any]
+
+
+@dataclass
+class EvalResult:
+    task: str
+    metrics: dict[str, float]
+    num_samples: int
+    predictions: list[dict[str, Any]] = field(default_factory=list)  # one per sample
+    notes: list[str] = field(default_factory=list)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on GPU by default ("auto"); fp32 on CPU."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+    return contextlib.nullcontext()
+
+
+def _device(model: UniPerceiver) -> torch.device:
+    return model.head.proj.weight.device
+
+
+def label_features(model: UniPerceiver, names: Sequence[str], templates: Sequence[str] | None = None) -> torch.Tensor:
+    """Zero-shot class features (C, D): each name in every template ("a photo of a {}."), averaged over
+    templates and renormalised. Without templates the bare names are encoded, as the reference does."""
+    if not names:
+        raise ValueError("no class names given")
+    templates = list(templates) if templates else ["{}"]
+    for template in templates:
+        if "{}" not in template:
+            raise ValueError(f"template {template!r} has no '{{}}' for the class name")
+    feats = torch.stack([model.encode_text([t.format(n) for n in names]) for t in templates])
+    return F.normalize(feats.float().mean(dim=0), dim=-1)
+
+
+def _to(batch: Batch, key: str, device: torch.device) -> torch.Tensor:
+    return batch[key].to(device, non_blocking=True)
+
+
+@torch.inference_mode()
+def run_classification(model: UniPerceiver, batches: Iterable[Batch], names: Sequence[str], *,
+                       templates: Sequence[str] | None = None, precision: str = "auto", top_k: int = 5,
+                       task: str = "classification") -> EvalResult:
+    """acc@1 / acc@5 of image or video classification; videos average the softmax over their views."""
+    device = _device(model)
+    model.eval()
+    with autocast(device, precision):
+        targets = label_features(model, names, templates)
+        all_probs, all_labels, keys = [], [], []
+        for batch in batches:
+            video = "videos" in batch
+            inputs = _to(batch, "videos" if video else "images", device)
+            probs = model.classification_logits(inputs, targets).float().softmax(dim=-1)
+            if video:
+                probs = average_views(probs, int(batch.get("num_views", 1)))
+            all_probs.append(probs.cpu())
+            all_labels.append(batch["labels"])
+            keys.extend(batch["keys"])
+    probs, labels = torch.cat(all_probs), torch.cat(all_labels)
+    k = min(top_k, len(names))
+    metrics = topk_accuracy(probs, labels, ks=sorted({1, k}))
+    top = probs.topk(k, dim=1)
+    predictions = [{"key": key, "label": names[int(y)],
+                    "top": [{"label": names[int(i)], "prob": round(float(p), 6)} for p, i in zip(ps, ids, strict=True)]}
+                   for key, y, ps, ids in zip(keys, labels, top.values, top.indices, strict=True)]
+    return EvalResult(task, metrics, len(keys), predictions)
+
+
+@torch.inference_mode()
+def run_retrieval(model: UniPerceiver, batches: Iterable[Batch], *, max_text_len: int = 50, precision: str = "auto",
+                  task: str = "retrieval") -> EvalResult:
+    """R@1/5/10 and means, item-to-text and text-to-item, over every caption of every item (captions are
+    truncated to ``max_text_len`` tokens: 50 in the reference's pre-training, 30 when fine-tuning)."""
+    device = _device(model)
+    model.eval()
+    tokenizer = get_tokenizer()
+    items, texts, owners, keys = [], [], [], []
+    with autocast(device, precision):
+        for batch in batches:
+            video = "videos" in batch
+            inputs = _to(batch, "videos" if video else "images", device)
+            feats = model.encode_video(inputs) if video else model.encode_image(inputs)
+            if video and int(batch.get("num_views", 1)) > 1:
+                feats = F.normalize(feats.float().view(-1, int(batch["num_views"]), feats.shape[-1]).mean(1), dim=-1)
+            for key, captions in zip(batch["keys"], batch["captions"], strict=True):
+                owners.extend([len(keys)] * len(captions))
+                texts.extend(captions)
+                keys.append(key)
+            items.append(feats.float())
+        ids, padding = tokenizer.encode_batch(texts, max_len=max_text_len)
+        text_feats = model.encode_text(ids, padding).float()
+    item_feats = torch.cat(items)
+    similarity = (item_feats @ text_feats.t()).cpu()
+    metrics = retrieval_recall(similarity, torch.tensor(owners))
+    best = similarity.argmax(dim=1)
+    predictions = [{"key": key, "best_text": texts[int(j)], "correct": owners[int(j)] == i}
+                   for i, (key, j) in enumerate(zip(keys, best, strict=True))]
+    return EvalResult(task, metrics, len(keys), predictions)
+
+
+@torch.inference_mode()
+def run_captioning(model: UniPerceiver, batches: Iterable[Batch], *, beam_size: int = 2, max_len: int = 21,
+                   precision: str = "auto", task: str = "captioning") -> EvalResult:
+    """BLEU-1..4, METEOR, ROUGE-L, CIDEr of beam-search captions (cached decoding) against all references."""
+    device = _device(model)
+    model.eval()
+    tokenizer = get_tokenizer()
+    predictions, references = {}, {}
+    with autocast(device, precision):
+        vocabulary = model.vocabulary_features()
+        for batch in batches:
+            video = "videos" in batch
+            inputs = _to(batch, "videos" if video else "images", device)
+            if video and int(batch.get("num_views", 1)) > 1:  # one (centre) view per video for captioning
+                views = int(batch["num_views"])
+                inputs = inputs[views // 2::views]
+            result = beam_search(model, inputs, beam_size=beam_size, max_len=max_len, vocabulary=vocabulary)
+            for key, caption, refs in zip(batch["keys"], tokenizer.decode_batch(result.tokens.cpu()),
+                                          batch["captions"], strict=True):
+                predictions[key], references[key] = caption, list(refs)
+    metrics = caption_metrics(predictions, references)
+    rows = [{"key": k, "caption": predictions[k], "references": references[k]} for k in predictions]
+    return EvalResult(task, metrics, len(rows), rows, notes=[SPICE_NOTE])
+
+
+def mask_tokens(ids: torch.Tensor, padding: torch.Tensor | None, probability: float,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace a random ``probability`` of the real tokens (never end-of-text) by <|spe|>, the reference's
+    mask token. Returns the masked ids and the selection (B, L) bool (at least one per row)."""
+    real = torch.ones_like(ids, dtype=torch.bool) if padding is None else ~padding
+    real &= ids < 49406
+    chosen = (torch.rand(ids.shape, generator=generator) < probability) & real
+    first = real.float().argmax(dim=1)  # guarantee one masked token where the row has any
+    has_real = real.any(dim=1)
+    chosen[torch.arange(ids.shape[0])[has_real], first[has_real]] = True
+    return ids.masked_fill(chosen, SPE_ID), chosen
+
+
+@torch.inference_mode()
+def run_mlm(model: UniPerceiver, batches: Iterable[Batch], *, probability: float = 0.15, seed: int = 0,
+            precision: str = "auto", task: str = "mlm") -> EvalResult:
+    """Masked-token accuracy with a seeded 15% token masking (every masked token becomes <|spe|>)."""
+    device = _device(model)
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    predicted, labels, count = [], [], 0
+    with autocast(device, precision):
+        vocabulary = model.vocabulary_features()
+        for batch in batches:
+            ids, padding = batch["text_ids"], batch["text_padding"]
+            masked, chosen = mask_tokens(ids, padding, probability, generator)
+            out = model.mlm_logits(masked.to(device), padding.to(device), chosen.to(device), vocabulary)
+            predicted.append(out.argmax(dim=-1).cpu())
+            labels.append(ids[chosen])
+            count += ids.shape[0]
+    target = torch.cat(labels)
+    accuracy = mlm_accuracy(torch.cat(predicted), target)
+    return EvalResult(task, {"masked_acc": accuracy, "masked_tokens": float(target.numel())}, count)
+
+
+def limited(batches: Iterable[Batch], max_samples: int | None) -> Iterator[Batch]:
+    """Stop after about ``max_samples`` samples (whole batches)."""
+    seen = 0
+    for batch in batches:
+        if max_samples is not None and seen >= max_samples:
+            return
+        seen += len(batch["keys"])
+        yield batch
