@@ -1,0 +1,82 @@
+"""``uniperceiver predict`` on image and mp4 files, with a corrupt file among them."""
+
+import json
+import shutil
+
+import av
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import uniperceiver_cli as up
+from uniperceiver_cli.cli.app import app
+
+runner = CliRunner()
+
+
+def _mp4(path, frames=6, size=64):  # decord mis-decodes widths below 64
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=8)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for t in range(frames):
+            image = np.zeros((size, size, 3), dtype=np.uint8)
+            image[:, : 8 * (t + 1)] = (200, 40, 40)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, reference_dir):
+    root = tmp_path_factory.mktemp("predict")
+    for i in range(2):
+        shutil.copy(reference_dir / "raw" / "imagenet" / "val" / f"img_{i}.png", root / f"img_{i}.png")
+    (root / "broken.jpg").write_bytes(b"not a jpeg at all")
+    _mp4(root / "clip.mp4")
+    (root / "labels.txt").write_text("tench\ngoldfish\ngreat white shark\nGolden Retriever\ntabby cat\n")
+    return root
+
+
+def _invoke(args):
+    result = runner.invoke(app, ["predict", *map(str, args)])
+    return result, result.stdout
+
+
+def test_labels_for_images_and_video_with_a_corrupt_file(files, reference_dir, ref_io):
+    model = reference_dir / "ref_state.pt"
+    result, out = _invoke([files / "img_0.png", files / "broken.jpg", files / "img_1.png", files / "clip.mp4",
+                           "--model", model, "--labels", files / "labels.txt", "--top-k", "3", "--json"])
+    assert result.exit_code == 1  # one file failed, the others were answered
+    assert "cannot read image" in result.stderr and "broken.jpg" in result.stderr
+    answers = json.loads(out)
+    assert [a["file"].rsplit("/", 1)[1] for a in answers] == ["img_0.png", "img_1.png", "clip.mp4"]
+    expected = ref_io["image_cls"]["outputs"]["logits"].softmax(-1)
+    labels = (files / "labels.txt").read_text().splitlines()
+    for row, probs in zip(answers[:2], expected[:2], strict=True):
+        assert row["top"][0]["text"] == labels[int(probs.argmax())]
+        assert row["top"][0]["prob"] == pytest.approx(float(probs.max()), abs=1e-5)
+    assert len(answers[2]["top"]) == 3 and sum(e["prob"] for e in answers[2]["top"]) <= 1.0
+
+
+def test_texts_and_captions(files, tmp_path):
+    torch.manual_seed(0)
+    up.save_bundle(up.create_model("tiny", image_size=32, layer_scale_init=1.0), tmp_path / "bundle")
+    (tmp_path / "texts.txt").write_text("a red square\na blue circle\na green star\n")
+    result, out = _invoke([files / "img_0.png", files / "clip.mp4", "--model", tmp_path / "bundle",
+                           "--texts", tmp_path / "texts.txt", "--top-k", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    answers = json.loads(out)
+    assert all(len(a["top"]) == 2 and -1 <= a["top"][0]["similarity"] <= 1 for a in answers)
+    result, out = _invoke([files, "--model", tmp_path / "bundle", "--caption", "--max-len", "3"])
+    assert result.exit_code == 1  # the folder holds broken.jpg
+    assert "img_1.png" in out and "clip.mp4" in out
+
+
+def test_mode_must_be_chosen(files):
+    result, _ = _invoke([files / "img_0.png", "--preset", "tiny"])
+    assert result.exit_code == 2 and "choose exactly one of" in result.stderr
+    result, _ = _invoke([files / "nothing.png", "--preset", "tiny", "--caption"])
+    assert result.exit_code == 2 and "does not exist" in result.stderr

@@ -1,0 +1,58 @@
+"""What the subcommands share: turning user mistakes into one red line and exit code 2."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import typer
+from rich.console import Console
+
+err_console = Console(stderr=True)
+
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, KeyError)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """A mistake in the user's input (bad file, bad option, bad layout) ends the command with one line."""
+    try:
+        yield
+    except USER_ERRORS as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available")
+    return torch.device(name)
+
+
+def load_any_model(model: Path | None, preset: str | None, device: torch.device):  # noqa: ANN201
+    """A bundle or official checkpoint, or a freshly initialised preset when no checkpoint is given."""
+    import uniperceiver_cli as up
+
+    if model is None:
+        if preset is None:
+            raise ValueError("give --model PATH (a bundle or an official checkpoint) or --preset NAME")
+        return up.create_model(preset).eval().to(device)
+    if not model.exists():
+        raise FileNotFoundError(f"model {model} does not exist")
+    return up.load_model(model, preset=preset).to(device)
+
+
+def read_lines(path: Path, what: str) -> list[str]:
+    """Non-empty lines of a text file (labels, templates, texts)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file {path} does not exist")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        raise ValueError(f"{what} file {path} has no entries")
+    return lines

@@ -1,0 +1,96 @@
+"""``uniperceiver evaluate``: the papers' metrics for a model on a converted data set split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from uniperceiver_cli.cli.common import load_any_model, pick_device, read_lines, user_errors
+
+TASKS = {
+    "image_classification": "classification", "video_classification": "classification",
+    "image_caption": "caption", "video_caption": "caption",
+    "image_retrieval": "retrieval", "video_retrieval": "retrieval", "text_mlm": "mlm",
+}
+
+
+def evaluate(
+    data: Path = typer.Option(..., "--data", help="A converted split: the folder holding manifest.json."),
+    model: Path | None = typer.Option(None, "--model", help="A bundle folder or an official .pth checkpoint."),
+    preset: str | None = typer.Option(None, help="Model preset: the shape of an official file, or a fresh model."),
+    task: str | None = typer.Option(None, help=f"One of {', '.join(TASKS)}; default: the split's first task."),
+    labels: Path | None = typer.Option(None, help="Zero-shot class names, one per line (default: the split's)."),
+    label_set: str | None = typer.Option(None, help="Which of the split's label sets to score (e.g. colour)."),
+    templates: Path | None = typer.Option(None, help="Prompt templates, one per line, with {} for the name."),
+    out: Path | None = typer.Option(None, help="Output folder (default: eval/<dataset>-<split>-<task>)."),
+    batch_size: int = typer.Option(32, min=1),
+    beam_size: int = typer.Option(2, min=1, help="Caption beam width (1 = greedy)."),
+    max_len: int = typer.Option(21, min=1, help="Longest generated caption, in tokens."),
+    max_text_len: int = typer.Option(50, min=2, help="Retrieval captions are cut to this many tokens."),
+    num_frames: int = typer.Option(8, min=1, help="Frames per video clip."),
+    views: int = typer.Option(3, min=1, help="Spatial views per video (softmax averaged)."),
+    limit: int | None = typer.Option(None, min=1, help="Evaluate about this many samples only."),
+    workers: int = typer.Option(0, min=0, help="Data-loader worker processes."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
+    precision: str = typer.Option("auto", help="auto (bf16 on GPU), fp32 or bf16."),
+) -> None:
+    """Evaluate a model on one task of a converted split; writes results.json and predictions.jsonl."""
+    from uniperceiver_cli.data.loader import make_loader
+    from uniperceiver_cli.data.shards import Manifest
+    from uniperceiver_cli.evaluate import runners
+    from uniperceiver_cli.evaluate.report import model_identity, print_results, write_results
+
+    with user_errors():
+        manifest = Manifest.load(data)
+        task = task or manifest.tasks[0]
+        if task not in TASKS:
+            raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
+        if task not in manifest.tasks:
+            raise ValueError(f"{data} serves {', '.join(manifest.tasks)}, not {task}")
+        names = None
+        if TASKS[task] == "classification":
+            names = _class_names(manifest, labels, label_set)
+        template_list = read_lines(templates, "templates") if templates else None
+        dev = pick_device(device)
+        net = load_any_model(model, preset, dev)
+        loader = make_loader(data, task=task, batch_size=batch_size, train=False, image_size=net.config.image_size,
+                             num_frames=num_frames, num_views=views, max_text_len=max_text_len,
+                             num_workers=workers, label_set=label_set)
+        batches = runners.limited(loader, limit)
+        kind = TASKS[task]
+        if kind == "classification":
+            result = runners.run_classification(net, batches, names, templates=template_list, precision=precision,
+                                                task=task)
+        elif kind == "retrieval":
+            result = runners.run_retrieval(net, batches, max_text_len=max_text_len, precision=precision, task=task)
+        elif kind == "caption":
+            result = runners.run_captioning(net, batches, beam_size=beam_size, max_len=max_len, precision=precision,
+                                            task=task)
+        else:
+            result = runners.run_mlm(net, batches, precision=precision, task=task)
+        skipped = dict(getattr(loader, "skipped", {}) or {})
+        if skipped:
+            result.notes.append("skipped while loading: " + ", ".join(f"{k}: {v}" for k, v in skipped.items()))
+        out = out or Path("eval") / f"{manifest.dataset}-{manifest.split}-{task}"
+        settings = {"batch_size": batch_size, "beam_size": beam_size, "max_len": max_len, "views": views,
+                    "num_frames": num_frames, "label_set": label_set, "templates": template_list,
+                    "labels": names, "precision": precision, "device": str(dev), "limit": limit}
+        path = write_results(out, result, data={"path": str(data.resolve()), "dataset": manifest.dataset,
+                                                "split": manifest.split, "skipped": skipped},
+                             model=model_identity(model), settings=settings)
+    print_results(result, f"{manifest.dataset}/{manifest.split} - {task}")
+    typer.echo(f"wrote {path}")
+
+
+def _class_names(manifest, labels: Path | None, label_set: str | None) -> list[str]:  # noqa: ANN001
+    if labels is not None:
+        return read_lines(labels, "labels")
+    if label_set is not None:
+        sets = manifest.extra.get("label_sets", {})
+        if label_set not in sets:
+            raise ValueError(f"label set {label_set!r} not in the manifest; it has: {', '.join(sets) or 'none'}")
+        return list(sets[label_set])
+    if not manifest.classes:
+        raise ValueError("the split names no classes; give --labels FILE")
+    return list(manifest.classes)

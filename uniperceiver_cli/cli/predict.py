@@ -1,0 +1,141 @@
+"""``uniperceiver predict``: labels, matching texts or captions for your own image and video files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from uniperceiver_cli.cli.common import err_console, load_any_model, pick_device, read_lines, user_errors
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+VIDEO_SUFFIXES = {".mp4", ".avi", ".webm", ".mkv", ".mov"}
+
+
+def _collect(paths: list[Path]) -> list[Path]:
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES))
+        elif path.exists():
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"{path} does not exist")
+    if not files:
+        raise ValueError("no image or video files found in " + ", ".join(map(str, paths)))
+    return files
+
+
+def read_video_frames(path: Path, num_frames: int) -> torch.Tensor:
+    """``num_frames`` frames spread evenly over the whole clip, uint8 (T, H, W, 3)."""
+    import decord
+
+    try:
+        reader = decord.VideoReader(str(path))
+        total = len(reader)
+        if total == 0:
+            raise ValueError("the video has no frames")
+        index = torch.linspace(0, total - 1, num_frames).round().long().tolist()
+        frames = reader.get_batch(index).asnumpy()
+    except Exception as e:  # noqa: BLE001 - decord raises its own error types for bad files
+        raise ValueError(f"cannot read video '{path}': {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
+            from e
+    return torch.from_numpy(frames)
+
+
+def predict(
+    files: list[Path] = typer.Argument(..., help="Image and video files, or folders of them."),
+    model: Path | None = typer.Option(None, "--model", help="A bundle folder or an official .pth checkpoint."),
+    preset: str | None = typer.Option(None, help="Model preset: the shape of an official file, or a fresh model."),
+    labels: Path | None = typer.Option(None, help="Class names, one per line: print the top-k labels."),
+    label: list[str] | None = typer.Option(None, help="A class name (repeat the option for several)."),
+    templates: Path | None = typer.Option(None, help="Prompt templates for the labels, with {} for the name."),
+    texts: Path | None = typer.Option(None, help="Candidate texts, one per line: print the best matches."),
+    caption: bool = typer.Option(False, "--caption", help="Generate a caption for each file."),
+    top_k: int = typer.Option(5, min=1),
+    beam_size: int = typer.Option(2, min=1),
+    max_len: int = typer.Option(21, min=1),
+    num_frames: int = typer.Option(8, min=1, help="Frames sampled evenly over each video."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
+) -> None:
+    """Zero-shot labels (--labels/--label), best-matching texts (--texts) or captions (--caption) for files."""
+    from uniperceiver_cli.evaluate.runners import label_features
+    from uniperceiver_cli.model.preprocess import image_transform, load_image, video_views
+
+    with user_errors():
+        modes = [labels is not None or bool(label), texts is not None, caption]
+        if sum(modes) != 1:
+            raise ValueError("choose exactly one of --labels/--label, --texts or --caption")
+        paths = _collect(files)
+        dev = pick_device(device)
+        net = load_any_model(model, preset, dev)
+        names = (read_lines(labels, "labels") if labels else []) + list(label or [])
+        candidates = read_lines(texts, "texts") if texts else []
+        transform = image_transform(net.config, task="classification" if names else "caption")
+        with torch.inference_mode():
+            targets = None
+            if names:
+                targets = label_features(net, names, read_lines(templates, "templates") if templates else None)
+            elif candidates:
+                targets = net.encode_text(candidates)
+            results, failures = [], 0
+            for path in paths:
+                try:
+                    if path.suffix.lower() in VIDEO_SUFFIXES:
+                        views = video_views(read_video_frames(path, num_frames), net.config.image_size)
+                        inputs = views.to(dev)
+                    else:
+                        inputs = transform(load_image(path))[None].to(dev)
+                except (ValueError, FileNotFoundError) as e:
+                    err_console.print(f"[red]skipped:[/red] {e}", highlight=False, soft_wrap=True)
+                    failures += 1
+                    continue
+                results.append({"file": str(path), **_answer(net, inputs, names, candidates, targets, top_k,
+                                                               beam_size, max_len)})
+    _show(results, as_json)
+    if failures:
+        raise typer.Exit(1)
+
+
+def _answer(net, inputs: torch.Tensor, names: list[str], candidates: list[str], targets: torch.Tensor | None,
+            top_k: int, beam_size: int, max_len: int) -> dict:  # noqa: ANN001
+    """One file's answer. A video arrives as its spatial views (V, T, 3, S, S) and is averaged over them."""
+    if targets is None:
+        from uniperceiver_cli.model.decoding import beam_search
+        from uniperceiver_cli.model.tokenizer import get_tokenizer
+
+        one = inputs[len(inputs) // 2:len(inputs) // 2 + 1]  # a video's centre view, or the image
+        tokens = beam_search(net, one, beam_size=beam_size, max_len=max_len).tokens
+        return {"caption": get_tokenizer().decode_batch(tokens.cpu())[0]}
+    if names:
+        scores = net.classification_logits(inputs, targets).float().softmax(-1).mean(0)
+        entries = names
+    else:
+        feats = net.encode_video(inputs) if inputs.dim() == 5 else net.encode_image(inputs)
+        scores = (torch.nn.functional.normalize(feats.float().mean(0), dim=-1) @ targets.float().t())
+        entries = candidates
+    top = scores.topk(min(top_k, len(entries)))
+    key = "prob" if names else "similarity"
+    return {"top": [{"text": entries[int(i)], key: round(float(s), 6)} for s, i in zip(top.values, top.indices,
+                                                                                       strict=True)]}
+
+
+def _show(results: list[dict], as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(results, indent=2, ensure_ascii=False))
+        return
+    table = Table()
+    table.add_column("file")
+    table.add_column("prediction")
+    for row in results:
+        if "caption" in row:
+            table.add_row(row["file"], row["caption"])
+        else:
+            value = next(k for k in row["top"][0] if k != "text")
+            table.add_row(row["file"], "\n".join(f"{e['text']}  {e[value]:.3f}" for e in row["top"]))
+    Console().print(table)

@@ -1,0 +1,64 @@
+"""Results people can check: a console table, results.json, predictions.jsonl, COCO caption results."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from uniperceiver_cli.evaluate.runners import EvalResult
+
+
+def model_identity(path: str | Path | None) -> dict[str, Any]:
+    """The checkpoint's path and the sha256 of its weights file (a bundle's model.safetensors)."""
+    if path is None:
+        return {"path": None, "sha256": None, "note": "freshly initialised model"}
+    path = Path(path)
+    weights = path / "model.safetensors" if path.is_dir() else path
+    digest = hashlib.sha256()
+    with open(weights, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"path": str(path.resolve()), "sha256": digest.hexdigest()}
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_results(out: str | Path, result: EvalResult, *, data: dict[str, Any], model: dict[str, Any],
+                  settings: dict[str, Any]) -> Path:
+    """Write ``results.json`` (metrics, data set, split, sample count, model identity, settings),
+    ``predictions.jsonl`` (one line per sample) and, for captioning, ``captions_coco.json`` in the COCO
+    result format (``image_id`` is the sample key)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"task": result.task, "metrics": result.metrics, "num_samples": result.num_samples, "data": data,
+               "model": model, "settings": settings, "notes": result.notes}
+    _atomic_write(out / "results.json", json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+    lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in result.predictions)
+    _atomic_write(out / "predictions.jsonl", lines)
+    if result.predictions and "caption" in result.predictions[0]:
+        coco = [{"image_id": p["key"], "caption": p["caption"]} for p in result.predictions]
+        _atomic_write(out / "captions_coco.json", json.dumps(coco, ensure_ascii=False) + "\n")
+    return out / "results.json"
+
+
+def print_results(result: EvalResult, title: str, console: Console | None = None) -> None:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in result.metrics.items():
+        table.add_row(name, f"{value:.2f}")
+    table.add_row("samples", str(result.num_samples))
+    console = console or Console()
+    console.print(table)
+    for note in result.notes:
+        console.print(f"[dim]{note}[/dim]")
