@@ -1,0 +1,1 @@
+"""Training: recipes, the loop for pretrain / finetune / prompt-tune, and its engines."""
