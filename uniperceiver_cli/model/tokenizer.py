@@ -232,6 +232,13 @@ class Tokenizer:
         return [text.replace("</w>", " ").strip() for text in texts]
 
 
+    def word_ends(self) -> torch.Tensor:
+        """(vocab_size,) bool: True where a token ends a word (its BPE string ends in ``</w>``, or it is a
+        special). Whole-word masking groups the sub-tokens of a word up to the next word end."""
+        return torch.tensor([self._backend.id_to_token(i).endswith("</w>") or i >= SOT_ID
+                             for i in range(self.vocab_size)])
+
+
 @functools.lru_cache(maxsize=1)
 def get_tokenizer() -> Tokenizer:
     """Returns the shared tokenizer, built on the first call."""

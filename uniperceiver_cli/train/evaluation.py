@@ -1,0 +1,54 @@
+"""The recipe's evaluation section, run through the evaluation runners (during and after training)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+from uniperceiver_cli.data.loader import make_loader
+from uniperceiver_cli.data.shards import Manifest
+from uniperceiver_cli.evaluate import runners
+from uniperceiver_cli.evaluate.report import write_results
+from uniperceiver_cli.model.uniperceiver import UniPerceiver
+from uniperceiver_cli.train.recipe import EvalTaskSpec
+
+
+def class_names(spec: EvalTaskSpec, manifest: Manifest, data_root: Path) -> list[str]:
+    if spec.labels:
+        return [line.strip() for line in (data_root / spec.labels).read_text().splitlines() if line.strip()]
+    if spec.label_set:
+        sets = manifest.extra.get("label_sets", {})
+        if spec.label_set not in sets:
+            raise ValueError(f"evaluation {spec.name}: label set {spec.label_set!r} is not in {spec.data}")
+        return list(sets[spec.label_set])
+    if not manifest.classes:
+        raise ValueError(f"evaluation {spec.name}: {spec.data} names no classes; set labels")
+    return list(manifest.classes)
+
+
+def evaluate_task(model: UniPerceiver, spec: EvalTaskSpec, data_root: Path, out: Path | None = None,
+                  num_workers: int = 0) -> runners.EvalResult:
+    """Evaluate one recipe evaluation task; with ``out``, write its results.json and predictions.jsonl."""
+    directory = data_root / spec.data
+    manifest = Manifest.load(directory)
+    loader = make_loader(directory, task=spec.type, batch_size=spec.batch_size, train=False,
+                         image_size=model.config.image_size, num_frames=spec.num_frames, num_views=spec.views,
+                         max_text_len=spec.max_text_len, num_workers=num_workers, label_set=spec.label_set,
+                         rank=0, world_size=1)
+    batches = runners.limited(loader, spec.max_samples)
+    kind = spec.type
+    if kind.endswith("_classification"):
+        result = runners.run_classification(model, batches, class_names(spec, manifest, data_root),
+                                            templates=spec.templates, task=spec.name)
+    elif kind.endswith("_retrieval"):
+        result = runners.run_retrieval(model, batches, max_text_len=spec.max_text_len, task=spec.name)
+    elif kind.endswith("_caption"):
+        result = runners.run_captioning(model, batches, beam_size=spec.beam_size, max_len=spec.max_len,
+                                        task=spec.name)
+    else:
+        result = runners.run_mlm(model, batches, task=spec.name)
+    if out is not None:
+        write_results(out / spec.name, result, data={"path": str(directory), "dataset": manifest.dataset,
+                                                      "split": manifest.split, "skipped": dict(loader.skipped)},
+                      model={"path": None, "note": "the model being trained"}, settings=asdict(spec))
+    return result

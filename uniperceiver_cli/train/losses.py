@@ -1,0 +1,25 @@
+"""Task losses: (label-smoothed) cross entropy, soft-target cross entropy for Mixup/CutMix, bidirectional
+retrieval."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+    """Hard targets (N,), or soft targets (N, C) from Mixup/CutMix (which already carry their smoothing).
+
+    Label smoothing s gives (1 - s) * NLL + s * mean over classes of -log p, the reference's
+    ``LabelSmoothingCrossEntropy``. Entries of -1 are ignored.
+    """
+    logits = logits.float()
+    if target.dim() == 2:
+        return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
+    return F.cross_entropy(logits, target, label_smoothing=smoothing, ignore_index=-1)
+
+
+def retrieval_loss(logits: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+    """Image-to-text plus text-to-image cross entropy over in-batch pairs (row i matches column i)."""
+    target = torch.arange(logits.shape[0], device=logits.device)
+    return cross_entropy(logits, target, smoothing) + cross_entropy(logits.t(), target, smoothing)

@@ -1,0 +1,150 @@
+"""Training tasks: a recipe task's data, target set and loss. Batch in, weighted loss and metrics out."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from uniperceiver_cli.data.shards import Manifest
+from uniperceiver_cli.model.config import EOT_ID
+from uniperceiver_cli.model.tokenizer import get_tokenizer
+from uniperceiver_cli.model.uniperceiver import VOCABULARY, UniPerceiver
+from uniperceiver_cli.train.losses import cross_entropy, retrieval_loss
+from uniperceiver_cli.train.masking import whole_word_mask
+from uniperceiver_cli.train.recipe import TaskSpec
+
+
+def corpus_tokens(directory: Path, manifest: Manifest) -> torch.Tensor:
+    """Every token id in a split's texts (captions or passages), plus end-of-text: a restricted target set.
+
+    Reads only the ``txt``/``json`` members of the local shards."""
+    texts: list[str] = []
+    for shard in manifest.shards:
+        with tarfile.open(directory / shard.file) as tar:
+            for member in tar:
+                if member.name.endswith(".txt"):
+                    texts.append(tar.extractfile(member).read().decode("utf-8"))
+                elif member.name.endswith(".json"):
+                    texts.extend(json.loads(tar.extractfile(member).read()).get("captions", []))
+    ids: set[int] = {EOT_ID}
+    tokenizer = get_tokenizer()
+    for start in range(0, len(texts), 4096):
+        batch, padding = tokenizer.encode_batch(texts[start:start + 4096])
+        ids.update(batch[~padding].unique().tolist())
+    return torch.tensor(sorted(ids))
+
+
+@dataclass
+class TrainTask:
+    spec: TaskSpec
+    directory: Path
+    manifest: Manifest
+    class_names: list[str] | None = None
+    vocab_ids: torch.Tensor | None = None  # the restricted target set ("corpus"), else None
+    mixup: Any = None  # timm Mixup for soft-target classification
+    _label_text: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    @classmethod
+    def build(cls, spec: TaskSpec, data_root: Path) -> TrainTask:
+        directory = data_root / spec.data
+        manifest = Manifest.load(directory)
+        if spec.type not in manifest.tasks:
+            raise ValueError(f"task {spec.name}: {directory} serves {', '.join(manifest.tasks)}, not {spec.type}")
+        task = cls(spec, directory, manifest)
+        if spec.type.endswith("_classification"):
+            if spec.label_set:
+                sets = manifest.extra.get("label_sets", {})
+                if spec.label_set not in sets:
+                    raise ValueError(f"task {spec.name}: label set {spec.label_set!r} not in {directory}")
+                task.class_names = list(sets[spec.label_set])
+            elif manifest.classes:
+                task.class_names = list(manifest.classes)
+            else:
+                raise ValueError(f"task {spec.name}: {directory} names no classes")
+            task._label_text = get_tokenizer().encode_batch(task.class_names)
+            if spec.mixup is not None:
+                from timm.data import Mixup
+
+                m = spec.mixup
+                task.mixup = Mixup(mixup_alpha=m.mixup_alpha, cutmix_alpha=m.cutmix_alpha, prob=m.prob,
+                                   switch_prob=m.switch_prob, mode=m.mode, label_smoothing=m.label_smoothing,
+                                   num_classes=len(task.class_names))
+        elif spec.type in ("image_caption", "video_caption", "text_mlm") and spec.vocabulary == "corpus":
+            task.vocab_ids = corpus_tokens(directory, manifest)
+        return task
+
+    # ----------------------------------------------------------------------------------------- losses
+    def loss(self, model: UniPerceiver, batch: dict[str, Any], generator: torch.Generator | None = None
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The task's loss times its loss weight, and metrics for the log (kept on device until read)."""
+        device = model.head.proj.weight.device
+        kind = self.spec.type
+        if kind.endswith("_classification"):
+            loss, metrics = self._classification(model, batch, device)
+        elif kind.endswith("_retrieval"):
+            logits = model.retrieval_logits(self._visual(batch, device), batch["text_ids"].to(device),
+                                            batch["text_padding"].to(device))
+            loss, metrics = retrieval_loss(logits, self.spec.label_smoothing), {}
+        elif kind.endswith("_caption"):
+            loss, metrics = self._caption(model, batch, device, generator)
+        else:
+            loss, metrics = self._mlm(model, batch, device, generator)
+        return loss * self.spec.loss_weight, metrics
+
+    @staticmethod
+    def _visual(batch: dict[str, Any], device: torch.device) -> torch.Tensor:
+        return batch["videos" if "videos" in batch else "images"].to(device, non_blocking=True)
+
+    def _classification(self, model: UniPerceiver, batch: dict[str, Any], device: torch.device):  # noqa: ANN202
+        inputs, labels = self._visual(batch, device), batch["labels"].to(device)
+        target: torch.Tensor = labels
+        if self.mixup is not None and inputs.dim() == 4 and inputs.shape[0] % 2 == 0:
+            inputs, target = self.mixup(inputs, labels)
+        ids, padding = self._label_text
+        targets = model.encode_text(ids.to(device), padding.to(device))  # re-encoded: the encoder is learning
+        logits = model.classification_logits(inputs, targets)
+        loss = cross_entropy(logits, target, self.spec.label_smoothing)
+        return loss, {"acc": (logits.argmax(-1) == labels).float().mean()}
+
+    def _targets(self, model: UniPerceiver, used: torch.Tensor, device: torch.device,
+                 generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The vocabulary target set's features and a map from token id to row (-1 when absent)."""
+        vocab_size = model.config.vocab_size
+        if self.spec.vocabulary == "full":
+            ids = torch.arange(vocab_size)
+        elif self.spec.vocabulary == "corpus":
+            ids = self.vocab_ids
+        else:  # the batch's own tokens plus sampled negatives
+            negatives = torch.randint(0, vocab_size, (self.spec.negatives,), generator=generator)
+            ids = torch.cat([used.cpu(), negatives, torch.tensor([EOT_ID])]).unique()
+        rows = torch.full((vocab_size,), -1, dtype=torch.long)
+        rows[ids] = torch.arange(len(ids))
+        pairs = torch.stack([ids, torch.full_like(ids, EOT_ID)], dim=1).to(device)
+        return model.encode_text(pairs, routing=VOCABULARY), rows.to(device)
+
+    def _caption(self, model: UniPerceiver, batch: dict[str, Any], device: torch.device,
+                 generator: torch.Generator | None):  # noqa: ANN202
+        ids, padding = batch["text_ids"].to(device), batch["text_padding"].to(device)
+        vocabulary, rows = self._targets(model, ids[~padding].unique(), device, generator)
+        logits = model.caption_logits(self._visual(batch, device), ids, padding, vocabulary)  # (B, n, K)
+        target = rows[ids].masked_fill(padding, -1)
+        loss = cross_entropy(logits.flatten(0, 1), target.flatten(), self.spec.label_smoothing)
+        valid = target != -1
+        return loss, {"acc": (logits.argmax(-1)[valid] == target[valid]).float().mean()}
+
+    def _mlm(self, model: UniPerceiver, batch: dict[str, Any], device: torch.device,
+             generator: torch.Generator | None):  # noqa: ANN202
+        ids, padding = batch["text_ids"], batch["text_padding"]
+        masked, labels = whole_word_mask(ids, padding, probability=self.spec.mask_probability,
+                                         vocab_size=model.config.vocab_size, generator=generator)
+        selected = labels != -1
+        vocabulary, rows = self._targets(model, labels[selected].to(device), device, generator)
+        logits = model.mlm_logits(masked.to(device), padding.to(device), selected.to(device), vocabulary)
+        target = rows[labels[selected].to(device)]
+        loss = cross_entropy(logits, target, self.spec.label_smoothing)
+        return loss, {"acc": (logits.argmax(-1) == target).float().mean()}
