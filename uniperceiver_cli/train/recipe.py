@@ -15,6 +15,8 @@ import yaml
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 
+from uniperceiver_cli.model.config import get_config
+
 STRICT = ConfigDict(extra="forbid")
 
 TaskType = Literal["image_classification", "video_classification", "image_caption", "video_caption",
@@ -135,8 +137,15 @@ def _location(error: dict[str, Any]) -> str:
 
 
 def parse_value(text: str) -> Any:
-    """A command-line override value, read as YAML (``3e-4`` -> float, ``[1, 2]`` -> list, ``x`` -> str)."""
-    return yaml.safe_load(text)
+    """A command-line override value, read as YAML (``[1, 2]`` -> list, ``x`` -> str); ``3e-4``, which YAML 1.1
+    leaves a string, becomes a float."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -166,16 +175,27 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def validate(data: Any, source: str = "recipe") -> Recipe:
-    """A typed recipe from plain data; the first problem is reported as one line with its key path."""
+    """A typed recipe from plain data, whose model builds and whose task names are unique; the first problem
+    is reported as one line with its key path."""
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe is a YAML mapping, got {type(data).__name__}")
     try:
-        return TypeAdapter(Recipe).validate_python(data)
+        recipe = TypeAdapter(Recipe).validate_python(data)
     except ValidationError as e:
         first = e.errors()[0]
         message = "unknown key" if first["type"] == "unexpected_keyword_argument" else first["msg"]
         more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
         raise RecipeError(f"{source}: {_location(first)}: {message}{more}") from None
+    try:
+        get_config(recipe.model.preset, **recipe.model.overrides)
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"{source}: model: {e}") from None
+    for key, tasks in (("tasks", recipe.tasks), ("evaluation.tasks", recipe.evaluation.tasks)):
+        names = [task.name for task in tasks]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise RecipeError(f"{source}: {key}: repeated task name(s) {', '.join(repeated)}")
+    return recipe
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

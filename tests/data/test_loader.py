@@ -1,0 +1,275 @@
+import io
+import json
+import random
+import shutil
+import tarfile
+from collections import Counter
+from itertools import islice
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from timm.data.auto_augment import RandAugment
+
+from uniperceiver_cli.data.loader import choose_subset, make_loader
+from uniperceiver_cli.data.mixing import mix_tasks
+from uniperceiver_cli.data.shards import Manifest, Sample, write_shards
+from uniperceiver_cli.data.transforms import classification_train_transform
+from uniperceiver_cli.data.video import eval_indices, train_indices
+from uniperceiver_cli.model.tokenizer import get_tokenizer
+
+SIZE, FRAMES = 32, 4
+NUM_IMAGES, NUM_VIDEOS, NUM_TEXTS = 24, 8, 8
+# decord cannot copy out frames of some tiny widths (16, 24, 48, 72 px); 64 x 32 decodes.
+VIDEO_W, VIDEO_H = 64, 32
+
+
+def _image_bytes(seed: int, fmt: str) -> bytes:
+    rng = np.random.default_rng(seed)
+    out = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(out, format=fmt)
+    return out.getvalue()
+
+
+def _video_bytes(seed: int, frames: int = 6) -> bytes:
+    rng = np.random.default_rng(seed)
+    out = io.BytesIO()
+    with av.open(out, "w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=30)
+        stream.width, stream.height, stream.pix_fmt = VIDEO_W, VIDEO_H, "yuv420p"
+        for _ in range(frames):
+            pixels = rng.integers(0, 256, (VIDEO_H, VIDEO_W, 3), dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")))
+        container.mux(stream.encode())
+    return out.getvalue()
+
+
+def _captions(i: int) -> list[str]:
+    return [f"a photo of thing number {i}", f"thing {i} seen from the side"]
+
+
+def _meta(i: int) -> dict:
+    return {"id": f"s{i:03d}", "captions": _captions(i), "labels": {"colour": i % 2}}
+
+
+def _write(directory: Path, samples: list[Sample], modality: str) -> Path:
+    manifest = Manifest(dataset="test", split="train", modality=modality, tasks=[], source="test")
+    write_shards(directory, samples, lambda sample: sample, manifest=manifest, min_shards=4, progress=False)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    samples = [Sample(f"s{i:03d}", image=_image_bytes(i, "PNG" if i % 2 else "JPEG"),
+                      image_ext="png" if i % 2 else "jpg", label=i % 3, meta=_meta(i)) for i in range(NUM_IMAGES)]
+    return _write(tmp_path_factory.mktemp("images"), samples, "image")
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    samples = [Sample(f"s{i:03d}", video=_video_bytes(i), label=i % 3, meta=_meta(i)) for i in range(NUM_VIDEOS)]
+    return _write(tmp_path_factory.mktemp("videos"), samples, "video")
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    samples = [Sample(f"s{i:03d}", text=f"passage {i}. " + "words " * (20 * i)) for i in range(NUM_TEXTS)]
+    return _write(tmp_path_factory.mktemp("texts"), samples, "text")
+
+
+def _batches(source: Path, **kwargs) -> list[dict]:
+    settings = {"batch_size": 5, "image_size": SIZE, "num_frames": FRAMES} | kwargs
+    return list(make_loader(source, **settings))
+
+
+def _keys(batches: list[dict]) -> list[str]:
+    return [key for batch in batches for key in batch["keys"]]
+
+
+def _index(key: str) -> int:
+    return int(key[1:])
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_image_classification(images: Path, train: bool) -> None:
+    batches = _batches(images, task="image_classification", train=train)
+    assert sorted(_keys(batches)) == [f"s{i:03d}" for i in range(NUM_IMAGES)]
+    for batch in batches:
+        assert batch["images"].dtype == torch.float32
+        assert batch["images"].shape == (len(batch["keys"]), 3, SIZE, SIZE)
+        assert batch["labels"].dtype == torch.long
+        assert batch["labels"].tolist() == [_index(key) % 3 for key in batch["keys"]]
+
+
+def test_label_set(images: Path) -> None:
+    batch = _batches(images, task="image_classification", train=False, label_set="colour")[0]
+    assert batch["labels"].tolist() == [_index(key) % 2 for key in batch["keys"]]
+
+
+@pytest.mark.parametrize("task", ["image_caption", "image_retrieval"])
+@pytest.mark.parametrize("train", [True, False])
+def test_image_text(images: Path, task: str, train: bool) -> None:
+    batches = _batches(images, task=task, train=train, max_text_len=6)
+    assert len(_keys(batches)) == NUM_IMAGES
+    for batch in batches:
+        captions = [_captions(_index(key)) for key in batch["keys"]]
+        assert batch["captions"] == captions
+        assert batch["images"].shape == (len(captions), 3, SIZE, SIZE)
+        tokenizer = get_tokenizer()
+        if train:  # one caption drawn at random per sample: find which
+            rows = [ids[~pad].tolist() for ids, pad in zip(batch["text_ids"], batch["text_padding"], strict=True)]
+            chosen = [next(c for c in caps if tokenizer.encode(c, max_len=6) == row)
+                      for caps, row in zip(captions, rows, strict=True)]
+        else:
+            chosen = [caps[0] for caps in captions]
+        ids, padding = tokenizer.encode_batch(chosen, max_len=6)
+        assert batch["text_ids"].dtype == torch.long and batch["text_padding"].dtype == torch.bool
+        assert torch.equal(batch["text_ids"], ids) and torch.equal(batch["text_padding"], padding)
+
+
+@pytest.mark.parametrize("task", ["video_classification", "video_caption", "video_retrieval"])
+def test_video_train(videos: Path, task: str) -> None:
+    batches = _batches(videos, task=task, train=True, batch_size=3)
+    assert len(_keys(batches)) == NUM_VIDEOS
+    for batch in batches:
+        assert batch["videos"].dtype == torch.float32
+        assert batch["videos"].shape == (len(batch["keys"]), FRAMES, 3, SIZE, SIZE)
+        assert ("labels" in batch) == (task == "video_classification")
+        assert ("text_ids" in batch) == (task != "video_classification")
+
+
+def test_video_eval_views(videos: Path) -> None:
+    batches = _batches(videos, task="video_classification", train=False, batch_size=3, num_views=3, num_clips=2)
+    assert len(_keys(batches)) == NUM_VIDEOS
+    for batch in batches:
+        assert batch["num_views"] == 6
+        assert batch["videos"].shape == (len(batch["keys"]) * 6, FRAMES, 3, SIZE, SIZE)
+        assert batch["labels"].tolist() == [_index(key) % 3 for key in batch["keys"]]
+    again = _batches(videos, task="video_classification", train=False, batch_size=3, num_views=3, num_clips=2)
+    assert torch.equal(batches[0]["videos"], again[0]["videos"])  # evaluation is deterministic
+
+
+def test_text_mlm(texts: Path) -> None:
+    batches = _batches(texts, task="text_mlm", train=False)
+    keys = _keys(batches)
+    assert sorted(keys) == [f"s{i:03d}" for i in range(NUM_TEXTS)]
+    passages = [" ".join((f"passage {_index(k)}. " + "words " * (20 * _index(k))).split()) for k in keys]
+    ids, _ = get_tokenizer().encode_batch(passages, max_len=128)
+    assert ids.shape[1] == 128  # the default MLM length
+    got = torch.cat([torch.nn.functional.pad(b["text_ids"], (0, 128 - b["text_ids"].shape[1])) for b in batches])
+    assert torch.equal(got, ids)
+
+
+def test_frame_positions() -> None:
+    rng = random.Random(0)
+    assert train_indices(6, 32.0, 4, rng) == [0, 2, 4, 0]  # short video: start 0, wrapping
+    starts = {train_indices(300, 32.0, 4, rng)[0] for _ in range(200)}
+    assert min(starts) >= 0 and max(starts) < 300 - 97 and len(starts) > 50
+    assert eval_indices(300, 32, 30.0, 4) == [[0, 32, 64, 96]]
+    assert eval_indices(300, 32, 30.0, 2, num_clips=4) == [[0, 32], [8, 40], [16, 48], [24, 56]]
+    assert eval_indices(300, 32, 15.0, 3) == [[0, 16, 32]]  # the stride follows the frame rate
+
+
+@pytest.mark.parametrize(("train", "world_size"), [(True, 2), (False, 2), (True, 3)])
+def test_processes_and_workers_cover_an_epoch_once(images: Path, train: bool, world_size: int) -> None:
+    # 2 processes x 2 workers read 4 shards; 3 x 2 readers are more than the shards: they split by sample.
+    keys: list[str] = []
+    for rank in range(world_size):
+        loader = make_loader(images, task="image_classification", train=train, batch_size=4, image_size=SIZE,
+                             num_workers=2, rank=rank, world_size=world_size, seed=3)
+        keys += _keys(list(loader))
+    assert sorted(keys) == [f"s{i:03d}" for i in range(NUM_IMAGES)]
+
+
+def test_training_order_is_seeded_and_changes_per_epoch(images: Path) -> None:
+    def order(seed: int) -> list[str]:
+        return _keys(_batches(images, task="image_classification", train=True, seed=seed, shuffle_buffer=8))
+
+    assert order(1) == order(1)
+    assert order(1) != order(2)
+    loader = make_loader(images, task="image_classification", train=True, batch_size=4, image_size=SIZE, epochs=2)
+    first, second = _keys(list(loader)), _keys(list(loader))
+    assert len(first) == 2 * NUM_IMAGES and Counter(first) == Counter(second) and first != second
+
+
+def test_subset_is_class_balanced_and_shared(images: Path) -> None:
+    shards = sorted(str(p) for p in images.glob("shard-*.tar"))
+    subset = choose_subset(shards, 0.1, seed=5, balanced=True)
+    per_class = Counter(_index(key) % 3 for _, key in subset)
+    assert per_class == {0: 1, 1: 1, 2: 1}  # int(0.1 * 8) + 1 per class
+    assert subset == choose_subset(shards, 0.1, seed=5, balanced=True)
+    assert subset != choose_subset(shards, 0.1, seed=6, balanced=True)
+    assert len(choose_subset(shards, 0.25, seed=5, balanced=False)) == 6
+
+    keys: list[str] = []
+    for rank in range(2):
+        loader = make_loader(images, task="image_classification", train=True, batch_size=2, image_size=SIZE,
+                             subset=0.1, seed=5, rank=rank, world_size=2)
+        assert loader.subset == subset  # the same subset on every process
+        keys += _keys(list(loader))
+    assert sorted(keys) == sorted(key for _, key in subset)
+
+
+def test_bad_samples_are_skipped_and_counted(tmp_path: Path) -> None:
+    images = [Sample(f"i{i}", image=_image_bytes(i, "JPEG"), label=0, meta=_meta(i)) for i in range(7)]
+    images[2].image = b"not an image"
+    images[4].meta = {"captions": ["   "]}
+    image_dir = _write(tmp_path / "images", images, "image")
+    loader = make_loader(image_dir, task="image_caption", train=True, batch_size=2, image_size=SIZE)
+    assert sorted(_keys(list(loader))) == ["i0", "i1", "i3", "i5", "i6"]
+    assert loader.skipped == {"undecodable image": 1, "empty caption": 1}
+
+    videos = [Sample(f"v{i}", video=_video_bytes(i), label=1) for i in range(5)]
+    videos[1].video = b""
+    videos[3].video = b"\x00" * 500
+    video_dir = _write(tmp_path / "videos", videos, "video")
+    loader = make_loader(video_dir, task="video_classification", train=False, batch_size=2, image_size=SIZE,
+                         num_frames=FRAMES, num_workers=2)
+    assert sorted(_keys(list(loader))) == ["v0", "v2", "v4"]
+    assert loader.skipped == {"empty video": 1, "undecodable video": 1}  # counted across worker processes
+
+
+def test_truncated_shards_are_counted_and_the_rest_read(images: Path, tmp_path: Path) -> None:
+    damaged = tmp_path / "damaged"
+    shutil.copytree(images, damaged)
+    half = damaged / "shard-000001.tar"
+    half.write_bytes(half.read_bytes()[: half.stat().st_size // 2])
+    boundary = damaged / "shard-000002.tar"  # cut exactly before a sample: tarfile sees a clean end
+    with tarfile.open(boundary) as tar:
+        offset = next(m.offset for m in tar.getmembers()[1:] if m.name.endswith((".jpg", ".png")))
+    boundary.write_bytes(boundary.read_bytes()[:offset])
+    loader = make_loader(damaged, task="image_classification", train=False, batch_size=4, image_size=SIZE)
+    keys = set(_keys(list(loader)))
+    assert loader.skipped == {"unreadable shard": 2}
+    for shard in ("shard-000000", "shard-000003"):  # the undamaged shards are read completely
+        assert set(json.loads((images / f"{shard}.json").read_text())["keys"]) <= keys
+
+
+def test_randaugment_inc1_survives_pillow_13() -> None:
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)) for _ in range(50)]
+    transform = classification_train_transform(SIZE)
+    for op in next(t for t in transform.transforms if isinstance(t, RandAugment)).ops:
+        op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0.0  # PosterizeIncreasing asked for 0 bits here
+        op(images[0])
+    transform = classification_train_transform(SIZE)
+    for image in images:
+        assert transform(image).shape == (3, SIZE, SIZE)
+
+
+def test_mixer_follows_weights_and_seed() -> None:
+    loaders = {"a": iter(int, 1), "b": iter(int, 1)}  # endless zeros
+    draws = [name for name, _ in islice(mix_tasks(loaders, {"a": 3, "b": 1}, seed=0), 4000)]
+    assert abs(draws.count("a") / 4000 - 0.75) < 0.03
+
+    def sequence(**kwargs) -> list[str]:
+        return [name for name, _ in islice(mix_tasks({"a": [0] * 50, "b": [0] * 50}, {"a": 3, "b": 1}, **kwargs), 40)]
+
+    assert sequence(seed=1) == sequence(seed=1)
+    assert sequence(seed=1) != sequence(seed=2)
+    assert sequence(seed=1, rank=0) != sequence(seed=1, rank=1)
+    with pytest.raises(ValueError, match="different tasks"):
+        next(mix_tasks({"a": []}, {"b": 1.0}))

@@ -1,0 +1,499 @@
+"""Task batches streamed from WebDataset shards.
+
+``make_loader(source, task=..., ...)`` reads a shard folder (``manifest.json`` + ``shard-*.tar``) or a list
+of shard URLs and yields collated batch dicts. What runs where:
+
+- **Shards** are split across processes x data-loader workers ("readers", reader ``rank * num_workers +
+  worker``): epoch ``e``'s shard order (shuffled with ``(seed, e)`` in training, the listed order in
+  evaluation; the same on every process) is dealt out as ``order[reader::readers]``, so one epoch reads every
+  sample exactly once. A data set with fewer shards than readers is split by sample instead: every reader
+  reads every shard and keeps every ``readers``-th sample.
+- **Samples** are read with webdataset's tar iterators, filtered by the optional 1% subset, shuffled in a
+  ``shuffle_buffer`` (training), decoded and transformed, then batched inside the worker (``wds.batched``)
+  with one collate call per batch: tensors are stacked and texts tokenised with one ``encode_batch``.
+- **Bad data is skipped and counted**, never fatal: a sample that cannot be decoded raises
+  :class:`~uniperceiver_cli.data.shards.Skip`; a shard that cannot be read (truncated, not a tar) stops being
+  read and counts once as ``"unreadable shard"`` (samples before the damage are kept). Each worker attaches
+  the counts since its last batch to the next batch, and one last count-only item when it finishes; the
+  main process strips them and adds them to :attr:`ShardLoader.skipped`.
+
+Randomness: the shard order, sample shuffle, caption choice and video clip sampling come from generators
+seeded with ``(seed, epoch, rank, worker)``; the image augmentations (timm, torchvision) use each worker's
+global RNGs, which the DataLoader seeds from ``seed`` too. With ``num_workers=0`` they use the calling
+process's global RNGs.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+from itertools import count
+from pathlib import Path
+from typing import Any
+
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.gopen import gopen
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from uniperceiver_cli.data.shards import IMAGE_EXTS, TASK_TYPES, VIDEO_EXTS, Manifest, Skip
+from uniperceiver_cli.data.transforms import build_image_transform
+from uniperceiver_cli.data.video import eval_clip, train_clip
+from uniperceiver_cli.model.preprocess import VIDEO_NUM_CROPS
+from uniperceiver_cli.model.tokenizer import get_tokenizer
+
+SKIPPED = "__skipped__"  # per-batch skip counts travelling from the workers to the main process
+TEXT_LEN = {"text_mlm": 128}  # default max_text_len per task; 30 otherwise
+DEFAULT_TEXT_LEN = 30
+UNREADABLE_SHARD = "unreadable shard"
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One tar to read, and how many samples it should hold when known (from the manifest)."""
+
+    url: str
+    samples: int | None = None
+
+
+# ---------------------------------------------------------------------------------------------------- samples
+
+
+def _json(raw: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return json.loads(raw["json"]) if "json" in raw else {}
+    except ValueError as error:  # also UnicodeDecodeError
+        raise Skip("bad json", str(error)[:200]) from error
+
+
+def _text(raw: dict[str, Any]) -> str:
+    try:
+        return raw["txt"].decode("utf-8") if "txt" in raw else ""
+    except UnicodeDecodeError as error:
+        raise Skip("bad text", str(error)[:200]) from error
+
+
+def _label(raw: dict[str, Any], label_set: str | None) -> int:
+    try:
+        value = _json(raw)["labels"][label_set] if label_set else raw["cls"]
+        return int(value)
+    except KeyError as error:
+        raise Skip("missing label", f"{label_set or 'cls'}: {error}") from error
+    except ValueError as error:
+        raise Skip("bad label", str(error)) from error
+
+
+def _captions(raw: dict[str, Any]) -> list[str]:
+    captions = _json(raw).get("captions") or [_text(raw)]
+    captions = [" ".join(str(caption).split()) for caption in captions]
+    captions = [caption for caption in captions if caption]
+    if not captions:
+        raise Skip("empty caption")
+    return captions
+
+
+def _image(raw: dict[str, Any]) -> Image.Image:
+    ext = next((ext for ext in IMAGE_EXTS if ext in raw), None)
+    if ext is None:
+        raise Skip("missing image")
+    try:
+        with Image.open(io.BytesIO(raw[ext])) as image:
+            return image.convert("RGB")
+    except Exception as error:  # noqa: BLE001 - PIL raises many kinds for bad files
+        raise Skip("undecodable image", str(error)[:200]) from error
+
+
+def _video_bytes(raw: dict[str, Any]) -> bytes:
+    ext = next((ext for ext in VIDEO_EXTS if ext in raw), None)
+    if ext is None:
+        raise Skip("missing video")
+    return raw[ext]
+
+
+@dataclass
+class SampleDecoder:
+    """Turns one raw tar sample (member name -> bytes) into the fields its task needs.
+
+    Returns a dict with ``key`` and, by task: ``input`` (image ``(3, S, S)``, train video ``(T, 3, S, S)`` or
+    eval video ``(views, T, 3, S, S)``), ``label``, ``text`` (the caption to train on, or the MLM passage) and
+    ``captions`` (all of them). Raises :class:`Skip` for a sample that cannot be used.
+    """
+
+    task: str
+    train: bool
+    image_size: int
+    num_frames: int
+    num_crops: int
+    num_clips: int
+    label_set: str | None
+
+    def __post_init__(self) -> None:
+        self.image_transform = (
+            build_image_transform(self.task, self.image_size, train=self.train)
+            if self.task.startswith("image_") else None
+        )
+
+    def __call__(self, raw: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+        sample: dict[str, Any] = {"key": raw["__key__"]}
+        if self.task == "text_mlm":
+            text = " ".join(_text(raw).split())
+            if not text:
+                raise Skip("empty text")
+            sample["text"] = text
+            return sample
+        if self.task.endswith(("_caption", "_retrieval")):
+            captions = _captions(raw)
+            sample["captions"] = captions
+            sample["text"] = rng.choice(captions) if self.train else captions[0]
+        if self.task.endswith("_classification"):
+            sample["label"] = _label(raw, self.label_set)
+        if self.image_transform is not None:
+            sample["input"] = self.image_transform(_image(raw))
+        elif self.train:
+            sample["input"] = train_clip(_video_bytes(raw), self.image_size, self.num_frames, rng)
+        else:
+            sample["input"] = eval_clip(_video_bytes(raw), self.image_size, self.num_frames, self.num_crops,
+                                        self.num_clips)
+        return sample
+
+
+@dataclass
+class Collate:
+    """Stacks a list of decoded samples into one batch dict (see :func:`make_loader` for the keys)."""
+
+    task: str
+    train: bool
+    max_text_len: int
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch: dict[str, Any] = {"keys": [s["key"] for s in samples]}
+        if self.task.startswith("image_"):
+            batch["images"] = torch.stack([s["input"] for s in samples])  # (B, 3, S, S)
+        elif self.task.startswith("video_"):
+            if self.train:
+                batch["videos"] = torch.stack([s["input"] for s in samples])  # (B, T, 3, S, S)
+            else:
+                batch["videos"] = torch.cat([s["input"] for s in samples])  # (B * views, T, 3, S, S)
+                batch["num_views"] = samples[0]["input"].shape[0]
+        if self.task.endswith("_classification"):
+            batch["labels"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
+        if "text" in samples[0]:
+            ids, padding = get_tokenizer().encode_batch([s["text"] for s in samples], max_len=self.max_text_len)
+            batch["text_ids"], batch["text_padding"] = ids, padding
+        if "captions" in samples[0]:
+            batch["captions"] = [s["captions"] for s in samples]
+        return batch
+
+
+# ---------------------------------------------------------------------------------------------------- shards
+
+
+def _read_shards(shards: Iterable[Shard], skipped: Counter[str]) -> Iterator[dict[str, Any]]:
+    """Raw samples of each shard in turn; a shard that fails, or ends early, counts once as unreadable."""
+    for shard in shards:
+        read = 0
+        stream = None
+        try:
+            stream = gopen(shard.url)
+            for sample in group_by_keys(tar_file_expander([{"url": shard.url, "stream": stream}])):
+                read += 1
+                yield sample
+        except Exception:  # noqa: BLE001 - any failure of a shard (truncated, not a tar, I/O) is counted
+            skipped[UNREADABLE_SHARD] += 1
+            continue
+        finally:
+            if stream is not None:
+                stream.close()
+        if shard.samples is not None and read < shard.samples:  # cut exactly at a member boundary
+            skipped[UNREADABLE_SHARD] += 1
+
+
+def _count_skip(skipped: Counter[str], error: Exception) -> bool:
+    if isinstance(error, Skip):
+        skipped[error.reason] += 1
+        return True
+    raise error
+
+
+def _with_skip_counts(batches: Iterable[dict[str, Any]], skipped: Counter[str]) -> Iterator[dict[str, Any]]:
+    for batch in batches:
+        batch[SKIPPED] = dict(skipped)
+        skipped.clear()
+        yield batch
+    yield {SKIPPED: dict(skipped)}
+
+
+class ShardStream(IterableDataset):
+    """The per-process sample stream: shard split, read, subset, shuffle, decode, batch.
+
+    Args:
+        shards: every shard of the split, in the manifest's order.
+        decoder: raw sample -> decoded sample.
+        collate: decoded samples -> batch dict.
+        batch_size: samples per batch; a worker's last batch may be smaller.
+        train: shuffle shards and samples.
+        seed: base of every seed.
+        epochs: passes over the data per iteration; None repeats forever.
+        shuffle_buffer: samples held for shuffling in training.
+        subset: ``(shard file name, key)`` pairs to keep; None keeps all.
+        rank: this process's index among ``world_size``.
+        world_size: processes that share the data.
+    """
+
+    def __init__(self, shards: Sequence[Shard], decoder: SampleDecoder, collate: Collate, *, batch_size: int,
+                 train: bool, seed: int, epochs: int | None, shuffle_buffer: int,
+                 subset: frozenset[tuple[str, str]] | None, rank: int, world_size: int) -> None:
+        super().__init__()
+        self.shards, self.decoder, self.collate = list(shards), decoder, collate
+        self.batch_size, self.train, self.seed, self.epochs = batch_size, train, seed, epochs
+        self.shuffle_buffer, self.subset, self.rank, self.world_size = shuffle_buffer, subset, rank, world_size
+        self.first_epoch = 0  # set by ShardLoader: the k-th iteration continues where the previous one ended
+
+    def epoch_order(self, epoch: int) -> list[Shard]:
+        """Every shard in the order of ``epoch``: shuffled in training, the same on every process."""
+        order = list(self.shards)
+        if self.train:
+            random.Random(f"{self.seed}/shards/{epoch}").shuffle(order)
+        return order
+
+    def _samples(self, worker: int, num_workers: int, skipped: Counter[str]) -> Iterator[dict[str, Any]]:
+        """This reader's raw samples, epoch after epoch.
+
+        With at least as many shards as readers (processes x workers) each reader reads its own shards;
+        with fewer, every reader reads all of them and keeps every ``readers``-th sample (small data sets).
+        Either way each epoch's samples are split exactly once.
+        """
+        readers, reader = self.world_size * num_workers, self.rank * num_workers + worker
+        split_shards = len(self.shards) >= readers
+        # Reading every shard, every reader meets the same damaged shards: only reader 0 counts them.
+        shard_skips = skipped if split_shards or reader == 0 else Counter()
+        first = self.first_epoch
+        for epoch in count(first) if self.epochs is None else range(first, first + self.epochs):
+            order = self.epoch_order(epoch)
+            seen = 0
+            for sample in _read_shards(order[reader::readers] if split_shards else order, shard_skips):
+                if self.subset is not None and (Path(sample["__url__"]).name, sample["__key__"]) not in self.subset:
+                    continue
+                seen += 1
+                if split_shards or (seen - 1) % readers == reader:
+                    yield sample
+            if seen == 0:  # every shard of this reader failed: stop instead of spinning through empty epochs
+                return
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        rng = random.Random(f"{self.seed}/{self.first_epoch}/{self.rank}/{worker}")
+        skipped: Counter[str] = Counter()
+        stages: list[Any] = [partial(self._samples, worker, num_workers, skipped)]
+        if self.train:
+            stages.append(wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng))
+        stages += [
+            wds.map(partial(self.decoder, rng=rng), handler=partial(_count_skip, skipped)),
+            wds.batched(self.batch_size, collation_fn=self.collate, partial=True),
+            partial(_with_skip_counts, skipped=skipped),
+        ]
+        return iter(wds.DataPipeline(*stages))
+
+
+class ShardLoader:
+    """Iterable of batch dicts over a :class:`ShardStream`, run by a ``torch.utils.data.DataLoader``.
+
+    Attributes:
+        skipped: reason -> count of the samples and shards skipped so far, over every iteration.
+        subset: the ``(shard file name, key)`` pairs of the 1% subset, or None.
+    """
+
+    def __init__(self, stream: ShardStream, num_workers: int) -> None:
+        self.stream, self.num_workers = stream, num_workers
+        self.skipped: Counter[str] = Counter()
+        self.subset = stream.subset
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        stream = self.stream
+        seed = hash((stream.seed, stream.rank, stream.first_epoch)) % 2**63  # the workers' augmentation RNGs
+        loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
+                            generator=torch.Generator().manual_seed(seed))
+        try:
+            for batch in loader:
+                self.skipped.update(batch.pop(SKIPPED))
+                if batch:
+                    yield batch
+        finally:
+            if stream.epochs is not None:
+                stream.first_epoch += stream.epochs
+
+
+# ---------------------------------------------------------------------------------------------------- subset
+
+
+def _sidecar(url: str) -> dict[str, Any]:
+    path = Path(url).with_suffix(".json")
+    if not path.is_file():
+        raise ValueError(f"subset needs the shard's stats file {path} (written next to each tar by prepare-data)")
+    return json.loads(path.read_text())
+
+
+def choose_subset(shard_urls: Sequence[str], fraction: float, seed: int, *,
+                  balanced: bool) -> frozenset[tuple[str, str]]:
+    """The reference's 1%-data subset, drawn once from ``seed`` (the same in every process).
+
+    Reads only the per-shard stats files (``shard-XXXXXX.json``: ``keys`` and ``labels``).
+
+    Args:
+        shard_urls: local shard paths; their stats files sit next to them.
+        fraction: share of the data, in (0, 1].
+        seed: the draw's seed.
+        balanced: per class ``int(fraction * n_c) + 1`` samples (classification); otherwise
+            ``int(fraction * N)`` samples drawn from all.
+
+    Returns:
+        ``(shard file name, key)`` pairs.
+
+    Raises:
+        ValueError: on a bad fraction, a missing stats file, unlabelled samples in a balanced draw, or an
+            empty subset.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"subset must be a fraction in (0, 1], got {fraction}")
+    entries: list[tuple[str, str]] = []
+    labels: list[int | None] = []
+    for url in shard_urls:
+        stats = _sidecar(url)
+        entries += [(Path(url).name, key) for key in stats["keys"]]
+        labels += stats["labels"]
+    rng = random.Random(seed)
+    if balanced:
+        if any(label is None for label in labels):
+            raise ValueError("a class-balanced subset needs a label for every sample; the shards have unlabelled ones")
+        by_class: dict[int, list[tuple[str, str]]] = defaultdict(list)
+        for entry, label in zip(entries, labels, strict=True):
+            by_class[label].append(entry)
+        chosen = []
+        for label in sorted(by_class):
+            members = by_class[label]
+            chosen += rng.sample(members, min(len(members), int(fraction * len(members)) + 1))
+    else:
+        chosen = rng.sample(entries, int(fraction * len(entries)))
+    if not chosen:
+        raise ValueError(f"a {fraction} subset of {len(entries)} samples is empty")
+    return frozenset(chosen)
+
+
+# ---------------------------------------------------------------------------------------------------- entry
+
+
+def _shards(source: str | Path | Sequence[str]) -> list[Shard]:
+    if isinstance(source, (str, Path)) and Path(source).is_dir():
+        directory = Path(source)
+        manifest = Manifest.load(directory)
+        shards = [Shard(str(directory / s.file), s.samples) for s in manifest.shards]
+        missing = [s.url for s in shards if not Path(s.url).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} shard(s) named in {directory / 'manifest.json'} are missing, "
+                                    f"e.g. {missing[0]}")
+        return shards
+    urls = expand_urls(str(source)) if isinstance(source, (str, Path)) else [str(url) for url in source]
+    return [Shard(url) for url in urls]
+
+
+def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def make_loader(
+    source: str | Path | Sequence[str],
+    *,
+    task: str,
+    batch_size: int,
+    train: bool,
+    image_size: int,
+    num_frames: int = 8,
+    num_views: int = 1,
+    num_clips: int = 1,
+    max_text_len: int | None = None,
+    seed: int = 0,
+    subset: float | None = None,
+    num_workers: int = 0,
+    shuffle_buffer: int = 1000,
+    epochs: int | None = 1,
+    label_set: str | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> ShardLoader:
+    """A streaming loader of task batches from WebDataset shards.
+
+    Args:
+        source: a shard folder with ``manifest.json``, a webdataset URL pattern (``"dir/shard-{000000..000007}.tar"``)
+            or a list of shard URLs.
+        task: one of :data:`uniperceiver_cli.data.shards.TASK_TYPES`.
+        batch_size: samples per batch (the last batch of each worker may be smaller).
+        train: training (shuffled shards and samples, random augmentation, random caption) or evaluation
+            (listed order, deterministic transforms, first caption).
+        image_size: output side ``S`` of images and video frames.
+        num_frames: frames per video clip, ``T``.
+        num_views: spatial crops per video in evaluation, 1 (centre) or 3 (start, centre, end).
+        num_clips: temporal clips per video in evaluation (the reference's multi-view).
+        max_text_len: keep at most this many text ids (the last one, EOT, is kept); default 128 for
+            ``text_mlm``, 30 otherwise.
+        seed: seed of shard order, sample shuffle, augmentation and subset.
+        subset: keep only this fraction of the data, chosen once from ``seed`` and the same in every process:
+            class-balanced for classification, a uniform draw otherwise. Needs local shards with their stats
+            files. The reference used it for training only (the 1% prompt-tuning protocol).
+        num_workers: DataLoader worker processes.
+        shuffle_buffer: samples held for shuffling in training.
+        epochs: passes over the data per iteration of the loader; None repeats forever. Processes may get
+            different numbers of batches per epoch (shards differ in size), so distributed training runs by
+            steps over ``epochs=None``.
+        label_set: classification labels from ``json["labels"][label_set]`` instead of ``cls``.
+        rank: this process's index; default from ``RANK`` / ``WORLD_SIZE`` or ``torch.distributed``.
+        world_size: number of processes sharing the data.
+
+    Returns:
+        A :class:`ShardLoader`. Its batches are dicts with ``keys`` (list of str) and, by task:
+
+        - image tasks: ``images`` float ``(B, 3, S, S)``;
+        - video tasks: ``videos`` float ``(B, T, 3, S, S)`` in training, ``(B * V, T, 3, S, S)`` in evaluation
+          with ``num_views`` ``V = num_clips * num_views`` (row ``sample * V + clip * num_views + crop``);
+        - classification: ``labels`` long ``(B,)``;
+        - caption and retrieval: ``text_ids`` long ``(B, L)``, ``text_padding`` bool ``(B, L)`` (True at
+          padding) of one caption per sample, and ``captions`` (every caption of each sample);
+        - ``text_mlm``: ``text_ids`` and ``text_padding`` of the passage.
+
+    Raises:
+        ValueError: on an unknown task, bad sizes or a bad subset.
+        FileNotFoundError: if a shard folder lacks its manifest or shards.
+    """
+    if task not in TASK_TYPES:
+        raise ValueError(f"unknown task {task!r}; choose one of: {', '.join(TASK_TYPES)}")
+    if num_views not in VIDEO_NUM_CROPS:
+        raise ValueError(f"num_views must be 1 or 3, got {num_views}")
+    if min(batch_size, num_frames, num_clips, shuffle_buffer) < 1 or num_workers < 0:
+        raise ValueError("batch_size, num_frames, num_clips and shuffle_buffer must be >= 1, num_workers >= 0")
+    rank, world_size = _rank_and_world(rank, world_size)
+    shards = _shards(source)
+    chosen = None
+    if subset is not None:
+        chosen = choose_subset([s.url for s in shards], subset, seed, balanced=task.endswith("_classification"))
+        holding = {name for name, _ in chosen}
+        shards = [s for s in shards if Path(s.url).name in holding]  # read only the shards the subset draws from
+    decoder = SampleDecoder(task, train, image_size, num_frames, num_views, num_clips, label_set)
+    collate = Collate(task, train, max_text_len or TEXT_LEN.get(task, DEFAULT_TEXT_LEN))
+    stream = ShardStream(shards, decoder, collate, batch_size=batch_size, train=train, seed=seed, epochs=epochs,
+                         shuffle_buffer=shuffle_buffer, subset=chosen, rank=rank, world_size=world_size)
+    return ShardLoader(stream, num_workers)

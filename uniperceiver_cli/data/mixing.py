@@ -1,0 +1,56 @@
+"""Multi-task mixing: each step draws one task by its sampling weight and yields a batch of that task.
+
+This is the reference's ``WeightedBatchSampler`` scheme (``random.choices(tasks, weights)`` per step). Which
+processes draw the same task is the caller's choice through ``rank``:
+
+- ``rank=None``: every process seeded alike draws the same task sequence, so all processes of a step run the
+  same task. Needed when the task decides collective communication, e.g. expert-parallel groups (the
+  reference broadcast the task inside such groups).
+- ``rank=r``: the stream is seeded with ``(seed, r)``, so each process draws on its own, as the reference's
+  data-parallel pretraining did (seed + rank); gradients then average over different tasks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+
+
+def mix_tasks(loaders: Mapping[str, Iterable[Any]], weights: Mapping[str, float], *, seed: int = 0,
+              rank: int | None = None) -> Iterator[tuple[str, Any]]:
+    """Yield ``(task name, batch)`` with the task drawn by weight at every step.
+
+    A loader's iterator is started on its task's first draw. Pass infinite loaders (``epochs=None``) for
+    training; the mix ends when a drawn task's loader is exhausted.
+
+    Args:
+        loaders: task name -> iterable of batches.
+        weights: task name -> sampling weight (> 0); normalised to probabilities.
+        seed: seed of the task draws.
+        rank: None for the same draws on every process, or this process's rank for independent draws.
+
+    Yields:
+        The drawn task's name and its next batch.
+
+    Raises:
+        ValueError: if the names of ``loaders`` and ``weights`` differ or a weight is not positive.
+    """
+    if set(loaders) != set(weights):
+        raise ValueError(f"loaders {sorted(loaders)} and weights {sorted(weights)} name different tasks")
+    if not loaders or any(w <= 0 for w in weights.values()):
+        raise ValueError(f"sampling weights must be positive, got {dict(weights)}")
+    names = list(loaders)
+    probabilities = torch.tensor([float(weights[name]) for name in names], dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed if rank is None else hash((seed, rank)) % 2**63)
+    iterators: dict[str, Iterator[Any]] = {}
+    while True:
+        name = names[int(torch.multinomial(probabilities, 1, generator=generator))]
+        if name not in iterators:
+            iterators[name] = iter(loaders[name])
+        try:
+            batch = next(iterators[name])
+        except StopIteration:
+            return
+        yield name, batch

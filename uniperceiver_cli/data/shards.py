@@ -1,0 +1,251 @@
+"""WebDataset shards: the sample format, the writer (resumable, parallel) and the per-split manifest.
+
+A converted data set split is one folder::
+
+    DIR/shard-000000.tar ... shard-NNNNNN.tar   WebDataset tars
+    DIR/shard-000000.json ...                   per-shard stats: samples, skips, sample keys and labels
+    DIR/manifest.json                           what the split holds (see :class:`Manifest`)
+
+A sample in a tar is a group of files sharing a key: ``jpg``/``png`` image bytes, a video container
+(``mp4``, ``avi``, ``webm``, ``mkv``, ``mov``), ``txt`` (the text: a caption or a corpus passage),
+``cls`` (the class index as decimal text) and ``json`` (``id``, ``captions`` for several captions,
+``label`` name, ``source`` path, anything else the converter keeps).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import tarfile
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+FORMAT = "uniperceiver-shards"
+MANIFEST = "manifest.json"
+IMAGE_EXTS = ("jpg", "png")
+VIDEO_EXTS = ("mp4", "avi", "webm", "mkv", "mov")
+TASK_TYPES = ("image_classification", "video_classification", "image_caption", "video_caption",
+              "image_retrieval", "video_retrieval", "text_mlm")
+MAX_SKIP_EXAMPLES = 100
+
+
+class Skip(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """Raised by a sample maker: the sample is left out and counted under ``reason``."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason, self.detail = reason, detail
+
+
+@dataclass
+class Sample:
+    """One sample before it is written. Exactly the fields that are set become tar members."""
+
+    key: str
+    image: bytes | None = None
+    image_ext: str = "jpg"
+    video: bytes | None = None
+    video_ext: str = "mp4"
+    text: str | None = None
+    label: int | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def members(self) -> dict[str, bytes]:
+        out: dict[str, bytes] = {}
+        if self.image is not None:
+            if self.image_ext not in IMAGE_EXTS:
+                raise ValueError(f"image extension must be one of {IMAGE_EXTS}, got {self.image_ext!r}")
+            out[self.image_ext] = self.image
+        if self.video is not None:
+            if self.video_ext not in VIDEO_EXTS:
+                raise ValueError(f"video extension must be one of {VIDEO_EXTS}, got {self.video_ext!r}")
+            out[self.video_ext] = self.video
+        if self.text is not None:
+            out["txt"] = self.text.encode("utf-8")
+        if self.label is not None:
+            out["cls"] = str(int(self.label)).encode()
+        if self.meta:
+            out["json"] = json.dumps(self.meta, ensure_ascii=False).encode("utf-8")
+        return out
+
+
+@dataclass
+class ShardInfo:
+    file: str
+    samples: int
+    bytes: int
+
+
+@dataclass
+class Manifest:
+    dataset: str
+    split: str
+    modality: str  # "image", "video" or "text"
+    tasks: list[str]
+    source: str
+    num_samples: int = 0
+    classes: list[str] | None = None  # class names, index = label; the classification target set
+    shards: list[ShardInfo] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
+    skipped_examples: list[dict[str, str]] = field(default_factory=list)  # the first few, with details
+    extra: dict[str, Any] = field(default_factory=dict)  # converter-specific facts (e.g. captions count)
+    format: str = FORMAT
+    version: int = 1
+
+    def save(self, directory: Path) -> Path:
+        path = directory / MANIFEST
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Manifest:
+        path = Path(path)
+        if path.is_dir():
+            path = path / MANIFEST
+        if not path.exists():
+            raise FileNotFoundError(f"no {MANIFEST} at {path.parent}: run `uniperceiver prepare-data` first")
+        try:
+            data = json.loads(path.read_text())
+            if data.get("format") != FORMAT:
+                raise ValueError(f"format is {data.get('format')!r}, not {FORMAT!r}")
+            data["shards"] = [ShardInfo(**s) for s in data["shards"]]
+            return cls(**data)
+        except (json.JSONDecodeError, TypeError, KeyError, ValueError) as e:
+            raise ValueError(f"{path} is not a valid shard manifest: {e}") from e
+
+    def shard_paths(self, directory: Path) -> list[str]:
+        return [str(directory / s.file) for s in self.shards]
+
+
+def plan_shards(num_items: int, min_shards: int = 8, max_per_shard: int = 1000) -> list[range]:
+    """Contiguous item ranges, one per shard: at least ``min_shards`` (so every process x worker gets
+    a shard) unless there are fewer items, and at most ``max_per_shard`` items each."""
+    if num_items == 0:
+        return []
+    count = min(num_items, max(min_shards, math.ceil(num_items / max_per_shard)))
+    bounds = [round(i * num_items / count) for i in range(count + 1)]
+    return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed metadata: identical inputs, identical bytes
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _write_shard(directory: Path, index: int, items: Sequence[Any],
+                 make_sample: Callable[[Any], Sample]) -> dict[str, Any]:
+    """Write one shard atomically; returns its stats (also saved next to it)."""
+    name = f"shard-{index:06d}.tar"
+    skipped: Counter[str] = Counter()
+    examples: list[dict[str, str]] = []
+    keys: list[str] = []
+    labels: list[int | None] = []
+    tmp = directory / (name + ".tmp")
+    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for item in items:
+            try:
+                sample = make_sample(item)
+            except Skip as skip:
+                skipped[skip.reason] += 1
+                if len(examples) < MAX_SKIP_EXAMPLES:
+                    examples.append({"item": str(item)[:200], "reason": skip.reason, "detail": skip.detail[:200]})
+                continue
+            if "." in sample.key or "/" in sample.key:
+                raise ValueError(f"sample key {sample.key!r} contains '.' or '/'")
+            for ext, data in sample.members().items():
+                _tar_member(tar, f"{sample.key}.{ext}", data)
+            keys.append(sample.key)
+            labels.append(sample.label)
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"{name}: sample keys repeat; each sample needs its own key")
+    os.replace(tmp, directory / name)
+    # The keys and labels let a loader pick subsets (e.g. class-balanced 1%) without reading any tar.
+    stats = {"file": name, "samples": len(keys), "bytes": (directory / name).stat().st_size,
+             "skipped": dict(skipped), "skipped_examples": examples, "keys": keys, "labels": labels}
+    (directory / f"shard-{index:06d}.json").write_text(json.dumps(stats) + "\n")
+    return stats
+
+
+def _done(directory: Path, index: int) -> dict[str, Any] | None:
+    tar, stats = directory / f"shard-{index:06d}.tar", directory / f"shard-{index:06d}.json"
+    if tar.exists() and stats.exists():
+        try:
+            return json.loads(stats.read_text())
+        except json.JSONDecodeError:
+            return None
+    return None
+
+
+def write_shards(directory: str | Path, items: Sequence[Any], make_sample: Callable[[Any], Sample], *,
+                 manifest: Manifest, min_shards: int = 8, max_per_shard: int = 1000, workers: int = 1,
+                 progress: bool = True) -> Manifest:
+    """Convert ``items`` into shards in ``directory`` and write its manifest.
+
+    Args:
+        items: lightweight descriptors (paths, captions, labels) in a deterministic order.
+        make_sample: reads one item into a :class:`Sample`, or raises :class:`Skip`. Must be picklable
+            when ``workers`` > 1 (a module-level function or a ``functools.partial`` of one).
+        manifest: the split's description; counts, shards and skips are filled in here.
+        min_shards: at least this many shards (processes x data-loader workers of the training run).
+        workers: processes converting shards in parallel.
+
+    A shard whose tar and stats already exist is kept, so re-running an interrupted conversion resumes.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    plan = plan_shards(len(items), min_shards, max_per_shard)
+    results: dict[int, dict[str, Any]] = {}
+    todo = []
+    for index, span in enumerate(plan):
+        done = _done(directory, index)
+        if done is not None and done["samples"] + sum(done["skipped"].values()) == len(span):
+            results[index] = done
+        else:
+            todo.append(index)
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("items  {task.fields[rate]}"), TimeRemainingColumn())
+    with Progress(*columns, disable=not progress, transient=False) as bar:
+        task = bar.add_task(f"{manifest.dataset}/{manifest.split}", total=len(items), rate="")
+        bar.advance(task, sum(len(plan[i]) for i in results))
+        if workers > 1 and len(todo) > 1:
+            with ProcessPoolExecutor(workers) as pool:
+                futures = {i: pool.submit(_write_shard, directory, i, [items[j] for j in plan[i]], make_sample)
+                           for i in todo}
+                for i, future in futures.items():
+                    results[i] = future.result()
+                    bar.advance(task, len(plan[i]))
+                    bar.update(task, rate=_rate(bar, task))
+        else:
+            for i in todo:
+                results[i] = _write_shard(directory, i, [items[j] for j in plan[i]], make_sample)
+                bar.advance(task, len(plan[i]))
+                bar.update(task, rate=_rate(bar, task))
+    skipped: Counter[str] = Counter()
+    manifest.shards, manifest.skipped_examples = [], []
+    for i in range(len(plan)):
+        stats = results[i]
+        manifest.shards.append(ShardInfo(stats["file"], stats["samples"], stats["bytes"]))
+        skipped.update(stats["skipped"])
+        room = MAX_SKIP_EXAMPLES - len(manifest.skipped_examples)
+        manifest.skipped_examples.extend(stats["skipped_examples"][:room])
+    manifest.skipped = dict(sorted(skipped.items()))
+    manifest.num_samples = sum(s.samples for s in manifest.shards)
+    manifest.save(directory)
+    return manifest
+
+
+def _rate(bar: Progress, task_id: int) -> str:
+    speed = bar.tasks[task_id].speed
+    return f"{speed:,.0f}/s" if speed else ""

@@ -1,0 +1,125 @@
+"""Image transforms for training and evaluation, per task, as the reference used them.
+
+- Classification, training: timm ``create_transform`` with the reference's ImageNet settings
+  (``imagenet.py: build_transform``): RandomResizedCrop, flip, RandAugment ``rand-m9-mstd0.5-inc1``, colour
+  jitter 0.4, bicubic, RandomErasing 0.25 (pixel mode, one box), ImageNet mean/std.
+- Caption and retrieval, training: the reference's ``clip_transforms('train')``: resize the shorter side to
+  ``S`` (bicubic), a random ``S`` x ``S`` crop, horizontal flip with p 0.5, ImageNet mean/std. No RandAugment,
+  colour jitter or random erasing; the crop keeps the whole short side, so a caption's objects stay in view.
+- Evaluation: :func:`uniperceiver_cli.model.preprocess.image_transform` (the parity-tested eval transform).
+
+Every transform maps a PIL RGB image to a float tensor ``(3, S, S)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from PIL import Image
+from timm.data import create_transform
+from timm.data.auto_augment import RandAugment
+from torchvision import transforms
+
+from uniperceiver_cli.model.config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig
+from uniperceiver_cli.model.preprocess import image_transform
+
+ImageTransform = Callable[[Image.Image], torch.Tensor]
+RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
+IMAGE_TASKS = ("image_classification", "image_caption", "image_retrieval")
+
+
+class _AtLeastOneBit:
+    """timm's posterize level mapping, clamped so that at least one bit per channel is kept.
+
+    Why: ``PosterizeIncreasing`` keeps ``4 - int(magnitude / 10 * 4)`` bits. With ``mstd0.5`` the magnitude is
+    drawn from N(9, 0.5) and clipped to [0, 10], so about 2% of the draws reach 10 and ask for 0 bits. Old
+    Pillow turned that into an all-black image; Pillow 13's ``ImageOps.posterize`` rejects it ("bits must be
+    between or equal to 1 and 8") and the whole sample fails. Clamping to 1 bit keeps every other draw exactly
+    as timm does and replaces the degenerate black image by the strongest valid posterize.
+    """
+
+    def __init__(self, level_fn: Callable[[float, dict[str, Any]], tuple[int]]) -> None:
+        self.level_fn = level_fn
+
+    def __call__(self, level: float, hparams: dict[str, Any]) -> tuple[int]:
+        (bits,) = self.level_fn(level, hparams)
+        return (max(1, bits),)
+
+
+def _clamp_posterize(transform: transforms.Compose) -> transforms.Compose:
+    """Give every posterize op of the RandAugment inside ``transform`` a level of at least one bit."""
+    for step in transform.transforms:
+        if isinstance(step, RandAugment):
+            for op in step.ops:
+                if op.name.startswith("Posterize"):
+                    op.level_fn = _AtLeastOneBit(op.level_fn)
+    return transform
+
+
+def classification_train_transform(size: int) -> ImageTransform:
+    """The reference's ImageNet training transform, safe under Pillow 13 (see :class:`_AtLeastOneBit`).
+
+    Args:
+        size: output side ``S``.
+
+    Returns:
+        A callable mapping a PIL RGB image to a normalised float tensor ``(3, S, S)``.
+    """
+    transform = create_transform(
+        size,
+        is_training=True,
+        auto_augment=RAND_AUGMENT,
+        color_jitter=0.4,
+        interpolation="bicubic",
+        re_prob=0.25,
+        re_mode="pixel",
+        re_count=1,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+    )
+    return _clamp_posterize(transform)
+
+
+def caption_train_transform(size: int) -> ImageTransform:
+    """The reference's ``clip_transforms`` training transform for captioning and retrieval.
+
+    Args:
+        size: output side ``S``.
+
+    Returns:
+        A callable mapping a PIL RGB image to a normalised float tensor ``(3, S, S)``.
+    """
+    return transforms.Compose(
+        [
+            transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.RandomCrop(size),
+            transforms.RandomHorizontalFlip(0.5),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+
+
+def build_image_transform(task: str, size: int, *, train: bool) -> ImageTransform:
+    """The image transform of a task type.
+
+    Args:
+        task: a task type whose input is an image: ``image_classification``, ``image_caption`` or
+            ``image_retrieval``.
+        size: output side ``S``; a multiple of the patch size (16) for evaluation.
+        train: the training (random) transform, or the deterministic evaluation one.
+
+    Returns:
+        A callable mapping a PIL RGB image to a normalised float tensor ``(3, S, S)``.
+
+    Raises:
+        ValueError: if ``task`` has no image input.
+    """
+    if task not in IMAGE_TASKS:
+        raise ValueError(f"task {task!r} has no image input; choose one of: {', '.join(IMAGE_TASKS)}")
+    kind = task.removeprefix("image_")
+    if not train:
+        return image_transform(ModelConfig(image_size=size), kind)
+    return classification_train_transform(size) if kind == "classification" else caption_train_transform(size)
