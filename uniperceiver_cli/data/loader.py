@@ -47,7 +47,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from uniperceiver_cli.data.shards import IMAGE_EXTS, TASK_TYPES, VIDEO_EXTS, Manifest, Skip
 from uniperceiver_cli.data.transforms import build_image_transform
-from uniperceiver_cli.data.video import eval_clip, train_clip
+from uniperceiver_cli.data.video import STRIDE, eval_clip, train_clip
 from uniperceiver_cli.model.preprocess import VIDEO_NUM_CROPS
 from uniperceiver_cli.model.tokenizer import get_tokenizer
 
@@ -135,10 +135,12 @@ class SampleDecoder:
     num_crops: int
     num_clips: int
     label_set: str | None
+    augment: bool = True  # False: training samples get the deterministic evaluation transform
+    stride: float = STRIDE  # video: source frames between sampled frames at 30 fps
 
     def __post_init__(self) -> None:
         self.image_transform = (
-            build_image_transform(self.task, self.image_size, train=self.train)
+            build_image_transform(self.task, self.image_size, train=self.train and self.augment)
             if self.task.startswith("image_") else None
         )
 
@@ -158,11 +160,12 @@ class SampleDecoder:
             sample["label"] = _label(raw, self.label_set)
         if self.image_transform is not None:
             sample["input"] = self.image_transform(_image(raw))
-        elif self.train:
-            sample["input"] = train_clip(_video_bytes(raw), self.image_size, self.num_frames, rng)
+        elif self.train and self.augment:
+            sample["input"] = train_clip(_video_bytes(raw), self.image_size, self.num_frames, rng, self.stride)
         else:
-            sample["input"] = eval_clip(_video_bytes(raw), self.image_size, self.num_frames, self.num_crops,
-                                        self.num_clips)
+            views = eval_clip(_video_bytes(raw), self.image_size, self.num_frames, self.num_crops, self.num_clips,
+                              self.stride)
+            sample["input"] = views[0] if self.train else views
         return sample
 
 
@@ -433,6 +436,8 @@ def make_loader(
     shuffle_buffer: int = 1000,
     epochs: int | None = 1,
     label_set: str | None = None,
+    augment: bool = True,
+    frame_stride: float = STRIDE,
     rank: int | None = None,
     world_size: int | None = None,
 ) -> ShardLoader:
@@ -461,6 +466,10 @@ def make_loader(
             different numbers of batches per epoch (shards differ in size), so distributed training runs by
             steps over ``epochs=None``.
         label_set: classification labels from ``json["labels"][label_set]`` instead of ``cls``.
+        augment: in training, random augmentation (the reference's); False gives training samples the
+            evaluation transform (synthetic data whose colours, sides and positions carry labels).
+        frame_stride: source frames between sampled video frames at 30 fps (the reference's 32; it is scaled
+            by the video's frame rate).
         rank: this process's index; default from ``RANK`` / ``WORLD_SIZE`` or ``torch.distributed``.
         world_size: number of processes sharing the data.
 
@@ -492,7 +501,8 @@ def make_loader(
         chosen = choose_subset([s.url for s in shards], subset, seed, balanced=task.endswith("_classification"))
         holding = {name for name, _ in chosen}
         shards = [s for s in shards if Path(s.url).name in holding]  # read only the shards the subset draws from
-    decoder = SampleDecoder(task, train, image_size, num_frames, num_views, num_clips, label_set)
+    decoder = SampleDecoder(task, train, image_size, num_frames, num_views, num_clips, label_set, augment,
+                            frame_stride)
     collate = Collate(task, train, max_text_len or TEXT_LEN.get(task, DEFAULT_TEXT_LEN))
     stream = ShardStream(shards, decoder, collate, batch_size=batch_size, train=train, seed=seed, epochs=epochs,
                          shuffle_buffer=shuffle_buffer, subset=chosen, rank=rank, world_size=world_size)

@@ -221,6 +221,7 @@ def train(recipe: Recipe, run_dir: Path, *, resume: str | None = None, ctx: Cont
                                  image_size=model.config.image_size, num_frames=t.spec.num_frames,
                                  max_text_len=t.spec.max_text_len, seed=spec.seed, subset=t.spec.subset,
                                  num_workers=spec.num_workers, epochs=None, label_set=t.spec.label_set,
+                                 augment=t.spec.augment, frame_stride=t.spec.frame_stride,
                                  rank=ctx.rank, world_size=ctx.world_size)
                for name, t in tasks.items()}
     stream = mix_tasks(loaders, {n: t.spec.sampling_weight for n, t in tasks.items()}, seed=spec.seed)

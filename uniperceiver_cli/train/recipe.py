@@ -58,6 +58,8 @@ class TaskSpec:
     label_set: str | None = None  # which of the split's label sets to train on (default: its classes)
     max_text_len: int = 30
     num_frames: int = 8
+    frame_stride: float = 32  # video: source frames between sampled frames at 30 fps (scaled by the video's fps)
+    augment: bool = True  # the reference's random augmentation; False for synthetic data (ToyWorld)
     # Captioning / MLM target set: the whole vocabulary (faithful), the tokens of the task's corpus, or
     # the batch's own tokens plus `negatives` sampled ids.
     vocabulary: Literal["full", "corpus", "sampled"] = "full"
@@ -106,6 +108,7 @@ class EvalTaskSpec:
     max_len: int = 21
     max_text_len: int = 50
     num_frames: int = 8
+    frame_stride: float = 32
     views: int = 1
 
 
