@@ -27,6 +27,7 @@ def evaluate(
     batch_size: int = typer.Option(32, min=1),
     beam_size: int = typer.Option(2, min=1, help="Caption beam width (1 = greedy)."),
     max_len: int = typer.Option(21, min=1, help="Longest generated caption, in tokens."),
+    len_penalty: float = typer.Option(0.0, min=0.0, help="Rank finished beams by score / (length + 1) ** this."),
     max_text_len: int = typer.Option(50, min=2, help="Retrieval captions are cut to this many tokens."),
     num_frames: int = typer.Option(8, min=1, help="Frames per video clip."),
     views: int = typer.Option(3, min=1, help="Spatial views per video (softmax averaged)."),
@@ -60,20 +61,22 @@ def evaluate(
         batches = runners.limited(loader, limit)
         kind = TASKS[task]
         if kind == "classification":
-            result = runners.run_classification(net, batches, names, templates=template_list, precision=precision,
-                                                task=task)
+            truth = _class_names(manifest, None, label_set) if (manifest.classes or label_set) else names
+            result = runners.run_classification(net, batches, names, templates=template_list, truth_names=truth,
+                                                precision=precision, task=task)
         elif kind == "retrieval":
             result = runners.run_retrieval(net, batches, max_text_len=max_text_len, precision=precision, task=task)
         elif kind == "caption":
-            result = runners.run_captioning(net, batches, beam_size=beam_size, max_len=max_len, precision=precision,
-                                            task=task)
+            result = runners.run_captioning(net, batches, beam_size=beam_size, max_len=max_len,
+                                            len_penalty=len_penalty, precision=precision, task=task)
         else:
             result = runners.run_mlm(net, batches, precision=precision, task=task)
         skipped = dict(getattr(loader, "skipped", {}) or {})
         if skipped:
             result.notes.append("skipped while loading: " + ", ".join(f"{k}: {v}" for k, v in skipped.items()))
         out = out or Path("eval") / f"{manifest.dataset}-{manifest.split}-{task}"
-        settings = {"batch_size": batch_size, "beam_size": beam_size, "max_len": max_len, "views": views,
+        settings = {"batch_size": batch_size, "beam_size": beam_size, "max_len": max_len, "len_penalty": len_penalty,
+                    "views": views,
                     "num_frames": num_frames, "label_set": label_set, "templates": template_list,
                     "labels": names, "precision": precision, "device": str(dev), "limit": limit}
         path = write_results(out, result, data={"path": str(data.resolve()), "dataset": manifest.dataset,

@@ -72,11 +72,16 @@ def _to(batch: Batch, key: str, device: torch.device) -> torch.Tensor:
 
 @torch.inference_mode()
 def run_classification(model: UniPerceiver, batches: Iterable[Batch], names: Sequence[str], *,
-                       templates: Sequence[str] | None = None, precision: str = "auto", top_k: int = 5,
-                       task: str = "classification") -> EvalResult:
-    """acc@1 / acc@5 of image or video classification; videos average the softmax over their views."""
+                       templates: Sequence[str] | None = None, truth_names: Sequence[str] | None = None,
+                       precision: str = "auto", top_k: int = 5, task: str = "classification") -> EvalResult:
+    """acc@1 / acc@k of image or video classification; videos average the softmax over their views.
+
+    ``names`` are the candidate labels; ``truth_names`` (default: ``names``) name the data's label ids. With
+    custom labels, a sample counts towards accuracy when its true class name is among the candidates.
+    """
     device = _device(model)
     model.eval()
+    truth_names = list(truth_names or names)
     with autocast(device, precision):
         targets = label_features(model, names, templates)
         all_probs, all_labels, keys = [], [], []
@@ -91,12 +96,23 @@ def run_classification(model: UniPerceiver, batches: Iterable[Batch], names: Seq
             keys.extend(batch["keys"])
     probs, labels = torch.cat(all_probs), torch.cat(all_labels)
     k = min(top_k, len(names))
-    metrics = topk_accuracy(probs, labels, ks=sorted({1, k}))
+    index = {name.lower(): i for i, name in enumerate(names)}
+    truth = [truth_names[int(y)] if 0 <= int(y) < len(truth_names) else None for y in labels]
+    target = torch.tensor([index.get(t.lower(), -1) if t is not None else -1 for t in truth])
+    scored = target >= 0
+    notes = []
+    metrics: dict[str, float] = {}
+    if scored.any():
+        metrics = topk_accuracy(probs[scored], target[scored], ks=sorted({1, k}))
+        if not scored.all():
+            notes.append(f"accuracy over the {int(scored.sum())} of {len(keys)} samples whose class is a candidate")
+    else:
+        notes.append("no sample's class is among the given labels: accuracy is not computed")
     top = probs.topk(k, dim=1)
-    predictions = [{"key": key, "label": names[int(y)],
+    predictions = [{"key": key, "label": t,
                     "top": [{"label": names[int(i)], "prob": round(float(p), 6)} for p, i in zip(ps, ids, strict=True)]}
-                   for key, y, ps, ids in zip(keys, labels, top.values, top.indices, strict=True)]
-    return EvalResult(task, metrics, len(keys), predictions)
+                   for key, t, ps, ids in zip(keys, truth, top.values, top.indices, strict=True)]
+    return EvalResult(task, metrics, len(keys), predictions, notes)
 
 
 @torch.inference_mode()
@@ -133,7 +149,7 @@ def run_retrieval(model: UniPerceiver, batches: Iterable[Batch], *, max_text_len
 
 @torch.inference_mode()
 def run_captioning(model: UniPerceiver, batches: Iterable[Batch], *, beam_size: int = 2, max_len: int = 21,
-                   precision: str = "auto", task: str = "captioning") -> EvalResult:
+                   len_penalty: float = 0.0, precision: str = "auto", task: str = "captioning") -> EvalResult:
     """BLEU-1..4, METEOR, ROUGE-L, CIDEr of beam-search captions (cached decoding) against all references."""
     device = _device(model)
     model.eval()
@@ -147,7 +163,8 @@ def run_captioning(model: UniPerceiver, batches: Iterable[Batch], *, beam_size: 
             if video and int(batch.get("num_views", 1)) > 1:  # one (centre) view per video for captioning
                 views = int(batch["num_views"])
                 inputs = inputs[views // 2::views]
-            result = beam_search(model, inputs, beam_size=beam_size, max_len=max_len, vocabulary=vocabulary)
+            result = beam_search(model, inputs, beam_size=beam_size, max_len=max_len, len_penalty=len_penalty,
+                                 vocabulary=vocabulary)
             for key, caption, refs in zip(batch["keys"], tokenizer.decode_batch(result.tokens.cpu()),
                                           batch["captions"], strict=True):
                 predictions[key], references[key] = caption, list(refs)
