@@ -1,0 +1,89 @@
+"""The training loop on tiny ToyWorld: exact resume, prompt tuning, fine-tuning, checkpoints, target sets."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from uniperceiver_cli.data.toyworld import generate
+from uniperceiver_cli.train.engine import train
+from uniperceiver_cli.train.recipe import validate
+
+TASKS = [
+    {"name": "shape", "type": "image_classification", "data": "images/train", "label_set": "shape",
+     "batch_size": 8, "augment": False},
+    {"name": "caption", "type": "image_caption", "data": "images/train", "batch_size": 4, "vocabulary": "corpus",
+     "augment": False},
+    {"name": "retrieval", "type": "image_retrieval", "data": "images/train", "batch_size": 8, "augment": False},
+    {"name": "mlm", "type": "text_mlm", "data": "text/train", "batch_size": 4, "max_text_len": 32,
+     "vocabulary": "sampled", "negatives": 64},
+    {"name": "motion", "type": "video_classification", "data": "videos/train", "label_set": "motion",
+     "batch_size": 4, "num_frames": 4, "frame_stride": 3.75, "augment": False},
+]
+
+
+@pytest.fixture(scope="module")
+def toyworld(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toyworld")
+    generate(root, size="tiny", image_size=32, num_frames=4, min_shards=2, progress=False)
+    return root
+
+
+def _recipe(root, stage="pretrain", **train):
+    data = {"name": "t", "stage": stage, "data_root": str(root), "tasks": TASKS,
+            "model": {"preset": "tiny", "overrides": {"image_size": 32, "layers": 2, "max_frames": 4}},
+            "train": {"steps": 6, "lr": 1e-3, "warmup_steps": 2, "log_every": 1, "grad_clip": 1.0, **train}}
+    return validate(data)
+
+
+def _losses(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_continues_exactly(toyworld, tmp_path):
+    full = train(_recipe(toyworld, checkpoint_every=2), tmp_path / "full")
+    part = tmp_path / "part"
+    train(_recipe(toyworld, checkpoint_every=2), part, stop_after=3)  # interrupted after step 3
+    assert sorted(p.name for p in (part / "checkpoints").iterdir()) == ["step-0000002", "step-0000003"]
+    resumed = train(_recipe(toyworld, checkpoint_every=2), part, resume="auto")
+    def timeless(run):
+        return [{k: v for k, v in r.items() if k != "samples_per_s"} for r in _losses(run)]
+
+    assert timeless(part) == timeless(tmp_path / "full")  # the same tasks, losses and rates at every step
+    assert len(timeless(part)) == 6
+    a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(p.name for p in (part / "checkpoints").iterdir()) == ["step-0000004", "step-0000006"]
+
+
+def test_prompt_tuning_trains_only_prompts_and_finetuning_everything(toyworld, tmp_path):
+    base = train(_recipe(toyworld, steps=2), tmp_path / "base")
+    prompt = _recipe(toyworld, steps=2).to_dict()
+    prompt.update(stage="prompt-tune", init=str(base))
+    prompt["model"]["overrides"]["prompt"] = {"deep_prompt_length": 2, "spe_bias": True}
+    tuned = load_file(train(validate(prompt), tmp_path / "prompt") / "model.safetensors")
+    start = load_file(base / "model.safetensors")
+    assert torch.equal(tuned["blocks.0.attn.qkv.weight"], start["blocks.0.attn.qkv.weight"])
+    assert torch.equal(tuned["text_embed.word.weight"], start["text_embed.word.weight"])
+    assert not torch.equal(tuned["blocks.0.norm1.weight"], start["blocks.0.norm1.weight"])
+    assert tuned["blocks.0.prompt"].shape == (2, 64) and tuned["text_embed.spe_bias"].abs().sum() > 0
+    finetune = _recipe(toyworld, steps=2).to_dict()
+    finetune.update(stage="finetune", init=str(base))
+    tuned = load_file(train(validate(finetune), tmp_path / "finetune") / "model.safetensors")
+    assert not torch.equal(tuned["blocks.0.attn.qkv.weight"], start["blocks.0.attn.qkv.weight"])
+
+
+def test_run_directory_contents(toyworld, tmp_path):
+    recipe = _recipe(toyworld, steps=4, checkpoint_every=1, keep_checkpoints=2).to_dict()
+    recipe["evaluation"] = {"tasks": [{"name": "shape", "type": "image_classification", "data": "images/test",
+                                       "label_set": "shape"}]}
+    run = tmp_path / "run"
+    train(validate(recipe), run)
+    assert (run / "config.yaml").exists() and (run / "final" / "config.json").exists()
+    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step-0000003", "step-0000004"]
+    assert any((run / "tensorboard").iterdir())
+    summary = json.loads((run / "eval" / "final" / "summary.json").read_text())
+    assert 0 <= summary["results"]["shape"]["acc@1"] <= 100
+    records = _losses(run)
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and all("lr" in r for r in records)
