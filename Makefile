@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test lint
+.PHONY: install test lint demo
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -19,3 +19,11 @@ test: install
 
 lint: install
 	$(BIN)/ruff check uniperceiver_cli tests benchmarks
+
+# The main job: ToyWorld, multi-task pre-training of the tiny model, evaluation of every ToyWorld task
+# (the zero-shot ones included) and the results table against the targets.
+demo: install
+	@start=$$(date +%s); rm -rf runs/toyworld-tiny; \
+	$(BIN)/uniperceiver prepare-data toyworld --out data/toyworld --workers 2 && \
+	$(BIN)/uniperceiver pretrain --recipe toyworld-tiny --run-dir runs/toyworld-tiny && \
+	$(BIN)/python benchmarks/demo_targets.py runs/toyworld-tiny --seconds $$(( $$(date +%s) - start ))

@@ -29,6 +29,7 @@ def evaluate(
     max_len: int = typer.Option(21, min=1, help="Longest generated caption, in tokens."),
     len_penalty: float = typer.Option(0.0, min=0.0, help="Rank finished beams by score / (length + 1) ** this."),
     max_text_len: int = typer.Option(50, min=2, help="Retrieval captions are cut to this many tokens."),
+    captions_per_item: int | None = typer.Option(None, min=1, help="Retrieval: use only each item's first N."),
     num_frames: int = typer.Option(8, min=1, help="Frames per video clip."),
     views: int = typer.Option(3, min=1, help="Spatial views per video (softmax averaged)."),
     limit: int | None = typer.Option(None, min=1, help="Evaluate about this many samples only."),
@@ -65,7 +66,8 @@ def evaluate(
             result = runners.run_classification(net, batches, names, templates=template_list, truth_names=truth,
                                                 precision=precision, task=task)
         elif kind == "retrieval":
-            result = runners.run_retrieval(net, batches, max_text_len=max_text_len, precision=precision, task=task)
+            result = runners.run_retrieval(net, batches, max_text_len=max_text_len,
+                                           captions_per_item=captions_per_item, precision=precision, task=task)
         elif kind == "caption":
             result = runners.run_captioning(net, batches, beam_size=beam_size, max_len=max_len,
                                             len_penalty=len_penalty, precision=precision, task=task)

@@ -116,10 +116,11 @@ def run_classification(model: UniPerceiver, batches: Iterable[Batch], names: Seq
 
 
 @torch.inference_mode()
-def run_retrieval(model: UniPerceiver, batches: Iterable[Batch], *, max_text_len: int = 50, precision: str = "auto",
-                  task: str = "retrieval") -> EvalResult:
-    """R@1/5/10 and means, item-to-text and text-to-item, over every caption of every item (captions are
-    truncated to ``max_text_len`` tokens: 50 in the reference's pre-training, 30 when fine-tuning)."""
+def run_retrieval(model: UniPerceiver, batches: Iterable[Batch], *, max_text_len: int = 50,
+                  captions_per_item: int | None = None, precision: str = "auto", task: str = "retrieval") -> EvalResult:
+    """R@1/5/10 and means, item-to-text and text-to-item, over every caption of every item (or its first
+    ``captions_per_item``). Captions are cut to ``max_text_len`` tokens: 50 in the reference's pre-training,
+    30 when fine-tuning."""
     device = _device(model)
     model.eval()
     tokenizer = get_tokenizer()
@@ -132,6 +133,7 @@ def run_retrieval(model: UniPerceiver, batches: Iterable[Batch], *, max_text_len
             if video and int(batch.get("num_views", 1)) > 1:
                 feats = F.normalize(feats.float().view(-1, int(batch["num_views"]), feats.shape[-1]).mean(1), dim=-1)
             for key, captions in zip(batch["keys"], batch["captions"], strict=True):
+                captions = captions[:captions_per_item]
                 owners.extend([len(keys)] * len(captions))
                 texts.extend(captions)
                 keys.append(key)

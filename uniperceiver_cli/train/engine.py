@@ -27,7 +27,7 @@ from uniperceiver_cli.data.loader import make_loader
 from uniperceiver_cli.data.mixing import mix_tasks
 from uniperceiver_cli.model.config import get_config
 from uniperceiver_cli.model.uniperceiver import UniPerceiver
-from uniperceiver_cli.train.evaluation import evaluate_task
+from uniperceiver_cli.train.evaluation import evaluate_task, print_summary
 from uniperceiver_cli.train.optim import build_optimizer, build_scheduler, freeze_for_prompt_tuning, prompt_parameter
 from uniperceiver_cli.train.recipe import Recipe
 from uniperceiver_cli.train.tasks import TrainTask
@@ -197,6 +197,8 @@ def train(recipe: Recipe, run_dir: Path, *, resume: str | None = None, ctx: Cont
     """Run a recipe; returns the final bundle's folder. ``stop_after`` ends early after that many steps (as if
     interrupted), leaving the checkpoints to resume from."""
     ctx = ctx or Context()
+    if resume is None and (run_dir / "metrics.jsonl").exists():
+        raise ValueError(f"{run_dir} already holds a run: pass --resume auto to continue it, or another --run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     spec = recipe.train
     data_root = Path(recipe.data_root)
@@ -253,8 +255,11 @@ def train(recipe: Recipe, run_dir: Path, *, resume: str | None = None, ctx: Cont
             engine.step()
             if step % spec.log_every == 0 or step == end:
                 rate = samples * ctx.world_size / (time.perf_counter() - tic)
-                record = {"step": step, "lr": engine.lr(), "samples_per_s": rate,
-                          **{k: torch.stack(v).float().mean().item() for k, v in sums.items()}}
+                means = torch.stack([torch.stack(v).float().mean() for v in sums.values()])
+                if ctx.world_size > 1:  # the global batch's means: every process ran the same tasks on its own data
+                    torch.distributed.all_reduce(means)
+                    means /= ctx.world_size
+                record = {"step": step, "lr": engine.lr(), "samples_per_s": rate, **dict(zip(sums, means.tolist()))}
                 log.write(record)
                 losses = [v for k, v in record.items() if k.endswith("/loss")]
                 log.advance(step, name, f"{sum(losses) / max(1, len(losses)):.3f}", f"{rate:.0f}")
@@ -307,4 +312,6 @@ def _evaluate(model: UniPerceiver, recipe: Recipe, out: Path, log: RunLog | None
     (out / "summary.json").write_text(json.dumps({"step": step, "results": results}, indent=2) + "\n")
     if log is not None:
         log.write({"step": step, **{f"eval/{n}/{k}": v for n, m in results.items() for k, v in m.items()}})
+    else:
+        print_summary(results, f"{recipe.name}: evaluation after {step} steps ({out / 'summary.json'})")
     return results

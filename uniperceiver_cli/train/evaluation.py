@@ -42,7 +42,8 @@ def evaluate_task(model: UniPerceiver, spec: EvalTaskSpec, data_root: Path, out:
         result = runners.run_classification(model, batches, class_names(spec, manifest, data_root),
                                             templates=spec.templates, task=spec.name)
     elif kind.endswith("_retrieval"):
-        result = runners.run_retrieval(model, batches, max_text_len=spec.max_text_len, task=spec.name)
+        result = runners.run_retrieval(model, batches, max_text_len=spec.max_text_len,
+                                       captions_per_item=spec.captions_per_item, task=spec.name)
     elif kind.endswith("_caption"):
         result = runners.run_captioning(model, batches, beam_size=spec.beam_size, max_len=spec.max_len,
                                         task=spec.name)
@@ -53,3 +54,16 @@ def evaluate_task(model: UniPerceiver, spec: EvalTaskSpec, data_root: Path, out:
                                                       "split": manifest.split, "skipped": dict(loader.skipped)},
                       model={"path": None, "note": "the model being trained"}, settings=asdict(spec))
     return result
+
+
+def print_summary(results: dict[str, dict[str, float]], title: str) -> None:
+    """One table row per evaluation task with its metrics."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("task")
+    table.add_column("metrics")
+    for name, metrics in results.items():
+        table.add_row(name, "  ".join(f"{k} {v:.1f}" for k, v in metrics.items()))
+    Console().print(table)

@@ -107,6 +107,7 @@ class EvalTaskSpec:
     beam_size: int = 2
     max_len: int = 21
     max_text_len: int = 50
+    captions_per_item: int | None = None  # retrieval: score only each item's first captions (None: all)
     num_frames: int = 8
     frame_stride: float = 32
     views: int = 1
