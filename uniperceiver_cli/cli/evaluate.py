@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import typer
 
 from uniperceiver_cli.cli.common import load_any_model, pick_device, read_lines, user_errors
@@ -28,6 +29,8 @@ def evaluate(
     beam_size: int = typer.Option(2, min=1, help="Caption beam width (1 = greedy)."),
     max_len: int = typer.Option(21, min=1, help="Longest generated caption, in tokens."),
     len_penalty: float = typer.Option(0.0, min=0.0, help="Rank finished beams by score / (length + 1) ** this."),
+    vocabulary_from: list[Path] | None = typer.Option(None, help="Captioning: decode only over the tokens of "
+                                                      "this split's texts (repeatable)."),
     max_text_len: int = typer.Option(50, min=2, help="Retrieval captions are cut to this many tokens."),
     captions_per_item: int | None = typer.Option(None, min=1, help="Retrieval: use only each item's first N."),
     num_frames: int = typer.Option(8, min=1, help="Frames per video clip."),
@@ -69,8 +72,14 @@ def evaluate(
             result = runners.run_retrieval(net, batches, max_text_len=max_text_len,
                                            captions_per_item=captions_per_item, precision=precision, task=task)
         elif kind == "caption":
+            vocab_ids = None
+            if vocabulary_from:
+                from uniperceiver_cli.train.tasks import corpus_tokens
+
+                vocab_ids = torch.cat([corpus_tokens(f, Manifest.load(f)) for f in vocabulary_from]).unique()
             result = runners.run_captioning(net, batches, beam_size=beam_size, max_len=max_len,
-                                            len_penalty=len_penalty, precision=precision, task=task)
+                                            len_penalty=len_penalty, vocab_ids=vocab_ids, precision=precision,
+                                            task=task)
         else:
             result = runners.run_mlm(net, batches, precision=precision, task=task)
         skipped = dict(getattr(loader, "skipped", {}) or {})

@@ -23,10 +23,10 @@ from uniperceiver_cli.evaluate.metrics import (
     retrieval_recall,
     topk_accuracy,
 )
-from uniperceiver_cli.model.config import SPE_ID
+from uniperceiver_cli.model.config import EOT_ID, SPE_ID
 from uniperceiver_cli.model.decoding import beam_search
 from uniperceiver_cli.model.tokenizer import get_tokenizer
-from uniperceiver_cli.model.uniperceiver import UniPerceiver
+from uniperceiver_cli.model.uniperceiver import VOCABULARY, UniPerceiver
 
 Batch = dict[str, Any]
 
@@ -151,14 +151,25 @@ def run_retrieval(model: UniPerceiver, batches: Iterable[Batch], *, max_text_len
 
 @torch.inference_mode()
 def run_captioning(model: UniPerceiver, batches: Iterable[Batch], *, beam_size: int = 2, max_len: int = 21,
-                   len_penalty: float = 0.0, precision: str = "auto", task: str = "captioning") -> EvalResult:
-    """BLEU-1..4, METEOR, ROUGE-L, CIDEr of beam-search captions (cached decoding) against all references."""
+                   len_penalty: float = 0.0, vocab_ids: torch.Tensor | None = None, precision: str = "auto",
+                   task: str = "captioning") -> EvalResult:
+    """BLEU-1..4, METEOR, ROUGE-L, CIDEr of beam-search captions (cached decoding) against all references.
+
+    ``vocab_ids`` restricts decoding to these token ids (with end-of-text), e.g. a model trained with a
+    corpus-restricted target set; by default every one of the 49,411 tokens is a candidate."""
     device = _device(model)
     model.eval()
     tokenizer = get_tokenizer()
     predictions, references = {}, {}
+    eos = EOT_ID
     with autocast(device, precision):
-        vocabulary = model.vocabulary_features()
+        if vocab_ids is None:
+            vocabulary = model.vocabulary_features()
+        else:
+            vocab_ids = torch.cat([vocab_ids.cpu(), torch.tensor([EOT_ID])]).unique()
+            pairs = torch.stack([vocab_ids, torch.full_like(vocab_ids, EOT_ID)], dim=1)
+            vocabulary = model.encode_text(pairs.to(device), routing=VOCABULARY)
+            eos = int((vocab_ids == EOT_ID).nonzero())
         for batch in batches:
             video = "videos" in batch
             inputs = _to(batch, "videos" if video else "images", device)
@@ -166,8 +177,9 @@ def run_captioning(model: UniPerceiver, batches: Iterable[Batch], *, beam_size: 
                 views = int(batch["num_views"])
                 inputs = inputs[views // 2::views]
             result = beam_search(model, inputs, beam_size=beam_size, max_len=max_len, len_penalty=len_penalty,
-                                 vocabulary=vocabulary)
-            for key, caption, refs in zip(batch["keys"], tokenizer.decode_batch(result.tokens.cpu()),
+                                 vocabulary=vocabulary, eos_id=eos)
+            tokens = result.tokens.cpu() if vocab_ids is None else vocab_ids[result.tokens.cpu()]
+            for key, caption, refs in zip(batch["keys"], tokenizer.decode_batch(tokens),
                                           batch["captions"], strict=True):
                 predictions[key], references[key] = caption, list(refs)
     metrics = caption_metrics(predictions, references)

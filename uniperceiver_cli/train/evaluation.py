@@ -5,12 +5,15 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
+
 from uniperceiver_cli.data.loader import make_loader
 from uniperceiver_cli.data.shards import Manifest
 from uniperceiver_cli.evaluate import runners
 from uniperceiver_cli.evaluate.report import write_results
 from uniperceiver_cli.model.uniperceiver import UniPerceiver
 from uniperceiver_cli.train.recipe import EvalTaskSpec
+from uniperceiver_cli.train.tasks import corpus_tokens
 
 
 def class_names(spec: EvalTaskSpec, manifest: Manifest, data_root: Path) -> list[str]:
@@ -45,8 +48,12 @@ def evaluate_task(model: UniPerceiver, spec: EvalTaskSpec, data_root: Path, out:
         result = runners.run_retrieval(model, batches, max_text_len=spec.max_text_len,
                                        captions_per_item=spec.captions_per_item, task=spec.name)
     elif kind.endswith("_caption"):
+        vocab_ids = None
+        if spec.vocabulary_from:
+            folders = [data_root / folder for folder in spec.vocabulary_from]
+            vocab_ids = torch.cat([corpus_tokens(f, Manifest.load(f)) for f in folders]).unique()
         result = runners.run_captioning(model, batches, beam_size=spec.beam_size, max_len=spec.max_len,
-                                        task=spec.name)
+                                        vocab_ids=vocab_ids, task=spec.name)
     else:
         result = runners.run_mlm(model, batches, task=spec.name)
     if out is not None:

@@ -106,6 +106,9 @@ class EvalTaskSpec:
     max_samples: int | None = None
     beam_size: int = 2
     max_len: int = 21
+    # Captioning: decode over the tokens of these data folders' texts only (a model trained with a
+    # corpus-restricted target set); empty: the whole vocabulary.
+    vocabulary_from: list[str] = field(default_factory=list)
     max_text_len: int = 50
     captions_per_item: int | None = None  # retrieval: score only each item's first captions (None: all)
     num_frames: int = 8
