@@ -259,7 +259,8 @@ def train(recipe: Recipe, run_dir: Path, *, resume: str | None = None, ctx: Cont
                 if ctx.world_size > 1:  # the global batch's means: every process ran the same tasks on its own data
                     torch.distributed.all_reduce(means)
                     means /= ctx.world_size
-                record = {"step": step, "lr": engine.lr(), "samples_per_s": rate, **dict(zip(sums, means.tolist()))}
+                record = {"step": step, "lr": engine.lr(), "samples_per_s": rate,
+                          **dict(zip(sums, means.tolist(), strict=True))}
                 log.write(record)
                 losses = [v for k, v in record.items() if k.endswith("/loss")]
                 log.advance(step, name, f"{sum(losses) / max(1, len(losses)):.3f}", f"{rate:.0f}")

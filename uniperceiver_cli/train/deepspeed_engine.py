@@ -1,0 +1,308 @@
+"""``engine: deepspeed``: the one training loop under ``deepspeed.initialize`` (data parallel, ZeRO 0/1/2, bf16/fp16).
+
+Launchers. :func:`init_distributed` reads the environment that ``deepspeed``, ``torchrun`` and SLURM ``srun``
+leave behind (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``, or ``SLURM_PROCID``/
+``SLURM_NTASKS``/``SLURM_LOCALID``/``SLURM_JOB_NODELIST``), starts ``torch.distributed`` through DeepSpeed
+(nccl on GPUs, gloo on CPUs) and returns this process's :class:`~uniperceiver_cli.train.engine.Context`.
+Started without any launcher it runs as a world of one.
+
+Engine. :class:`DeepSpeedEngine` offers what :class:`~uniperceiver_cli.train.engine.SingleEngine` offers. The
+recipe builds the optimizer and schedule (:mod:`uniperceiver_cli.train.optim`) and DeepSpeed steps them. How the
+loop's calls map onto DeepSpeed:
+
+- ``backward(loss)`` is ``engine.backward(loss)``. DeepSpeed divides the loss by the accumulation steps itself,
+  which is exactly the ``loss / accumulation`` of the single engine, and averages the gradients over the
+  processes; with the same samples per step the update equals single-process training at the global batch.
+- ``micro_step()`` is ``engine.step()``: DeepSpeed counts micro-batches and, at the accumulation boundary, clips
+  (``gradient_clipping``, the global norm), steps the optimizer and the schedule and zeroes the gradients.
+  ``step()`` has nothing left to do.
+- The loop calls model methods (``encode_text``, ``classification_logits``, ...) on ``.model`` instead of a
+  ``forward``. For ZeRO 0/1/2 that is enough: the gradient reduction is driven by ``engine.backward`` (ZeRO 0:
+  an all-reduce at the boundary; ZeRO 1/2: the optimizer's gradient hooks and the backward epilogue), not by
+  ``engine.forward``. Checked numerically (``tests/train/test_deepspeed.py``: two gloo processes equal one
+  process at the same global batch) and, for bf16 with ZeRO 0/1 and accumulation, against the same training
+  routed through ``engine.forward`` (identical weights). ZeRO 3 (partitioned weights, gathered around each
+  submodule's forward) would not fit these direct calls; recipes cannot ask for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from uniperceiver_cli.train.engine import Context
+from uniperceiver_cli.train.optim import build_optimizer, build_scheduler
+from uniperceiver_cli.train.recipe import Recipe
+
+CHECKPOINT_DIR = "deepspeed"  # inside checkpoints/step-N; `--resume auto` looks for it
+TAG = "state"
+CLIENT_KEY = "uniperceiver"  # the loop's own state (step, consumed samples, RNGs) inside DeepSpeed's checkpoint
+DEFAULT_PORT = 29500
+FP16_INITIAL_SCALE_POWER = 13  # the reference's GradScaler: initial scale 2**13, growth every 200 steps
+FP16_LOSS_SCALE_WINDOW = 200
+DIST_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+# ------------------------------------------------------------------------------------------------- launchers
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list (``node[07-09,12],gpu3`` -> ``node07``), without ``scontrol``."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if match is None or not match.group(1):
+        raise ValueError(f"cannot read the SLURM node list {nodelist!r}")
+    prefix, ranges = match.groups()
+    return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
+
+
+def _scontrol_first_host(nodelist: str) -> str | None:
+    if shutil.which("scontrol") is None:
+        return None
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=30, check=True).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out[0] if out else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The ``torch.distributed`` variables that this process still lacks, from whichever launcher started it.
+
+    - ``deepspeed`` and ``torchrun`` set ``RANK`` and ``WORLD_SIZE`` (and the rest): nothing to add.
+    - SLURM ``srun``: rank, world size and local rank from ``SLURM_PROCID``, ``SLURM_NTASKS`` and
+      ``SLURM_LOCALID``; ``MASTER_ADDR`` (unless set) is the first host of ``SLURM_JOB_NODELIST``, by
+      ``scontrol show hostnames`` when it is there; ``MASTER_PORT`` (unless set) is derived from the job id, so
+      two jobs sharing a node do not collide.
+    - No launcher: a world of one on this machine, on a free port.
+    """
+    env: dict[str, str] = {}
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        env["LOCAL_RANK"] = environ.get("LOCAL_RANK", "0")
+        env["MASTER_ADDR"] = environ.get("MASTER_ADDR", "127.0.0.1")
+        env["MASTER_PORT"] = environ.get("MASTER_PORT", str(DEFAULT_PORT))
+    elif "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
+        env["RANK"], env["WORLD_SIZE"] = environ["SLURM_PROCID"], environ["SLURM_NTASKS"]
+        env["LOCAL_RANK"] = environ.get("SLURM_LOCALID", "0")
+        if "MASTER_ADDR" in environ:
+            env["MASTER_ADDR"] = environ["MASTER_ADDR"]
+        else:
+            nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
+            if not nodelist:
+                raise RuntimeError("under SLURM without SLURM_JOB_NODELIST: set MASTER_ADDR to the first node's name")
+            env["MASTER_ADDR"] = _scontrol_first_host(nodelist) or first_host(nodelist)
+        job = environ.get("SLURM_JOB_ID", "")
+        port = str(DEFAULT_PORT + int(job) % 10000) if job.isdigit() else str(DEFAULT_PORT)
+        env["MASTER_PORT"] = environ.get("MASTER_PORT", port)
+    else:
+        env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": environ.get("MASTER_PORT", str(_free_port()))}
+    return {key: value for key, value in env.items() if environ.get(key) != value}
+
+
+def init_distributed(device: torch.device) -> Context:
+    """Start ``torch.distributed`` through DeepSpeed for whichever launcher started this process.
+
+    Args:
+        device: the device asked for (``--device``): CUDA if its type is ``cuda`` and CUDA is available, else
+            CPU. On CUDA each process takes ``cuda:LOCAL_RANK`` (modulo the GPUs it sees) and the backend is
+            nccl; on CPU it is gloo.
+
+    Returns:
+        This process's rank, the world size and its device.
+    """
+    os.environ.update(launcher_env(os.environ))
+    cuda = device.type == "cuda" and torch.cuda.is_available()
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported: it picks its accelerator then
+    import deepspeed
+
+    if not cuda:
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op when it starts (about 50 s on a
+        # first run). Only DeepSpeed-inference's tensor-parallel all-reduce uses it; training's collectives
+        # are gloo's. Marking the op incompatible skips the build (DeepSpeed caches this table in its module
+        # "so edits to it persist").
+        compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
+        if isinstance(compatible, dict):
+            compatible["deepspeed_shm_comm"] = False
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if cuda:
+        # All of the node's GPUs visible (deepspeed, torchrun, srun --gpus-per-node): cuda:LOCAL_RANK. One GPU
+        # per task (srun --gpus-per-task=1): cuda:0.
+        local_rank %= torch.cuda.device_count()
+        torch.cuda.set_device(local_rank)
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
+                               distributed_port=int(os.environ["MASTER_PORT"]), verbose=False)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return Context(rank=rank, world_size=world, device=torch.device(f"cuda:{local_rank}" if cuda else "cpu"))
+
+
+# ------------------------------------------------------------------------------------------------- config
+
+
+def deepspeed_config(recipe: Recipe, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config of a run: the recipe's JSON (``engine.deepspeed_config``, optional) with the keys
+    the recipe owns filled in from the recipe.
+
+    The recipe owns the batch keys, accumulation, clipping, the ZeRO stage and precision. Any other key of the
+    JSON (ZeRO bucket sizes, overlap_comm, offload, fp16 scaling details, logging) is kept. The optimizer and
+    schedule come from the recipe's ``train`` section, so a JSON that names its own is refused.
+
+    Raises:
+        FileNotFoundError: if the JSON does not exist.
+        ValueError: if it is not a JSON object or has ``optimizer``/``scheduler`` sections.
+    """
+    config: dict[str, Any] = {}
+    path = recipe.engine.deepspeed_config
+    if path:
+        file = Path(path)
+        if not file.is_file():
+            raise FileNotFoundError(f"engine.deepspeed_config: {path} does not exist")
+        try:
+            config = json.loads(file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"engine.deepspeed_config: {path} is not valid JSON ({e})") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"engine.deepspeed_config: {path} is not a JSON object")
+        clash = [key for key in ("optimizer", "scheduler") if key in config]
+        if clash:
+            raise ValueError(f"engine.deepspeed_config: {path} sets {' and '.join(clash)}; the recipe's train "
+                             "section sets the optimizer and schedule, remove them from the JSON")
+    config = copy.deepcopy(config)
+    spec = recipe.train
+    # The loop feeds its own batches (one task's batch per micro-step, each task with its own batch_size per
+    # process) and never hands DeepSpeed a data loader, so DeepSpeed's batch size is nominal: 1 "sample" per
+    # micro-step. It only sizes DeepSpeed's throughput counters; what DeepSpeed uses is the accumulation.
+    config.pop("train_batch_size", None)
+    config["train_micro_batch_size_per_gpu"] = 1
+    config["gradient_accumulation_steps"] = spec.accumulation
+    config["train_batch_size"] = spec.accumulation * world_size
+    config["gradient_clipping"] = max(0.0, float(spec.grad_clip))  # 0 turns clipping off, as in the single engine
+    config["zero_optimization"] = {**config.get("zero_optimization", {}), "stage": recipe.engine.zero_stage}
+    config.setdefault("zero_allow_untested_optimizer", True)  # the recipe's torch AdamW under ZeRO
+    fp16 = {"initial_scale_power": FP16_INITIAL_SCALE_POWER, "loss_scale_window": FP16_LOSS_SCALE_WINDOW,
+            **config.get("fp16", {})}
+    config["fp16"] = {**fp16, "enabled": spec.precision == "fp16"}
+    config["bf16"] = {**config.get("bf16", {}), "enabled": spec.precision == "bf16"}
+    config.pop("amp", None)
+    config.setdefault("steps_per_print", 2**31 - 1)  # the loop logs; keep DeepSpeed's own step lines quiet
+    return config
+
+
+# ------------------------------------------------------------------------------------------------- engine
+
+
+@contextlib.contextmanager
+def _scalars_broadcast_here(model: torch.nn.Module) -> Iterator[None]:
+    """Broadcast the model's 0-dim parameters (the logit scales) from rank 0 here, and hide them from
+    DeepSpeed's own start-up broadcast while ``deepspeed.initialize`` runs.
+
+    Why: DeepSpeed 0.19 broadcasts every parameter as ``p.data.view(torch.uint8)``, which PyTorch refuses for
+    a 0-dim tensor ("self.dim() cannot be 0 to view Float as Byte"). Its broadcast skips parameters marked
+    ``ds_optim_param`` (a mark read only at start-up, by that broadcast and by the LoRA-offload set-up, which
+    needs LoRA layers); the mark is removed as soon as ``initialize`` returns.
+    """
+    scalars = [p for p in model.parameters() if p.dim() == 0]
+    dist = torch.distributed
+    if scalars and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for p in scalars:
+            dist.broadcast(p.data, src=0)
+    for p in scalars:
+        p.ds_optim_param = True
+    try:
+        yield
+    finally:
+        for p in scalars:
+            del p.ds_optim_param
+
+
+class DeepSpeedEngine:
+    """The loop's engine under ``deepspeed.initialize``; same interface as ``SingleEngine``.
+
+    Attributes:
+        model: the trained module itself (``engine.module``), whose methods the loop calls.
+        engine: the ``deepspeed.DeepSpeedEngine``.
+    """
+
+    def __init__(self, model: torch.nn.Module, recipe: Recipe, ctx: Context) -> None:
+        import deepspeed
+
+        model = model.to(ctx.device)
+        optimizer = build_optimizer(model, recipe.train)
+        scheduler = build_scheduler(optimizer, recipe.train)
+        self.config = deepspeed_config(recipe, ctx.world_size)
+        # Plain fp32 data parallel (ZeRO 0, no fp16/bf16 optimizer) clips with DeepSpeed's clip_grad_norm_,
+        # which fails on 0-dim gradients (the logit scales: "output with shape [] doesn't match the broadcast
+        # shape [1]"). There the gradients are already averaged when the boundary micro-step's backward
+        # returns, so this engine clips them itself, with torch's clip_grad_norm_ as the single engine does,
+        # right before DeepSpeed's optimizer step. ZeRO 1/2 and bf16/fp16 clip inside DeepSpeed's optimizers.
+        plain = (self.config["zero_optimization"]["stage"] == 0 and not self.config["fp16"]["enabled"]
+                 and not self.config["bf16"]["enabled"])
+        self.clip = self.config["gradient_clipping"] if plain else 0.0
+        if plain:
+            self.config["gradient_clipping"] = 0.0
+        self.norm: torch.Tensor | None = None
+        with _scalars_broadcast_here(model):
+            self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                        config=self.config)
+        # With bf16/fp16 and ZeRO 0 DeepSpeed wraps the optimizer in FP16_(Unfused)Optimizer, which creates the
+        # optimizer state by one step on zero gradients. Adam would count that step: its bias correction would
+        # take the first real step for the second and shrink it (0.74x). No real step has happened: reset it.
+        for state in optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"].zero_()
+            elif "step" in state:
+                state["step"] = 0
+        self.model = self.engine.module
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Gradients of ``loss / accumulation``, averaged over the processes at the accumulation boundary."""
+        self.engine.backward(loss)
+
+    def micro_step(self) -> None:
+        """Count the micro-batch; at the accumulation boundary clip, step the optimizer and the schedule."""
+        if self.clip > 0 and self.engine.is_gradient_accumulation_boundary():
+            params = [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+            self.norm = torch.nn.utils.clip_grad_norm_(params, self.clip)
+        self.engine.step()
+
+    def step(self) -> torch.Tensor | None:
+        """DeepSpeed stepped in the last ``micro_step``; returns the global gradient norm when known."""
+        norm = self.engine.get_global_grad_norm()
+        return self.norm if norm is None else torch.as_tensor(norm)
+
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    def barrier(self) -> None:
+        torch.distributed.barrier()
+
+    def save(self, directory: Path, client: dict[str, Any]) -> None:
+        """DeepSpeed's checkpoint (module, optimizer partitions, schedule) in ``directory/deepspeed``; every
+        process calls it. ``client`` (the loop's state) travels inside it."""
+        self.engine.save_checkpoint(str(Path(directory) / CHECKPOINT_DIR), tag=TAG, client_state={CLIENT_KEY: client})
+
+    def load(self, directory: Path) -> dict[str, Any]:
+        """Restore what :meth:`save` wrote; returns the loop's state. Every process calls it."""
+        folder = Path(directory) / CHECKPOINT_DIR
+        path, state = self.engine.load_checkpoint(str(folder), tag=TAG)
+        if path is None or not state or CLIENT_KEY not in state:
+            raise FileNotFoundError(f"{folder} holds no DeepSpeed checkpoint of this run (tag {TAG!r})")
+        return state[CLIENT_KEY]
