@@ -14,6 +14,7 @@ from uniperceiver_cli.model.embeddings import TextEmbedding, VisualEmbedding
 from uniperceiver_cli.model.heads import SimilarityHead
 from uniperceiver_cli.model.layers import KV, Block
 from uniperceiver_cli.model.moe import ExpertLinear, Routing
+from uniperceiver_cli.model.tokenizer import get_tokenizer
 
 VISUAL = Routing(("visual_input",))
 TEXT_TARGET = Routing(("text_target",))
@@ -184,8 +185,6 @@ class UniPerceiver(nn.Module):
         way class names and retrieval captions are; large sets run in chunks of ``chunk_size``.
         """
         if not isinstance(texts, torch.Tensor):
-            from uniperceiver_cli.model.tokenizer import get_tokenizer
-
             texts, padding = get_tokenizer().encode_batch(list(texts), max_len=max_len or self.config.max_text_len)
         device = self.head.proj.weight.device
         texts = texts.to(device)
@@ -270,8 +269,7 @@ class UniPerceiver(nn.Module):
     def caption(self, inputs: torch.Tensor, *, beam_size: int = 2, max_len: int = 21) -> list[str]:
         """Captions for images (B, 3, H, W) or videos (B, T, 3, H, W), by cached beam search
         (``beam_size=1`` is greedy decoding)."""
-        from uniperceiver_cli.model.decoding import beam_search
-        from uniperceiver_cli.model.tokenizer import get_tokenizer
+        from uniperceiver_cli.model.decoding import beam_search  # decoding builds on this module
 
         result = beam_search(self, inputs, beam_size=beam_size, max_len=max_len)
         return get_tokenizer().decode_batch(result.tokens)
