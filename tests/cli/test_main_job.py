@@ -38,6 +38,11 @@ def test_prepare_pretrain_tune_evaluate(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["num_samples"] > 0 and "acc@1" in results["metrics"]
     assert results["settings"]["labels"][:2] == ["red", "green"]
+    _ok(["evaluate", "--model", base / "fine" / "final", "--data", data / "videos" / "test", "--task",
+         "video_classification", "--label-set", "motion", "--views", "3", "--clips", "2", "--num-frames", "4",
+         "--out", tmp_path / "video"])  # the reference's multi-view protocol: 3 crops x 2 clips per video
+    video = json.loads((tmp_path / "video" / "results.json").read_text())
+    assert video["num_samples"] == 12 and video["settings"]["clips"] == 2
 
 
 def test_training_commands_refuse_mismatched_recipes(tmp_path):

@@ -35,6 +35,7 @@ def evaluate(
     captions_per_item: int | None = typer.Option(None, min=1, help="Retrieval: use only each item's first N."),
     num_frames: int = typer.Option(8, min=1, help="Frames per video clip."),
     views: int = typer.Option(3, min=1, help="Spatial views per video (softmax averaged)."),
+    clips: int = typer.Option(1, min=1, help="Temporal clips per video (the reference's K400 protocol: 4)."),
     limit: int | None = typer.Option(None, min=1, help="Evaluate about this many samples only."),
     workers: int = typer.Option(0, min=0, help="Data-loader worker processes."),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
@@ -60,7 +61,7 @@ def evaluate(
         dev = pick_device(device)
         net = load_any_model(model, preset, dev)
         loader = make_loader(data, task=task, batch_size=batch_size, train=False, image_size=net.config.image_size,
-                             num_frames=num_frames, num_views=views, max_text_len=max_text_len,
+                             num_frames=num_frames, num_views=views, num_clips=clips, max_text_len=max_text_len,
                              num_workers=workers, label_set=label_set)
         batches = runners.limited(loader, limit)
         kind = TASKS[task]
@@ -87,7 +88,7 @@ def evaluate(
             result.notes.append("skipped while loading: " + ", ".join(f"{k}: {v}" for k, v in skipped.items()))
         out = out or Path("eval") / f"{manifest.dataset}-{manifest.split}-{task}"
         settings = {"batch_size": batch_size, "beam_size": beam_size, "max_len": max_len, "len_penalty": len_penalty,
-                    "views": views,
+                    "views": views, "clips": clips,
                     "num_frames": num_frames, "label_set": label_set, "templates": template_list,
                     "labels": names, "precision": precision, "device": str(dev), "limit": limit}
         path = write_results(out, result, data={"path": str(data.resolve()), "dataset": manifest.dataset,

@@ -36,6 +36,7 @@ def evaluate_task(model: UniPerceiver, spec: EvalTaskSpec, data_root: Path, out:
     manifest = Manifest.load(directory)
     loader = make_loader(directory, task=spec.type, batch_size=spec.batch_size, train=False,
                          image_size=model.config.image_size, num_frames=spec.num_frames, num_views=spec.views,
+                         num_clips=spec.clips,
                          max_text_len=spec.max_text_len, num_workers=num_workers, label_set=spec.label_set,
                          frame_stride=spec.frame_stride,
                          rank=0, world_size=1)

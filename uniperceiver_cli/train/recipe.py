@@ -113,7 +113,8 @@ class EvalTaskSpec:
     captions_per_item: int | None = None  # retrieval: score only each item's first captions (None: all)
     num_frames: int = 8
     frame_stride: float = 32
-    views: int = 1
+    views: int = 1  # spatial crops per video (1 or 3)
+    clips: int = 1  # temporal clips per video; views x clips softmaxes are averaged
 
 
 @dataclass(config=STRICT)
