@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 err_console = Console(stderr=True)
 
@@ -22,7 +23,8 @@ def user_errors() -> Iterator[None]:
         yield
     except USER_ERRORS as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+        message = " ".join(str(message).split())  # always one line
+        err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 

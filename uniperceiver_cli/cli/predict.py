@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from uniperceiver_cli.cli.common import err_console, load_any_model, pick_device, read_lines, user_errors
@@ -92,7 +93,7 @@ def predict(
                     else:
                         inputs = transform(load_image(path))[None].to(dev)
                 except (ValueError, FileNotFoundError) as e:
-                    err_console.print(f"[red]skipped:[/red] {e}", highlight=False, soft_wrap=True)
+                    err_console.print(f"[red]skipped:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
                     failures += 1
                     continue
                 results.append({"file": str(path), **_answer(net, inputs, names, candidates, targets, top_k,

@@ -6,8 +6,7 @@ resumes an interrupted run (finished shards are kept), and prints a table per sp
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from uniperceiver_cli.cli.common import user_errors
 from uniperceiver_cli.data.shards import Manifest
 from uniperceiver_cli.data.sources import (
     coco,
@@ -27,7 +27,7 @@ from uniperceiver_cli.data.sources import (
     visual_genome,
 )
 from uniperceiver_cli.data.sources import imagenet as imagenet1k
-from uniperceiver_cli.data.sources.common import Conversion, LayoutError
+from uniperceiver_cli.data.sources.common import Conversion
 
 app = typer.Typer(help="Convert a data set into WebDataset shards: OUT/<split>/shard-*.tar and manifest.json.",
                   no_args_is_help=True)
@@ -53,19 +53,9 @@ class Size(str, Enum):
     default = "default"
 
 
-@contextmanager
-def _errors() -> Iterator[None]:
-    """A bad source or option ends the command with one red line on stderr and exit code 2."""
-    try:
-        yield
-    except (LayoutError, FileNotFoundError, ValueError) as e:
-        typer.secho(f"error: {e}".replace("\n", " "), fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
-
-
 def _convert(plan: Callable[[], Conversion | list[Conversion]], out: Path, min_shards: int, max_per_shard: int,
              workers: int, no_progress: bool) -> None:
-    with _errors():
+    with user_errors():
         planned = plan()
         for conversion in planned if isinstance(planned, list) else [planned]:
             directory = out / conversion.manifest.split
@@ -212,7 +202,7 @@ def toyworld(
     """ToyWorld: a small synthetic data set for every task, generated (no download)."""
     from uniperceiver_cli.data import toyworld as toy  # imported here: only this command needs it
 
-    with _errors():
+    with user_errors():
         manifests = toy.generate(out, size=size.value, seed=seed, image_size=image_size, num_frames=num_frames,
                                  min_shards=min_shards, workers=workers, progress=not no_progress)
         for key, manifest in manifests.items():
