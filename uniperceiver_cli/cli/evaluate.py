@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 import typer
 
 from uniperceiver_cli.cli.common import load_any_model, pick_device, read_lines, user_errors
@@ -56,7 +55,7 @@ def evaluate(
             raise ValueError(f"{data} serves {', '.join(manifest.tasks)}, not {task}")
         names = None
         if TASKS[task] == "classification":
-            names = _class_names(manifest, labels, label_set)
+            names = read_lines(labels, "labels") if labels else manifest.label_names(label_set)
         template_list = read_lines(templates, "templates") if templates else None
         dev = pick_device(device)
         net = load_any_model(model, preset, dev)
@@ -66,7 +65,7 @@ def evaluate(
         batches = runners.limited(loader, limit)
         kind = TASKS[task]
         if kind == "classification":
-            truth = _class_names(manifest, None, label_set) if (manifest.classes or label_set) else names
+            truth = manifest.label_names(label_set) if (manifest.classes or label_set) else names
             result = runners.run_classification(net, batches, names, templates=template_list, truth_names=truth,
                                                 precision=precision, task=task)
         elif kind == "retrieval":
@@ -75,9 +74,9 @@ def evaluate(
         elif kind == "caption":
             vocab_ids = None
             if vocabulary_from:
-                from uniperceiver_cli.train.tasks import corpus_tokens
+                from uniperceiver_cli.train.tasks import vocabulary_of
 
-                vocab_ids = torch.cat([corpus_tokens(f, Manifest.load(f)) for f in vocabulary_from]).unique()
+                vocab_ids = vocabulary_of(vocabulary_from)
             result = runners.run_captioning(net, batches, beam_size=beam_size, max_len=max_len,
                                             len_penalty=len_penalty, vocab_ids=vocab_ids, precision=precision,
                                             task=task)
@@ -96,16 +95,3 @@ def evaluate(
                              model=model_identity(model), settings=settings)
     print_results(result, f"{manifest.dataset}/{manifest.split} - {task}")
     typer.echo(f"wrote {path}")
-
-
-def _class_names(manifest, labels: Path | None, label_set: str | None) -> list[str]:  # noqa: ANN001
-    if labels is not None:
-        return read_lines(labels, "labels")
-    if label_set is not None:
-        sets = manifest.extra.get("label_sets", {})
-        if label_set not in sets:
-            raise ValueError(f"label set {label_set!r} not in the manifest; it has: {', '.join(sets) or 'none'}")
-        return list(sets[label_set])
-    if not manifest.classes:
-        raise ValueError("the split names no classes; give --labels FILE")
-    return list(manifest.classes)

@@ -350,7 +350,7 @@ def choose_subset(shard_urls: Sequence[str], fraction: float, seed: int, *,
                   balanced: bool) -> frozenset[tuple[str, str]]:
     """The reference's 1%-data subset, drawn once from ``seed`` (the same in every process).
 
-    Reads only the per-shard stats files (``shard-XXXXXX.json``: ``keys`` and ``labels``).
+    Reads only the per-shard stats files (``shard-NNNNNN.json``: ``keys`` and ``labels``).
 
     Args:
         shard_urls: local shard paths; their stats files sit next to them.

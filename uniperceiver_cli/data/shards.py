@@ -123,6 +123,18 @@ class Manifest:
         except (json.JSONDecodeError, TypeError, KeyError, ValueError) as e:
             raise ValueError(f"{path} is not a valid shard manifest: {e}") from e
 
+    def label_names(self, label_set: str | None = None) -> list[str]:
+        """Class names, index = label: those of ``label_set`` (``extra["label_sets"]``), else ``classes``."""
+        if label_set is not None:
+            sets = self.extra.get("label_sets", {})
+            if label_set not in sets:
+                raise ValueError(f"label set {label_set!r} is not in {self.dataset}/{self.split}; "
+                                 f"it has: {', '.join(sets) or 'none'}")
+            return list(sets[label_set])
+        if not self.classes:
+            raise ValueError(f"{self.dataset}/{self.split} names no classes; give the class names")
+        return list(self.classes)
+
     def shard_paths(self, directory: Path) -> list[str]:
         return [str(directory / s.file) for s in self.shards]
 

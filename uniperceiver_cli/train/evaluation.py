@@ -5,28 +5,13 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 from uniperceiver_cli.data.loader import make_loader
 from uniperceiver_cli.data.shards import Manifest
 from uniperceiver_cli.evaluate import runners
 from uniperceiver_cli.evaluate.report import write_results
 from uniperceiver_cli.model.uniperceiver import UniPerceiver
 from uniperceiver_cli.train.recipe import EvalTaskSpec
-from uniperceiver_cli.train.tasks import corpus_tokens
-
-
-def class_names(spec: EvalTaskSpec, manifest: Manifest, data_root: Path) -> list[str]:
-    if spec.labels:
-        return [line.strip() for line in (data_root / spec.labels).read_text().splitlines() if line.strip()]
-    if spec.label_set:
-        sets = manifest.extra.get("label_sets", {})
-        if spec.label_set not in sets:
-            raise ValueError(f"evaluation {spec.name}: label set {spec.label_set!r} is not in {spec.data}")
-        return list(sets[spec.label_set])
-    if not manifest.classes:
-        raise ValueError(f"evaluation {spec.name}: {spec.data} names no classes; set labels")
-    return list(manifest.classes)
+from uniperceiver_cli.train.tasks import vocabulary_of
 
 
 def evaluate_task(model: UniPerceiver, spec: EvalTaskSpec, data_root: Path, out: Path | None = None,
@@ -43,16 +28,20 @@ def evaluate_task(model: UniPerceiver, spec: EvalTaskSpec, data_root: Path, out:
     batches = runners.limited(loader, spec.max_samples)
     kind = spec.type
     if kind.endswith("_classification"):
-        result = runners.run_classification(model, batches, class_names(spec, manifest, data_root),
-                                            templates=spec.templates, task=spec.name)
+        names = truth = None
+        if manifest.classes or spec.label_set:
+            names = truth = manifest.label_names(spec.label_set)
+        if spec.labels:
+            names = [line.strip() for line in (data_root / spec.labels).read_text().splitlines() if line.strip()]
+        if names is None:
+            raise ValueError(f"evaluation {spec.name}: {spec.data} names no classes; set labels")
+        result = runners.run_classification(model, batches, names, templates=spec.templates, truth_names=truth,
+                                            task=spec.name)
     elif kind.endswith("_retrieval"):
         result = runners.run_retrieval(model, batches, max_text_len=spec.max_text_len,
                                        captions_per_item=spec.captions_per_item, task=spec.name)
     elif kind.endswith("_caption"):
-        vocab_ids = None
-        if spec.vocabulary_from:
-            folders = [data_root / folder for folder in spec.vocabulary_from]
-            vocab_ids = torch.cat([corpus_tokens(f, Manifest.load(f)) for f in folders]).unique()
+        vocab_ids = vocabulary_of([data_root / f for f in spec.vocabulary_from]) if spec.vocabulary_from else None
         result = runners.run_captioning(model, batches, beam_size=spec.beam_size, max_len=spec.max_len,
                                         vocab_ids=vocab_ids, task=spec.name)
     else:

@@ -39,6 +39,11 @@ def corpus_tokens(directory: Path, manifest: Manifest) -> torch.Tensor:
     return torch.tensor(sorted(ids))
 
 
+def vocabulary_of(folders: list[Path]) -> torch.Tensor:
+    """The token ids of several splits' texts (see :func:`corpus_tokens`), sorted and unique."""
+    return torch.cat([corpus_tokens(folder, Manifest.load(folder)) for folder in folders]).unique()
+
+
 @dataclass
 class TrainTask:
     spec: TaskSpec
@@ -57,15 +62,7 @@ class TrainTask:
             raise ValueError(f"task {spec.name}: {directory} serves {', '.join(manifest.tasks)}, not {spec.type}")
         task = cls(spec, directory, manifest)
         if spec.type.endswith("_classification"):
-            if spec.label_set:
-                sets = manifest.extra.get("label_sets", {})
-                if spec.label_set not in sets:
-                    raise ValueError(f"task {spec.name}: label set {spec.label_set!r} not in {directory}")
-                task.class_names = list(sets[spec.label_set])
-            elif manifest.classes:
-                task.class_names = list(manifest.classes)
-            else:
-                raise ValueError(f"task {spec.name}: {directory} names no classes")
+            task.class_names = manifest.label_names(spec.label_set)
             task._label_text = get_tokenizer().encode_batch(task.class_names)
             if spec.mixup is not None:
                 from timm.data import Mixup
