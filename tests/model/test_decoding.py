@@ -68,12 +68,30 @@ def test_greedy_is_the_argmax_chain():
         assert int(logits.argmax()) == int(result.tokens[0, t])
 
 
+def test_restricted_vocabulary_feeds_back_token_ids():
+    """A restricted target set decodes exactly as teacher forcing scores: at every step the greedy choice's
+    logits equal ``caption_logits`` on the chosen tokens, so the rows are fed back as their token ids."""
+    model, _, images = _setup("tiny")
+    token_ids = torch.cat([torch.arange(1000, 1399), torch.tensor([49407])])
+    with torch.no_grad():
+        vocabulary = model.encode_text(torch.stack([token_ids, torch.full_like(token_ids, 49407)], 1))
+    result = beam_search(model, images, beam_size=1, max_len=5, vocabulary=vocabulary, token_ids=token_ids,
+                         keep_logits=True)
+    assert set(result.tokens.flatten().tolist()) <= set(token_ids.tolist())
+    with torch.no_grad():
+        forced = model.caption_logits(images, result.tokens, None, vocabulary)  # (B, steps, V)
+    for t, logits in enumerate(result.step_logits):
+        torch.testing.assert_close(logits, forced[:, t], atol=1e-4, rtol=1e-5)
+
+
 def test_bad_arguments_fail_clearly():
     model, vocabulary, images = _setup("tiny")
     with pytest.raises(ValueError, match="at least 1"):
         beam_search(model, images, beam_size=0, vocabulary=vocabulary)
-    with pytest.raises(ValueError, match="eos_id 49407 is not an index of the 400-entry vocabulary"):
+    with pytest.raises(ValueError, match="eos_id 49407 is not exactly one row of the 400-entry vocabulary"):
         beam_search(model, images, vocabulary=vocabulary)
+    with pytest.raises(ValueError, match=r"token_ids has shape \(3,\), expected \(400,\)"):
+        beam_search(model, images, vocabulary=vocabulary, token_ids=torch.arange(3))
 
 
 def test_caption_api_returns_strings():

@@ -161,7 +161,6 @@ def run_captioning(model: UniPerceiver, batches: Iterable[Batch], *, beam_size: 
     model.eval()
     tokenizer = get_tokenizer()
     predictions, references = {}, {}
-    eos = EOT_ID
     with autocast(device, precision):
         if vocab_ids is None:
             vocabulary = model.vocabulary_features()
@@ -169,7 +168,6 @@ def run_captioning(model: UniPerceiver, batches: Iterable[Batch], *, beam_size: 
             vocab_ids = torch.cat([vocab_ids.cpu(), torch.tensor([EOT_ID])]).unique()
             pairs = torch.stack([vocab_ids, torch.full_like(vocab_ids, EOT_ID)], dim=1)
             vocabulary = model.encode_text(pairs.to(device), routing=VOCABULARY)
-            eos = int((vocab_ids == EOT_ID).nonzero())
         for batch in batches:
             video = "videos" in batch
             inputs = _to(batch, "videos" if video else "images", device)
@@ -177,9 +175,8 @@ def run_captioning(model: UniPerceiver, batches: Iterable[Batch], *, beam_size: 
                 views = int(batch["num_views"])
                 inputs = inputs[views // 2::views]
             result = beam_search(model, inputs, beam_size=beam_size, max_len=max_len, len_penalty=len_penalty,
-                                 vocabulary=vocabulary, eos_id=eos)
-            tokens = result.tokens.cpu() if vocab_ids is None else vocab_ids[result.tokens.cpu()]
-            for key, caption, refs in zip(batch["keys"], tokenizer.decode_batch(tokens),
+                                 vocabulary=vocabulary, token_ids=vocab_ids)
+            for key, caption, refs in zip(batch["keys"], tokenizer.decode_batch(result.tokens.cpu()),
                                           batch["captions"], strict=True):
                 predictions[key], references[key] = caption, list(refs)
     metrics = caption_metrics(predictions, references)

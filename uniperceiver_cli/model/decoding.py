@@ -75,7 +75,7 @@ class _Stepper:
 @torch.inference_mode()
 def beam_search(model: UniPerceiver, inputs: torch.Tensor, *, beam_size: int = 2, max_len: int = 21,
                 eos_id: int = EOT_ID, len_penalty: float = 0.0, vocabulary: torch.Tensor | None = None,
-                use_cache: bool = True, keep_logits: bool = False) -> Captions:
+                token_ids: torch.Tensor | None = None, use_cache: bool = True, keep_logits: bool = False) -> Captions:
     """Generate captions for images (B, 3, H, W) or videos (B, T, 3, H, W).
 
     At each step the query scores the vocabulary (cosine x caption temperature); log-softmax scores are
@@ -83,20 +83,31 @@ def beam_search(model: UniPerceiver, inputs: torch.Tensor, *, beam_size: int = 2
     emitted ``eos_id`` continues only with it, at unchanged score. The best beam is chosen by score,
     divided by (non-EOS tokens + 1) ** len_penalty when ``len_penalty`` > 0. Special tokens are not
     masked, as in the reference.
+
+    ``vocabulary`` (V, D) defaults to the whole vocabulary's features, row i being token i. A restricted
+    target set passes its features and ``token_ids`` (V,), the token id of each row: the chosen rows are
+    fed back as those tokens, and ``Captions.tokens`` holds token ids either way.
     """
     if beam_size < 1 or max_len < 1:
         raise ValueError("beam_size and max_len must be at least 1")
     video = inputs if inputs.dim() == 5 else inputs[:, None]
     vocab = model.vocabulary_features() if vocabulary is None else vocabulary
     b, v, device = video.shape[0], vocab.shape[0], video.device
-    if not 0 <= eos_id < v:
-        raise ValueError(f"eos_id {eos_id} is not an index of the {v}-entry vocabulary")
+    if token_ids is None:
+        token_ids = torch.arange(v, device=device)
+    elif token_ids.shape != (v,):
+        raise ValueError(f"token_ids has shape {tuple(token_ids.shape)}, expected ({v},): one id per vocabulary row")
+    token_ids = token_ids.to(device)
+    eos_rows = (token_ids == eos_id).nonzero()
+    if len(eos_rows) != 1:
+        raise ValueError(f"eos_id {eos_id} is not exactly one row of the {v}-entry vocabulary")
+    eos_row = int(eos_rows[0])
     stepper = _Stepper(model, video, use_cache)
     words = torch.zeros(b, 0, dtype=torch.long, device=device)
     logprobs = torch.zeros(b, 0, device=device)
     scores = torch.zeros(b, device=device)
     eos_only = torch.full((v,), float("-inf"), device=device)
-    eos_only[eos_id] = 0.0
+    eos_only[eos_row] = 0.0
     result = Captions(words, logprobs, scores)
     for t in range(max_len):
         hidden = stepper.query(words)
@@ -109,9 +120,10 @@ def beam_search(model: UniPerceiver, inputs: torch.Tensor, *, beam_size: int = 2
         beams = 1 if t == 0 else beam_size
         candidates = (scores[:, None] + logp).view(b, beams * v)
         top, index = candidates.topk(min(beam_size, beams * v), dim=1)  # (B, K)
-        beam, word = index // v, index % v
+        beam, row = index // v, index % v
+        word = token_ids[row]
         rows = (torch.arange(b, device=device)[:, None] * beams + beam).flatten()
-        chosen = logp[rows, word.flatten()]
+        chosen = logp[rows, row.flatten()]
         words = torch.cat([words[rows], word.flatten()[:, None]], dim=1)
         logprobs = torch.cat([logprobs[rows], chosen[:, None]], dim=1)
         scores = top.flatten()

@@ -205,6 +205,8 @@ def train(recipe: Recipe, run_dir: Path, *, resume: str | None = None, ctx: Cont
     if ctx.main:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     seed_everything(spec.seed)
+    if spec.threads is not None:
+        torch.set_num_threads(spec.threads)
     model = build_model(recipe)
     tasks = {t.name: TrainTask.build(t, data_root) for t in recipe.tasks}
     if recipe.engine.kind == "deepspeed":

@@ -49,7 +49,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model: nn.Module, spec: TrainSpec) -> torch.optim.AdamW:
     return torch.optim.AdamW(param_groups(model, spec.weight_decay), lr=spec.lr, betas=tuple(spec.betas),
-                             eps=spec.eps)
+                             eps=spec.eps, fused=True)
 
 
 def warmup_cosine(step: int, spec: TrainSpec) -> float:

@@ -84,7 +84,8 @@ class TrainSpec:
     log_every: int = 10
     checkpoint_every: int = 0  # 0: only the final bundle
     keep_checkpoints: int = 2
-    num_workers: int = 0
+    num_workers: int = 0  # data-loader worker processes per task
+    threads: int | None = None  # torch compute threads in each training process (None: torch's default)
 
 
 @dataclass(config=STRICT)
