@@ -53,7 +53,8 @@ ROTATING_SHAPES = ("square", "triangle", "star", "cross", "heart", "diamond")  #
 SPLIT_COUNTS = {
     "tiny": {"images/train": 64, "images/val": 32, "images/test": 32, "videos/train": 24, "videos/val": 12,
              "videos/test": 12, "text/train": 64, "text/val": 16},
-    "default": {"images/train": 8000, "images/val": 500, "images/test": 1000, "videos/train": 2000,
+    # 32,000 training images: the tiny demo model overfits 8,000 (shape: 94% train, 82% test accuracy).
+    "default": {"images/train": 32000, "images/val": 500, "images/test": 1000, "videos/train": 2000,
                 "videos/val": 250, "videos/test": 500, "text/train": 10000, "text/val": 500},
 }
 TASKS = {
@@ -417,7 +418,7 @@ def _conversion(name: str, count: int, *, seed: int, image_size: int, num_frames
 
 
 def _summary(size: str, seed: int, image_size: int, num_frames: int) -> dict[str, Any]:
-    return {"dataset": DATASET, "version": 1, "seed": seed, "size": size, "image_size": image_size,
+    return {"dataset": DATASET, "version": 2, "seed": seed, "size": size, "image_size": image_size,
             "num_frames": num_frames, "splits": SPLIT_COUNTS[size],
             "label_sets": {"shape": list(SHAPES), "colour": list(COLOURS), "motion": list(MOTIONS)},
             "training_tasks": TRAINING_TASKS, "zero_shot_tasks": ZERO_SHOT_TASKS}
