@@ -74,8 +74,12 @@ def test_prompt_tuning_trains_only_prompts_and_finetuning_everything(toyworld, t
     assert not torch.equal(tuned["blocks.0.attn.qkv.weight"], start["blocks.0.attn.qkv.weight"])
 
 
-def test_run_directory_contents(toyworld, tmp_path):
-    recipe = _recipe(toyworld, steps=4, checkpoint_every=1, keep_checkpoints=2).to_dict()
+def test_run_directory_contents(toyworld, tmp_path, monkeypatch):
+    calls = []
+    set_threads = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append(n), set_threads(n)))
+    before = torch.get_num_threads()
+    recipe = _recipe(toyworld, steps=4, checkpoint_every=1, keep_checkpoints=2, threads=1).to_dict()
     recipe["evaluation"] = {"tasks": [{"name": "shape", "type": "image_classification", "data": "images/test",
                                        "label_set": "shape"}]}
     run = tmp_path / "run"
@@ -87,3 +91,4 @@ def test_run_directory_contents(toyworld, tmp_path):
     assert 0 <= summary["results"]["shape"]["acc@1"] <= 100
     records = _losses(run)
     assert [r["step"] for r in records] == [1, 2, 3, 4] and all("lr" in r for r in records)
+    assert calls == [1, before] and torch.get_num_threads() == before  # train.threads only while training

@@ -192,10 +192,28 @@ def find_resume(run_dir: Path, resume: str | None) -> Path | None:
     return path
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int | None):  # noqa: ANN201
+    """Run the block with ``threads`` torch compute threads (None: leave the setting), then restore it."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def train(recipe: Recipe, run_dir: Path, *, resume: str | None = None, ctx: Context | None = None,
           stop_after: int | None = None) -> Path:
     """Run a recipe; returns the final bundle's folder. ``stop_after`` ends early after that many steps (as if
-    interrupted), leaving the checkpoints to resume from."""
+    interrupted), leaving the checkpoints to resume from. ``train.threads`` applies only while it runs."""
+    with torch_threads(recipe.train.threads):
+        return _train(recipe, run_dir, resume=resume, ctx=ctx, stop_after=stop_after)
+
+
+def _train(recipe: Recipe, run_dir: Path, *, resume: str | None, ctx: Context | None,
+           stop_after: int | None) -> Path:
     ctx = ctx or Context()
     if resume is None and (run_dir / "metrics.jsonl").exists():
         raise ValueError(f"{run_dir} already holds a run: pass --resume auto to continue it, or another --run-dir")
@@ -205,8 +223,6 @@ def train(recipe: Recipe, run_dir: Path, *, resume: str | None = None, ctx: Cont
     if ctx.main:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     seed_everything(spec.seed)
-    if spec.threads is not None:
-        torch.set_num_threads(spec.threads)
     model = build_model(recipe)
     tasks = {t.name: TrainTask.build(t, data_root) for t in recipe.tasks}
     if recipe.engine.kind == "deepspeed":
