@@ -121,6 +121,10 @@ def _bad_model(data: dict) -> None:
     data["model"]["overrides"]["image_size"] = 65
 
 
+def _no_threads(data: dict) -> None:
+    data["train"]["threads"] = 0
+
+
 def _repeated_task(data: dict) -> None:
     data["tasks"][1]["name"] = data["tasks"][0]["name"]
 
@@ -131,6 +135,7 @@ def _repeated_task(data: dict) -> None:
     (_missing_key, "stage: Field required"),
     (_bad_model, "model: image_size 65 is not a multiple of patch_size 16"),
     (_repeated_task, "tasks: repeated task name(s) shape_classification"),
+    (_no_threads, "train.threads: Input should be greater than 0"),
 ])
 def test_validate_names_the_key_of_a_malformed_recipe(tmp_path: Path, change, expected: str):
     data = _toy()

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import ConfigDict, TypeAdapter, ValidationError
+from pydantic import ConfigDict, PositiveInt, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 
 from uniperceiver_cli.model.config import get_config
@@ -85,7 +85,7 @@ class TrainSpec:
     checkpoint_every: int = 0  # 0: only the final bundle
     keep_checkpoints: int = 2
     num_workers: int = 0  # data-loader worker processes per task
-    threads: int | None = None  # torch compute threads in each training process (None: torch's default)
+    threads: PositiveInt | None = None  # torch compute threads in each training process (None: torch's default)
 
 
 @dataclass(config=STRICT)
