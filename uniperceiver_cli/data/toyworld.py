@@ -452,7 +452,8 @@ def generate(out: str | Path, *, size: str = "default", seed: int = 0, image_siz
     summary = _summary(size, seed, image_size, num_frames)
     path = out / SUMMARY
     if path.exists() and json.loads(path.read_text()) != summary:
-        raise ValueError(f"{out} holds a ToyWorld drawn with other settings; use an empty folder")
+        raise ValueError(f"{out} holds a ToyWorld drawn with other settings or by an older version; "
+                         "delete it or use an empty folder")
     out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(summary, indent=2) + "\n")  # first, so a resumed run checks its settings
     return {name: _conversion(name, count, seed=seed, image_size=image_size, num_frames=num_frames)
