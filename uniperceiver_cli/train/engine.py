@@ -14,6 +14,7 @@ import random
 import shutil
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -193,7 +194,7 @@ def find_resume(run_dir: Path, resume: str | None) -> Path | None:
 
 
 @contextlib.contextmanager
-def torch_threads(threads: int | None):  # noqa: ANN201
+def _torch_threads(threads: int | None) -> Iterator[None]:
     """Run the block with ``threads`` torch compute threads (None: leave the setting), then restore it."""
     before = torch.get_num_threads()
     if threads is not None:
@@ -208,7 +209,7 @@ def train(recipe: Recipe, run_dir: Path, *, resume: str | None = None, ctx: Cont
           stop_after: int | None = None) -> Path:
     """Run a recipe; returns the final bundle's folder. ``stop_after`` ends early after that many steps (as if
     interrupted), leaving the checkpoints to resume from. ``train.threads`` applies only while it runs."""
-    with torch_threads(recipe.train.threads):
+    with _torch_threads(recipe.train.threads):
         return _train(recipe, run_dir, resume=resume, ctx=ctx, stop_after=stop_after)
 
 
