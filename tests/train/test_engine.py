@@ -5,15 +5,15 @@ import os
 import tarfile
 
 import pytest
-import webdataset as wds
 import torch
+import webdataset as wds
 from safetensors.torch import load_file
 
 from uniperceiver_cli.data.toyworld import generate
 from uniperceiver_cli.train.engine import Context, SingleEngine, build_model, train
 from uniperceiver_cli.train.optim import build_optimizer, build_scheduler
-from uniperceiver_cli.train.tasks import TrainTask, vocabulary_of
 from uniperceiver_cli.train.recipe import validate
+from uniperceiver_cli.train.tasks import TrainTask, vocabulary_of
 
 TASKS = [
     {"name": "shape", "type": "image_classification", "data": "images/train", "label_set": "shape",
@@ -123,7 +123,7 @@ def test_sparse_word_gradient_steps_like_dense(toyworld):
         optimizer.zero_grad()
     # Adam turns a rounding difference in a near-zero gradient into up to lr-sized steps: compare to 1e-4 (lr 1e-3)
     for (name, a), b in zip(dense_model.state_dict().items(), sparse_model.state_dict().values(), strict=True):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_corpus_vocabulary_is_every_caption_token_read_once_per_process(toyworld, monkeypatch):
