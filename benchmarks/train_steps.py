@@ -30,12 +30,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     recipe = load_recipe(args.recipe)
     root = Path(recipe.data_root)
+    image_size = build_model(recipe).config.image_size
     print(f"recipe={args.recipe} threads={args.threads} steps={args.steps} torch={torch.__version__}")
     print(f"{'task':<24}{'batch':>6}{'dense ms':>10}{'sparse ms':>11}{'speed-up':>10}")
     for spec in recipe.tasks:
         task = TrainTask.build(spec, root)
         loader = make_loader(task.directory, task=spec.type, batch_size=spec.batch_size, train=True,
-                             image_size=recipe.model.overrides.get("image_size", 224), num_frames=spec.num_frames,
+                             image_size=image_size, num_frames=spec.num_frames,
                              max_text_len=spec.max_text_len, epochs=None, label_set=spec.label_set,
                              augment=spec.augment, frame_stride=spec.frame_stride)
         batches = list(itertools.islice(iter(loader), 4))

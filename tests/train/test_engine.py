@@ -100,7 +100,7 @@ def test_run_directory_contents(toyworld, tmp_path, monkeypatch):
 
 
 def test_sparse_word_gradient_steps_like_dense(toyworld):
-    """The engine's sparse word-table gradients (added into one kept buffer) step exactly as dense ones."""
+    """The engine's sparse word-table gradients (added into one kept buffer) step as dense ones, to rounding."""
     recipe = _recipe(toyworld, steps=3, warmup_steps=0)
     torch.manual_seed(0)
     dense_model = build_model(recipe)
