@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from uniperceiver_cli.checkpoints import CheckpointError
 from uniperceiver_cli.train.engine import Context
 from uniperceiver_cli.train.optim import build_optimizer, build_scheduler
 from uniperceiver_cli.train.recipe import Recipe
@@ -51,7 +52,6 @@ CLIENT_KEY = "uniperceiver"  # the loop's own state (step, consumed samples, RNG
 DEFAULT_PORT = 29500
 FP16_INITIAL_SCALE_POWER = 13  # the reference's GradScaler: initial scale 2**13, growth every 200 steps
 FP16_LOSS_SCALE_WINDOW = 200
-DIST_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 # ------------------------------------------------------------------------------------------------- launchers
@@ -185,6 +185,9 @@ def deepspeed_config(recipe: Recipe, world_size: int) -> dict[str, Any]:
         if clash:
             raise ValueError(f"engine.deepspeed_config: {path} sets {' and '.join(clash)}; the recipe's train "
                              "section sets the optimizer and schedule, remove them from the JSON")
+        if isinstance(config.get("checkpoint"), dict) and config["checkpoint"].get("load_universal"):
+            raise ValueError(f"engine.deepspeed_config: {path} sets checkpoint.load_universal, whose loader "
+                             "unpickles files with weights_only=False (a planted file could run code); remove it")
     config = copy.deepcopy(config)
     spec = recipe.train
     # The loop feeds its own batches (one task's batch per micro-step, each task with its own batch_size per
@@ -207,6 +210,22 @@ def deepspeed_config(recipe: Recipe, world_size: int) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------- engine
+
+
+def safe_load(path: str, map_location: Any = None) -> Any:
+    """One file of a DeepSpeed checkpoint, loaded with ``weights_only=True``: tensors, plain containers and the
+    few DeepSpeed classes its ZeRO optimizer states hold (plain records: a loss scaler, a ZeRO stage enum, a
+    fragment address). Anything else in the file is refused without running it."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    try:
+        with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot resume from {path}: truncated, corrupt or unsafe ({reason})") from None
 
 
 @contextlib.contextmanager
@@ -271,6 +290,9 @@ class DeepSpeedEngine:
             elif "step" in state:
                 state["step"] = 0
         self.model = self.engine.module
+        # Every checkpoint file DeepSpeed reads goes through its checkpoint engine's load(); its own unpickles
+        # with weights_only=False. Ours is the same call, but only tensors and plain data are accepted.
+        self.engine.checkpoint_engine.load = safe_load
 
     def backward(self, loss: torch.Tensor) -> None:
         """Gradients of ``loss / accumulation``, averaged over the processes at the accumulation boundary."""

@@ -8,12 +8,13 @@ of it, clips and steps. Single-process runs use plain PyTorch; ``engine: deepspe
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import random
 import shutil
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from rich.console import Console
+from rich.markup import escape
 
 from uniperceiver_cli.checkpoints import CheckpointError, load_checkpoint, save_bundle
 from uniperceiver_cli.data.loader import make_loader
@@ -33,7 +36,10 @@ from uniperceiver_cli.train.optim import build_optimizer, build_scheduler, freez
 from uniperceiver_cli.train.recipe import Recipe
 from uniperceiver_cli.train.tasks import TrainTask
 
+err_console = Console(stderr=True)
+
 STATE_FILE = "state.pt"
+LOCK_FILE = ".lock"  # held (flock) by the process training into a run directory
 
 
 @dataclass
@@ -65,13 +71,34 @@ def build_model(recipe: Recipe) -> UniPerceiver:
 
 
 def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """The global RNGs as tensors and plain values, so a checkpoint loads with ``weights_only=True``."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy = {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+             "gauss": float(gauss)}
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy}
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy = state["numpy"]
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
+                         numpy["gauss"]))
+
+
+def load_state_file(path: Path) -> dict[str, Any]:
+    """A training-state file (``state.pt``) loaded without running pickled code: only tensors and plain
+    containers are accepted (``weights_only=True``), so a planted file cannot execute anything."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot resume from {path}: truncated, corrupt or unsafe ({reason})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"cannot resume from {path}: not a training state")
+    return state
 
 
 def seed_everything(seed: int) -> None:
@@ -146,11 +173,16 @@ class SingleEngine:
         torch.save(state, directory / STATE_FILE)
 
     def load(self, directory: Path) -> dict[str, Any]:
-        state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=False)
-        self.model.load_state_dict(state.pop("model"))
-        self.optimizer.load_state_dict(state.pop("optimizer"))
-        self.scheduler.load_state_dict(state.pop("scheduler"))
-        self.scaler.load_state_dict(state.pop("scaler"))
+        path = directory / STATE_FILE
+        state = load_state_file(path)
+        try:
+            self.model.load_state_dict(state.pop("model"))
+            self.optimizer.load_state_dict(state.pop("optimizer"))
+            self.scheduler.load_state_dict(state.pop("scheduler"))
+            self.scaler.load_state_dict(state.pop("scaler"))
+        except (KeyError, RuntimeError, ValueError) as e:
+            reason = " ".join(str(e).split())[:300]
+            raise CheckpointError(f"cannot resume from {path}: it does not fit this run ({reason})") from None
         return state
 
 
@@ -169,11 +201,11 @@ class RunLog:
         if enabled:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self.progress = Progress(TextColumn("[bold]{task.fields[task]}"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("loss {task.fields[loss]}  {task.fields[rate]} samples/s"),
-                                     TimeRemainingColumn())
+            self.progress = Progress(TextColumn("[bold]step"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[loss]}  {task.fields[rate]} samples/s"),
+                                     TimeRemainingColumn(), console=err_console)
             self.progress.start()
-            self.bar = self.progress.add_task("train", total=total, task="", loss="", rate="")
+            self.bar = self.progress.add_task("train", total=total, loss="", rate="")
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -185,9 +217,9 @@ class RunLog:
             if isinstance(value, (int, float)) and key != "step":
                 self.writer.add_scalar(key, value, step)
 
-    def advance(self, step: int, task: str, loss: str, rate: str) -> None:
+    def advance(self, step: int, loss: str, rate: str) -> None:
         if self.progress is not None:
-            self.progress.update(self.bar, completed=step, task=task, loss=loss, rate=rate)
+            self.progress.update(self.bar, completed=step, loss=loss, rate=rate)
 
     def close(self) -> None:
         if self.enabled:
@@ -225,17 +257,129 @@ def _torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+class TrainingStopped(ValueError):
+    """The run produced a non-finite loss, gradient or weight; the message is one line naming the step."""
+
+
+class RunDirBusy(ValueError):
+    """Another live process is training into the same run directory."""
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path, ctx: Context) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``run_dir/.lock`` while the run lasts (main process; the others learn the
+    outcome by a broadcast). The kernel drops the lock when its process dies, so a killed run leaves nothing that
+    blocks ``--resume auto``; the file only records the holder's pid for the message."""
+    fd, error = None, ""
+    if ctx.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            fd = None
+            error = (f"{run_dir} is in use by another run (process {holder}); wait for it to end "
+                     "or pass another --run-dir")
+        else:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+    if ctx.world_size > 1:
+        busy = torch.tensor([float(bool(error))], device=ctx.device)
+        torch.distributed.broadcast(busy, 0)
+        error = error or (f"{run_dir} is in use by another run" if busy.item() else "")
+    if error:
+        raise RunDirBusy(error)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+
 def train(recipe: Recipe, run_dir: Path, *, resume: str | None = None, ctx: Context | None = None,
           stop_after: int | None = None) -> Path:
     """Run a recipe; returns the final bundle's folder. ``stop_after`` ends early after that many steps (as if
-    interrupted), leaving the checkpoints to resume from. ``train.threads`` applies only while it runs."""
-    with _torch_threads(recipe.train.threads):
+    interrupted), leaving the checkpoints to resume from. ``train.threads`` applies only while it runs.
+
+    Raises:
+        RunDirBusy: another process is training into ``run_dir``.
+        TrainingStopped: a loss, gradient norm or weight became non-finite; the last good checkpoint stays and
+            no ``final/`` is written.
+    """
+    ctx = ctx or Context()
+    with _torch_threads(recipe.train.threads), run_lock(run_dir, ctx):
         return _train(recipe, run_dir, resume=resume, ctx=ctx, stop_after=stop_after)
 
 
-def _train(recipe: Recipe, run_dir: Path, *, resume: str | None, ctx: Context | None,
+class _Watch:
+    """What the loop collects between checks: each micro-batch's loss (with its step and task) and each step's
+    gradient norm, as device tensors. :meth:`check` syncs with the host once, at logging and before every save."""
+
+    def __init__(self, check_norms: bool) -> None:
+        self.losses: list[tuple[int, str, torch.Tensor]] = []
+        self.norms: list[tuple[int, torch.Tensor]] = []
+        self.check_norms = check_norms  # fp16's loss scaler skips inf-gradient steps by design
+
+    def check(self, ctx: Context, run_dir: Path) -> None:
+        values = [loss for _, _, loss in self.losses] + [norm for _, norm in self.norms if self.check_norms]
+        bad = (~torch.isfinite(torch.stack(values).float())).any().float() if values else torch.zeros(())
+        if ctx.world_size > 1:
+            bad = bad.to(ctx.device)
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        if bad.item():
+            where = next((f"step {step}: the {task} loss is {loss.item()}" for step, task, loss in self.losses
+                          if not torch.isfinite(loss)), None)
+            where = where or next((f"step {step}: the gradient norm is {norm.item()}" for step, norm in self.norms
+                                   if not torch.isfinite(norm)), "a non-finite loss on another process")
+            raise TrainingStopped(f"{where}; training stopped. {_last_good(run_dir)}")
+        self.losses.clear()
+        self.norms.clear()
+
+
+def _last_good(run_dir: Path) -> str:
+    found = _checkpoints(run_dir)
+    if not found:
+        return "No checkpoint was written; nothing to resume."
+    return f"The last good checkpoint is {found[-1]} (lower train.lr and pass --resume auto to continue from it)."
+
+
+def _check_weights(model: torch.nn.Module, step: int, run_dir: Path) -> None:
+    names, params = zip(*model.named_parameters(), strict=True)
+    finite = torch.stack([torch.isfinite(p).all() for p in params]).tolist()  # one host sync
+    bad = [name for name, ok in zip(names, finite, strict=True) if not ok]
+    if bad:
+        raise TrainingStopped(f"step {step}: {len(bad)} weight tensor(s) are not finite ({', '.join(bad[:3])}); "
+                              f"training stopped. {_last_good(run_dir)}")
+
+
+def _skip_totals(loaders: dict[str, Any], ctx: Context) -> dict[str, int]:
+    """Samples skipped so far per task (undecodable members, unreadable shards), summed over the processes."""
+    totals = torch.tensor([float(sum(loader.skipped.values())) for loader in loaders.values()])
+    if ctx.world_size > 1:
+        totals = totals.to(ctx.device)
+        torch.distributed.all_reduce(totals)
+    return dict(zip(loaders, (int(v) for v in totals.tolist()), strict=True))
+
+
+def _skip_reasons(loaders: dict[str, Any], ctx: Context) -> dict[str, dict[str, int]]:
+    """Per task, the skip counts by reason over every process (for the end-of-run summary)."""
+    local = {name: dict(loader.skipped) for name, loader in loaders.items()}
+    if ctx.world_size == 1:
+        return {name: counts for name, counts in local.items() if counts}
+    gathered: list[Any] = [None] * ctx.world_size
+    torch.distributed.all_gather_object(gathered, local)
+    merged: dict[str, Counter[str]] = defaultdict(Counter)
+    for part in gathered:
+        for name, counts in part.items():
+            merged[name].update(counts)
+    return {name: dict(counts) for name, counts in merged.items() if counts}
+
+
+def _train(recipe: Recipe, run_dir: Path, *, resume: str | None, ctx: Context,
            stop_after: int | None) -> Path:
-    ctx = ctx or Context()
     if resume is None and (run_dir / "metrics.jsonl").exists():
         raise ValueError(f"{run_dir} already holds a run: pass --resume auto to continue it, or another --run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -274,6 +418,7 @@ def _train(recipe: Recipe, run_dir: Path, *, resume: str | None, ctx: Context | 
     if client:
         generator.set_state(client["generator"])
     log = RunLog(run_dir, spec.steps, ctx.main)
+    watch = _Watch(check_norms=spec.precision != "fp16")
     sums: dict[str, list[torch.Tensor]] = defaultdict(list)
     samples, tic = 0, time.perf_counter()
     end = spec.steps if stop_after is None else min(spec.steps, start + stop_after)
@@ -288,10 +433,18 @@ def _train(recipe: Recipe, run_dir: Path, *, resume: str | None, ctx: Context | 
                 engine.backward(loss)
                 engine.micro_step()
                 sums[f"{name}/loss"].append(loss.detach())
+                watch.losses.append((step, name, loss.detach()))
                 for key, value in metrics.items():
                     sums[f"{name}/{key}"].append(value.detach())
                 samples += len(batch["keys"])
-            engine.step()
+            norm = engine.step()
+            if norm is not None:
+                norm = torch.as_tensor(norm).detach().float()
+                sums["grad_norm"].append(norm)
+                watch.norms.append((step, norm))
+            checkpointing = bool(spec.checkpoint_every and step % spec.checkpoint_every == 0)
+            if step % spec.log_every == 0 or step == end or checkpointing:
+                watch.check(ctx, run_dir)
             if step % spec.log_every == 0 or step == end:
                 rate = samples * ctx.world_size / (time.perf_counter() - tic)
                 means = torch.stack([torch.stack(v).float().mean() for v in sums.values()])
@@ -299,25 +452,34 @@ def _train(recipe: Recipe, run_dir: Path, *, resume: str | None, ctx: Context | 
                     torch.distributed.all_reduce(means)
                     means /= ctx.world_size
                 record = {"step": step, "lr": engine.lr(), "samples_per_s": rate,
-                          **dict(zip(sums, means.tolist(), strict=True))}
+                          **dict(zip(sums, means.tolist(), strict=True)),
+                          **{f"{n}/skipped": v for n, v in _skip_totals(loaders, ctx).items()}}
                 log.write(record)
                 losses = [v for k, v in record.items() if k.endswith("/loss")]
-                log.advance(step, name, f"{sum(losses) / max(1, len(losses)):.3f}", f"{rate:.0f}")
+                log.advance(step, f"mean loss of {len(losses)} task(s) {sum(losses) / max(1, len(losses)):.3f}",
+                            f"{rate:.0f}")
                 sums.clear()
                 samples, tic = 0, time.perf_counter()
-            if spec.checkpoint_every and step % spec.checkpoint_every == 0:
+            if checkpointing:
+                _check_weights(engine.model, step, run_dir)
                 _save_checkpoint(engine, run_dir, step, consumed, generator, spec.keep_checkpoints, ctx)
             if recipe.evaluation.every and step % recipe.evaluation.every == 0 and step != spec.steps and ctx.main:
                 _evaluate(engine.model, recipe, run_dir / "eval" / f"step-{step}", log, step)
                 model.train()
+        _check_weights(engine.model, end, run_dir)
         if stop_after is not None and end < spec.steps:
             _save_checkpoint(engine, run_dir, end, consumed, generator, spec.keep_checkpoints, ctx)
             return run_dir
     finally:
         log.close()
+    skipped = _skip_reasons(loaders, ctx)
     final = run_dir / "final"
     if ctx.main:
-        save_bundle(engine.model, final)
+        for name, counts in skipped.items():
+            reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items()))
+            err_console.print(f"[yellow]skipped while training:[/yellow] {name}: {sum(counts.values())} sample(s) "
+                              f"({escape(reasons)})", highlight=False, soft_wrap=True)
+        save_bundle(TrainTask.record_targets(engine.model, tasks.values()), final)
         if recipe.evaluation.tasks:
             _evaluate(engine.model, recipe, run_dir / "eval" / "final", None, spec.steps)
     return final
