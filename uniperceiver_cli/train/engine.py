@@ -276,12 +276,17 @@ def run_lock(run_dir: Path, ctx: Context) -> Iterator[None]:
         fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             fd = None
             error = (f"{run_dir} is in use by another run (process {holder}); wait for it to end "
                      "or pass another --run-dir")
+        except OSError as e:  # a file system without locks (Lustre mounted without -o flock): warn, go on
+            os.close(fd)
+            fd = None
+            err_console.print(f"[yellow]warning:[/yellow] cannot lock {escape(str(run_dir))} ({e.strerror}); "
+                              "nothing stops a second run into it", highlight=False, soft_wrap=True)
         else:
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
