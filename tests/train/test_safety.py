@@ -262,3 +262,4 @@ def test_skipped_samples_are_counted_per_task(data_root: Path, tmp_path: Path, c
     assert all(r["grad_norm"] > 0 for r in _records(run))
     err = capfd.readouterr().err
     assert f"skipped while training: cls: {counts[-1]} sample(s) (undecodable image {counts[-1]})" in err
+    assert "mean loss of 1 task(s)" in err  # the progress line says what its loss is (no task name beside it)
