@@ -251,3 +251,12 @@ def test_decode_matches_open_clip(tok: Tokenizer, open_clip_tok: SimpleTokenizer
     rows += [tok.encode("Zürich 東京 😀 naïve", add_eot=False)]
     for row, text in zip(rows, tok.decode_batch(rows), strict=True):
         assert text == tok.decode(row) == open_clip_tok.decode(row).strip()
+
+
+def test_decode_can_drop_incomplete_characters(tok: Tokenizer) -> None:
+    ids = tok.encode("a 東京 dog", add_eot=False)
+    assert tok.decode(ids, errors="ignore") == tok.decode(ids) == "a 東京 dog"
+    split = [*ids[:2], *ids[3:]]  # the first two bytes of 京 left out: its last one is not UTF-8 alone
+    assert tok.decode(split) == "a 東\ufffd dog"  # as the reference decodes
+    assert tok.decode(split, errors="ignore") == "a 東 dog"
+    assert tok.decode_batch([split, ids], errors="ignore") == ["a 東 dog", "a 東京 dog"]

@@ -21,7 +21,7 @@ from pathlib import Path
 import ftfy
 import regex
 import torch
-from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
+from tokenizers import AddedToken, Regex, pre_tokenizers
 from tokenizers import Tokenizer as _Backend
 from tokenizers.models import BPE
 
@@ -82,7 +82,6 @@ def _build_backend(bpe_path: Path) -> _Backend:
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
-    backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in _TEXT_SPECIALS])
     return backend
 
@@ -202,35 +201,43 @@ class Tokenizer:
             raise ValueError(f"token ids must lie in [0, {self.vocab_size})")
         return [i for i in ids if i < SOT_ID]
 
-    def decode(self, ids: Sequence[int] | torch.Tensor, *, stop_at_eot: bool = True) -> str:
+    @functools.cached_property
+    def _token_bytes(self) -> list[bytes]:
+        # The bytes of every non-special id; "</w>" stays as its four ASCII bytes, as in CLIP's decoder.
+        byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+        return [bytes(byte_of[c] for c in self._backend.id_to_token(i)) for i in range(SOT_ID)]
+
+    def decode(self, ids: Sequence[int] | torch.Tensor, *, stop_at_eot: bool = True, errors: str = "replace") -> str:
         """Turns BPE ids back into text, as CLIP's decoder does (``</w>`` becomes a space).
 
         Args:
             ids: Token ids, a sequence or a 1-D tensor.
             stop_at_eot: Cut the ids at the first ``EOT_ID``.
+            errors: What becomes of bytes that are not valid UTF-8 (byte tokens can split a character):
+                "replace" turns them into U+FFFD, as the reference does; "ignore" drops them, for generated
+                text, where a caption may end or jump in the middle of a character.
 
         Returns:
-            The text without special tokens, stripped. Invalid UTF-8 byte sequences become U+FFFD.
+            The text without special tokens, stripped.
         """
-        text = self._backend.decode(self._decodable(ids, stop_at_eot), skip_special_tokens=False)
-        return text.replace("</w>", " ").strip()
+        data = b"".join(self._token_bytes[i] for i in self._decodable(ids, stop_at_eot))
+        return data.decode("utf-8", errors=errors).replace("</w>", " ").strip()
 
-    def decode_batch(self, ids: Sequence[Sequence[int]] | torch.Tensor, *, stop_at_eot: bool = True) -> list[str]:
+    def decode_batch(self, ids: Sequence[Sequence[int]] | torch.Tensor, *, stop_at_eot: bool = True,
+                     errors: str = "replace") -> list[str]:
         """Decodes several id sequences like ``decode``.
 
         Args:
             ids: A sequence of id sequences, or a 2-D tensor (B, L) whose rows end in EOT or padding.
             stop_at_eot: As in ``decode``; it also drops a row's padding after its EOT.
+            errors: As in ``decode``.
 
         Returns:
             One text per row.
         """
         if isinstance(ids, torch.Tensor) and ids.dim() != 2:
             raise ValueError(f"expected a 2-D tensor of ids, got shape {tuple(ids.shape)}")
-        rows = [self._decodable(row, stop_at_eot) for row in ids]
-        texts = self._backend.decode_batch(rows, skip_special_tokens=False)
-        return [text.replace("</w>", " ").strip() for text in texts]
-
+        return [self.decode(row, stop_at_eot=stop_at_eot, errors=errors) for row in ids]
 
     def word_ends(self) -> torch.Tensor:
         """(vocab_size,) bool: True where a token ends a word (its BPE string ends in ``</w>``, or it is a
