@@ -8,7 +8,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import uniperceiver_cli as up
-from uniperceiver_cli.checkpoints import CheckpointError, load_checkpoint, load_model, save_bundle
+from uniperceiver_cli.checkpoints import (
+    CheckpointError,
+    CheckpointWarning,
+    load_checkpoint,
+    load_model,
+    save_bundle,
+)
 
 SIZE = 32
 
@@ -107,6 +113,82 @@ def test_pickled_code_is_not_executed(tmp_path, capsys):
     with pytest.raises(CheckpointError, match="unsafe"):
         load_model(tmp_path / "evil.pth")
     assert "pickled code ran" not in capsys.readouterr().out
+
+
+
+def _edit_config(path, edit):
+    meta = json.loads((path / "config.json").read_text())
+    edit(meta)
+    (path / "config.json").write_text(json.dumps(meta))
+    return path
+
+
+def test_bundle_records_class_names_and_caption_vocabulary(tmp_path):
+    model = up.create_model("tiny", image_size=SIZE, prompt={"classifier_classes": 3})
+    assert model.class_names is None and model.caption_vocabulary is None
+    model.class_names = ["zebra", "Café", "crane"]
+    model.caption_vocabulary = torch.tensor([320, 1929, 49407])
+    save_bundle(model, tmp_path / "bundle")
+    meta = json.loads((tmp_path / "bundle" / "config.json").read_text(encoding="utf-8"))
+    assert meta["targets"] == {"class_names": ["zebra", "Café", "crane"], "caption_vocabulary": [320, 1929, 49407]}
+    loaded = load_model(tmp_path / "bundle")
+    assert loaded.class_names == model.class_names and loaded.caption_vocabulary.tolist() == [320, 1929, 49407]
+    other = up.create_model(loaded.config)
+    load_checkpoint(other, tmp_path / "bundle")
+    assert other.class_names == model.class_names and other.caption_vocabulary.tolist() == [320, 1929, 49407]
+    load_checkpoint(other, tmp_path / "bundle" / "model.safetensors")  # a weights file records neither
+    assert other.class_names is None and other.caption_vocabulary is None
+    older = _edit_config(tmp_path / "bundle", lambda m: m.pop("targets"))  # written before targets were kept
+    assert load_model(older).class_names is None and load_model(older).caption_vocabulary is None
+
+
+@pytest.mark.parametrize(("targets", "message"), [
+    ({"class_names": ["a", "b"]}, "targets.class_names must list the 3 class names"),
+    ({"class_names": ["a", "b", 3]}, "targets.class_names"),
+    ({"caption_vocabulary": [320, 49411]}, "targets.caption_vocabulary must be a list of token ids in [0, 49411)"),
+    ({"caption_vocabulary": []}, "targets.caption_vocabulary"),
+    ("all of them", "targets must be a mapping"),
+])
+def test_bad_recorded_targets_fail_with_one_line(tmp_path, targets, message):
+    save_bundle(up.create_model("tiny", image_size=SIZE, prompt={"classifier_classes": 3}), tmp_path)
+    _edit_config(tmp_path, lambda m: m.update(targets=targets))
+    with pytest.raises(CheckpointError) as error:
+        load_model(tmp_path)
+    assert message in _one_line(error) and "config.json" in str(error.value)
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("width", -64, "width must be a positive integer, got -64"),
+    ("layers", 0, "layers must be a positive integer, got 0"),
+    ("heads", "2", "heads must be a positive integer, got '2'"),
+    ("prompt", {"classifier_classes": -3}, "does not build a model"),
+])
+def test_invalid_config_values_fail_with_one_line(tmp_path, field, value, message):
+    save_bundle(up.create_model("tiny", image_size=SIZE), tmp_path)
+    _edit_config(tmp_path, lambda m: m["model"].update({field: value}))
+    with pytest.raises(CheckpointError) as error:
+        load_model(tmp_path)
+    assert message in _one_line(error)
+
+
+def test_non_finite_weights_warn_with_their_count(tmp_path, recwarn):
+    def poison(state):
+        state["blocks.0.attn.qkv.weight"][0, 0] = float("nan")
+        state["head.proj.bias"][1] = float("inf")
+
+    path = _bundle(tmp_path, poison)
+    with pytest.warns(CheckpointWarning) as caught:
+        model = load_model(path)
+    message = str(caught[0].message)
+    assert len(caught) == 1 and "\n" not in message
+    assert f"{len(model.state_dict())} tensors hold NaN or infinite values" in message
+    assert message.split(" tensors")[0].endswith(f"2 of {len(model.state_dict())}")
+    assert "blocks.0.attn.qkv.weight, head.proj.bias" in message
+    with pytest.warns(CheckpointWarning, match="2 of"):
+        load_checkpoint(up.create_model("tiny", image_size=SIZE), path)
+    recwarn.clear()
+    load_model(_bundle(tmp_path / "clean", lambda s: None))
+    assert not [w for w in recwarn if w.category is CheckpointWarning]
 
 
 # -------------------------------------------------------------------------- official formats

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message is one line."""
 
 
+class CheckpointWarning(UserWarning):
+    """A checkpoint that loads but is suspect (non-finite weights); the message is one line."""
+
+
 @dataclass
 class LoadReport:
     missing: list[str] = field(default_factory=list)
@@ -64,7 +69,8 @@ class LoadReport:
 
 # ---------------------------------------------------------------------------------------- bundles
 def save_bundle(model: UniPerceiver, directory: str | Path) -> Path:
-    """Write ``model.safetensors`` and ``config.json`` (model config, tokenizer, preprocessing).
+    """Write ``model.safetensors`` and ``config.json`` (model config, tokenizer, preprocessing, and what the
+    weights were trained over: ``model.class_names`` and ``model.caption_vocabulary``).
 
     Each file is written under a temporary name and renamed, so an interrupted save never leaves a
     half-written bundle behind an older one.
@@ -75,6 +81,7 @@ def save_bundle(model: UniPerceiver, directory: str | Path) -> Path:
     tmp = directory / (BUNDLE_WEIGHTS + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": BUNDLE_FORMAT})
     os.replace(tmp, directory / BUNDLE_WEIGHTS)
+    vocabulary = model.caption_vocabulary
     meta = {
         "format": BUNDLE_FORMAT,
         "version": 1,
@@ -83,23 +90,60 @@ def save_bundle(model: UniPerceiver, directory: str | Path) -> Path:
                       "spe_id": SPE_ID},
         "preprocessing": {"image_size": model.config.image_size, "image_mean": IMAGENET_MEAN,
                           "image_std": IMAGENET_STD, "video_mean": VIDEO_MEAN, "video_std": VIDEO_STD},
+        "targets": {"class_names": model.class_names,
+                    "caption_vocabulary": None if vocabulary is None else vocabulary.tolist()},
     }
     tmp = directory / (BUNDLE_CONFIG + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, directory / BUNDLE_CONFIG)
     return directory
 
 
-def _read_bundle(directory: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+@dataclass
+class Targets:
+    """What a bundle's weights were trained over (``config.json`` "targets"); None where not recorded."""
+
+    class_names: list[str] | None = None  # the class of each classifier-prompt (fc_prompt) row
+    caption_vocabulary: torch.Tensor | None = None  # the token ids caption training scored against
+
+    def apply(self, model: UniPerceiver) -> None:
+        """Set them on a model that holds these weights. Class names describe fc_prompt rows, so a model whose
+        classifier has another size (a non-strict load left it out) gets none."""
+        fits = self.class_names is not None and len(self.class_names) == model.config.prompt.classifier_classes
+        model.class_names = list(self.class_names) if fits else None
+        model.caption_vocabulary = self.caption_vocabulary
+
+
+def _read_targets(meta: dict, config: ModelConfig, path: Path) -> Targets:
+    recorded = meta.get("targets") or {}  # bundles written before targets were recorded have none
+    if not isinstance(recorded, dict):
+        raise CheckpointError(f"cannot read {path}: targets must be a mapping")
+    names, vocabulary = recorded.get("class_names"), recorded.get("caption_vocabulary")
+    classes = config.prompt.classifier_classes
+    if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)
+                              or len(names) != classes):
+        raise CheckpointError(f"cannot read {path}: targets.class_names must list the {classes} class names of "
+                              f"the classifier prompt's rows")
+    if vocabulary is not None and (
+            not isinstance(vocabulary, list) or not vocabulary
+            or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < config.vocab_size
+                       for i in vocabulary)):
+        raise CheckpointError(f"cannot read {path}: targets.caption_vocabulary must be a list of token ids "
+                              f"in [0, {config.vocab_size})")
+    return Targets(names, None if vocabulary is None else torch.tensor(vocabulary, dtype=torch.long))
+
+
+def _read_bundle(directory: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Targets]:
     config_path = directory / BUNDLE_CONFIG
     try:
-        meta = json.loads(config_path.read_text())
+        meta = json.loads(config_path.read_text(encoding="utf-8"))
         config = ModelConfig.from_dict(meta["model"])
     except FileNotFoundError as e:
         raise CheckpointError(f"{directory} is not a model bundle: {BUNDLE_CONFIG} is missing") from e
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"cannot read {config_path}: {e}") from e
-    return config, _read_safetensors(directory / BUNDLE_WEIGHTS)
+    targets = _read_targets(meta, config, config_path)
+    return config, _read_safetensors(directory / BUNDLE_WEIGHTS), targets
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -319,8 +363,18 @@ def _apply(model: torch.nn.Module, state: dict[str, torch.Tensor], report: LoadR
         raise CheckpointError(f"checkpoint {path} does not fit the model: {report.summary()}")
     bad = {m.split(":")[0] for m in report.mismatched}
     usable = {k: v for k, v in state.items() if k not in bad and k not in report.unexpected}
+    _warn_non_finite(usable, path)
     model.load_state_dict(usable, strict=False)
     return report
+
+
+def _warn_non_finite(state: dict[str, torch.Tensor], path: Path) -> None:
+    """NaN or infinite weights load without error but make every output meaningless (chance accuracy)."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        warnings.warn(f"checkpoint {path}: {len(bad)} of {len(state)} tensors hold NaN or infinite values "
+                      f"({shown}); the model's outputs will be meaningless", CheckpointWarning, stacklevel=2)
 
 
 def load_checkpoint(model: UniPerceiver, path: str | Path, *, strict: bool = True,
@@ -329,17 +383,22 @@ def load_checkpoint(model: UniPerceiver, path: str | Path, *, strict: bool = Tru
 
     With ``strict`` (the default) any missing, unexpected or mis-shaped key raises a one-line
     :class:`CheckpointError` naming them; otherwise the fitting tensors are loaded and the report says
-    what was left out.
+    what was left out. A bundle also sets what its weights were trained over (``model.class_names``,
+    ``model.caption_vocabulary``); any other file records neither, so both become None.
     """
     path = Path(path)
+    targets = Targets()
     if path.is_dir():
-        _, state = _read_bundle(path)
-        return _apply(model, state, check_state(model, state), path, strict)
-    if path.suffix == ".safetensors":
+        _, state, targets = _read_bundle(path)
+        report = _apply(model, state, check_state(model, state), path, strict)
+    elif path.suffix == ".safetensors":
         state = _read_safetensors(path)
-        return _apply(model, state, check_state(model, state), path, strict)
-    state, unknown, dropped = convert_official(*read_official(path), fold_video_type)
-    return _apply_official(model, state, unknown, dropped, path, strict)
+        report = _apply(model, state, check_state(model, state), path, strict)
+    else:
+        state, unknown, dropped = convert_official(*read_official(path), fold_video_type)
+        report = _apply_official(model, state, unknown, dropped, path, strict)
+    targets.apply(model)
+    return report
 
 
 def _apply_official(model: UniPerceiver, state: dict[str, torch.Tensor], unknown: list[str],
@@ -356,11 +415,15 @@ def load_model(path: str | Path, *, preset: str | None = None, strict: bool = Tr
     inferred from the weights' shapes (or given by ``preset`` and field overrides)."""
     path = Path(path)
     if path.is_dir():
-        config, state = _read_bundle(path)
+        config, state, targets = _read_bundle(path)
         if preset is not None or overrides:
             config = get_config(preset or config, **overrides)
-        model = UniPerceiver(config)
+        try:
+            model = UniPerceiver(config)
+        except (ValueError, TypeError, RuntimeError) as e:  # torch's RuntimeError for impossible sizes
+            raise CheckpointError(f"the config of {path} does not build a model: {' '.join(str(e).split())}") from e
         _apply(model, state, check_state(model, state), path, strict)
+        targets.apply(model)
         return model.eval()
     state, unknown, dropped = convert_official(*read_official(path), fold_video_type)
     try:

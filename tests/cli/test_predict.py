@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 
 import av
 import numpy as np
@@ -80,3 +82,73 @@ def test_mode_must_be_chosen(files):
     assert result.exit_code == 2 and "choose exactly one of" in result.stderr
     result, _ = _invoke([files / "nothing.png", "--preset", "tiny", "--caption"])
     assert result.exit_code == 2 and "does not exist" in result.stderr
+
+
+def _tiny(**overrides):
+    torch.manual_seed(0)
+    return up.create_model("tiny", image_size=32, layer_scale_init=1.0, **overrides)
+
+
+def test_classifier_labels_are_mapped_by_name(files, tmp_path):
+    net = _tiny(prompt={"classifier_classes": 3})
+    with torch.no_grad():  # a trained classifier: its logits decide
+        net.head.fc_prompt.weight.normal_(0, 5.0)
+    net.class_names = ["tench", "goldfish", "tabby cat"]
+    bundle = up.save_bundle(net, tmp_path / "tuned")
+    images = [files / "img_0.png", files / "img_1.png"]
+
+    def probs(*names):
+        result, out = _invoke([*images, "--model", bundle, *[a for n in names for a in ("--label", n)], "--json"])
+        assert result.exit_code == 0, result.output
+        return [{e["text"]: e["prob"] for e in row["top"]} for row in json.loads(out)]
+
+    forward, backward = probs("tench", "goldfish", "tabby cat"), probs("tabby cat", "goldfish", "tench")
+    for a, b in zip(forward, backward, strict=True):
+        assert max(a, key=a.get) == max(b, key=b.get) and a == pytest.approx(b, abs=2e-6)
+    assert len(probs("goldfish", "tench")[0]) == 2
+    result, _ = _invoke([*images, "--model", bundle, "--label", "tench", "--label", "zebra"])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert "error: the model's classifier prompt has no logits for 'zebra'" in result.stderr
+
+
+def test_captions_decode_over_the_recorded_vocabulary(files, tmp_path):
+    net = _tiny()
+    words = ["a", "red", "circle", "dog", "on"]
+    net.caption_vocabulary = torch.tensor([up.get_tokenizer().encode(w, add_eot=False)[0] for w in words])
+    bundle = up.save_bundle(net, tmp_path / "bundle")
+
+    def captions(*extra):
+        result, out = _invoke([files / "img_0.png", files / "img_1.png", "--model", bundle, "--caption",
+                               "--max-len", "4", "--json", *extra])
+        assert result.exit_code == 0, result.output
+        return [row["caption"].split() for row in json.loads(out)]
+
+    trained = captions()
+    assert any(trained) and all(set(c) <= set(words) for c in trained)
+    assert not all(set(c) <= set(words) for c in captions("--vocabulary", "full"))
+    result, _ = _invoke([files / "img_0.png", "--model", bundle, "--caption", "--vocabulary", "most"])
+    assert result.exit_code == 2 and "--vocabulary must be one of trained, full" in result.stderr
+
+
+def test_invalid_config_is_one_line_and_non_finite_weights_warn(files, tmp_path):
+    bad = up.save_bundle(_tiny(), tmp_path / "bad")
+    meta = json.loads((bad / "config.json").read_text())
+    meta["model"]["width"] = -64
+    (bad / "config.json").write_text(json.dumps(meta))
+    result, _ = _invoke([files / "img_0.png", "--model", bad, "--label", "cat", "--label", "dog"])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert "width must be a positive integer, got -64" in result.stderr
+    net = _tiny()
+    with torch.no_grad():
+        net.blocks[0].mlp.fc1.bias[3] = float("inf")
+    poisoned = up.save_bundle(net, tmp_path / "inf")
+    result, out = _invoke([files / "img_0.png", "--model", poisoned, "--label", "cat", "--label", "dog", "--json"])
+    assert result.exit_code == 0 and len(json.loads(out)) == 1
+    assert result.stderr.count("\n") == 1 and "warning: checkpoint" in result.stderr
+    assert "1 of" in result.stderr and "blocks.0.mlp.fc1.bias" in result.stderr
+
+
+def test_the_module_does_not_import_torch():
+    code = ("import sys, uniperceiver_cli.cli.predict, uniperceiver_cli.cli.evaluate; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)

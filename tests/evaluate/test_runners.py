@@ -14,6 +14,8 @@ from uniperceiver_cli.evaluate.runners import (
     run_mlm,
     run_retrieval,
 )
+from uniperceiver_cli.model.decoding import beam_search
+from uniperceiver_cli.model.tokenizer import _bytes_to_unicode, get_tokenizer
 
 SIZE = 32
 
@@ -98,3 +100,30 @@ def test_mlm_masking_and_runner(model):
 def test_limited_stops_after_enough_samples():
     batches = _image_batches(n=10, batch=4)
     assert len(list(limited(batches, 5))) == 2 and len(list(limited(batches, None))) == 3
+
+
+def test_captions_carry_no_replacement_characters(model):
+    order = list(_bytes_to_unicode())  # token i (i < 256) is the byte order[i]
+    partial = torch.tensor([i for i, byte in enumerate(order) if byte >= 0x80])  # no one is a whole character
+    batches = _image_batches(n=3)
+    vocabulary, token_ids = model.caption_targets(partial)
+    tokens = beam_search(model, batches[0]["images"], max_len=6, vocabulary=vocabulary, token_ids=token_ids).tokens
+    assert any("\ufffd" in text for text in get_tokenizer().decode_batch(tokens))  # the reference's decoding
+    captions = [p["caption"] for p in run_captioning(model, batches, max_len=6, vocab_ids=partial).predictions]
+    assert len(captions) == 3 and not any("\ufffd" in c for c in captions)
+    model.caption_vocabulary = partial
+    try:
+        assert not any("\ufffd" in c for c in model.caption(batches[0]["images"], max_len=6))
+    finally:
+        model.caption_vocabulary = None
+
+
+def test_labels_naming_no_class_of_the_data_are_refused(model):
+    with pytest.raises(ValueError, match=r"none of the 2 labels \(dog, cat\) is a class of the data"):
+        run_classification(model, _image_batches(), ["dog", "cat"], truth_names=["circle", "square", "star"])
+    with pytest.raises(ValueError, match="none of the 6 evaluated samples is of a class among the 1 labels"):
+        run_classification(model, _image_batches(), ["hexagon"], truth_names=["circle", "square", "star", "hexagon"])
+    with pytest.warns(UserWarning, match="accuracy over the 4 of 6 samples"):
+        result = run_classification(model, _image_batches(), ["Circle", "star"],
+                                    truth_names=["circle", "square", "star"])
+    assert "acc@1" in result.metrics

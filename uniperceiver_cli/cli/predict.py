@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from uniperceiver_cli.cli.common import err_console, load_any_model, pick_device, read_lines, user_errors
+from uniperceiver_cli.cli.evaluate import caption_vocabulary, one_line_warnings
+
+if TYPE_CHECKING:
+    import torch
+
+    from uniperceiver_cli.model.uniperceiver import UniPerceiver
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".webm", ".mkv", ".mov"}
@@ -34,6 +41,7 @@ def _collect(paths: list[Path]) -> list[Path]:
 def read_video_frames(path: Path, num_frames: int) -> torch.Tensor:
     """``num_frames`` frames spread evenly over the whole clip, uint8 (T, H, W, 3)."""
     import decord
+    import torch
 
     try:
         reader = decord.VideoReader(str(path))
@@ -60,15 +68,19 @@ def predict(
     top_k: int = typer.Option(5, min=1),
     beam_size: int = typer.Option(2, min=1),
     max_len: int = typer.Option(21, min=1),
+    vocabulary: str = typer.Option("trained", help="Captions: decode over the tokens the model's caption task "
+                                   "trained on (trained; all when the bundle records none) or all 49,411 (full)."),
     num_frames: int = typer.Option(8, min=1, help="Frames sampled evenly over each video."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
 ) -> None:
     """Zero-shot labels (--labels/--label), best-matching texts (--texts) or captions (--caption) for files."""
+    import torch
+
     from uniperceiver_cli.evaluate.runners import label_features
     from uniperceiver_cli.model.preprocess import image_transform, load_image, video_views
 
-    with user_errors():
+    with user_errors(), one_line_warnings():
         modes = [labels is not None or bool(label), texts is not None, caption]
         if sum(modes) != 1:
             raise ValueError("choose exactly one of --labels/--label, --texts or --caption")
@@ -79,11 +91,14 @@ def predict(
         candidates = read_lines(texts, "texts") if texts else []
         transform = image_transform(net.config, task="classification" if names else "caption")
         with torch.inference_mode():
-            targets = None
             if names:
-                targets = label_features(net, names, read_lines(templates, "templates") if templates else None)
+                rows = net.classifier_rows(names)  # before encoding: a name the classifier lacks is refused
+                template_list = read_lines(templates, "templates") if templates else None
+                answer = Labels(names, label_features(net, names, template_list), rows)
             elif candidates:
-                targets = net.encode_text(candidates)
+                answer = Texts(candidates, net.encode_text(candidates))
+            else:
+                answer = Captions(*net.caption_targets(caption_vocabulary(net, vocabulary)), beam_size, max_len)
             results, failures = [], 0
             for path in paths:
                 try:
@@ -96,34 +111,64 @@ def predict(
                     err_console.print(f"[red]skipped:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
                     failures += 1
                     continue
-                results.append({"file": str(path), **_answer(net, inputs, names, candidates, targets, top_k,
-                                                               beam_size, max_len)})
+                results.append({"file": str(path), **answer(net, inputs, top_k)})
     _show(results, as_json)
     if failures:
         raise typer.Exit(1)
 
 
-def _answer(net, inputs: torch.Tensor, names: list[str], candidates: list[str], targets: torch.Tensor | None,
-            top_k: int, beam_size: int, max_len: int) -> dict:  # noqa: ANN001
-    """One file's answer. A video arrives as its spatial views (V, T, 3, S, S) and is averaged over them."""
-    if targets is None:
+@dataclass
+class Labels:
+    """Zero-shot labels: the class names, their features and their classifier-prompt rows."""
+
+    names: list[str]
+    features: torch.Tensor
+    rows: torch.Tensor | None
+
+    def __call__(self, net: UniPerceiver, inputs: torch.Tensor, top_k: int) -> dict:
+        """A video arrives as its spatial views (V, T, 3, S, S); the softmax is averaged over them."""
+        scores = net.classification_logits(inputs, self.features, self.rows).float().softmax(-1).mean(0)
+        return _top(scores, self.names, top_k, "prob")
+
+
+@dataclass
+class Texts:
+    """Best-matching texts by cosine similarity; a video's views are averaged."""
+
+    texts: list[str]
+    features: torch.Tensor
+
+    def __call__(self, net: UniPerceiver, inputs: torch.Tensor, top_k: int) -> dict:
+        import torch
+
+        feats = net.encode_video(inputs) if inputs.dim() == 5 else net.encode_image(inputs)
+        scores = torch.nn.functional.normalize(feats.float().mean(0), dim=-1) @ self.features.float().t()
+        return _top(scores, self.texts, top_k, "similarity")
+
+
+@dataclass
+class Captions:
+    """Beam-search captions over a target set (features and each row's token id, None: the whole vocabulary)."""
+
+    vocabulary: torch.Tensor
+    token_ids: torch.Tensor | None
+    beam_size: int
+    max_len: int
+
+    def __call__(self, net: UniPerceiver, inputs: torch.Tensor, top_k: int) -> dict:
         from uniperceiver_cli.model.decoding import beam_search
         from uniperceiver_cli.model.tokenizer import get_tokenizer
 
         one = inputs[len(inputs) // 2:len(inputs) // 2 + 1]  # a video's centre view, or the image
-        tokens = beam_search(net, one, beam_size=beam_size, max_len=max_len).tokens
-        return {"caption": get_tokenizer().decode_batch(tokens.cpu())[0]}
-    if names:
-        scores = net.classification_logits(inputs, targets).float().softmax(-1).mean(0)
-        entries = names
-    else:
-        feats = net.encode_video(inputs) if inputs.dim() == 5 else net.encode_image(inputs)
-        scores = (torch.nn.functional.normalize(feats.float().mean(0), dim=-1) @ targets.float().t())
-        entries = candidates
+        tokens = beam_search(net, one, beam_size=self.beam_size, max_len=self.max_len, vocabulary=self.vocabulary,
+                             token_ids=self.token_ids).tokens
+        return {"caption": get_tokenizer().decode_batch(tokens.cpu(), errors="ignore")[0]}
+
+
+def _top(scores: torch.Tensor, entries: list[str], top_k: int, key: str) -> dict:
     top = scores.topk(min(top_k, len(entries)))
-    key = "prob" if names else "similarity"
-    return {"top": [{"text": entries[int(i)], key: round(float(s), 6)} for s, i in zip(top.values, top.indices,
-                                                                                       strict=True)]}
+    return {"top": [{"text": entries[int(i)], key: round(float(s), 6)}
+                    for s, i in zip(top.values, top.indices, strict=True)]}
 
 
 def _show(results: list[dict], as_json: bool) -> None:

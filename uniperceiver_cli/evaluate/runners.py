@@ -8,6 +8,7 @@ per evaluation.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,10 +24,10 @@ from uniperceiver_cli.evaluate.metrics import (
     retrieval_recall,
     topk_accuracy,
 )
-from uniperceiver_cli.model.config import EOT_ID, SPE_ID
+from uniperceiver_cli.model.config import SPE_ID
 from uniperceiver_cli.model.decoding import beam_search
 from uniperceiver_cli.model.tokenizer import get_tokenizer
-from uniperceiver_cli.model.uniperceiver import VOCABULARY, UniPerceiver
+from uniperceiver_cli.model.uniperceiver import UniPerceiver
 
 Batch = dict[str, Any]
 
@@ -66,6 +67,10 @@ def label_features(model: UniPerceiver, names: Sequence[str], templates: Sequenc
     return F.normalize(feats.float().mean(dim=0), dim=-1)
 
 
+def _preview(names: Sequence[str], limit: int = 5) -> str:
+    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+
+
 def _to(batch: Batch, key: str, device: torch.device) -> torch.Tensor:
     return batch[key].to(device, non_blocking=True)
 
@@ -77,18 +82,26 @@ def run_classification(model: UniPerceiver, batches: Iterable[Batch], names: Seq
     """acc@1 / acc@k of image or video classification; videos average the softmax over their views.
 
     ``names`` are the candidate labels; ``truth_names`` (default: ``names``) name the data's label ids. With
-    custom labels, a sample counts towards accuracy when its true class name is among the candidates.
+    custom labels, a sample counts towards accuracy when its true class name is among the candidates (a
+    warning says how many do); labels naming none of the data's classes, or data with no sample of theirs,
+    are refused (ValueError), as nothing could be scored. A prompt-tuned classifier maps each name to its row
+    (``UniPerceiver.classifier_rows``).
     """
     device = _device(model)
     model.eval()
     truth_names = list(truth_names or names)
+    candidates = {name.lower() for name in names}
+    if not any(name.lower() in candidates for name in truth_names):
+        raise ValueError(f"none of the {len(names)} labels ({_preview(names)}) is a class of the data "
+                         f"({_preview(truth_names)}): no sample could be scored")
+    rows = model.classifier_rows(names)
     with autocast(device, precision):
         targets = label_features(model, names, templates)
         all_probs, all_labels, keys = [], [], []
         for batch in batches:
             video = "videos" in batch
             inputs = _to(batch, "videos" if video else "images", device)
-            probs = model.classification_logits(inputs, targets).float().softmax(dim=-1)
+            probs = model.classification_logits(inputs, targets, rows).float().softmax(dim=-1)
             if video:
                 probs = average_views(probs, int(batch.get("num_views", 1)))
             all_probs.append(probs.cpu())
@@ -100,14 +113,14 @@ def run_classification(model: UniPerceiver, batches: Iterable[Batch], names: Seq
     truth = [truth_names[int(y)] if 0 <= int(y) < len(truth_names) else None for y in labels]
     target = torch.tensor([index.get(t.lower(), -1) if t is not None else -1 for t in truth])
     scored = target >= 0
+    if not scored.any():
+        raise ValueError(f"none of the {len(keys)} evaluated samples is of a class among the {len(names)} labels "
+                         f"({_preview(names)}): no sample could be scored")
     notes = []
-    metrics: dict[str, float] = {}
-    if scored.any():
-        metrics = topk_accuracy(probs[scored], target[scored], ks=sorted({1, k}))
-        if not scored.all():
-            notes.append(f"accuracy over the {int(scored.sum())} of {len(keys)} samples whose class is a candidate")
-    else:
-        notes.append("no sample's class is among the given labels: accuracy is not computed")
+    metrics = topk_accuracy(probs[scored], target[scored], ks=sorted({1, k}))
+    if not scored.all():
+        notes.append(f"accuracy over the {int(scored.sum())} of {len(keys)} samples whose class is a candidate")
+        warnings.warn(notes[-1], stacklevel=2)
     top = probs.topk(k, dim=1)
     predictions = [{"key": key, "label": t,
                     "top": [{"label": names[int(i)], "prob": round(float(p), 6)} for p, i in zip(ps, ids, strict=True)]}
@@ -156,18 +169,14 @@ def run_captioning(model: UniPerceiver, batches: Iterable[Batch], *, beam_size: 
     """BLEU-1..4, METEOR, ROUGE-L, CIDEr of beam-search captions (cached decoding) against all references.
 
     ``vocab_ids`` restricts decoding to these token ids (with end-of-text), e.g. a model trained with a
-    corpus-restricted target set; by default every one of the 49,411 tokens is a candidate."""
+    corpus-restricted target set (``model.caption_vocabulary``); by default every one of the 49,411 tokens is a
+    candidate. Bytes of a character left incomplete are dropped from the captions."""
     device = _device(model)
     model.eval()
     tokenizer = get_tokenizer()
     predictions, references = {}, {}
     with autocast(device, precision):
-        if vocab_ids is None:
-            vocabulary = model.vocabulary_features()
-        else:
-            vocab_ids = torch.cat([vocab_ids.cpu(), torch.tensor([EOT_ID])]).unique()
-            pairs = torch.stack([vocab_ids, torch.full_like(vocab_ids, EOT_ID)], dim=1)
-            vocabulary = model.encode_text(pairs.to(device), routing=VOCABULARY)
+        vocabulary, vocab_ids = model.caption_targets(vocab_ids)
         for batch in batches:
             video = "videos" in batch
             inputs = _to(batch, "videos" if video else "images", device)
@@ -176,7 +185,7 @@ def run_captioning(model: UniPerceiver, batches: Iterable[Batch], *, beam_size: 
                 inputs = inputs[views // 2::views]
             result = beam_search(model, inputs, beam_size=beam_size, max_len=max_len, len_penalty=len_penalty,
                                  vocabulary=vocabulary, token_ids=vocab_ids)
-            for key, caption, refs in zip(batch["keys"], tokenizer.decode_batch(result.tokens.cpu()),
+            for key, caption, refs in zip(batch["keys"], tokenizer.decode_batch(result.tokens.cpu(), errors="ignore"),
                                           batch["captions"], strict=True):
                 predictions[key], references[key] = caption, list(refs)
     metrics = caption_metrics(predictions, references)

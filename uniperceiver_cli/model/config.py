@@ -78,6 +78,11 @@ class ModelConfig:
             self.moe = MoEConfig(**self.moe)
         if isinstance(self.prompt, dict):
             self.prompt = PromptConfig(**self.prompt)
+        for name in ("width", "layers", "heads", "mlp_dim", "vocab_size", "max_text_len", "image_size", "patch_size",
+                     "max_frames"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
         if self.width % 4:

@@ -46,10 +46,17 @@ class SimilarityHead(nn.Module):
         return self.logit_scale[task].exp().clamp(max=MAX_LOGIT_SCALE)
 
     def logits(self, query: torch.Tensor, targets: torch.Tensor, task: str,
-               classifier: bool = False) -> torch.Tensor:
+               classifier: bool = False, rows: torch.Tensor | None = None) -> torch.Tensor:
         """query (N, D) and targets (C, D), both normalised -> (N, C). ``classifier`` adds the
-        prompt-tuned linear classifier: similarity_weight * cosine logits + fc_prompt(query)."""
+        prompt-tuned linear classifier: similarity_weight * cosine logits + fc_prompt(query), where
+        target c takes fc_prompt row ``rows[c]`` (default: row c, which needs C = classifier_classes)."""
         logits = query @ targets.t().to(query.dtype) * self.scale(task)
         if classifier and self.fc_prompt is not None:
-            logits = self.similarity_weight * logits + self.fc_prompt(query)
+            prompt = self.fc_prompt(query)
+            if rows is not None:
+                prompt = prompt[:, rows]
+            if prompt.shape[-1] != logits.shape[-1]:
+                raise ValueError(f"the classifier prompt scores its {self.fc_prompt.out_features} classes by "
+                                 f"position; got {logits.shape[-1]} targets")
+            logits = self.similarity_weight * logits + prompt
         return logits

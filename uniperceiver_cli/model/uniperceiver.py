@@ -49,6 +49,11 @@ class UniPerceiver(nn.Module):
             Block(config, moe=moe is not None and moe.is_moe_layer(i)) for i in range(config.layers))
         self.head = SimilarityHead(config)
         self._vocabulary: torch.Tensor | None = None
+        # What the weights were trained over, kept in a bundle's config.json (None: not recorded). The class
+        # name of each classifier-prompt row, so labels find their row by name; and the token ids caption
+        # training scored against, which decoding should use too.
+        self.class_names: list[str] | None = None
+        self.caption_vocabulary: torch.Tensor | None = None
         self.reset_parameters()
 
     # ------------------------------------------------------------------ initialisation
@@ -212,12 +217,63 @@ class UniPerceiver(nn.Module):
             self._vocabulary = feats
         return feats
 
+    def caption_targets(self, token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A caption decoding target set: its features and the token id of each row.
+
+        ``token_ids=None`` is the whole vocabulary (cached, row i = token i, ids None); otherwise those ids
+        plus <|endoftext|>, sorted and unique, each encoded like a vocabulary row.
+        """
+        if token_ids is None:
+            return self.vocabulary_features(), None
+        ids = torch.cat([token_ids.cpu(), torch.tensor([EOT_ID])]).unique()
+        pairs = torch.stack([ids, torch.full_like(ids, EOT_ID)], dim=1)
+        return self.encode_text(pairs.to(self.head.proj.weight.device), routing=VOCABULARY), ids
+
     # ------------------------------------------------------------------ task logits
-    def classification_logits(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, H, W) or video (B, T, 3, H, W) against target features (C, D) -> (B, C)."""
+    def classifier_rows(self, names: Sequence[str]) -> torch.Tensor | None:
+        """The classifier-prompt row of each class name, for ``classification_logits(..., rows=)``.
+
+        None when the model has no classifier prompt, or records no class names (older bundles, official
+        checkpoints) and so scores by position, which needs exactly ``classifier_classes`` names in training
+        order. Names match case-insensitively; a name recorded twice gives its rows in order. A name the
+        classifier has no row for is refused: its logits would lack the classifier's part.
+        """
+        classes = self.config.prompt.classifier_classes
+        if not classes:
+            return None
+        if self.class_names is None:
+            if len(names) != classes:
+                raise ValueError(f"the model's classifier prompt scores {classes} classes by position and records "
+                                 f"no class names: give exactly those {classes} labels in training order, "
+                                 f"not {len(names)}")
+            return None
+        free: dict[str, list[int]] = {}
+        for row, name in enumerate(self.class_names):
+            free.setdefault(name.lower(), []).append(row)
+        rows, unknown = [], []
+        for name in names:
+            left = free.get(name.lower())
+            if left:
+                rows.append(left.pop(0))
+            else:
+                unknown.append(name)
+        if unknown:
+            shown = ", ".join(repr(n) for n in unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3
+                                                                else "")
+            raise ValueError(f"the model's classifier prompt has no logits for {shown}: it knows only the "
+                             f"{classes} classes it was trained on ({', '.join(self.class_names[:5])}"
+                             f"{', ...' if classes > 5 else ''})")
+        return torch.tensor(rows, device=self.head.proj.weight.device)
+
+    def classification_logits(self, inputs: torch.Tensor, targets: torch.Tensor,
+                              rows: torch.Tensor | None = None) -> torch.Tensor:
+        """images (B, 3, H, W) or video (B, T, 3, H, W) against target features (C, D) -> (B, C).
+
+        A prompt-tuned classifier adds its logits: target c takes row ``rows[c]`` (see :meth:`classifier_rows`),
+        by default row c."""
         video = inputs.dim() == 5
         query = self.encode_video(inputs) if video else self.encode_image(inputs)
-        return self.head.logits(query, targets, "video_cls" if video else "img_cls", classifier=True)
+        return self.head.logits(query, targets, "video_cls" if video else "img_cls", classifier=True, rows=rows)
 
     def retrieval_logits(self, inputs: torch.Tensor, text_ids: torch.Tensor,
                          text_padding: torch.Tensor | None = None) -> torch.Tensor:
@@ -261,18 +317,23 @@ class UniPerceiver(nn.Module):
     @torch.inference_mode()
     def classify(self, inputs: torch.Tensor, labels: Sequence[str] | torch.Tensor) -> torch.Tensor:
         """Zero-shot classification. inputs: images (B, 3, H, W) or videos (B, T, 3, H, W), preprocessed;
-        labels: class names, or their features (C, D). Returns probabilities (B, C)."""
-        targets = labels if isinstance(labels, torch.Tensor) else self.encode_text(labels)
-        return self.classification_logits(inputs, targets).softmax(dim=-1)
+        labels: class names, or their features (C, D). Returns probabilities (B, C). A prompt-tuned classifier
+        maps names to its rows (:meth:`classifier_rows`); features are scored by position."""
+        if isinstance(labels, torch.Tensor):
+            return self.classification_logits(inputs, labels).softmax(dim=-1)
+        rows = self.classifier_rows(labels)
+        return self.classification_logits(inputs, self.encode_text(labels), rows).softmax(dim=-1)
 
     @torch.inference_mode()
     def caption(self, inputs: torch.Tensor, *, beam_size: int = 2, max_len: int = 21) -> list[str]:
         """Captions for images (B, 3, H, W) or videos (B, T, 3, H, W), by cached beam search
-        (``beam_size=1`` is greedy decoding)."""
+        (``beam_size=1`` is greedy decoding) over ``caption_vocabulary`` (None: the whole vocabulary)."""
         from uniperceiver_cli.model.decoding import beam_search  # decoding builds on this module
 
-        result = beam_search(self, inputs, beam_size=beam_size, max_len=max_len)
-        return get_tokenizer().decode_batch(result.tokens)
+        vocabulary, token_ids = self.caption_targets(self.caption_vocabulary)
+        result = beam_search(self, inputs, beam_size=beam_size, max_len=max_len, vocabulary=vocabulary,
+                             token_ids=token_ids)
+        return get_tokenizer().decode_batch(result.tokens, errors="ignore")
 
     def num_parameters(self) -> int:
         """Unique parameter elements (tied tensors counted once)."""

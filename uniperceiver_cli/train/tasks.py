@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import tarfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,28 @@ class TrainTask:
         elif spec.type in ("image_caption", "video_caption", "text_mlm") and spec.vocabulary == "corpus":
             task.vocab_ids = corpus_tokens(directory, manifest)
         return task
+
+    @staticmethod
+    def record_targets(model: UniPerceiver, tasks: Iterable[TrainTask]) -> UniPerceiver:
+        """Note on ``model`` what a run's tasks trained it over, for its bundle and later evaluations; returns it.
+
+        ``class_names``: a classifier prompt's row i scored class i of every classification task, so its rows
+        have names when those tasks share one list of ``classifier_classes`` names (else None). With no
+        classification task, the rows and their names are as the model came.
+        ``caption_vocabulary``: the caption tasks' corpus target sets, when every caption task trained on its
+        corpus; None (the whole vocabulary) when one trained on all or sampled tokens.
+        """
+        tasks = list(tasks)
+        lists = {tuple(t.class_names) for t in tasks if t.class_names is not None}
+        if lists and model.config.prompt.classifier_classes:
+            names = next(iter(lists))
+            fits = len(lists) == 1 and len(names) == model.config.prompt.classifier_classes
+            model.class_names = list(names) if fits else None
+        captions = [t for t in tasks if t.spec.type.endswith("_caption")]
+        if captions:
+            corpus = [t.vocab_ids for t in captions if t.vocab_ids is not None]
+            model.caption_vocabulary = torch.cat(corpus).unique() if len(corpus) == len(captions) else None
+        return model
 
     # ----------------------------------------------------------------------------------------- losses
     def loss(self, model: UniPerceiver, batch: dict[str, Any], generator: torch.Generator | None = None
