@@ -1,16 +1,35 @@
 """The shipped recipes and ``uniperceiver recipes``: every file validates, the CLI lists, shows, copies and
 reports malformed recipes and missing data in one line each."""
 
+import dataclasses
 import importlib
+import json
 import math
+import re
+import shutil
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import AfterValidator
 from typer.testing import CliRunner
 
+from uniperceiver_cli import create_model, save_bundle
 from uniperceiver_cli.cli import recipes
 from uniperceiver_cli.cli.recipes import RECIPES_DIR, app, load_checked, resolve_recipe, shipped_names
+from uniperceiver_cli.data.toyworld import SHAPES, generate
+from uniperceiver_cli.train.recipe import (
+    EngineSpec,
+    EvalSpec,
+    EvalTaskSpec,
+    MixupSpec,
+    ModelSpec,
+    Range,
+    Recipe,
+    TaskSpec,
+    TrainSpec,
+)
 
 runner = CliRunner()
 FILES = sorted(RECIPES_DIR.glob("*.yaml"))
@@ -135,7 +154,7 @@ def _repeated_task(data: dict) -> None:
     (_missing_key, "stage: Field required"),
     (_bad_model, "model: image_size 65 is not a multiple of patch_size 16"),
     (_repeated_task, "tasks: repeated task name(s) shape_classification"),
-    (_no_threads, "train.threads: Input should be greater than 0"),
+    (_no_threads, "train.threads: must be >= 1 (got 0)"),
 ])
 def test_validate_names_the_key_of_a_malformed_recipe(tmp_path: Path, change, expected: str):
     data = _toy()
@@ -157,25 +176,196 @@ def test_validate_reports_bad_yaml_with_its_line(tmp_path: Path):
     assert len(result.output.strip().splitlines()) == 1 and "is not valid YAML" in result.output
 
 
-def test_validate_check_files_names_missing_data(tmp_path: Path, monkeypatch):
+ZERO_WEIGHTS = [f"tasks.{i}.sampling_weight=0" for i in range(5)]
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (["train.steps=0"], "train.steps: must be >= 1 (got 0)"),
+    (["train.steps=-1"], "train.steps: must be >= 1 (got -1)"),
+    (["train.lr=.inf"], "train.lr: must be a finite number > 0 (got inf)"),
+    (["train.accumulation=0"], "train.accumulation: must be >= 1 (got 0)"),
+    (["train.log_every=0"], "train.log_every: must be >= 1 (got 0)"),
+    (["train.keep_checkpoints=0"], "train.keep_checkpoints: must be >= 1 (got 0)"),
+    (["train.checkpoint_every=-1"], "train.checkpoint_every: must be >= 0 (got -1)"),
+    (["train.betas=[0.9, 1.0]"], "train.betas.1: must be in [0, 1) (got 1.0)"),
+    (["train.steps=yes"], "train.steps: must be a number (got True)"),
+    (["tasks.3.max_text_len=0"], "tasks.3.max_text_len: must be >= 1 (got 0)"),
+    (["tasks.4.frame_stride=-1"], "tasks.4.frame_stride: must be > 0 (got -1.0)"),
+    (["tasks.3.mask_probability=2"], "tasks.3.mask_probability: must be in [0, 1] (got 2.0)"),
+    (["tasks.0.label_smoothing=2"], "tasks.0.label_smoothing: must be in [0, 1] (got 2.0)"),
+    (["tasks.0.subset=5"], "tasks.0.subset: must be in (0, 1] (got 5.0)"),
+    (["train.min_lr=0.1"], "train.min_lr: must be <= train.lr 0.001, where the cosine decay starts (got 0.1)"),
+    (ZERO_WEIGHTS, "tasks: at least one task needs a sampling_weight > 0 (every weight is 0)"),
+    (["tasks=[]"], "tasks: must hold at least one training task"),
+    (["evaluation.tasks.4.views=2"], "evaluation.tasks.4.views: Input should be 1 or 3"),
+    (["tasks.3.max_text_len=513"], "tasks.3.max_text_len: must be <= the model's max_text_len 512 (got 513)"),
+    (["name=../../../tmp/escape"], "name: must be a plain name: at most 128 letters, digits, '_', '-' and '.', "
+                                   "not starting with '.' or '-', no '..' (got '../../../tmp/escape')"),
+    (["evaluation.tasks.0.name=a/b"], "evaluation.tasks.0.name: must be a plain name"),
+])
+def test_every_value_is_checked(overrides: list[str], expected: str):
+    result = runner.invoke(app, ["show", "toyworld-tiny", *overrides])
+    assert result.exit_code == 2
+    assert result.output.startswith(f"error: {RECIPES_DIR / 'toyworld-tiny.yaml'}: {expected}")
+    assert len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    (b"", "is empty; a recipe is a YAML mapping"),
+    (b"# nothing but a comment\n", "is empty; a recipe is a YAML mapping"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00", "is not a text file (byte 0x89 at offset 0 is not UTF-8)"),
+    (b"name: mine\nstage: pre\x00train\n", "line 2 is not valid YAML (character #x0000 is not allowed)"),
+    (b"[" * 5000 + b"]" * 5000, "is nested too deeply to be a recipe"),
+    (b"name: mine\ntasks: [{name: a}]]\n", "line 2 is not valid YAML (while parsing a block mapping; expected "
+                                           "<block end>, but found ']')"),
+])
+def test_an_unreadable_file_is_one_line_naming_it(tmp_path: Path, content: bytes, expected: str):
+    path = tmp_path / "mine.yaml"
+    path.write_bytes(content)
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2
+    assert result.output == f"error: {path}: {expected}\n"
+
+
+# ------------------------------------------------------------------------------------------ --check-files
+
+
+@pytest.fixture(scope="module")
+def toyworld(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny ToyWorld: real shards and manifests for every split the toyworld recipes read."""
+    root = tmp_path_factory.mktemp("toyworld")
+    generate(root, size="tiny", image_size=32, num_frames=4, min_shards=2, progress=False)
+    return root
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, toyworld: Path) -> Path:
+    """The current directory, holding data/toyworld: a copy of the tiny world that a test may break."""
+    shutil.copytree(toyworld, tmp_path / "data" / "toyworld")
     monkeypatch.chdir(tmp_path)
-    for split in ("images/train", "images/test", "videos/train", "text/train"):
-        (tmp_path / "data" / "toyworld" / split).mkdir(parents=True)
-        if split != "text/train":
-            (tmp_path / "data" / "toyworld" / split / "manifest.json").write_text("{}")
+    return tmp_path
+
+
+def _write(data: dict, name: str = "mine.yaml") -> str:
+    Path(name).write_text(yaml.safe_dump(data))
+    return name
+
+
+def _errors(result) -> list[str]:
+    return [line for line in result.output.splitlines() if line.startswith("error:")]
+
+
+def test_validate_check_files_names_missing_data(workdir: Path, toyworld: Path):
+    world = workdir / "data" / "toyworld"
+    (world / "text" / "train" / "manifest.json").unlink()
+    shutil.rmtree(world / "videos" / "test")
     assert runner.invoke(app, ["validate", "toyworld-tiny"]).exit_code == 0  # files are not checked
     data = _toy()
     data["init"] = "runs/none/final"
-    Path("mine.yaml").write_text(yaml.safe_dump(data))
-    result = runner.invoke(app, ["validate", "--check-files", "mine.yaml"])
+    result = runner.invoke(app, ["validate", "--check-files", _write(data)])
     assert result.exit_code == 2
     errors = result.output.strip().splitlines()
     assert len(errors) == 3
     assert "mine.yaml: init: runs/none/final does not exist" in errors[0]
-    assert "tasks.3.data: data/toyworld/text/train holds no manifest.json" in result.output
+    text = "tasks.3.data, evaluation.tasks.5.vocabulary_from.1: data/toyworld/text/train"  # every key naming it
+    assert f"{text} holds no manifest.json" in result.output
     missing = "evaluation.tasks.4.data, evaluation.tasks.5.data, evaluation.tasks.6.data: data/toyworld/videos/test"
     assert f"{missing} does not exist" in result.output
-    (tmp_path / "data" / "toyworld" / "text" / "train" / "manifest.json").write_text("{}")
-    (tmp_path / "data" / "toyworld" / "videos" / "test").mkdir()
-    (tmp_path / "data" / "toyworld" / "videos" / "test" / "manifest.json").write_text("{}")
-    assert runner.invoke(app, ["validate", "--check-files", "toyworld-tiny"]).exit_code == 0
+    shutil.copytree(toyworld, world, dirs_exist_ok=True)
+    result = runner.invoke(app, ["validate", "--check-files", "toyworld-tiny"])
+    assert result.exit_code == 0 and result.output == "ok toyworld-tiny\n"
+
+
+def test_check_files_checks_types_label_sets_and_labels(workdir: Path):
+    world = workdir / "data" / "toyworld"
+    unnamed = json.loads((world / "images" / "val" / "manifest.json").read_text())
+    unnamed["classes"] = None
+    (world / "images" / "val" / "manifest.json").write_text(json.dumps(unnamed))
+    (world / "text" / "val" / "manifest.json").write_text("{}")
+    data = _toy()
+    data["tasks"][0]["label_set"] = "size"
+    data["tasks"][3]["type"] = "image_caption"  # on the text split
+    data["evaluation"]["tasks"][1]["labels"] = "colours.txt"
+    data["evaluation"]["tasks"] += [
+        {"name": "unnamed", "type": "image_classification", "data": "images/val"},
+        {"name": "listed", "type": "image_classification", "data": "images/val", "labels": "names.txt"},
+        {"name": "mlm", "type": "text_mlm", "data": "text/val"},
+    ]
+    (world / "names.txt").write_text("".join(f"{name}\n" for name in SHAPES))
+    data["engine"]["deepspeed_config"] = "ds.json"
+    result = runner.invoke(app, ["validate", "--check-files", _write(data)])
+    assert result.exit_code == 2
+    assert _errors(result) == [
+        "error: mine.yaml: engine.deepspeed_config: ds.json does not exist",
+        "error: mine.yaml: evaluation.tasks.9.data: data/toyworld/text/val/manifest.json is not a valid shard "
+        "manifest: format is None, not 'uniperceiver-shards'",
+        "error: mine.yaml: tasks.0.label_set: label set 'size' is not in toyworld-images/train; it has: shape, colour",
+        "error: mine.yaml: tasks.3.type: data/toyworld/text/train serves text_mlm, not image_caption",
+        "error: mine.yaml: evaluation.tasks.1.labels: data/toyworld/colours.txt does not exist",
+        "error: mine.yaml: evaluation.tasks.7: data/toyworld/images/val names no classes; set label_set or labels",
+    ]
+
+
+def test_check_files_loads_init_into_the_recipes_model(workdir: Path):
+    save_bundle(create_model("tiny"), workdir / "tiny")
+    data = _toy()
+    data["init"] = "tiny"
+    assert runner.invoke(app, ["validate", "--check-files", _write(data)]).exit_code == 0
+    data.update(stage="prompt-tune")
+    data["model"]["overrides"]["prompt"] = {"deep_prompt_length": 2, "spe_bias": True}
+    result = runner.invoke(app, ["validate", "--check-files", _write(data)])
+    assert result.exit_code == 0, result.output  # prompt parameters the bundle lacks start fresh, as in training
+    moe = yaml.safe_load((RECIPES_DIR / "toyworld-tiny-moe.yaml").read_text())
+    moe["init"] = "tiny"
+    result = runner.invoke(app, ["validate", "--check-files", _write(moe)])
+    assert result.exit_code == 2
+    errors = _errors(result)
+    assert len(errors) == 1 and "mine.yaml: init: init tiny does not fit the recipe's model: " in errors[0]
+    assert "missing key(s): blocks.0.attn.gate.router.weight" in errors[0]  # the experts' routers
+    base = yaml.safe_load((RECIPES_DIR / "base-pretrain-stage2.yaml").read_text())
+    base["init"] = "tiny"  # the tiny bundle passed as a BASE model's start until finetune began
+    result = runner.invoke(app, ["validate", "--check-files", _write(base)])
+    assert result.exit_code == 2
+    assert "mine.yaml: init: init tiny does not fit the recipe's model" in _errors(result)[0]
+    assert "wrong shape key(s): blocks.0.attn.out.bias: checkpoint (64,) vs model (768,)" in _errors(result)[0]
+    (workdir / "tiny" / "config.json").write_text("{")
+    data = _toy()
+    data["init"] = "tiny"
+    result = runner.invoke(app, ["validate", "--check-files", _write(data)])
+    assert result.exit_code == 2 and len(_errors(result)) == 1
+    assert "mine.yaml: init: cannot read tiny/config.json" in _errors(result)[0]
+
+
+# ------------------------------------------------------------------------------------------ the documentation
+
+SECTIONS = {Recipe: "Top level", ModelSpec: "`model`", TaskSpec: "`tasks[]`", MixupSpec: "`tasks[].mixup`",
+            TrainSpec: "`train`", EngineSpec: "`engine`", EvalSpec: "`evaluation`",
+            EvalTaskSpec: "`evaluation.tasks[]`"}
+
+
+def _inner(hint: object) -> list[object]:
+    """A type hint and every type nested in it (``list[X]``, ``X | None``, ``Annotated[X, ...]``)."""
+    return [hint] + [inner for arg in typing.get_args(hint) for inner in _inner(arg)]
+
+
+def _ranges(hint: object) -> list[Range]:
+    return [meta.func for part in _inner(hint) if typing.get_origin(part) is typing.Annotated
+            for meta in part.__metadata__ if isinstance(meta, AfterValidator) and isinstance(meta.func, Range)]
+
+
+def test_every_key_is_documented_with_its_range():
+    text = (Path(__file__).resolve().parents[2] / "docs" / "recipes.md").read_text()
+    sections = {title: body for title, body in re.findall(r"^### (.+)\n((?:(?!^#).*\n)*)", text, re.MULTILINE)}
+    seen, todo = set(), [Recipe]
+    while todo:
+        spec = todo.pop()
+        seen.add(spec)
+        assert spec in SECTIONS, f"{spec.__name__} has no section in docs/recipes.md"
+        rows = [line for line in sections[SECTIONS[spec]].splitlines() if line.startswith("| `")]
+        for name, hint in typing.get_type_hints(spec, include_extras=True).items():
+            row = next((r for r in rows if f"`{name}`" in r.split(" | ")[0]), None)
+            assert row is not None, f"{SECTIONS[spec]}: {name} is not documented"
+            for allowed in _ranges(hint):
+                assert str(allowed) in row, f"{SECTIONS[spec]}: {name}'s range {allowed} is not documented"
+            todo += [t for t in _inner(hint) if isinstance(t, type) and dataclasses.is_dataclass(t) and t not in seen]
+    assert seen == set(SECTIONS)

@@ -5,17 +5,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import uniperceiver_cli
 from uniperceiver_cli.cli.common import err_console, user_errors
-from uniperceiver_cli.data.shards import MANIFEST
-from uniperceiver_cli.train.recipe import Recipe, load_recipe
+from uniperceiver_cli.data.shards import MANIFEST, Manifest
+from uniperceiver_cli.train.recipe import EvalTaskSpec, Recipe, TaskSpec, load_recipe
 
 RECIPES_DIR = Path(os.environ.get("UNIPERCEIVER_RECIPES")
                    or Path(uniperceiver_cli.__file__).resolve().parents[1] / "recipes")
@@ -46,22 +48,82 @@ def load_checked(name_or_path: str, overrides: list[str] | None = None) -> Recip
     return load_recipe(resolve_recipe(name_or_path), overrides)
 
 
-def missing_files(recipe: Recipe) -> list[str]:
-    """One line per missing file: the initial weights, and each data folder (with the keys naming it)
-    that does not exist or holds no manifest."""
+def file_problems(recipe: Recipe) -> list[str]:
+    """One line per problem with the files a recipe names, each naming its key path: a missing ``init`` or one
+    that does not fit the recipe's model, a missing DeepSpeed config, a data folder (training, evaluation or
+    ``vocabulary_from``) that does not exist or holds no manifest, a task type the split does not serve, a label
+    set it does not have, and a missing labels file."""
     problems = []
-    if recipe.init and not Path(recipe.init).exists():
-        problems.append(f"init: {recipe.init} does not exist")
+    if recipe.init and (problem := init_problem(recipe)):
+        problems.append(problem)
+    deepspeed = recipe.engine.deepspeed_config
+    if deepspeed and not Path(deepspeed).is_file():
+        problems.append(f"engine.deepspeed_config: {deepspeed} does not exist")
+    root = Path(recipe.data_root)
+    tasks = [(f"{prefix}.{i}", task) for prefix, specs in (("tasks", recipe.tasks),
+                                                            ("evaluation.tasks", recipe.evaluation.tasks))
+             for i, task in enumerate(specs)]
     keys: dict[Path, list[str]] = {}
-    for prefix, tasks in (("tasks", recipe.tasks), ("evaluation.tasks", recipe.evaluation.tasks)):
-        for i, task in enumerate(tasks):
-            keys.setdefault(Path(recipe.data_root) / task.data, []).append(f"{prefix}.{i}.data")
+    for key, task in tasks:
+        keys.setdefault(root / task.data, []).append(f"{key}.data")
+        if isinstance(task, EvalTaskSpec):
+            for j, folder in enumerate(task.vocabulary_from):
+                keys.setdefault(root / folder, []).append(f"{key}.vocabulary_from.{j}")
+    manifests: dict[Path, Manifest] = {}
     for folder, names in keys.items():
         if not folder.is_dir():
             problems.append(f"{', '.join(names)}: {folder} does not exist (see `uniperceiver prepare-data --help`)")
         elif not (folder / MANIFEST).is_file():
             problems.append(f"{', '.join(names)}: {folder} holds no {MANIFEST} (not a converted split)")
+        else:
+            try:
+                manifests[folder] = Manifest.load(folder)
+            except ValueError as e:
+                problems.append(f"{', '.join(names)}: {e}")
+    for key, task in tasks:
+        labels = task.labels if isinstance(task, EvalTaskSpec) else None
+        if labels and not (root / labels).is_file():
+            problems.append(f"{key}.labels: {root / labels} does not exist")
+        manifest = manifests.get(root / task.data)
+        if manifest is not None and (problem := task_problem(key, task, manifest, root / task.data)):
+            problems.append(problem)
     return problems
+
+
+def task_problem(key: str, task: TaskSpec | EvalTaskSpec, manifest: Manifest, split: Path) -> str | None:
+    """What a task asks of its split that the split's manifest does not have, if anything."""
+    if task.type not in manifest.tasks:
+        return f"{key}.type: {split} serves {', '.join(manifest.tasks) or 'no task'}, not {task.type}"
+    if task.label_set is not None:
+        try:
+            manifest.label_names(task.label_set)
+        except ValueError as e:
+            return f"{key}.label_set: {e}"
+        return None
+    named = isinstance(task, EvalTaskSpec) and task.labels  # an evaluation's labels file names the classes
+    if task.type.endswith("_classification") and not manifest.classes and not named:
+        return f"{key}: {split} names no classes; set label_set{' or labels' if isinstance(task, EvalTaskSpec) else ''}"
+    return None
+
+
+def init_problem(recipe: Recipe) -> str | None:
+    """Why ``init`` cannot start the recipe's model, if it cannot: checked exactly as training loads it."""
+    if not Path(recipe.init).exists():
+        return f"init: {recipe.init} does not exist"
+    # torch and the model only here: the other recipe commands start without them.
+    import torch
+
+    from uniperceiver_cli.train.engine import build_model
+
+    # On the meta device the model has shapes but no storage: even a LARGE model is checked key by key and
+    # shape by shape in a moment, without allocating its weights. Copying into it is a no-op torch warns about.
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "for .*: copying from a non-meta parameter", UserWarning)
+            build_model(recipe)
+    except ValueError as e:  # CheckpointError: unreadable, or keys and shapes that do not fit
+        return f"init: {e}"
+    return None
 
 
 @app.command("ls")
@@ -109,11 +171,17 @@ def copy(
     typer.echo(f"wrote {target}")
 
 
+def report(message: str) -> None:
+    """One red line on stderr (a YAML error quotes brackets and spans lines: escaped and joined)."""
+    err_console.print(f"[red]error:[/red] {escape(' '.join(message.split()))}", highlight=False, soft_wrap=True)
+
+
 @app.command("validate")
 def validate(
     recipes: list[str] = typer.Argument(..., help="Shipped recipe names or YAML files."),
     check_files: bool = typer.Option(False, "--check-files",
-                                     help="Also check that init and every data folder (with its manifest) exist."),
+                                     help="Also check init (it exists and fits the model), the DeepSpeed config "
+                                          "and every data folder (its manifest serves the task and label set)."),
 ) -> None:
     """Validate recipes; one line per problem, exit code 2 if there is any."""
     failed = False
@@ -121,12 +189,12 @@ def validate(
         try:
             recipe = load_checked(name)
         except (ValueError, FileNotFoundError) as e:
-            err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            report(str(e))
             failed = True
             continue
-        problems = missing_files(recipe) if check_files else []
+        problems = file_problems(recipe) if check_files else []
         for problem in problems:
-            err_console.print(f"[red]error:[/red] {name}: {problem}", highlight=False, soft_wrap=True)
+            report(f"{name}: {problem}")
         failed = failed or bool(problems)
         if not problems:
             typer.echo(f"ok {name}")

@@ -1,18 +1,28 @@
 """Recipes: one YAML file per run, validated into typed dataclasses.
 
-Validation is pydantic's (strict about unknown keys and types); every error is reported as one line
-naming the key path, e.g. ``tasks.0.batch_size: Input should be a valid integer``.
+Validation is pydantic's (strict about unknown keys, types and ranges); every error is reported as one line
+naming the file and key path, e.g. ``recipe.yaml: train.steps: must be >= 1 (got 0)``.
 """
 
 from __future__ import annotations
 
 import copy
+import math
+import re
 from dataclasses import asdict, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import yaml
-from pydantic import ConfigDict, PositiveInt, TypeAdapter, ValidationError
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    ConfigDict,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic.dataclasses import dataclass
 
 from uniperceiver_cli.model.config import get_config
@@ -27,6 +37,67 @@ class RecipeError(ValueError):
     """A recipe that cannot be used; the message is one line naming the file and key path."""
 
 
+class Range(NamedTuple):
+    """The interval a number must lie in (pydantic calls it after the type check); bounds are inclusive unless
+    open. A violation reads ``must be in [0, 1] (got 2.0)``."""
+
+    low: int
+    high: int | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low}"
+        return f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+
+    def __call__(self, value: float) -> float:
+        finite = math.isfinite(value)  # nan fails every comparison and inf passes some: checked on its own
+        above = value > self.low if self.low_open else value >= self.low
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        if not (finite and above and below):
+            raise ValueError(f"must be {'' if finite else 'a finite number '}{self} (got {value!r})")
+        return value
+
+
+def number(value: Any) -> Any:
+    """Refuse booleans, which pydantic would take as 1 and 0 (YAML reads yes, no, on and off as booleans)."""
+    if isinstance(value, bool):
+        raise ValueError(f"must be a number (got {value})")
+    return value
+
+
+NUMBER = BeforeValidator(number)
+Count = Annotated[int, NUMBER, AfterValidator(Range(1))]
+NonNegativeInt = Annotated[int, NUMBER, AfterValidator(Range(0))]
+Seed = Annotated[int, NUMBER, AfterValidator(Range(0, 2**32 - 1))]  # numpy takes 32-bit seeds
+Positive = Annotated[float, NUMBER, AfterValidator(Range(0, low_open=True))]
+NonNegative = Annotated[float, NUMBER, AfterValidator(Range(0))]
+Probability = Annotated[float, NUMBER, AfterValidator(Range(0, 1))]
+Fraction = Annotated[float, NUMBER, AfterValidator(Range(0, 1, low_open=True))]
+Beta = Annotated[float, NUMBER, AfterValidator(Range(0, 1, high_open=True))]
+
+# One path component: a recipe name becomes runs/<name>, an evaluation task's name eval/<step>/<name>.
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+
+
+def plain_name(value: str) -> str:
+    if not PLAIN_NAME.fullmatch(value) or ".." in value:
+        raise ValueError("must be a plain name: at most 128 letters, digits, '_', '-' and '.', not starting with '.' "
+                         f"or '-', no '..' (got {value!r})")
+    return value
+
+
+def template(value: str) -> str:
+    if "{}" not in value:
+        raise ValueError(f"must hold {{}} where the class name goes (got {value!r})")
+    return value
+
+
+Name = Annotated[str, AfterValidator(plain_name)]
+Template = Annotated[str, AfterValidator(template)]
+
+
 @dataclass(config=STRICT)
 class ModelSpec:
     preset: str = "tiny"
@@ -37,55 +108,63 @@ class ModelSpec:
 class MixupSpec:
     """timm Mixup/CutMix for image classification with soft-target cross entropy (stage-1 IN-22k)."""
 
-    mixup_alpha: float = 0.8
-    cutmix_alpha: float = 1.0
-    prob: float = 1.0
-    switch_prob: float = 0.5
+    mixup_alpha: NonNegative = 0.8  # 0 turns mixup off
+    cutmix_alpha: NonNegative = 1.0  # 0 turns cutmix off
+    prob: Probability = 1.0
+    switch_prob: Probability = 0.5
     mode: Literal["batch", "pair", "elem"] = "batch"
-    label_smoothing: float = 0.1
+    label_smoothing: Probability = 0.1
 
 
 @dataclass(config=STRICT)
 class TaskSpec:
-    name: str
+    name: Name
     type: TaskType
     data: str  # a converted split folder, relative to the recipe's data_root
-    batch_size: int = 32
-    sampling_weight: float = 1.0
-    loss_weight: float = 1.0
-    label_smoothing: float = 0.0
+    batch_size: Count = 32
+    sampling_weight: NonNegative = 1.0  # 0: never drawn (another task must have a positive weight)
+    loss_weight: NonNegative = 1.0
+    label_smoothing: Probability = 0.0
     mixup: MixupSpec | None = None
     label_set: str | None = None  # which of the split's label sets to train on (default: its classes)
-    max_text_len: int = 30
-    num_frames: int = 8
-    frame_stride: float = 32  # video: source frames between sampled frames at 30 fps (scaled by the video's fps)
+    max_text_len: Count = 30
+    num_frames: Count = 8
+    frame_stride: Positive = 32  # video: source frames between sampled frames at 30 fps (scaled by the video's fps)
     augment: bool = True  # the reference's random augmentation; False for synthetic data (ToyWorld)
     # Captioning / MLM target set: the whole vocabulary (faithful), the tokens of the task's corpus, or
     # the batch's own tokens plus `negatives` sampled ids.
     vocabulary: Literal["full", "corpus", "sampled"] = "full"
-    negatives: int = 1024
-    mask_probability: float = 0.15  # text_mlm: whole-word masking rate (80% <|spe|>, 10% random, 10% kept)
-    subset: float | None = None  # a fraction of the data (prompt tuning's 1%), chosen once from the seed
+    negatives: NonNegativeInt = 1024
+    mask_probability: Probability = 0.15  # text_mlm: whole-word masking rate (80% <|spe|>, 10% random, 10% kept)
+    subset: Fraction | None = None  # a fraction of the data (prompt tuning's 1%), chosen once from the seed
 
 
 @dataclass(config=STRICT)
 class TrainSpec:
-    steps: int = 1000
-    lr: float = 1e-3
-    min_lr: float = 1e-6
-    warmup_steps: int = 0
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-6
-    grad_clip: float = 0.1
-    accumulation: int = 1
+    steps: Count = 1000
+    lr: Positive = 1e-3
+    min_lr: NonNegative = 1e-6  # at most lr (checked below)
+    warmup_steps: NonNegativeInt = 0
+    weight_decay: NonNegative = 0.05
+    betas: tuple[Beta, Beta] = (0.9, 0.95)
+    eps: Positive = 1e-6
+    grad_clip: NonNegative = 0.1  # 0: no clipping
+    accumulation: Count = 1
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    seed: int = 0
-    log_every: int = 10
-    checkpoint_every: int = 0  # 0: only the final bundle
-    keep_checkpoints: int = 2
-    num_workers: int = 0  # data-loader worker processes per task
-    threads: PositiveInt | None = None  # torch compute threads in each training process (None: torch's default)
+    seed: Seed = 0
+    log_every: Count = 10
+    checkpoint_every: NonNegativeInt = 0  # 0: only the final bundle
+    keep_checkpoints: Count = 2
+    num_workers: NonNegativeInt = 0  # data-loader worker processes per task
+    threads: Count | None = None  # torch compute threads in each training process (None: torch's default)
+
+    @field_validator("min_lr")
+    @classmethod
+    def _at_most_lr(cls, min_lr: float, info: ValidationInfo) -> float:
+        lr = info.data.get("lr")  # absent when lr itself was invalid: that error is reported instead
+        if lr is not None and min_lr > lr:
+            raise ValueError(f"must be <= train.lr {lr!r}, where the cosine decay starts (got {min_lr!r})")
+        return min_lr
 
 
 @dataclass(config=STRICT)
@@ -97,36 +176,36 @@ class EngineSpec:
 
 @dataclass(config=STRICT)
 class EvalTaskSpec:
-    name: str
+    name: Name
     type: TaskType
     data: str
-    batch_size: int = 64
+    batch_size: Count = 64
     label_set: str | None = None
     labels: str | None = None  # a file of class names (default: the split's)
-    templates: list[str] | None = None
-    max_samples: int | None = None
-    beam_size: int = 2
-    max_len: int = 21
+    templates: list[Template] | None = None
+    max_samples: Count | None = None
+    beam_size: Count = 2
+    max_len: Count = 21
     # Captioning: decode over the tokens of these data folders' texts only (a model trained with a
     # corpus-restricted target set); empty: the whole vocabulary.
     vocabulary_from: list[str] = field(default_factory=list)
-    max_text_len: int = 50
-    captions_per_item: int | None = None  # retrieval: score only each item's first captions (None: all)
-    num_frames: int = 8
-    frame_stride: float = 32
-    views: int = 1  # spatial crops per video (1 or 3)
-    clips: int = 1  # temporal clips per video; views x clips softmaxes are averaged
+    max_text_len: Count = 50
+    captions_per_item: Count | None = None  # retrieval: score only each item's first captions (None: all)
+    num_frames: Count = 8
+    frame_stride: Positive = 32
+    views: Literal[1, 3] = 1  # spatial crops per video: the centre, or the start, centre and end
+    clips: Count = 1  # temporal clips per video; views x clips softmaxes are averaged
 
 
 @dataclass(config=STRICT)
 class EvalSpec:
-    every: int = 0  # steps between evaluations during training; 0: only after training
+    every: NonNegativeInt = 0  # steps between evaluations during training; 0: only after training
     tasks: list[EvalTaskSpec] = field(default_factory=list)
 
 
 @dataclass(config=STRICT)
 class Recipe:
-    name: str
+    name: Name
     stage: Literal["pretrain", "finetune", "prompt-tune"]
     tasks: list[TaskSpec]
     description: str = ""
@@ -137,6 +216,15 @@ class Recipe:
     engine: EngineSpec = field(default_factory=EngineSpec)
     evaluation: EvalSpec = field(default_factory=EvalSpec)
 
+    @field_validator("tasks")
+    @classmethod
+    def _something_to_train(cls, tasks: list[TaskSpec]) -> list[TaskSpec]:
+        if not tasks:
+            raise ValueError("must hold at least one training task")
+        if not any(task.sampling_weight > 0 for task in tasks):
+            raise ValueError("at least one task needs a sampling_weight > 0 (every weight is 0)")
+        return tasks
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -145,10 +233,40 @@ def _location(error: dict[str, Any]) -> str:
     return ".".join(str(part) for part in error["loc"] if not str(part).startswith("function-")) or "<root>"
 
 
-def parse_value(text: str) -> Any:
+def _message(error: dict[str, Any]) -> str:
+    if error["type"] == "unexpected_keyword_argument":
+        return "unknown key"
+    if error["type"] == "value_error":  # ours (ranges, names, cross-field rules): without pydantic's prefix
+        return str(error["ctx"]["error"])
+    return error["msg"]
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def read_yaml(text: str, source: str) -> Any:
+    """Parsed YAML; any problem is a one-line :class:`RecipeError` starting with ``source``."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.reader.ReaderError as e:  # a control character, such as a null byte
+        line = text.count("\n", 0, e.position) + 1
+        raise RecipeError(f"{source}: line {line} is not valid YAML (character #x{e.character:04x} is not allowed)"
+                          ) from None
+    except yaml.MarkedYAMLError as e:
+        where = f" line {e.problem_mark.line + 1}" if e.problem_mark is not None else ""
+        problem = "; ".join(part for part in (e.context, e.problem) if part)  # "while parsing ...", what was found
+        raise RecipeError(f"{source}:{where} is not valid YAML ({_one_line(problem or e)})") from None
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: a tagged or date-like scalar that does not convert
+        raise RecipeError(f"{source}: is not valid YAML ({_one_line(e)})") from None
+    except RecursionError:
+        raise RecipeError(f"{source}: is nested too deeply to be a recipe") from None
+
+
+def parse_value(text: str, source: str = "override") -> Any:
     """A command-line override value, read as YAML (``[1, 2]`` -> list, ``x`` -> str); ``3e-4``, which YAML 1.1
     leaves a string, becomes a float."""
-    value = yaml.safe_load(text)
+    value = read_yaml(text, source)
     if isinstance(value, str):
         try:
             return float(value)
@@ -175,7 +293,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             elif not isinstance(node, dict):
                 raise RecipeError(f"override {path}: {'.'.join(keys[:i])} is not a mapping")
             if last:
-                node[key] = parse_value(value)
+                node[key] = parse_value(value, f"override {path}")
             else:
                 if isinstance(node, dict) and node.get(key) is None:
                     node[key] = {}
@@ -184,26 +302,36 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def validate(data: Any, source: str = "recipe") -> Recipe:
-    """A typed recipe from plain data, whose model builds and whose task names are unique; the first problem
-    is reported as one line with its key path."""
+    """A typed recipe from plain data, whose model config builds, whose texts and clips fit that model and
+    whose task names are unique; the first problem is reported as one line with its key path."""
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe is a YAML mapping, got {type(data).__name__}")
     try:
         recipe = TypeAdapter(Recipe).validate_python(data)
     except ValidationError as e:
         first = e.errors()[0]
-        message = "unknown key" if first["type"] == "unexpected_keyword_argument" else first["msg"]
         more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
-        raise RecipeError(f"{source}: {_location(first)}: {message}{more}") from None
+        raise RecipeError(f"{source}: {_location(first)}: {_message(first)}{more}") from None
     try:
-        get_config(recipe.model.preset, **recipe.model.overrides)
-    except (TypeError, ValueError) as e:
+        config = get_config(recipe.model.preset, **recipe.model.overrides)
+    except (TypeError, ValueError, ArithmeticError) as e:  # ArithmeticError: heads 0 divides by zero
         raise RecipeError(f"{source}: model: {e}") from None
     for key, tasks in (("tasks", recipe.tasks), ("evaluation.tasks", recipe.evaluation.tasks)):
         names = [task.name for task in tasks]
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
             raise RecipeError(f"{source}: {key}: repeated task name(s) {', '.join(repeated)}")
+        for i, task in enumerate(tasks):
+            # The model's tables bound a task: text positions (captions, passages, generated captions), frames.
+            limits = [("max_text_len", task.max_text_len, "max_text_len", config.max_text_len)]
+            if isinstance(task, EvalTaskSpec) and task.type.endswith("_caption"):
+                limits.append(("max_len", task.max_len, "max_text_len", config.max_text_len))
+            if task.type.startswith("video_"):
+                limits.append(("num_frames", task.num_frames, "max_frames", config.max_frames))
+            for name, value, model_key, limit in limits:
+                if value > limit:
+                    raise RecipeError(f"{source}: {key}.{i}.{name}: must be <= the model's {model_key} {limit} "
+                                      f"(got {value})")
     return recipe
 
 
@@ -213,13 +341,17 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not path.is_file():
         raise FileNotFoundError(f"recipe {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise RecipeError(f"{path}:{where} is not valid YAML ({getattr(e, 'problem', e)})") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: is not a text file (byte {e.object[e.start]:#04x} at offset {e.start} is not "
+                          "UTF-8)") from None
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot be read ({e.strerror or e})") from None
+    data = read_yaml(text, str(path))
+    if data is None:
+        raise RecipeError(f"{path}: is empty; a recipe is a YAML mapping")
     if overrides:
         if not isinstance(data, dict):
-            raise RecipeError(f"{path}: a recipe is a YAML mapping")
+            raise RecipeError(f"{path}: a recipe is a YAML mapping, got {type(data).__name__}")
         data = apply_overrides(data, overrides)
     return validate(data, str(path))
