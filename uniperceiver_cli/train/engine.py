@@ -395,6 +395,7 @@ def _train(recipe: Recipe, run_dir: Path, *, resume: str | None, ctx: Context,
     seed_everything(spec.seed)
     model = build_model(recipe)
     tasks = {t.name: TrainTask.build(t, data_root) for t in recipe.tasks}
+    TrainTask.record_targets(model, tasks.values())  # class names, caption vocabulary: for evaluations, the bundle
     if recipe.engine.kind == "deepspeed":
         from uniperceiver_cli.train.deepspeed_engine import DeepSpeedEngine
 
@@ -484,7 +485,7 @@ def _train(recipe: Recipe, run_dir: Path, *, resume: str | None, ctx: Context,
             reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items()))
             err_console.print(f"[yellow]skipped while training:[/yellow] {name}: {sum(counts.values())} sample(s) "
                               f"({escape(reasons)})", highlight=False, soft_wrap=True)
-        save_bundle(TrainTask.record_targets(engine.model, tasks.values()), final)
+        save_bundle(engine.model, final)
         if recipe.evaluation.tasks:
             _evaluate(engine.model, recipe, run_dir / "eval" / "final", None, spec.steps)
     return final
@@ -505,7 +506,7 @@ def _save_checkpoint(engine: Any, run_dir: Path, step: int, consumed: int, gener
     if ctx.main:
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
-        for old in _checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        for old in _checkpoints(run_dir)[:-keep]:  # keep >= 1 (the recipe checks it)
             shutil.rmtree(old)
     engine.barrier()
 

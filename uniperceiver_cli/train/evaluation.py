@@ -41,7 +41,9 @@ def evaluate_task(model: UniPerceiver, spec: EvalTaskSpec, data_root: Path, out:
         result = runners.run_retrieval(model, batches, max_text_len=spec.max_text_len,
                                        captions_per_item=spec.captions_per_item, task=spec.name)
     elif kind.endswith("_caption"):
-        vocab_ids = vocabulary_of([data_root / f for f in spec.vocabulary_from]) if spec.vocabulary_from else None
+        # Default: the tokens the model's caption task trained on (None when it trained on all), as `evaluate`.
+        vocab_ids = (vocabulary_of([data_root / f for f in spec.vocabulary_from]) if spec.vocabulary_from
+                     else model.caption_vocabulary)
         result = runners.run_captioning(model, batches, beam_size=spec.beam_size, max_len=spec.max_len,
                                         vocab_ids=vocab_ids, task=spec.name)
     else:
