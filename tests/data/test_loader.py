@@ -1,5 +1,9 @@
+import bz2
+import gzip
 import io
 import json
+import lzma
+import os
 import random
 import shutil
 import tarfile
@@ -16,9 +20,9 @@ from timm.data.auto_augment import RandAugment
 
 from uniperceiver_cli.data.loader import choose_subset, make_loader
 from uniperceiver_cli.data.mixing import mix_tasks
-from uniperceiver_cli.data.shards import Manifest, Sample, write_shards
+from uniperceiver_cli.data.shards import Manifest, Sample, Skip, write_shards
 from uniperceiver_cli.data.transforms import classification_train_transform
-from uniperceiver_cli.data.video import eval_indices, train_indices
+from uniperceiver_cli.data.video import eval_clip, eval_indices, train_clip, train_indices
 from uniperceiver_cli.model.tokenizer import get_tokenizer
 
 SIZE, FRAMES = 32, 4
@@ -246,6 +250,125 @@ def test_truncated_shards_are_counted_and_the_rest_read(images: Path, tmp_path: 
     assert loader.skipped == {"unreadable shard": 2}
     for shard in ("shard-000000", "shard-000003"):  # the undamaged shards are read completely
         assert set(json.loads((images / f"{shard}.json").read_text())["keys"]) <= keys
+
+
+def _one_shard(directory: Path, samples: list[Sample]) -> Path:
+    manifest = Manifest(dataset="test", split="val", modality="image", tasks=[], source="test")
+    write_shards(directory, samples, lambda sample: sample, manifest=manifest, min_shards=1, progress=False)
+    return directory / "shard-000000.tar"
+
+
+def _wipe_headers(tar: Path, *members: str, fill: str = "random") -> None:
+    """Overwrite the header block of each member (its first extension header, if it has one)."""
+    with tarfile.open(tar) as archive:
+        offsets = [archive.getmember(member).offset for member in members]
+    data = bytearray(tar.read_bytes())
+    for offset in offsets:
+        data[offset : offset + 512] = random.Random(offset).randbytes(512) if fill == "random" else bytes(512)
+    tar.write_bytes(bytes(data))
+
+
+def _pngs(count: int) -> list[Sample]:
+    return [Sample(f"s{i:03d}", image=_image_bytes(i, "PNG"), image_ext="png", label=i % 3, meta=_meta(i))
+            for i in range(count)]
+
+
+@pytest.mark.parametrize(("member", "fill"), [
+    ("s000.png", "random"), ("s000.json", "random"),  # the shard's first sample: its first and last member
+    ("s005.png", "random"), ("s005.cls", "random"), ("s005.json", "random"), ("s005.png", "zeros"),
+    ("s011.png", "random"), ("s011.json", "zeros"),  # the last sample
+])
+def test_a_damaged_member_header_loses_only_its_sample(tmp_path: Path, member: str, fill: str) -> None:
+    samples = _pngs(12)
+    _wipe_headers(_one_shard(tmp_path, samples), member, fill=fill)
+    loader = make_loader(tmp_path, task="image_classification", train=False, batch_size=5, image_size=SIZE)
+    batches = list(loader)
+    lost = member.split(".")[0]
+    assert _keys(batches) == [s.key for s in samples if s.key != lost]  # the 11 others, in order
+    assert torch.cat([b["labels"] for b in batches]).tolist() == [s.label for s in samples if s.key != lost]
+    assert loader.skipped == {"unreadable member": 1}  # and no "unreadable shard" for the 11 of 12 read
+
+
+def test_a_damaged_one_member_sample_counts_once(tmp_path: Path) -> None:
+    samples = [Sample(f"t{i:02d}", text=f"passage {i} " * (30 * i + 1)) for i in range(12)]
+    _wipe_headers(_one_shard(tmp_path, samples), "t04.txt")
+    loader = make_loader(tmp_path, task="text_mlm", train=False, batch_size=5, image_size=SIZE)
+    assert _keys(list(loader)) == [s.key for s in samples if s.key != "t04"]
+    assert loader.skipped == {"unreadable member": 1}
+
+
+def test_damage_and_truncation_in_one_shard_count_once_each(tmp_path: Path) -> None:
+    samples = _pngs(12)
+    tar = _one_shard(tmp_path, samples)
+    with tarfile.open(tar) as archive:
+        cut = archive.getmember("s009.cls").offset_data + 1  # inside s009's data: s009 is lost, s008 is kept
+    _wipe_headers(tar, "s002.png", "s003.json")  # two damaged stretches
+    tar.write_bytes(tar.read_bytes()[:cut])
+    loader = make_loader(tmp_path, task="image_classification", train=False, batch_size=5, image_size=SIZE)
+    assert _keys(list(loader)) == ["s000", "s001", "s004", "s005", "s006", "s007", "s008"]
+    assert loader.skipped == {"unreadable member": 2, "unreadable shard": 1}
+
+
+def _tar_of(path: Path, members: list[tuple[str, bytes]], fmt: int) -> Path:
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
+def test_pax_and_gnu_long_names(tmp_path: Path, fmt: int) -> None:
+    keys = [f"folder/{'long' * 30}_{i}" + ("_é" if i == 1 else "") for i in range(4)]  # > 100 bytes: extension headers
+    members = [(f"{key}.{ext}", data) for i, key in enumerate(keys)
+               for ext, data in (("PNG", _image_bytes(i, "PNG")), ("cls", str(i).encode()))]
+    tar = _tar_of(tmp_path / "shard.tar", members, fmt)
+    loader = make_loader([str(tar)], task="image_classification", train=False, batch_size=4, image_size=SIZE)
+    batches = list(loader)
+    assert _keys(batches) == keys and batches[0]["labels"].tolist() == [0, 1, 2, 3] and loader.skipped == {}
+
+    _wipe_headers(tar, f"{keys[2]}.PNG")  # the pax or GNU long-name header: the PNG is read under no key
+    loader = make_loader([str(tar)], task="image_classification", train=False, batch_size=4, image_size=SIZE)
+    assert _keys(list(loader)) == [keys[0], keys[1], keys[3]] and loader.skipped == {"unreadable member": 1}
+
+
+def test_compressed_and_concatenated_tars(tmp_path: Path) -> None:
+    raw = _one_shard(tmp_path / "plain", _pngs(6)).read_bytes()
+    (tmp_path / "shard.tar.gz").write_bytes(gzip.compress(raw))
+    (tmp_path / "shard.tar.bz2").write_bytes(bz2.compress(raw))
+    (tmp_path / "shard.tar.xz").write_bytes(lzma.compress(raw))
+    (tmp_path / "twice.tar").write_bytes(raw + _one_shard(tmp_path / "more", _pngs(8)[6:]).read_bytes())
+    for name, count in (("shard.tar.gz", 6), ("shard.tar.bz2", 6), ("shard.tar.xz", 6), ("twice.tar", 8)):
+        loader = make_loader([str(tmp_path / name)], task="image_classification", train=False, batch_size=4,
+                             image_size=SIZE)
+        assert _keys(list(loader)) == [f"s{i:03d}" for i in range(count)] and loader.skipped == {}
+
+
+def test_not_a_tar_counts_as_an_unreadable_shard(tmp_path: Path) -> None:
+    (tmp_path / "noise.tar").write_bytes(random.Random(0).randbytes(5000))
+    (tmp_path / "empty.tar").write_bytes(b"")
+    loader = make_loader([str(tmp_path / "noise.tar"), str(tmp_path / "empty.tar")], task="image_classification",
+                         train=False, batch_size=4, image_size=SIZE)
+    assert list(loader) == [] and loader.skipped == {"unreadable shard": 2}
+
+
+def test_native_video_messages_go_into_the_skip_not_stderr(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    video = _video_bytes(0)
+    truncated = video[: len(video) // 2]  # the mp4 index ("moov" atom) is at the end
+    with pytest.raises(Skip) as skip:
+        eval_clip(truncated, SIZE, FRAMES)
+    assert skip.value.reason == "undecodable video" and "moov atom not found" in skip.value.detail
+    with pytest.raises(Skip, match="undecodable video"):
+        train_clip(truncated, SIZE, FRAMES, random.Random(0))
+    samples = [Sample(f"v{i}", video=truncated if i == 1 else _video_bytes(i), label=1) for i in range(3)]
+    video_dir = _write(tmp_path / "videos", samples, "video")
+    loader = make_loader(video_dir, task="video_classification", train=False, batch_size=2, image_size=SIZE,
+                         num_frames=FRAMES)  # num_workers=0: decoded in this process
+    assert sorted(_keys(list(loader))) == ["v0", "v2"] and loader.skipped == {"undecodable video": 1}
+    assert capfd.readouterr().err == ""
+    os.write(2, b"fd 2 is back\n")
+    assert capfd.readouterr().err == "fd 2 is back\n"
 
 
 def test_randaugment_inc1_survives_pillow_13() -> None:

@@ -307,7 +307,9 @@ def test_image_text_tsv_jsonl_folders_and_zips(tmp_path):
     for reason in ("empty caption", "undecodable image", "missing file"):
         assert reason in result.stdout
     manifest, samples = read_split(tmp_path / "out" / "train")
-    assert manifest.dataset == "cc3m" and len(manifest.shards) == 3
+    assert manifest.dataset == "cc3m"
+    # 8 items in 3 shards: [0, 3) [3, 5) [5, 8); both items of the middle one are skipped, so it is not listed.
+    assert [(s.file, s.samples) for s in manifest.shards] == [("shard-000000.tar", 2), ("shard-000002.tar", 3)]
     assert manifest.skipped == {"empty caption": 1, "missing file": 1, "undecodable image": 1}
     got = {k: (s.get("jpg") or s.get("png"), s["txt"].decode()) for k, s in samples.items()}
     absolute = safe_key(str(root / "folder" / "b"))
@@ -391,6 +393,19 @@ def test_kinetics_class_folders_and_workers(tmp_path):
             assert int(sample["cls"]) == manifest.classes.index(label)
         for one in sorted((tmp_path / "one" / split).glob("shard-*")):  # parallel: byte-identical
             assert one.read_bytes() == (tmp_path / "two" / split / one.name).read_bytes()
+
+
+def test_native_video_messages_go_into_the_manifest(tmp_path, capfd):
+    src = tmp_path / "mit"
+    put(src / "training" / "running" / "good.mp4", mp4(0))
+    put(src / "training" / "running" / "cut.mp4", mp4(1)[: len(mp4(1)) // 2])  # the mp4 index is at the end
+    prepare("kinetics", src, "--out", tmp_path / "out")
+    manifest = Manifest.load(tmp_path / "out" / "training")
+    assert manifest.num_samples == 1 and manifest.skipped == {"undecodable video": 1}
+    [example] = manifest.skipped_examples
+    assert example["detail"].startswith(str(src / "training" / "running" / "cut.mp4"))
+    assert "moov atom not found" in example["detail"]
+    assert "moov" not in capfd.readouterr().err
 
 
 def test_msvd_and_msrvtt(tmp_path):

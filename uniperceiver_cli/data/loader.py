@@ -8,14 +8,17 @@ of shard URLs and yields collated batch dicts. What runs where:
   evaluation; the same on every process) is dealt out as ``order[reader::readers]``, so one epoch reads every
   sample exactly once. A data set with fewer shards than readers is split by sample instead: every reader
   reads every shard and keeps every ``readers``-th sample.
-- **Samples** are read with webdataset's tar iterators, filtered by the optional 1% subset, shuffled in a
-  ``shuffle_buffer`` (training), decoded and transformed, then batched inside the worker (``wds.batched``)
-  with one collate call per batch: tensors are stacked and texts tokenised with one ``encode_batch``.
+- **Samples** are read with a tar reader that reads past damaged member headers (:func:`_tar_members`) and
+  grouped by key as webdataset does, filtered by the optional 1% subset, shuffled in a ``shuffle_buffer``
+  (training), decoded and transformed, then batched inside the worker (``wds.batched``) with one collate
+  call per batch: tensors are stacked and texts tokenised with one ``encode_batch``.
 - **Bad data is skipped and counted**, never fatal: a sample that cannot be decoded raises
-  :class:`~uniperceiver_cli.data.shards.Skip`; a shard that cannot be read (truncated, not a tar) stops being
-  read and counts once as ``"unreadable shard"`` (samples before the damage are kept). Each worker attaches
-  the counts since its last batch to the next batch, and one last count-only item when it finishes; the
-  main process strips them and adds them to :attr:`ShardLoader.skipped`.
+  :class:`~uniperceiver_cli.data.shards.Skip`; a sample that lost a member to a damaged tar header counts as
+  ``"unreadable member"`` and the rest of its shard is read; a shard that cannot be read on (truncated, not a
+  tar) stops being read and counts once as ``"unreadable shard"`` (samples before the damage are kept), as
+  does a shard that ends cleanly but holds fewer samples than its manifest says. Each worker attaches the
+  counts since its last batch to the next batch, and one last count-only item when it finishes; the main
+  process strips them and adds them to :attr:`ShardLoader.skipped`.
 
 Randomness: the shard order, sample shuffle, caption choice and video clip sampling come from generators
 seeded with ``(seed, epoch, rank, worker)``; the image augmentations (timm, torchvision) use each worker's
@@ -25,17 +28,22 @@ process's global RNGs.
 
 from __future__ import annotations
 
+import bz2
 import io
 import json
+import lzma
 import os
 import random
+import re
+import tarfile
+import zlib
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
-from itertools import count
+from itertools import chain, count
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 import webdataset as wds
@@ -43,7 +51,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import base_plus_ext
 
 from uniperceiver_cli.data.shards import IMAGE_EXTS, TASK_TYPES, VIDEO_EXTS, Manifest, Skip
 from uniperceiver_cli.data.transforms import build_image_transform
@@ -55,6 +63,7 @@ SKIPPED = "__skipped__"  # per-batch skip counts travelling from the workers to 
 TEXT_LEN = {"text_mlm": 128}  # default max_text_len per task; 30 otherwise
 DEFAULT_TEXT_LEN = 30
 UNREADABLE_SHARD = "unreadable shard"
+UNREADABLE_MEMBER = "unreadable member"
 
 
 @dataclass(frozen=True)
@@ -200,24 +209,234 @@ class Collate:
 # ---------------------------------------------------------------------------------------------------- shards
 
 
+# A tar is a sequence of 512-byte blocks: each member is one header block, then its data padded to whole blocks.
+BLOCK = 512
+ZERO_BLOCK = bytes(BLOCK)
+CHUNK = 1 << 20  # bytes read from the stream at a time
+# Compressed tars, as tarfile's "r|*" opens them: magic bytes -> a streaming decompressor.
+DECOMPRESSORS: dict[bytes, Callable[[], Any]] = {
+    b"\x1f\x8b": lambda: zlib.decompressobj(zlib.MAX_WBITS | 16),
+    b"BZh": bz2.BZ2Decompressor,
+    b"\xfd7zXZ\x00": lzma.LZMADecompressor,
+}
+PAX_TYPES = (tarfile.XHDTYPE, tarfile.SOLARIS_XHDTYPE)  # pax fields of the next member
+# Headers that describe other members rather than being one: pax, global pax, GNU long name and link.
+EXTENSION_TYPES = (*PAX_TYPES, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK)
+PAX_RECORD = re.compile(rb"(\d+) ([^=]+)=")
+META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta: not a sample's file
+
+
+class _Bytes:
+    """A (non-seekable) stream read in large chunks, decompressed when it is a gzip, bzip2 or xz file."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self.chunks = self._chunks(stream)
+        self.buffer, self.pos = b"", 0
+
+    @staticmethod
+    def _chunks(stream: BinaryIO) -> Iterator[bytes]:
+        chunk = stream.read(CHUNK)
+        decompressor = next((make() for magic, make in DECOMPRESSORS.items() if chunk.startswith(magic)), None)
+        while chunk:
+            yield decompressor.decompress(chunk) if decompressor is not None else chunk
+            chunk = stream.read(CHUNK)
+
+    def read(self, size: int) -> bytes:
+        """The next ``size`` bytes; fewer only where the stream ends."""
+        end = self.pos + size
+        if end <= len(self.buffer):  # the common case: a header or small member inside the current chunk
+            data, self.pos = self.buffer[self.pos : end], end
+            return data
+        parts = [self.buffer[self.pos :]]
+        size -= len(parts[0])
+        self.buffer, self.pos = b"", 0
+        for chunk in self.chunks:
+            if size <= len(chunk):
+                parts.append(chunk[:size])
+                self.buffer, self.pos = chunk, size
+                break
+            parts.append(chunk)
+            size -= len(chunk)
+        return b"".join(parts)
+
+
+def _pax_fields(data: bytes) -> dict[str, str]:
+    """The records of a pax header, ``"%d %s=%s\\n" % (length, keyword, value)``, as tarfile reads them."""
+    fields, pos = {}, 0
+    while match := PAX_RECORD.match(data, pos):
+        length = int(match.group(1))
+        if length <= len(match.group(0)):
+            raise tarfile.InvalidHeaderError("invalid pax record")
+        value = data[match.end() : pos + length - 1]
+        fields[match.group(2).decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return fields
+
+
+def _tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes | None] | None]:
+    """``(name, data)`` of each regular file of a tar stream, and None for each damaged stretch passed over.
+    Data None: the stream ends inside this file's data, and nothing follows.
+
+    A block that is not a valid header (bad checksum) where one should be starts a damaged stretch: the blocks
+    after it are tried one by one until one is a valid header again, and reading goes on there. The stretch is
+    the lost member's header and data (its data blocks do not pass as headers). Two or more zero blocks end an
+    archive, so a stretch of zero blocks alone is the end (or the gap between concatenated tars), not damage.
+    Pax and GNU long-name headers name the member that follows, as in tarfile; global pax headers are ignored.
+
+    Raises:
+        tarfile.ReadError: the stream ends inside the data of a header that is not a file's, or holds no valid
+            header (not a tar).
+    """
+    data = _Bytes(stream)
+    fields: dict[str, str] = {}  # from pax or GNU long-name headers, for the next member
+    passed = zeros = 0  # blocks passed over since the last valid header, and how many of them were zero
+    valid = False
+    while len(header := data.read(BLOCK)) == BLOCK:  # a stream cut inside a header ends, as in tarfile
+        try:
+            info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+        except tarfile.HeaderError:
+            passed += 1
+            zeros += header == ZERO_BLOCK
+            continue
+        if passed > zeros or passed == 1:  # one zero block is a header wiped out, not an archive's end
+            yield None
+            fields = {}
+        passed = zeros = 0
+        valid = True
+        size = info.size if info.type in EXTENSION_TYPES else int(fields.get("size", info.size))
+        content, padding = data.read(size), -size % BLOCK
+        if len(content) < size or len(data.read(padding)) < padding:
+            if info.isreg():
+                yield fields.get("path", info.name), None
+                return
+            raise tarfile.ReadError("truncated: the stream ends inside a member")
+        if info.type in PAX_TYPES:
+            fields.update(_pax_fields(content))
+        elif info.type == tarfile.GNUTYPE_LONGNAME:
+            fields["path"] = content.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        elif info.type not in EXTENSION_TYPES:
+            if info.isreg():
+                yield fields.get("path", info.name), content
+            fields = {}
+    if not valid:
+        if passed == 0 or passed > zeros:
+            raise tarfile.ReadError("not a tar file")
+        return  # only zero blocks: an empty archive
+    if passed > zeros:
+        yield None  # the last member's header was damaged
+
+
+@dataclass
+class _Group:
+    """The members of one sample key, as webdataset's ``group_by_keys`` gathers them, and where damaged stretches
+    of the tar touched them."""
+
+    sample: dict[str, Any]  # __key__, __url__, then lower-case extension -> bytes
+    lost_before: bool  # a damaged stretch lies between the previous group (or the tar's start) and this one
+    lost_inside: bool = False  # ... between two members of this group
+    lost_after: bool = False  # ... between this group and the next one (or the tar's end)
+
+
+def _groups(members: Iterator[tuple[str, bytes | None] | None], url: str,
+            damage: Counter[str]) -> Iterator[_Group]:
+    """Consecutive members with the same key (the name up to its first ``.`` after the last ``/``) as groups.
+    A shard that cannot be read on counts as unreadable: the sample it ends inside is lost, those before are
+    kept."""
+    group: _Group | None = None
+    lost = False  # a damaged stretch since the last member
+    try:
+        for member in members:
+            if member is None:
+                lost = True
+                continue
+            name, content = member
+            key, ext = base_plus_ext(name)
+            if content is None:  # the stream ends inside this member
+                if group is not None and key != group.sample["__key__"]:
+                    group.lost_after = lost
+                    yield group  # complete: the cut member is the next sample's
+                raise tarfile.ReadError(f"{url} ends inside {name}")
+            if key is None or META_MEMBER.match(name):
+                continue
+            ext = ext.lower()
+            if group is not None and key == group.sample["__key__"]:
+                if ext in group.sample:
+                    raise ValueError(f"{name}: repeated member in {url}")
+                group.lost_inside |= lost
+            else:
+                if group is not None:
+                    group.lost_after = lost
+                    yield group
+                group = _Group({"__key__": key, "__url__": url}, lost_before=lost)
+            group.sample[ext] = content
+            lost = False
+    except Exception:  # noqa: BLE001 - truncated, not a tar, an I/O error, a repeated member: all end the shard
+        damage[UNREADABLE_SHARD] += 1
+        return
+    if group is not None:
+        group.lost_after = lost
+        yield group
+
+
+def _kinds(group: _Group | None) -> set[str]:
+    return {ext for ext in group.sample if not ext.startswith("__")} if group is not None else set()
+
+
+def _fewer_kinds(group: _Group, *neighbours: _Group | None) -> bool:
+    """Whether ``group`` lacks a kind of member that a neighbour has (and has none the neighbour lacks)."""
+    kinds = _kinds(group)
+    return any(kinds < _kinds(neighbour) for neighbour in neighbours)
+
+
+def _intact(groups: Iterable[_Group], damage: Counter[str]) -> Iterator[dict[str, Any]]:
+    """The samples of ``groups`` less those that lost a member to a damaged stretch; each lost sample counts
+    once as ``"unreadable member"``.
+
+    A stretch is one lost member (or several in a row). Inside a group it was that sample's. Between two
+    groups it was the last member of the one before, the first of the one after, or a whole sample (such as a
+    one-member text sample): a group next to it that has fewer kinds of member than a neighbour lost one;
+    when neither group did, a whole sample was lost there.
+    """
+    previous: _Group | None = None
+    current: _Group | None = None
+    previous_dropped = False
+    for following in chain(groups, [None]):
+        if current is not None:
+            touched = current.lost_before or current.lost_after
+            dropped = current.lost_inside or (touched and _fewer_kinds(current, previous, following))
+            if dropped:
+                damage[UNREADABLE_MEMBER] += 1
+            else:
+                yield current.sample
+            # A stretch next to no dropped group took a whole sample.
+            if current.lost_before and not (dropped or previous_dropped):
+                damage[UNREADABLE_MEMBER] += 1
+            if current.lost_after and following is None and not dropped:
+                damage[UNREADABLE_MEMBER] += 1
+            previous_dropped = dropped
+        previous, current = current, following
+
+
 def _read_shards(shards: Iterable[Shard], skipped: Counter[str]) -> Iterator[dict[str, Any]]:
-    """Raw samples of each shard in turn; a shard that fails, or ends early, counts once as unreadable."""
+    """Raw samples of each shard in turn; damage is counted into ``skipped`` once the shard is done."""
     for shard in shards:
+        damage: Counter[str] = Counter()
         read = 0
         stream = None
         try:
             stream = gopen(shard.url)
-            for sample in group_by_keys(tar_file_expander([{"url": shard.url, "stream": stream}])):
+            for sample in _intact(_groups(_tar_members(stream), shard.url, damage), damage):
                 read += 1
                 yield sample
-        except Exception:  # noqa: BLE001 - any failure of a shard (truncated, not a tar, I/O) is counted
-            skipped[UNREADABLE_SHARD] += 1
-            continue
+            lost = damage[UNREADABLE_MEMBER]
+            if shard.samples is not None and not damage[UNREADABLE_SHARD] and read + lost < shard.samples:
+                damage[UNREADABLE_SHARD] += 1  # it ends early, exactly at a member boundary
+        except Exception:  # noqa: BLE001 - a shard that cannot be opened (missing, I/O) is counted
+            damage[UNREADABLE_SHARD] += 1
         finally:
             if stream is not None:
                 stream.close()
-        if shard.samples is not None and read < shard.samples:  # cut exactly at a member boundary
-            skipped[UNREADABLE_SHARD] += 1
+            skipped.update(damage)
 
 
 def _count_skip(skipped: Counter[str], error: Exception) -> bool:

@@ -158,7 +158,11 @@ def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def _write_shard(directory: Path, index: int, items: Sequence[Any],
                  make_sample: Callable[[Any], Sample]) -> dict[str, Any]:
-    """Write one shard atomically; returns its stats (also saved next to it)."""
+    """Write one shard atomically; returns its stats (also saved next to it).
+
+    A shard whose items were all skipped keeps only its stats (its skips count, and resuming finds it done):
+    no tar is written, and the manifest does not list it.
+    """
     name = f"shard-{index:06d}.tar"
     skipped: Counter[str] = Counter()
     examples: list[dict[str, str]] = []
@@ -182,9 +186,12 @@ def _write_shard(directory: Path, index: int, items: Sequence[Any],
             labels.append(sample.label)
     if len(set(keys)) != len(keys):
         raise ValueError(f"{name}: sample keys repeat; each sample needs its own key")
-    os.replace(tmp, directory / name)
+    if keys:
+        os.replace(tmp, directory / name)
+    else:
+        tmp.unlink()
     # The keys and labels let a loader pick subsets (e.g. class-balanced 1%) without reading any tar.
-    stats = {"file": name, "samples": len(keys), "bytes": (directory / name).stat().st_size,
+    stats = {"file": name, "samples": len(keys), "bytes": (directory / name).stat().st_size if keys else 0,
              "skipped": dict(skipped), "skipped_examples": examples, "keys": keys, "labels": labels}
     (directory / f"shard-{index:06d}.json").write_text(json.dumps(stats) + "\n")
     return stats
@@ -192,12 +199,13 @@ def _write_shard(directory: Path, index: int, items: Sequence[Any],
 
 def _done(directory: Path, index: int) -> dict[str, Any] | None:
     tar, stats = directory / f"shard-{index:06d}.tar", directory / f"shard-{index:06d}.json"
-    if tar.exists() and stats.exists():
-        try:
-            return json.loads(stats.read_text())
-        except json.JSONDecodeError:
-            return None
-    return None
+    if not stats.exists():
+        return None
+    try:
+        done = json.loads(stats.read_text())
+    except json.JSONDecodeError:
+        return None
+    return done if tar.exists() or done["samples"] == 0 else None
 
 
 def write_shards(directory: str | Path, items: Sequence[Any], make_sample: Callable[[Any], Sample], *,
@@ -213,7 +221,9 @@ def write_shards(directory: str | Path, items: Sequence[Any], make_sample: Calla
         min_shards: at least this many shards (processes x data-loader workers of the training run).
         workers: processes converting shards in parallel.
 
-    A shard whose tar and stats already exist is kept, so re-running an interrupted conversion resumes.
+    A shard whose tar and stats already exist is kept, so re-running an interrupted conversion resumes. The
+    manifest lists only shards that hold samples: a shard whose items were all skipped is left out (its skips
+    are counted), so a split can have fewer than ``min_shards`` shards.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -248,7 +258,8 @@ def write_shards(directory: str | Path, items: Sequence[Any], make_sample: Calla
     manifest.shards, manifest.skipped_examples = [], []
     for i in range(len(plan)):
         stats = results[i]
-        manifest.shards.append(ShardInfo(stats["file"], stats["samples"], stats["bytes"]))
+        if stats["samples"]:
+            manifest.shards.append(ShardInfo(stats["file"], stats["samples"], stats["bytes"]))
         skipped.update(stats["skipped"])
         room = MAX_SKIP_EXAMPLES - len(manifest.skipped_examples)
         manifest.skipped_examples.extend(stats["skipped_examples"][:room])

@@ -11,13 +11,20 @@ Frames are decoded with decord from the bytes of a shard member (webdataset's ow
   ``int(stride / num_clips)`` are interleaved, so view ``c`` starts ``c`` sub-strides later.
 
 Decoding problems raise :class:`uniperceiver_cli.data.shards.Skip` (``"empty video"`` or
-``"undecodable video"``), which the loader counts and skips.
+``"undecodable video"``), which the loader counts and skips. What decord and ffmpeg print while they open or
+decode a video (``moov atom not found``) goes into the skip's detail instead of the terminal.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import random
+import re
+import sys
+import tempfile
+from collections.abc import Callable
+from typing import TypeVar
 
 import decord
 import torch
@@ -27,15 +34,51 @@ from uniperceiver_cli.model.preprocess import _short_side_resize, normalize_vide
 
 STRIDE = 32  # source frames between sampled frames at 30 fps
 TARGET_FPS = 30
+MAX_MESSAGES = 1 << 16  # bytes of captured native messages read back
+DETAIL_CHARS = 300
+# decord's log lines start with the time and its source position, "[20:48:14] /path/video_reader.cc:83: ".
+DECORD_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ", re.MULTILINE)
+# decord prints an in-memory video's "file name": its first bytes, up to a NUL.
+DECORD_FILE_NAME = re.compile(r"ERROR opening: .*?, (?=[A-Z])", re.DOTALL)
+
+T = TypeVar("T")
 
 
-def _open(data: bytes) -> decord.VideoReader:
+def _messages(error: Exception, native: bytes) -> str:
+    """The error and what native code printed, as one line (repeats and control characters dropped)."""
+    text = DECORD_FILE_NAME.sub("ERROR opening: ", f"{error}\n{native.decode('utf-8', 'replace')}")
+    text = DECORD_PREFIX.sub("", text)
+    lines = ("".join(c for c in line if c.isprintable()).strip() for line in text.splitlines())
+    return " | ".join(dict.fromkeys(line for line in lines if line))[:DETAIL_CHARS]
+
+
+def _native(call: Callable[[], T]) -> T:
+    """``call()`` with file descriptor 2 sent to a temporary file: the messages decord and ffmpeg write there
+    (from C, past ``sys.stderr``) go into the detail of the ``"undecodable video"`` skip raised on a failure,
+    and are dropped on success. The redirection is process-wide, so it spans only the native call."""
+    with tempfile.TemporaryFile() as capture:
+        sys.stderr.flush()  # what Python has buffered still goes to the terminal
+        saved = os.dup(2)
+        os.dup2(capture.fileno(), 2)
+        try:
+            return call()
+        except Exception as error:  # noqa: BLE001 - decord raises RuntimeError and its own DECORDError
+            capture.seek(0)
+            raise Skip("undecodable video", _messages(error, capture.read(MAX_MESSAGES))) from error
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def open_video(data: bytes) -> decord.VideoReader:
+    """A decord reader of a video file's bytes.
+
+    Raises:
+        Skip: ``"empty video"`` (no bytes or no frames) or ``"undecodable video"``.
+    """
     if not data:
         raise Skip("empty video")
-    try:
-        reader = decord.VideoReader(io.BytesIO(data), num_threads=1)  # one thread: workers give the parallelism
-    except Exception as error:  # noqa: BLE001 - decord raises RuntimeError and its own DECORDError
-        raise Skip("undecodable video", str(error)[:200]) from error
+    reader = _native(lambda: decord.VideoReader(io.BytesIO(data), num_threads=1))  # workers give the parallelism
     if len(reader) == 0:
         raise Skip("empty video")
     return reader
@@ -46,10 +89,7 @@ def _frames(reader: decord.VideoReader, indices: list[int]) -> torch.Tensor:
     # decord seeks back to a keyframe for every index below the previous one; wrapped (unsorted) positions
     # decode about twice as slowly as the same positions in order.
     unique = sorted(set(indices))
-    try:
-        frames = torch.from_numpy(reader.get_batch(unique).asnumpy())
-    except Exception as error:  # noqa: BLE001 - a corrupt stream fails only when its frames are read
-        raise Skip("undecodable video", str(error)[:200]) from error
+    frames = torch.from_numpy(_native(lambda: reader.get_batch(unique).asnumpy()))  # a corrupt stream may fail here
     position = {index: i for i, index in enumerate(unique)}
     return frames[[position[index] for index in indices]]
 
@@ -113,7 +153,7 @@ def train_clip(data: bytes, size: int, num_frames: int, rng: random.Random, stri
     Raises:
         Skip: on an empty or undecodable video.
     """
-    reader = _open(data)
+    reader = open_video(data)
     indices = train_indices(len(reader), _step(reader, stride), num_frames, rng)
     video = _frames(reader, indices).permute(0, 3, 1, 2).float().div_(255)  # (T, 3, H, W)
     short = round(rng.uniform(int(256 / 224 * size), int(320 / 224 * size)))
@@ -144,7 +184,7 @@ def eval_clip(data: bytes, size: int, num_frames: int, num_crops: int = 1, num_c
     Raises:
         Skip: on an empty or undecodable video.
     """
-    reader = _open(data)
+    reader = open_video(data)
     clips = eval_indices(len(reader), stride, reader.get_avg_fps(), num_frames, num_clips)
     frames = _frames(reader, [i for clip in clips for i in clip])  # (clips * T, H, W, 3)
     return video_views(frames.view(num_clips, num_frames, *frames.shape[1:]), size, num_crops)

@@ -80,19 +80,18 @@ def read_image(path: str | Path) -> tuple[bytes, str]:
 
 
 def read_video(path: str | Path) -> tuple[bytes, str]:
-    """Video bytes and container extension, opened with decord to check they hold frames."""
-    import decord
+    """Video bytes and container extension, opened with decord to check they hold frames (what decord and
+    ffmpeg print about a bad video goes into the skip's detail)."""
+    from uniperceiver_cli.data.video import open_video  # decord loads only for video data sets
 
     ext = Path(str(path)).suffix.lstrip(".").lower()
     if ext not in VIDEO_EXTS:
         raise Skip("unsupported video format", str(path))
     data = read_bytes(path)
     try:
-        frames = len(decord.VideoReader(io.BytesIO(data)))
-    except Exception as e:  # noqa: BLE001 - decord raises its own DECORDError and RuntimeError
-        raise Skip("undecodable video", f"{path}: {e}") from e
-    if frames == 0:
-        raise Skip("empty video", str(path))
+        open_video(data)
+    except Skip as skip:
+        raise Skip(skip.reason, f"{path}: {skip.detail}" if skip.detail else str(path)) from skip
     return data, ext
 
 
