@@ -223,3 +223,19 @@ def test_model_moves_to_another_dtype():
     with torch.no_grad():
         feats = model.encode_image(torch.randn(2, 3, SIZE, SIZE, dtype=torch.bfloat16))
     assert feats.dtype == torch.bfloat16 and torch.isfinite(feats).all()
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"drop_path": 5}, r"drop_path must be a finite number in \[0.0, 1.0\), got 5"),
+    ({"temperature_init": 0}, r"temperature_init must be a finite number in \(0.0, inf\), got 0"),
+    ({"pos_scale": float("nan")}, "pos_scale must be a finite number"),
+    ({"layer_scale_init": -1.0}, "layer_scale_init must be a finite number"),
+    ({"moe": {"top_k": 9}}, "moe.top_k 9 is larger than moe.num_experts 4"),
+    ({"moe": {"noise_std": -1}}, "noise_std must be a finite number"),
+    ({"moe": {"location": "even"}}, "moe.location must be"),
+    ({"prompt": {"deep_prompt_length": -1}}, "deep_prompt_length must be an integer >= 0, got -1"),
+    ({"prompt": {"classifier_classes": 2.5}}, "classifier_classes must be an integer >= 0"),
+])
+def test_config_values_out_of_range_are_refused(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        get_config("tiny-moe", **overrides)

@@ -21,6 +21,22 @@ VIDEO_MEAN = (0.5, 0.5, 0.5)
 VIDEO_STD = (0.5, 0.5, 0.5)
 
 
+def _check_int(owner: object, name: str, low: int) -> None:
+    value = getattr(owner, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _check_float(owner: object, name: str, low: float, high: float = math.inf, *, open_low: bool = False,
+                 open_high: bool = False) -> None:
+    """``name`` is a finite number in the interval [low, high] ("(" / ")" where open)."""
+    value = getattr(owner, name)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not number or value < low or (open_low and value == low) or value > high or (open_high and value == high):
+        interval = f"{'(' if open_low else '['}{low}, {high}{')' if open_high or high == math.inf else ']'}"
+        raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}")
+
+
 @dataclass
 class MoEConfig:
     """Attribute-routed mixture of experts (Uni-Perceiver-MoE)."""
@@ -34,14 +50,24 @@ class MoEConfig:
     noise_policy: str = "vmoe"
     noise_std: float = 1.0
 
+    def __post_init__(self) -> None:
+        _check_int(self, "num_experts", 1)
+        _check_int(self, "attribute_length", 1)
+        _check_int(self, "top_k", 1)
+        if self.top_k > self.num_experts:
+            raise ValueError(f"moe.top_k {self.top_k} is larger than moe.num_experts {self.num_experts}")
+        if self.location not in ("odd", "four", "all"):
+            raise ValueError(f"moe.location must be 'odd', 'four' or 'all', got {self.location!r}")
+        if self.noise_policy not in ("vmoe", "gumbel", "none"):
+            raise ValueError(f"moe.noise_policy must be 'vmoe', 'gumbel' or 'none', got {self.noise_policy!r}")
+        _check_float(self, "noise_std", 0.0)
+
     def is_moe_layer(self, index: int) -> bool:
         if self.location == "odd":
             return index % 2 == 0
         if self.location == "four":
             return index % 4 == 0
-        if self.location == "all":
-            return True
-        raise ValueError(f"moe.location must be 'odd', 'four' or 'all', got {self.location!r}")
+        return True  # "all" (__post_init__ admits no other)
 
 
 @dataclass
@@ -52,6 +78,10 @@ class PromptConfig:
     separate_target_prompts: bool = False  # targets get their own prefixes (retrieval configs)
     spe_bias: bool = False  # learned vector added to every <|spe|> embedding
     classifier_classes: int = 0  # > 0 adds the zero-initialised linear classifier prompt head
+
+    def __post_init__(self) -> None:
+        _check_int(self, "deep_prompt_length", 0)
+        _check_int(self, "classifier_classes", 0)
 
 
 @dataclass
@@ -83,6 +113,10 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        _check_float(self, "pos_scale", 0.0, open_low=True)
+        _check_float(self, "layer_scale_init", 0.0)
+        _check_float(self, "drop_path", 0.0, 1.0, open_high=True)
+        _check_float(self, "temperature_init", 0.0, open_low=True)
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
         if self.width % 4:

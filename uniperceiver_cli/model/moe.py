@@ -85,8 +85,6 @@ def route(logits: torch.Tensor, config: MoEConfig, training: bool) -> tuple[torc
     elif training and config.noise_policy == "gumbel":
         u = torch.rand_like(logits).clamp(1e-9, 1 - 1e-9)
         select = logits - torch.log(-torch.log(u))
-    elif config.noise_policy not in ("vmoe", "gumbel", "none"):
-        raise ValueError(f"moe.noise_policy must be 'vmoe', 'gumbel' or 'none', got {config.noise_policy!r}")
     probs = probs_from.softmax(dim=-1)
     ids = select.topk(config.top_k, dim=-1).indices
     gates = probs.gather(-1, ids)
