@@ -161,7 +161,8 @@ def test_bad_recorded_targets_fail_with_one_line(tmp_path, targets, message):
     ("width", -64, "width must be a positive integer, got -64"),
     ("layers", 0, "layers must be a positive integer, got 0"),
     ("heads", "2", "heads must be a positive integer, got '2'"),
-    ("prompt", {"classifier_classes": -3}, "does not build a model"),
+    ("prompt", {"classifier_classes": -3}, "config.json: classifier_classes must be an integer >= 0, got -3"),
+    ("drop_path", 5.0, "config.json: drop_path must be a finite number in [0.0, 1.0), got 5.0"),
 ])
 def test_invalid_config_values_fail_with_one_line(tmp_path, field, value, message):
     save_bundle(up.create_model("tiny", image_size=SIZE), tmp_path)
