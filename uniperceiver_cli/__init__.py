@@ -10,18 +10,43 @@ Public API::
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from uniperceiver_cli.checkpoints import CheckpointError, load_checkpoint, load_model, save_bundle
-from uniperceiver_cli.model.config import PRESETS, ModelConfig, MoEConfig, PromptConfig, get_config
-from uniperceiver_cli.model.tokenizer import Tokenizer, get_tokenizer
-from uniperceiver_cli.model.uniperceiver import UniPerceiver
+if TYPE_CHECKING:
+    from uniperceiver_cli.checkpoints import CheckpointError, load_checkpoint, load_model, save_bundle
+    from uniperceiver_cli.model.config import PRESETS, ModelConfig, MoEConfig, PromptConfig, get_config
+    from uniperceiver_cli.model.tokenizer import Tokenizer, get_tokenizer
+    from uniperceiver_cli.model.uniperceiver import UniPerceiver
 
 __version__ = "0.1.0"
+
+# The public names and the module each comes from. They are imported on first use (PEP 562) because
+# these modules pull in torch and timm (seconds), which `uniperceiver --help` or `recipes ls` never need.
+_LAZY = {
+    "CheckpointError": "uniperceiver_cli.checkpoints", "load_checkpoint": "uniperceiver_cli.checkpoints",
+    "load_model": "uniperceiver_cli.checkpoints", "save_bundle": "uniperceiver_cli.checkpoints",
+    "PRESETS": "uniperceiver_cli.model.config", "ModelConfig": "uniperceiver_cli.model.config",
+    "MoEConfig": "uniperceiver_cli.model.config", "PromptConfig": "uniperceiver_cli.model.config",
+    "get_config": "uniperceiver_cli.model.config",
+    "Tokenizer": "uniperceiver_cli.model.tokenizer", "get_tokenizer": "uniperceiver_cli.model.tokenizer",
+    "UniPerceiver": "uniperceiver_cli.model.uniperceiver",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
 
 
 def create_model(preset: str | ModelConfig = "base", **overrides: Any) -> UniPerceiver:
     """A freshly initialised model from a preset name (or config), with any config field overridden."""
+    from uniperceiver_cli.model.config import get_config
+    from uniperceiver_cli.model.uniperceiver import UniPerceiver
+
     return UniPerceiver(get_config(preset, **overrides))
 
 

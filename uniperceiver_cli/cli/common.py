@@ -5,11 +5,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
+
+if TYPE_CHECKING:
+    import torch
 
 err_console = Console(stderr=True)
 
@@ -29,6 +32,8 @@ def user_errors() -> Iterator[None]:
 
 
 def pick_device(name: str) -> torch.device:
+    import torch  # here, not at the top: commands that need no model (--help, recipes) start without it
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():

@@ -11,6 +11,7 @@ from enum import Enum
 from pathlib import Path
 
 import typer
+from rich.cells import cell_len
 from rich.console import Console
 from rich.table import Table
 
@@ -65,9 +66,10 @@ def _convert(plan: Callable[[], Conversion | list[Conversion]], out: Path, min_s
 
 
 def _report(manifest: Manifest, where: str) -> None:
-    table = Table(title=f"{manifest.dataset} / {manifest.split}")
+    title = f"{manifest.dataset} / {manifest.split}"
+    table = Table(title=title, min_width=cell_len(title))  # a narrower table would fold the title mid-word
     table.add_column("")
-    table.add_column(where, justify="right")
+    table.add_column(where, justify="right", overflow="fold")  # a path has no spaces: fold it, not cut it
     table.add_row("samples", f"{manifest.num_samples:,}")
     table.add_row("shards", f"{len(manifest.shards):,}")
     for reason, count in manifest.skipped.items() or [("", 0)]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -81,13 +83,17 @@ def caption_metrics(predictions: Mapping[str | int, str],
     if missing:
         raise ValueError(f"no prediction for reference id(s) {', '.join(missing)}")
     ids = list(references)
-    tokenizer = PTBTokenizer()
-    gts = tokenizer.tokenize({i: [{"caption": c} for c in references[i]] for i in ids})
-    res = tokenizer.tokenize({i: [{"caption": predictions[i]}] for i in ids})
     scores: dict[str, float] = {}
-    bleu, _ = Bleu(4).compute_score(gts, res)
-    scores.update({f"BLEU-{n + 1}": 100.0 * b for n, b in enumerate(bleu)})
-    for name, scorer in (("METEOR", Meteor()), ("ROUGE-L", Rouge()), ("CIDEr", Cider())):
-        score, _ = scorer.compute_score(gts, res)
-        scores[name] = 100.0 * float(score)
+    # pycocoevalcap prints debugging output ({'testlen': ...}, ratio: ...) where our commands print their
+    # results: drop it. The PTB tokenizer's Java process reports on stderr; that stays, as it is the only
+    # sign of a Java failure (the tokenizer ignores the exit code).
+    with contextlib.redirect_stdout(io.StringIO()):
+        tokenizer = PTBTokenizer()
+        gts = tokenizer.tokenize({i: [{"caption": c} for c in references[i]] for i in ids})
+        res = tokenizer.tokenize({i: [{"caption": predictions[i]}] for i in ids})
+        bleu, _ = Bleu(4).compute_score(gts, res)
+        scores.update({f"BLEU-{n + 1}": 100.0 * b for n, b in enumerate(bleu)})
+        for name, scorer in (("METEOR", Meteor()), ("ROUGE-L", Rouge()), ("CIDEr", Cider())):
+            score, _ = scorer.compute_score(gts, res)
+            scores[name] = 100.0 * float(score)
     return scores

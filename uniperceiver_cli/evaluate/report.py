@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from rich.cells import cell_len
 from rich.console import Console
 from rich.table import Table
 
@@ -52,8 +53,10 @@ def write_results(out: str | Path, result: EvalResult, *, data: dict[str, Any], 
 
 
 def print_results(result: EvalResult, title: str, console: Console | None = None) -> None:
-    table = Table(title=title)
-    table.add_column("metric")
+    # A title wraps to the table's width, and this table is narrow: at least as wide as the title, it keeps
+    # words such as "image_classification" whole (rich folds a word longer than the width mid-word).
+    table = Table(title=title, min_width=cell_len(title))
+    table.add_column("metric", no_wrap=True)
     table.add_column("value", justify="right")
     for name, value in result.metrics.items():
         table.add_row(name, f"{value:.2f}")
