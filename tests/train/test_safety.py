@@ -263,3 +263,14 @@ def test_skipped_samples_are_counted_per_task(data_root: Path, tmp_path: Path, c
     err = capfd.readouterr().err
     assert f"skipped while training: cls: {counts[-1]} sample(s) (undecodable image {counts[-1]})" in err
     assert "mean loss of 1 task(s)" in err  # the progress line says what its loss is (no task name beside it)
+
+
+def test_a_run_dir_that_cannot_be_made_is_one_line(data_root: Path, tmp_path: Path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")  # a file where the run directory's parent should be (root ignores permissions)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(_data(data_root)))
+    result = CliRunner().invoke(app, ["pretrain", "--recipe", str(recipe), "--run-dir", str(blocker / "run"),
+                                      "--device", "cpu"])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert result.output.startswith("error:") and "Not a directory" in result.output

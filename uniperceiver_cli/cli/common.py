@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 err_console = Console(stderr=True)
 
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, KeyError)
+USER_ERRORS = (ValueError, OSError, KeyError)  # OSError: a missing file, a folder that cannot be written, ...
 
 
 @contextlib.contextmanager

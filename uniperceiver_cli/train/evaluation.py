@@ -61,7 +61,7 @@ def print_summary(results: dict[str, dict[str, float]], title: str) -> None:
     from rich.table import Table
 
     table = Table(title=title)
-    table.add_column("task")
+    table.add_column("task", no_wrap=True)
     table.add_column("metrics")
     for name, metrics in results.items():
         table.add_row(name, "  ".join(f"{k} {v:.1f}" for k, v in metrics.items()))
