@@ -14,6 +14,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -224,17 +225,36 @@ def _official_name(key: str) -> str | None:
     return None
 
 
+def torch_load(path: str | Path, failure: str, allowed: tuple[type | Any, ...] = (), map_location: Any = "cpu",
+               ) -> Any:
+    """``torch.load`` with ``weights_only=True``: tensors, plain containers and the ``allowed`` globals. Anything
+    else in the file is refused before it runs; a file that cannot be read raises one line,
+    ``{failure} {path}: truncated, corrupt or unsafe (why)``."""
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
+        raise CheckpointError(f"{failure} {path}: truncated, corrupt or unsafe ({_load_failure(e)})") from None
+
+
+def _load_failure(error: Exception) -> str:
+    """The informative line of torch's message: for a refused global, the unpickler's own line (torch puts a
+    paragraph of advice with terminal colours before it)."""
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if line.strip()]
+    mark = "WeightsUnpickler error:"
+    refused = [line.split(mark, 1)[1].strip() for line in lines if mark in line]
+    found = re.match(r"Unsupported global: GLOBAL (\S+)", refused[0]) if refused else None
+    if found:
+        return f"it would call {found.group(1)}, which a checkpoint may not"
+    return (refused or lines or [type(error).__name__])[0]
+
+
 def read_official(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
     """Load an official file; returns its state dict and its format, "torch" or "ds"."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint file {path} does not exist")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot read checkpoint {path}: truncated, corrupt or unsafe ({reason})") from e
+    obj = torch_load(path, "cannot read checkpoint", (argparse.Namespace,))
     if isinstance(obj, dict) and isinstance(obj.get("module"), dict):
         return obj["module"], "ds"
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):

@@ -127,7 +127,9 @@ def test_captions_decode_over_the_recorded_vocabulary(files, tmp_path):
     assert any(trained) and all(set(c) <= set(words) for c in trained)
     assert not all(set(c) <= set(words) for c in captions("--vocabulary", "full"))
     result, _ = _invoke([files / "img_0.png", "--model", bundle, "--caption", "--vocabulary", "most"])
-    assert result.exit_code == 2 and "--vocabulary must be one of trained, full" in result.stderr
+    assert result.exit_code == 2 and "'most' is not one of" in " ".join(result.stderr.split())
+    result, _ = _invoke([files / "img_0.png", "--model", bundle, "--label", "cat", "--vocabulary", "most"])
+    assert result.exit_code == 2 and "'most' is not one of" in " ".join(result.stderr.split())  # in every mode
 
 
 def test_invalid_config_is_one_line_and_non_finite_weights_warn(files, tmp_path):

@@ -202,6 +202,8 @@ ZERO_WEIGHTS = [f"tasks.{i}.sampling_weight=0" for i in range(5)]
     (["name=../../../tmp/escape"], "name: must be a plain name: at most 128 letters, digits, '_', '-' and '.', "
                                    "not starting with '.' or '-', no '..' (got '../../../tmp/escape')"),
     (["evaluation.tasks.0.name=a/b"], "evaluation.tasks.0.name: must be a plain name"),
+    (["evaluation.tasks.3.vocabulary=full"], "evaluation.tasks.3.vocabulary_from: names the tokens to decode over, "
+                                             "and vocabulary: full says all of them: give one"),
 ])
 def test_every_value_is_checked(overrides: list[str], expected: str):
     result = runner.invoke(app, ["show", "toyworld-tiny", *overrides])

@@ -93,6 +93,22 @@ def test_resume_refuses_a_planted_state_file(data_root: Path, tmp_path: Path):
         loop.train(_recipe(data_root), run, resume=str(state.parent))
 
 
+def test_a_state_written_before_version_0_2_still_resumes(data_root: Path, tmp_path: Path):
+    """Older states hold numpy's RNG state as a tuple with an array: numpy's plain arrays are accepted."""
+    run = tmp_path / "run"
+    loop.train(_recipe(data_root), run, stop_after=2)
+    path = run / "checkpoints" / "step-0000002" / loop.STATE_FILE
+    state = loop.load_state_file(path)
+    np.random.seed(7)
+    state["rng"]["numpy"] = np.random.get_state()
+    torch.save(state, path)
+    loop.train(_recipe(data_root), run, resume="auto", stop_after=1)
+    assert _records(run)[-1]["step"] == 3
+    torch.save({"rng": Planted(tmp_path / "pwned")}, path)
+    with pytest.raises(CheckpointError, match=r"unsafe \(it would call io.open, which a checkpoint may not\)$"):
+        loop.load_state_file(path)
+
+
 def test_cli_resume_with_a_planted_state_is_one_line(data_root: Path, tmp_path: Path):
     run = tmp_path / "run"
     loop.train(_recipe(data_root), run, stop_after=2)
@@ -274,3 +290,26 @@ def test_a_run_dir_that_cannot_be_made_is_one_line(data_root: Path, tmp_path: Pa
                                       "--device", "cpu"])
     assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
     assert result.output.startswith("error:") and "Not a directory" in result.output
+
+
+def test_metrics_are_standard_json_and_skip_overflowing_norms(tmp_path: Path):
+    assert loop._finite_mean([torch.tensor(1.0), torch.tensor(float("inf")), torch.tensor(3.0)]).item() == 2.0
+    assert loop._finite_mean([torch.tensor(float("inf"))]).isnan()
+    log = loop.RunLog(tmp_path, total=1, enabled=True)
+    log.write({"step": 1, "grad_norm": float("nan"), "cls/loss": 0.5})
+    log.close()
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "grad_norm": None, "cls/loss": 0.5}
+
+
+def test_an_evaluation_that_cannot_run_does_not_end_training(data_root: Path, tmp_path: Path,
+                                                              capfd: pytest.CaptureFixture):
+    (data_root / "other.txt").write_text("violet\number\n")  # names no class of the split
+    data = _data(data_root, steps=2, checkpoint_every=0)
+    data["evaluation"] = {"every": 1, "tasks": [
+        {"name": "bad", "type": "image_classification", "data": "split", "labels": "other.txt"},
+        {"name": "good", "type": "image_classification", "data": "split"}]}
+    final = loop.train(validate(data), tmp_path / "run")
+    assert (final / "model.safetensors").is_file()
+    summary = json.loads((tmp_path / "run" / "eval" / "final" / "summary.json").read_text())
+    assert list(summary["results"]) == ["good"] and "is a class of the data" in summary["errors"]["bad"]
+    assert "evaluation bad after step 1 failed:" in capfd.readouterr().err

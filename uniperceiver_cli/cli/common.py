@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,6 +15,8 @@ from rich.markup import escape
 
 if TYPE_CHECKING:
     import torch
+
+    from uniperceiver_cli.model.uniperceiver import UniPerceiver
 
 err_console = Console(stderr=True)
 
@@ -63,3 +67,36 @@ def read_lines(path: Path, what: str) -> list[str]:
     if not lines:
         raise ValueError(f"{what} file {path} has no entries")
     return lines
+
+
+class Vocabulary(str, Enum):
+    """What captions decode over: the tokens the model's caption task trained on, or all of them."""
+
+    trained = "trained"
+    full = "full"
+
+
+@contextlib.contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """Show each warning raised inside (a suspect checkpoint, partly matching labels) as one line on stderr;
+    Python's default display adds the file, line and source of the call."""
+    def show(message: Warning | str, *_: object) -> None:
+        err_console.print(f"[yellow]warning:[/yellow] {escape(' '.join(str(message).split()))}", highlight=False,
+                          soft_wrap=True)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
+def caption_vocabulary(net: UniPerceiver, vocabulary: Vocabulary, vocabulary_from: list[Path] | None = None,
+                       ) -> torch.Tensor | None:
+    """The token ids to decode captions over (None: all of them): those of ``vocabulary_from``'s texts, else
+    with "trained" the set the model's caption task trained on (``net.caption_vocabulary``, when recorded)."""
+    if vocabulary_from:
+        if vocabulary is Vocabulary.full:
+            raise ValueError("--vocabulary full and --vocabulary-from contradict each other: give one")
+        from uniperceiver_cli.train.tasks import vocabulary_of
+
+        return vocabulary_of(vocabulary_from)
+    return net.caption_vocabulary if vocabulary is Vocabulary.trained else None

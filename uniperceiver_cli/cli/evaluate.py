@@ -2,58 +2,30 @@
 
 from __future__ import annotations
 
-import contextlib
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
-from rich.markup import escape
 
-from uniperceiver_cli.cli.common import err_console, load_any_model, pick_device, read_lines, user_errors
+from uniperceiver_cli.cli.common import (
+    Vocabulary,
+    caption_vocabulary,
+    load_any_model,
+    one_line_warnings,
+    pick_device,
+    read_lines,
+    user_errors,
+)
 
 if TYPE_CHECKING:
-    import torch
 
-    from uniperceiver_cli.model.uniperceiver import UniPerceiver
+    pass
 
 TASKS = {
     "image_classification": "classification", "video_classification": "classification",
     "image_caption": "caption", "video_caption": "caption",
     "image_retrieval": "retrieval", "video_retrieval": "retrieval", "text_mlm": "mlm",
 }
-VOCABULARIES = ("trained", "full")
-
-
-@contextlib.contextmanager
-def one_line_warnings() -> Iterator[None]:
-    """Show each warning raised inside (a suspect checkpoint, partly matching labels) as one line on stderr;
-    Python's default display adds the file, line and source of the call."""
-    def show(message: Warning | str, *_: object) -> None:
-        err_console.print(f"[yellow]warning:[/yellow] {escape(' '.join(str(message).split()))}", highlight=False,
-                          soft_wrap=True)
-
-    with warnings.catch_warnings():
-        warnings.showwarning = show
-        yield
-
-
-def caption_vocabulary(net: UniPerceiver, vocabulary: str, vocabulary_from: list[Path] | None = None,
-                       ) -> torch.Tensor | None:
-    """The token ids to decode captions over (None: all of them): those of ``vocabulary_from``'s texts, else
-    with "trained" the set the model's caption task trained on (``net.caption_vocabulary``, when recorded)."""
-    if vocabulary not in VOCABULARIES:
-        raise ValueError(f"--vocabulary must be one of {', '.join(VOCABULARIES)}, got {vocabulary!r}")
-    if vocabulary_from:
-        if vocabulary == "full":
-            raise ValueError("--vocabulary full and --vocabulary-from contradict each other: give one")
-        from uniperceiver_cli.train.tasks import vocabulary_of
-
-        return vocabulary_of(vocabulary_from)
-    return net.caption_vocabulary if vocabulary == "trained" else None
-
-
 def evaluate(
     data: Path = typer.Option(..., "--data", help="A converted split: the folder holding manifest.json."),
     model: Path | None = typer.Option(None, "--model", help="A bundle folder or an official .pth checkpoint."),
@@ -67,8 +39,9 @@ def evaluate(
     beam_size: int = typer.Option(2, min=1, help="Caption beam width (1 = greedy)."),
     max_len: int = typer.Option(21, min=1, help="Longest generated caption, in tokens."),
     len_penalty: float = typer.Option(0.0, min=0.0, help="Rank finished beams by score / (length + 1) ** this."),
-    vocabulary: str = typer.Option("trained", help="Captioning: decode over the tokens the model's caption task "
-                                   "trained on (trained; all when the bundle records none) or all 49,411 (full)."),
+    vocabulary: Vocabulary = typer.Option(
+        Vocabulary.trained, help="Captioning: decode over the tokens the model's caption task trained on (trained; all "
+        "when the bundle records none) or all 49,411 (full)."),
     vocabulary_from: list[Path] | None = typer.Option(None, help="Captioning: decode only over the tokens of "
                                                       "this split's texts (repeatable)."),
     max_text_len: int = typer.Option(50, min=2, help="Retrieval captions are cut to this many tokens."),
@@ -126,7 +99,7 @@ def evaluate(
         settings = {"batch_size": batch_size, "beam_size": beam_size, "max_len": max_len, "len_penalty": len_penalty,
                     "views": views, "clips": clips,
                     "num_frames": num_frames, "label_set": label_set, "templates": template_list,
-                    "vocabulary": vocabulary, "vocabulary_from": [str(f) for f in vocabulary_from or []],
+                    "vocabulary": vocabulary.value, "vocabulary_from": [str(f) for f in vocabulary_from or []],
                     "labels": names, "precision": precision, "device": str(dev), "limit": limit}
         path = write_results(out, result, data={"path": str(data.resolve()), "dataset": manifest.dataset,
                                                 "split": manifest.split, "skipped": skipped},

@@ -12,8 +12,16 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from uniperceiver_cli.cli.common import err_console, load_any_model, pick_device, read_lines, user_errors
-from uniperceiver_cli.cli.evaluate import caption_vocabulary, one_line_warnings
+from uniperceiver_cli.cli.common import (
+    Vocabulary,
+    caption_vocabulary,
+    err_console,
+    load_any_model,
+    one_line_warnings,
+    pick_device,
+    read_lines,
+    user_errors,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -68,8 +76,9 @@ def predict(
     top_k: int = typer.Option(5, min=1),
     beam_size: int = typer.Option(2, min=1),
     max_len: int = typer.Option(21, min=1),
-    vocabulary: str = typer.Option("trained", help="Captions: decode over the tokens the model's caption task "
-                                   "trained on (trained; all when the bundle records none) or all 49,411 (full)."),
+    vocabulary: Vocabulary = typer.Option(
+        Vocabulary.trained, help="Captions: decode over the tokens the model's caption task trained on (trained; all "
+        "when the bundle records none) or all 49,411 (full)."),
     num_frames: int = typer.Option(8, min=1, help="Frames sampled evenly over each video."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from uniperceiver_cli.cli.common import err_console, pick_device, user_errors
+from uniperceiver_cli.cli.common import err_console, one_line_warnings, pick_device, user_errors
 
 
 def _run(stage: str, recipe: str, overrides: list[str] | None, run_dir: Path | None, resume: str | None,
@@ -16,7 +16,7 @@ def _run(stage: str, recipe: str, overrides: list[str] | None, run_dir: Path | N
     from uniperceiver_cli.train.engine import Context, train
     from uniperceiver_cli.train.recipe import load_recipe
 
-    with user_errors():
+    with user_errors(), one_line_warnings():
         extra = list(overrides or [])
         if init is not None:
             extra.append(f"init={init}")

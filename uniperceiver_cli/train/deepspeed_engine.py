@@ -41,8 +41,8 @@ from typing import Any
 
 import torch
 
-from uniperceiver_cli.checkpoints import CheckpointError
-from uniperceiver_cli.train.engine import Context
+from uniperceiver_cli.checkpoints import torch_load
+from uniperceiver_cli.train.engine import STATE_GLOBALS, Context
 from uniperceiver_cli.train.optim import build_optimizer, build_scheduler
 from uniperceiver_cli.train.recipe import Recipe
 
@@ -213,19 +213,15 @@ def deepspeed_config(recipe: Recipe, world_size: int) -> dict[str, Any]:
 
 
 def safe_load(path: str, map_location: Any = None) -> Any:
-    """One file of a DeepSpeed checkpoint, loaded with ``weights_only=True``: tensors, plain containers and the
-    few DeepSpeed classes its ZeRO optimizer states hold (plain records: a loss scaler, a ZeRO stage enum, a
-    fragment address). Anything else in the file is refused without running it."""
+    """One file of a DeepSpeed checkpoint, loaded with ``weights_only=True``: tensors, plain containers, numpy's
+    plain arrays (older client states) and the few DeepSpeed classes its ZeRO optimizer states hold (plain
+    records: a loss scaler, a ZeRO stage enum, a fragment address). Anything else is refused without running."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    try:
-        with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot resume from {path}: truncated, corrupt or unsafe ({reason})") from None
+    allowed = (*STATE_GLOBALS, LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address)
+    return torch_load(path, "cannot resume from", allowed, map_location)
 
 
 @contextlib.contextmanager

@@ -8,8 +8,10 @@ of it, clips and steps. Single-process runs use plain PyTorch; ``engine: deepspe
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
+import math
 import os
 import random
 import shutil
@@ -26,7 +28,7 @@ import yaml
 from rich.console import Console
 from rich.markup import escape
 
-from uniperceiver_cli.checkpoints import CheckpointError, load_checkpoint, save_bundle
+from uniperceiver_cli.checkpoints import CheckpointError, load_checkpoint, save_bundle, torch_load
 from uniperceiver_cli.data.loader import make_loader
 from uniperceiver_cli.data.mixing import mix_tasks
 from uniperceiver_cli.model.config import get_config
@@ -82,20 +84,23 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     numpy = state["numpy"]
-    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
-                         numpy["gauss"]))
+    if isinstance(numpy, dict):
+        numpy = ("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"], numpy["gauss"])
+    np.random.set_state(numpy)  # a tuple in checkpoints written before version 0.2
+
+
+_multiarray = getattr(np, "_core", None) or np.core
+# Checkpoints written before version 0.2 hold numpy's RNG state as an array: accept numpy's plain array rebuild
+# (no code of the file's choosing runs; object arrays' items go through the same restricted unpickler).
+STATE_GLOBALS = (_multiarray.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32)))
 
 
 def load_state_file(path: Path) -> dict[str, Any]:
-    """A training-state file (``state.pt``) loaded without running pickled code: only tensors and plain
-    containers are accepted (``weights_only=True``), so a planted file cannot execute anything."""
+    """A training-state file (``state.pt``) loaded without running pickled code: only tensors, plain
+    containers and numpy's plain arrays are accepted (``weights_only=True``), so a planted file cannot run."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a bad file
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"cannot resume from {path}: truncated, corrupt or unsafe ({reason})") from None
+    state = torch_load(path, "cannot resume from", STATE_GLOBALS)
     if not isinstance(state, dict):
         raise CheckpointError(f"cannot resume from {path}: not a training state")
     return state
@@ -210,7 +215,8 @@ class RunLog:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
+        plain = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        self.file.write(json.dumps(plain, allow_nan=False) + "\n")  # standard JSON: no NaN or Infinity
         self.file.flush()
         step = record["step"]
         for key, value in record.items():
@@ -262,7 +268,7 @@ class TrainingStopped(ValueError):
 
 
 class RunDirBusy(ValueError):
-    """Another live process is training into the same run directory."""
+    """Another live process is training into the same run directory, or it cannot be made."""
 
 
 @contextlib.contextmanager
@@ -272,28 +278,14 @@ def run_lock(run_dir: Path, ctx: Context) -> Iterator[None]:
     blocks ``--resume auto``; the file only records the holder's pid for the message."""
     fd, error = None, ""
     if ctx.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            fd = None
-            error = (f"{run_dir} is in use by another run (process {holder}); wait for it to end "
-                     "or pass another --run-dir")
-        except OSError as e:  # a file system without locks (Lustre mounted without -o flock): warn, go on
-            os.close(fd)
-            fd = None
-            err_console.print(f"[yellow]warning:[/yellow] cannot lock {escape(str(run_dir))} ({e.strerror}); "
-                              "nothing stops a second run into it", highlight=False, soft_wrap=True)
-        else:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
+            fd, error = _lock(run_dir)
+        except OSError as e:  # the folder or the lock file cannot be made: every process must hear it
+            error = f"cannot use {run_dir} as a run directory: {e.strerror or e}"
     if ctx.world_size > 1:
         busy = torch.tensor([float(bool(error))], device=ctx.device)
         torch.distributed.broadcast(busy, 0)
-        error = error or (f"{run_dir} is in use by another run" if busy.item() else "")
+        error = error or (f"{run_dir}: the main process cannot take it as its run directory" if busy.item() else "")
     if error:
         raise RunDirBusy(error)
     try:
@@ -302,6 +294,30 @@ def run_lock(run_dir: Path, ctx: Context) -> Iterator[None]:
         if fd is not None:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+
+
+def _lock(run_dir: Path) -> tuple[int | None, str]:
+    """The locked file descriptor, or the reason the folder is busy."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return fd, ""
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        return None, (f"{run_dir} is in use by another run (process {holder}); wait for it to end "
+                      "or pass another --run-dir")
+    except OSError as e:
+        os.close(fd)
+        if e.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise
+        # A file system without locks (Lustre mounted without -o flock): warn and go on unguarded.
+        err_console.print(f"[yellow]warning:[/yellow] cannot lock {escape(str(run_dir))} ({e.strerror}); "
+                          "nothing stops a second run into it", highlight=False, soft_wrap=True)
+        return None, ""
 
 
 def train(recipe: Recipe, run_dir: Path, *, resume: str | None = None, ctx: Context | None = None,
@@ -342,6 +358,13 @@ class _Watch:
             raise TrainingStopped(f"{where}; training stopped. {_last_good(run_dir)}")
         self.losses.clear()
         self.norms.clear()
+
+
+def _finite_mean(values: list[torch.Tensor]) -> torch.Tensor:
+    """The mean of the finite values (fp16's loss scaler makes some gradient norms inf by design); nan if none."""
+    v = torch.stack(values).float()
+    finite = torch.isfinite(v)
+    return torch.where(finite, v, 0.0).sum() / finite.sum()
 
 
 def _last_good(run_dir: Path) -> str:
@@ -444,8 +467,8 @@ def _train(recipe: Recipe, run_dir: Path, *, resume: str | None, ctx: Context,
                     sums[f"{name}/{key}"].append(value.detach())
                 samples += len(batch["keys"])
             norm = engine.step()
-            if norm is not None:
-                norm = torch.as_tensor(norm).detach().float()
+            if norm is not None:  # a device tensor, or DeepSpeed's Python float on some paths
+                norm = torch.as_tensor(norm, dtype=torch.float32, device=ctx.device).detach()
                 sums["grad_norm"].append(norm)
                 watch.norms.append((step, norm))
             checkpointing = bool(spec.checkpoint_every and step % spec.checkpoint_every == 0)
@@ -453,7 +476,7 @@ def _train(recipe: Recipe, run_dir: Path, *, resume: str | None, ctx: Context,
                 watch.check(ctx, run_dir)
             if step % spec.log_every == 0 or step == end:
                 rate = samples * ctx.world_size / (time.perf_counter() - tic)
-                means = torch.stack([torch.stack(v).float().mean() for v in sums.values()])
+                means = torch.stack([_finite_mean(v) for v in sums.values()])
                 if ctx.world_size > 1:  # the global batch's means: every process ran the same tasks on its own data
                     torch.distributed.all_reduce(means)
                     means /= ctx.world_size
@@ -512,12 +535,21 @@ def _save_checkpoint(engine: Any, run_dir: Path, step: int, consumed: int, gener
 
 
 def _evaluate(model: UniPerceiver, recipe: Recipe, out: Path, log: RunLog | None, step: int) -> dict[str, Any]:
-    results = {}
+    """Run the recipe's evaluation tasks. One that cannot run (labels that match no sample, a missing folder) is
+    reported in one line and in summary.json; the others, and training, go on."""
+    results, errors = {}, {}
     for spec in recipe.evaluation.tasks:
-        result = evaluate_task(model, spec, Path(recipe.data_root), out, recipe.train.num_workers)
+        try:
+            result = evaluate_task(model, spec, Path(recipe.data_root), out, recipe.train.num_workers)
+        except (ValueError, OSError) as e:
+            errors[spec.name] = " ".join(str(e).split())
+            err_console.print(f"[yellow]warning:[/yellow] evaluation {spec.name} after step {step} failed: "
+                              f"{escape(errors[spec.name])}", highlight=False, soft_wrap=True)
+            continue
         results[spec.name] = result.metrics
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps({"step": step, "results": results}, indent=2) + "\n")
+    summary = {"step": step, "results": results, **({"errors": errors} if errors else {})}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if log is not None:
         log.write({"step": step, **{f"eval/{n}/{k}": v for n, m in results.items() for k, v in m.items()}})
     else:

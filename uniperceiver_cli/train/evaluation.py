@@ -41,9 +41,11 @@ def evaluate_task(model: UniPerceiver, spec: EvalTaskSpec, data_root: Path, out:
         result = runners.run_retrieval(model, batches, max_text_len=spec.max_text_len,
                                        captions_per_item=spec.captions_per_item, task=spec.name)
     elif kind.endswith("_caption"):
-        # Default: the tokens the model's caption task trained on (None when it trained on all), as `evaluate`.
-        vocab_ids = (vocabulary_of([data_root / f for f in spec.vocabulary_from]) if spec.vocabulary_from
-                     else model.caption_vocabulary)
+        # As `evaluate`: the tokens the model's caption task trained on (None when it trained on all) by default.
+        if spec.vocabulary_from:
+            vocab_ids = vocabulary_of([data_root / f for f in spec.vocabulary_from])
+        else:
+            vocab_ids = model.caption_vocabulary if spec.vocabulary == "trained" else None
         result = runners.run_captioning(model, batches, beam_size=spec.beam_size, max_len=spec.max_len,
                                         vocab_ids=vocab_ids, task=spec.name)
     else:

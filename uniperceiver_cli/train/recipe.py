@@ -52,7 +52,9 @@ class Range(NamedTuple):
         return f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
 
     def __call__(self, value: float) -> float:
-        finite = math.isfinite(value)  # nan fails every comparison and inf passes some: checked on its own
+        # nan fails every comparison and inf passes some: checked on its own (ints are finite; math.isfinite
+        # overflows on a 400-digit one)
+        finite = not isinstance(value, float) or math.isfinite(value)
         above = value > self.low if self.low_open else value >= self.low
         below = self.high is None or (value < self.high if self.high_open else value <= self.high)
         if not (finite and above and below):
@@ -186,15 +188,23 @@ class EvalTaskSpec:
     max_samples: Count | None = None
     beam_size: Count = 2
     max_len: Count = 21
-    # Captioning: decode over the tokens of these data folders' texts only (a model trained with a
-    # corpus-restricted target set); empty: the whole vocabulary.
-    vocabulary_from: list[str] = field(default_factory=list)
+    # Captioning: decode over the tokens the model's caption task trained on (as recorded on the model; all when
+    # it trained on all) or over all of them; vocabulary_from names data folders whose texts' tokens to use.
+    vocabulary: Literal["trained", "full"] = "trained"
+    vocabulary_from: list[str] = field(default_factory=list)  # not with vocabulary: full (checked below)
     max_text_len: Count = 50
     captions_per_item: Count | None = None  # retrieval: score only each item's first captions (None: all)
     num_frames: Count = 8
     frame_stride: Positive = 32
     views: Literal[1, 3] = 1  # spatial crops per video: the centre, or the start, centre and end
     clips: Count = 1  # temporal clips per video; views x clips softmaxes are averaged
+
+    @field_validator("vocabulary_from")
+    @classmethod
+    def _not_with_full(cls, folders: list[str], info: ValidationInfo) -> list[str]:
+        if folders and info.data.get("vocabulary") == "full":
+            raise ValueError("names the tokens to decode over, and vocabulary: full says all of them: give one")
+        return folders
 
 
 @dataclass(config=STRICT)
