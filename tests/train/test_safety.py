@@ -93,7 +93,7 @@ def test_resume_refuses_a_planted_state_file(data_root: Path, tmp_path: Path):
         loop.train(_recipe(data_root), run, resume=str(state.parent))
 
 
-def test_a_state_written_before_version_0_2_still_resumes(data_root: Path, tmp_path: Path):
+def test_a_state_written_by_an_older_version_still_resumes(data_root: Path, tmp_path: Path):
     """Older states hold numpy's RNG state as a tuple with an array: numpy's plain arrays are accepted."""
     run = tmp_path / "run"
     loop.train(_recipe(data_root), run, stop_after=2)

@@ -86,11 +86,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     numpy = state["numpy"]
     if isinstance(numpy, dict):
         numpy = ("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"], numpy["gauss"])
-    np.random.set_state(numpy)  # a tuple in checkpoints written before version 0.2
+    np.random.set_state(numpy)  # a tuple in checkpoints written by older versions
 
 
 _multiarray = getattr(np, "_core", None) or np.core
-# Checkpoints written before version 0.2 hold numpy's RNG state as an array: accept numpy's plain array rebuild
+# Checkpoints of older versions hold numpy's RNG state as an array: accept numpy's plain array rebuild
 # (no code of the file's choosing runs; object arrays' items go through the same restricted unpickler).
 STATE_GLOBALS = (_multiarray.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32)))
 
