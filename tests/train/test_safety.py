@@ -24,6 +24,7 @@ from uniperceiver_cli.cli.app import app
 from uniperceiver_cli.data.shards import Manifest, Sample, write_shards
 from uniperceiver_cli.train import engine as loop
 from uniperceiver_cli.train.recipe import validate
+from uniperceiver_cli.train.single_engine import load_state_file
 from uniperceiver_cli.train.tasks import TrainTask
 
 REPO = Path(__file__).resolve().parents[2]
@@ -82,7 +83,7 @@ def test_resume_refuses_a_planted_state_file(data_root: Path, tmp_path: Path):
     run = tmp_path / "run"
     loop.train(_recipe(data_root), run, stop_after=2)
     state = run / "checkpoints" / "step-0000002" / loop.STATE_FILE
-    assert loop.load_state_file(state)["step"] == 2  # a real state loads with weights_only=True
+    assert load_state_file(state)["step"] == 2  # a real state loads with weights_only=True
     marker = tmp_path / "pwned"
     torch.save({"step": Planted(marker)}, state)
     with pytest.raises(CheckpointError, match="unsafe"):
@@ -98,7 +99,7 @@ def test_a_state_written_by_an_older_version_still_resumes(data_root: Path, tmp_
     run = tmp_path / "run"
     loop.train(_recipe(data_root), run, stop_after=2)
     path = run / "checkpoints" / "step-0000002" / loop.STATE_FILE
-    state = loop.load_state_file(path)
+    state = load_state_file(path)
     np.random.seed(7)
     state["rng"]["numpy"] = np.random.get_state()
     torch.save(state, path)
@@ -106,7 +107,7 @@ def test_a_state_written_by_an_older_version_still_resumes(data_root: Path, tmp_
     assert _records(run)[-1]["step"] == 3
     torch.save({"rng": Planted(tmp_path / "pwned")}, path)
     with pytest.raises(CheckpointError, match=r"unsafe \(it would call io.open, which a checkpoint may not\)$"):
-        loop.load_state_file(path)
+        load_state_file(path)
 
 
 def test_cli_resume_with_a_planted_state_is_one_line(data_root: Path, tmp_path: Path):
@@ -131,6 +132,7 @@ from uniperceiver_cli.checkpoints import CheckpointError
 from uniperceiver_cli.train import engine as loop
 from uniperceiver_cli.train.deepspeed_engine import init_distributed
 from uniperceiver_cli.train.recipe import validate
+from uniperceiver_cli.train.single_engine import load_state_file
 from tests.train.test_safety import Planted
 
 recipe, run, marker = validate(json.loads(sys.argv[1])), Path(sys.argv[2]), Path(sys.argv[3])

@@ -13,7 +13,8 @@ from uniperceiver_cli.cli.common import err_console, one_line_warnings, pick_dev
 def _run(stage: str, recipe: str, overrides: list[str] | None, run_dir: Path | None, resume: str | None,
          init: str | None, deepspeed: Path | None, device: str) -> None:
     from uniperceiver_cli.cli.recipes import resolve_recipe
-    from uniperceiver_cli.train.engine import Context, train
+    from uniperceiver_cli.train.engine import train
+    from uniperceiver_cli.train.protocol import Context
     from uniperceiver_cli.train.recipe import load_recipe
 
     with user_errors(), one_line_warnings():

@@ -3,7 +3,7 @@
 Launchers. :func:`init_distributed` reads the environment that ``deepspeed``, ``torchrun`` and SLURM ``srun``
 leave behind (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``, or ``SLURM_PROCID``/
 ``SLURM_NTASKS``/``SLURM_LOCALID``/``SLURM_JOB_NODELIST``), starts ``torch.distributed`` through DeepSpeed
-(nccl on GPUs, gloo on CPUs) and returns this process's :class:`~uniperceiver_cli.train.engine.Context`.
+(nccl on GPUs, gloo on CPUs) and returns this process's :class:`~uniperceiver_cli.train.protocol.Context`.
 Started without any launcher it runs as a world of one.
 
 Engine. :class:`DeepSpeedEngine` offers what :class:`~uniperceiver_cli.train.engine.SingleEngine` offers. The
@@ -42,16 +42,19 @@ from typing import Any
 import torch
 
 from uniperceiver_cli.checkpoints import torch_load
-from uniperceiver_cli.train.engine import STATE_GLOBALS, Context
 from uniperceiver_cli.train.optim import build_optimizer, build_scheduler
+from uniperceiver_cli.train.protocol import (
+    DEEPSPEED_DIR,
+    FP16_GROWTH_INTERVAL,
+    FP16_INITIAL_SCALE_POWER,
+    STATE_GLOBALS,
+    Context,
+)
 from uniperceiver_cli.train.recipe import Recipe
 
-CHECKPOINT_DIR = "deepspeed"  # inside checkpoints/step-N; `--resume auto` looks for it
 TAG = "state"
 CLIENT_KEY = "uniperceiver"  # the loop's own state (step, consumed samples, RNGs) inside DeepSpeed's checkpoint
 DEFAULT_PORT = 29500
-FP16_INITIAL_SCALE_POWER = 13  # the reference's GradScaler: initial scale 2**13, growth every 200 steps
-FP16_LOSS_SCALE_WINDOW = 200
 
 
 # ------------------------------------------------------------------------------------------------- launchers
@@ -200,7 +203,7 @@ def deepspeed_config(recipe: Recipe, world_size: int) -> dict[str, Any]:
     config["gradient_clipping"] = max(0.0, float(spec.grad_clip))  # 0 turns clipping off, as in the single engine
     config["zero_optimization"] = {**config.get("zero_optimization", {}), "stage": recipe.engine.zero_stage}
     config.setdefault("zero_allow_untested_optimizer", True)  # the recipe's torch AdamW under ZeRO
-    fp16 = {"initial_scale_power": FP16_INITIAL_SCALE_POWER, "loss_scale_window": FP16_LOSS_SCALE_WINDOW,
+    fp16 = {"initial_scale_power": FP16_INITIAL_SCALE_POWER, "loss_scale_window": FP16_GROWTH_INTERVAL,
             **config.get("fp16", {})}
     config["fp16"] = {**fp16, "enabled": spec.precision == "fp16"}
     config["bf16"] = {**config.get("bf16", {}), "enabled": spec.precision == "bf16"}
@@ -315,11 +318,11 @@ class DeepSpeedEngine:
     def save(self, directory: Path, client: dict[str, Any]) -> None:
         """DeepSpeed's checkpoint (module, optimizer partitions, schedule) in ``directory/deepspeed``; every
         process calls it. ``client`` (the loop's state) travels inside it."""
-        self.engine.save_checkpoint(str(Path(directory) / CHECKPOINT_DIR), tag=TAG, client_state={CLIENT_KEY: client})
+        self.engine.save_checkpoint(str(Path(directory) / DEEPSPEED_DIR), tag=TAG, client_state={CLIENT_KEY: client})
 
     def load(self, directory: Path) -> dict[str, Any]:
         """Restore what :meth:`save` wrote; returns the loop's state. Every process calls it."""
-        folder = Path(directory) / CHECKPOINT_DIR
+        folder = Path(directory) / DEEPSPEED_DIR
         path, state = self.engine.load_checkpoint(str(folder), tag=TAG)
         if path is None or not state or CLIENT_KEY not in state:
             raise FileNotFoundError(f"{folder} holds no DeepSpeed checkpoint of this run (tag {TAG!r})")

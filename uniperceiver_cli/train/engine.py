@@ -18,7 +18,6 @@ import shutil
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,33 +27,22 @@ import yaml
 from rich.console import Console
 from rich.markup import escape
 
-from uniperceiver_cli.checkpoints import CheckpointError, load_checkpoint, save_bundle, torch_load
+from uniperceiver_cli.checkpoints import CheckpointError, load_checkpoint, save_bundle
 from uniperceiver_cli.data.loader import make_loader
 from uniperceiver_cli.data.mixing import mix_tasks
+from uniperceiver_cli.evaluate.runners import autocast
 from uniperceiver_cli.model.config import get_config
 from uniperceiver_cli.model.uniperceiver import UniPerceiver
 from uniperceiver_cli.train.evaluation import evaluate_task, print_summary
-from uniperceiver_cli.train.optim import build_optimizer, build_scheduler, freeze_for_prompt_tuning, prompt_parameter
+from uniperceiver_cli.train.optim import freeze_for_prompt_tuning, prompt_parameter
+from uniperceiver_cli.train.protocol import DEEPSPEED_DIR, STATE_FILE, Context, Engine
 from uniperceiver_cli.train.recipe import Recipe
+from uniperceiver_cli.train.single_engine import SingleEngine
 from uniperceiver_cli.train.tasks import TrainTask
 
 err_console = Console(stderr=True)
 
-STATE_FILE = "state.pt"
 LOCK_FILE = ".lock"  # held (flock) by the process training into a run directory
-
-
-@dataclass
-class Context:
-    """Where this process sits: rank, world size and device."""
-
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
 
 
 def build_model(recipe: Recipe) -> UniPerceiver:
@@ -89,106 +77,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(numpy)  # a tuple in checkpoints written by older versions
 
 
-_multiarray = getattr(np, "_core", None) or np.core
-# Checkpoints of older versions hold numpy's RNG state as an array: accept numpy's plain array rebuild
-# (no code of the file's choosing runs; object arrays' items go through the same restricted unpickler).
-STATE_GLOBALS = (_multiarray.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32)))
-
-
-def load_state_file(path: Path) -> dict[str, Any]:
-    """A training-state file (``state.pt``) loaded without running pickled code: only tensors, plain
-    containers and numpy's plain arrays are accepted (``weights_only=True``), so a planted file cannot run."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    state = torch_load(path, "cannot resume from", STATE_GLOBALS)
-    if not isinstance(state, dict):
-        raise CheckpointError(f"cannot resume from {path}: not a training state")
-    return state
-
-
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
-
-
-def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
-class SingleEngine:
-    """Plain PyTorch: backward, then clip, step the optimizer and the schedule at each step's end.
-
-    A step looks the word table up several times (texts, each sequence's <|spe|>, target vocabularies). With
-    dense gradients every lookup's backward writes a whole vocab_size x width table; here the lookups give
-    sparse gradients, added once per step into a kept dense buffer before clipping, and AdamW steps the table
-    densely as the reference does. On 2 CPU cores the tiny model's steps get 1.07-1.35x faster
-    (benchmarks/train_steps.py).
-    """
-
-    def __init__(self, model: UniPerceiver, recipe: Recipe, ctx: Context) -> None:
-        self.model = model.to(ctx.device)
-        self.model.text_embed.word.sparse = True
-        self._word_grad: torch.Tensor | None = None
-        self.spec = recipe.train
-        self.optimizer = build_optimizer(model, recipe.train)
-        self.scheduler = build_scheduler(self.optimizer, recipe.train)
-        fp16 = recipe.train.precision == "fp16" and ctx.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler(ctx.device.type, init_scale=2.0**13, growth_interval=200, enabled=fp16)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        self.scaler.scale(loss / self.spec.accumulation).backward()
-
-    def micro_step(self) -> None:
-        """Called after each micro-batch; the plain engine steps only at the end of the step."""
-
-    def _densify_word_grad(self) -> None:
-        weight = self.model.text_embed.word.weight
-        if weight.grad is None or not weight.grad.is_sparse:
-            return
-        if self._word_grad is None:
-            self._word_grad = torch.zeros_like(weight)
-        else:
-            self._word_grad.zero_()
-        weight.grad = self._word_grad.add_(weight.grad)
-
-    def step(self) -> torch.Tensor:
-        self._densify_word_grad()
-        self.scaler.unscale_(self.optimizer)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.spec.grad_clip if self.spec.grad_clip > 0 else float("inf"))
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm
-
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
-
-    def barrier(self) -> None:
-        """Nothing to wait for in one process."""
-
-    def save(self, directory: Path, client: dict[str, Any]) -> None:
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), **client}
-        torch.save(state, directory / STATE_FILE)
-
-    def load(self, directory: Path) -> dict[str, Any]:
-        path = directory / STATE_FILE
-        state = load_state_file(path)
-        try:
-            self.model.load_state_dict(state.pop("model"))
-            self.optimizer.load_state_dict(state.pop("optimizer"))
-            self.scheduler.load_state_dict(state.pop("scheduler"))
-            self.scaler.load_state_dict(state.pop("scaler"))
-        except (KeyError, RuntimeError, ValueError) as e:
-            reason = " ".join(str(e).split())[:300]
-            raise CheckpointError(f"cannot resume from {path}: it does not fit this run ({reason})") from None
-        return state
 
 
 class RunLog:
@@ -243,7 +135,7 @@ def find_resume(run_dir: Path, resume: str | None) -> Path | None:
     if resume is None:
         return None
     if resume == "auto":
-        found = [p for p in _checkpoints(run_dir) if (p / STATE_FILE).exists() or (p / "deepspeed").exists()]
+        found = [p for p in _checkpoints(run_dir) if (p / STATE_FILE).exists() or (p / DEEPSPEED_DIR).exists()]
         return found[-1] if found else None
     path = Path(resume)
     if not path.exists():
@@ -457,7 +349,7 @@ def _train(recipe: Recipe, run_dir: Path, *, resume: str | None, ctx: Context,
             for _ in range(spec.accumulation):
                 name, batch = next(stream)
                 consumed += 1
-                with autocast(spec.precision, ctx.device):
+                with autocast(ctx.device, spec.precision):
                     loss, metrics = tasks[name].loss(engine.model, batch, generator)
                 engine.backward(loss)
                 engine.micro_step()
@@ -514,7 +406,7 @@ def _train(recipe: Recipe, run_dir: Path, *, resume: str | None, ctx: Context,
     return final
 
 
-def _save_checkpoint(engine: Any, run_dir: Path, step: int, consumed: int, generator: torch.Generator,
+def _save_checkpoint(engine: Engine, run_dir: Path, step: int, consumed: int, generator: torch.Generator,
                      keep: int, ctx: Context) -> None:
     """Write ``checkpoints/step-N`` under a temporary name and rename it; keep the last ``keep``."""
     folder = run_dir / "checkpoints"
