@@ -18,6 +18,7 @@ import shutil
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from uniperceiver_cli.evaluate.runners import autocast
 from uniperceiver_cli.model.config import get_config
 from uniperceiver_cli.model.uniperceiver import UniPerceiver
 from uniperceiver_cli.train.evaluation import evaluate_task, print_summary
-from uniperceiver_cli.train.optim import freeze_for_prompt_tuning, prompt_parameter
+from uniperceiver_cli.train.optim import freeze_for_prompt_tuning
 from uniperceiver_cli.train.protocol import DEEPSPEED_DIR, STATE_FILE, Context, Engine
 from uniperceiver_cli.train.recipe import Recipe
 from uniperceiver_cli.train.single_engine import SingleEngine
@@ -51,7 +52,7 @@ def build_model(recipe: Recipe) -> UniPerceiver:
     model = UniPerceiver(get_config(recipe.model.preset, **recipe.model.overrides))
     if recipe.init:
         report = load_checkpoint(model, recipe.init, strict=False)
-        missing = [k for k in report.missing if not prompt_parameter(k) or ".norm" in k or "embed_norm" in k]
+        missing = sorted(set(report.missing) - model.prompt_parameters(encoder_norms=False))
         if missing or report.unexpected or report.mismatched:
             report.missing = missing
             raise CheckpointError(f"init {recipe.init} does not fit the recipe's model: {report.summary()}")
@@ -227,16 +228,30 @@ def train(recipe: Recipe, run_dir: Path, *, resume: str | None = None, ctx: Cont
         return _train(recipe, run_dir, resume=resume, ctx=ctx, stop_after=stop_after)
 
 
-class _Watch:
-    """What the loop collects between checks: each micro-batch's loss (with its step and task) and each step's
-    gradient norm, as device tensors. :meth:`check` syncs with the host once, at logging and before every save."""
+class _Window:
+    """What the loop collects between two log lines, as device tensors: each micro-batch's loss and metrics (with
+    its step and task) and each step's gradient norm. :meth:`check` and :meth:`means` sync with the host once."""
 
     def __init__(self, check_norms: bool) -> None:
-        self.losses: list[tuple[int, str, torch.Tensor]] = []
-        self.norms: list[tuple[int, torch.Tensor]] = []
         self.check_norms = check_norms  # fp16's loss scaler skips inf-gradient steps by design
+        self.sums: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self.losses: list[tuple[int, str, torch.Tensor]] = []  # since the last check
+        self.norms: list[tuple[int, torch.Tensor]] = []
+        self.samples, self.tic = 0, time.perf_counter()
+
+    def add(self, step: int, task: str, loss: torch.Tensor, metrics: dict[str, torch.Tensor], samples: int) -> None:
+        self.sums[f"{task}/loss"].append(loss.detach())
+        self.losses.append((step, task, loss.detach()))
+        for key, value in metrics.items():
+            self.sums[f"{task}/{key}"].append(value.detach())
+        self.samples += samples
+
+    def add_norm(self, step: int, norm: torch.Tensor) -> None:
+        self.sums["grad_norm"].append(norm)
+        self.norms.append((step, norm))
 
     def check(self, ctx: Context, run_dir: Path) -> None:
+        """Stop the run at the first non-finite loss (or gradient norm) since the last check, on any process."""
         values = [loss for _, _, loss in self.losses] + [norm for _, norm in self.norms if self.check_norms]
         bad = (~torch.isfinite(torch.stack(values).float())).any().float() if values else torch.zeros(())
         if ctx.world_size > 1:
@@ -250,6 +265,34 @@ class _Watch:
             raise TrainingStopped(f"{where}; training stopped. {_last_good(run_dir)}")
         self.losses.clear()
         self.norms.clear()
+
+    def record(self, ctx: Context) -> dict[str, float]:
+        """The window's means over every process and its samples/s; starts the next window."""
+        rate = self.samples * ctx.world_size / (time.perf_counter() - self.tic)
+        means = torch.stack([_finite_mean(v) for v in self.sums.values()])
+        if ctx.world_size > 1:  # the global batch's means: every process ran the same tasks on its own data
+            torch.distributed.all_reduce(means)
+            means /= ctx.world_size
+        record = {"samples_per_s": rate, **dict(zip(self.sums, means.tolist(), strict=True))}
+        self.sums.clear()
+        self.samples, self.tic = 0, time.perf_counter()
+        return record
+
+
+@dataclass
+class _Run:
+    """What the parts of a run share: set up (:func:`_setup`), stepped (:func:`_loop`), saved (:func:`_finish`)."""
+
+    recipe: Recipe
+    run_dir: Path
+    ctx: Context
+    engine: Engine
+    tasks: dict[str, TrainTask]
+    loaders: dict[str, Any]
+    stream: Iterator[tuple[str, dict[str, Any]]]
+    generator: torch.Generator
+    step: int  # steps done
+    consumed: int  # micro-batches drawn from the stream
 
 
 def _finite_mean(values: list[torch.Tensor]) -> torch.Tensor:
@@ -300,29 +343,40 @@ def _skip_reasons(loaders: dict[str, Any], ctx: Context) -> dict[str, dict[str, 
 
 def _train(recipe: Recipe, run_dir: Path, *, resume: str | None, ctx: Context,
            stop_after: int | None) -> Path:
+    run = _setup(recipe, run_dir, resume, ctx)
+    spec = recipe.train
+    end = spec.steps if stop_after is None else min(spec.steps, run.step + stop_after)
+    log = RunLog(run_dir, spec.steps, ctx.main)
+    try:
+        _loop(run, end, log)
+        if end < spec.steps:  # stopped early (stop_after), as if interrupted: leave a checkpoint to resume from
+            _save_checkpoint(run)
+            return run_dir
+    finally:
+        log.close()
+    return _finish(run)
+
+
+def _setup(recipe: Recipe, run_dir: Path, resume: str | None, ctx: Context) -> _Run:
+    """The model, engine, tasks and data streams; from the run's checkpoint when resuming."""
     if resume is None and (run_dir / "metrics.jsonl").exists():
         raise ValueError(f"{run_dir} already holds a run: pass --resume auto to continue it, or another --run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     spec = recipe.train
-    data_root = Path(recipe.data_root)
     if ctx.main:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     seed_everything(spec.seed)
     model = build_model(recipe)
-    tasks = {t.name: TrainTask.build(t, data_root) for t in recipe.tasks}
+    tasks = {t.name: TrainTask.build(t, Path(recipe.data_root)) for t in recipe.tasks}
     TrainTask.record_targets(model, tasks.values())  # class names, caption vocabulary: for evaluations, the bundle
     if recipe.engine.kind == "deepspeed":
         from uniperceiver_cli.train.deepspeed_engine import DeepSpeedEngine
 
-        engine = DeepSpeedEngine(model, recipe, ctx)
+        engine: Engine = DeepSpeedEngine(model, recipe, ctx)
     else:
         engine = SingleEngine(model, recipe, ctx)
-    start, consumed = 0, 0
     checkpoint = find_resume(run_dir, resume)
-    client: dict[str, Any] = {}
-    if checkpoint is not None:
-        client = engine.load(checkpoint)
-        start, consumed = client["step"], client["consumed"]
+    client = engine.load(checkpoint) if checkpoint is not None else {"step": 0, "consumed": 0}
     loaders = {name: make_loader(t.directory, task=t.spec.type, batch_size=t.spec.batch_size, train=True,
                                  image_size=model.config.image_size, num_frames=t.spec.num_frames,
                                  max_text_len=t.spec.max_text_len, seed=spec.seed, subset=t.spec.subset,
@@ -331,97 +385,87 @@ def _train(recipe: Recipe, run_dir: Path, *, resume: str | None, ctx: Context,
                                  rank=ctx.rank, world_size=ctx.world_size)
                for name, t in tasks.items()}
     stream = mix_tasks(loaders, {n: t.spec.sampling_weight for n, t in tasks.items()}, seed=spec.seed)
-    for _ in range(consumed):  # fast-forward the data to where the checkpoint left it
+    for _ in range(client["consumed"]):  # fast-forward the data to where the checkpoint left it
         next(stream)
-    if client:
-        _set_rng_state(client["rng"])
     generator = torch.Generator().manual_seed(spec.seed + 1)
-    if client:
+    if checkpoint is not None:
+        _set_rng_state(client["rng"])
         generator.set_state(client["generator"])
-    log = RunLog(run_dir, spec.steps, ctx.main)
-    watch = _Watch(check_norms=spec.precision != "fp16")
-    sums: dict[str, list[torch.Tensor]] = defaultdict(list)
-    samples, tic = 0, time.perf_counter()
-    end = spec.steps if stop_after is None else min(spec.steps, start + stop_after)
-    model.train()
-    try:
-        for step in range(start + 1, end + 1):
-            for _ in range(spec.accumulation):
-                name, batch = next(stream)
-                consumed += 1
-                with autocast(ctx.device, spec.precision):
-                    loss, metrics = tasks[name].loss(engine.model, batch, generator)
-                engine.backward(loss)
-                engine.micro_step()
-                sums[f"{name}/loss"].append(loss.detach())
-                watch.losses.append((step, name, loss.detach()))
-                for key, value in metrics.items():
-                    sums[f"{name}/{key}"].append(value.detach())
-                samples += len(batch["keys"])
-            norm = engine.step()
-            if norm is not None:  # a device tensor, or DeepSpeed's Python float on some paths
-                norm = torch.as_tensor(norm, dtype=torch.float32, device=ctx.device).detach()
-                sums["grad_norm"].append(norm)
-                watch.norms.append((step, norm))
-            checkpointing = bool(spec.checkpoint_every and step % spec.checkpoint_every == 0)
-            if step % spec.log_every == 0 or step == end or checkpointing:
-                watch.check(ctx, run_dir)
-            if step % spec.log_every == 0 or step == end:
-                rate = samples * ctx.world_size / (time.perf_counter() - tic)
-                means = torch.stack([_finite_mean(v) for v in sums.values()])
-                if ctx.world_size > 1:  # the global batch's means: every process ran the same tasks on its own data
-                    torch.distributed.all_reduce(means)
-                    means /= ctx.world_size
-                record = {"step": step, "lr": engine.lr(), "samples_per_s": rate,
-                          **dict(zip(sums, means.tolist(), strict=True)),
-                          **{f"{n}/skipped": v for n, v in _skip_totals(loaders, ctx).items()}}
-                log.write(record)
-                losses = [v for k, v in record.items() if k.endswith("/loss")]
-                log.advance(step, f"mean loss of {len(losses)} task(s) {sum(losses) / max(1, len(losses)):.3f}",
-                            f"{rate:.0f}")
-                sums.clear()
-                samples, tic = 0, time.perf_counter()
-            if checkpointing:
-                _check_weights(engine.model, step, run_dir)
-                _save_checkpoint(engine, run_dir, step, consumed, generator, spec.keep_checkpoints, ctx)
-            if recipe.evaluation.every and step % recipe.evaluation.every == 0 and step != spec.steps and ctx.main:
-                _evaluate(engine.model, recipe, run_dir / "eval" / f"step-{step}", log, step)
-                model.train()
-        _check_weights(engine.model, end, run_dir)
-        if stop_after is not None and end < spec.steps:
-            _save_checkpoint(engine, run_dir, end, consumed, generator, spec.keep_checkpoints, ctx)
-            return run_dir
-    finally:
-        log.close()
-    skipped = _skip_reasons(loaders, ctx)
-    final = run_dir / "final"
-    if ctx.main:
+    return _Run(recipe, run_dir, ctx, engine, tasks, loaders, stream, generator, client["step"], client["consumed"])
+
+
+def _loop(run: _Run, end: int, log: RunLog) -> None:
+    """Steps ``run.step + 1`` to ``end``: draw, forward, backward, step; check, log, checkpoint and evaluate."""
+    spec, ctx, engine = run.recipe.train, run.ctx, run.engine
+    window = _Window(check_norms=spec.precision != "fp16")
+    engine.model.train()
+    while run.step < end:
+        run.step += 1
+        step = run.step
+        for _ in range(spec.accumulation):
+            name, batch = next(run.stream)
+            run.consumed += 1
+            with autocast(ctx.device, spec.precision):
+                loss, metrics = run.tasks[name].loss(engine.model, batch, run.generator)
+            engine.backward(loss)
+            engine.micro_step()
+            window.add(step, name, loss, metrics, len(batch["keys"]))
+        norm = engine.step()
+        if norm is not None:  # a device tensor, or DeepSpeed's Python float on some paths
+            window.add_norm(step, torch.as_tensor(norm, dtype=torch.float32, device=ctx.device).detach())
+        checkpointing = bool(spec.checkpoint_every and step % spec.checkpoint_every == 0)
+        logging = step % spec.log_every == 0 or step == end
+        if logging or checkpointing:
+            window.check(ctx, run.run_dir)
+        if logging:
+            record = {"step": step, "lr": engine.lr(), **window.record(ctx),
+                      **{f"{n}/skipped": v for n, v in _skip_totals(run.loaders, ctx).items()}}
+            log.write(record)
+            losses = [v for k, v in record.items() if k.endswith("/loss")]
+            log.advance(step, f"mean loss of {len(losses)} task(s) {sum(losses) / max(1, len(losses)):.3f}",
+                        f"{record['samples_per_s']:.0f}")
+        if checkpointing:
+            _save_checkpoint(run)
+        if run.recipe.evaluation.every and step % run.recipe.evaluation.every == 0 and step != spec.steps \
+                and ctx.main:
+            _evaluate(engine.model, run.recipe, run.run_dir / "eval" / f"step-{step}", log, step)
+            engine.model.train()
+
+
+def _finish(run: _Run) -> Path:
+    """The end-of-run summary of skipped samples, the final bundle and the final evaluation."""
+    _check_weights(run.engine.model, run.step, run.run_dir)
+    skipped = _skip_reasons(run.loaders, run.ctx)
+    final = run.run_dir / "final"
+    if run.ctx.main:
         for name, counts in skipped.items():
             reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items()))
             err_console.print(f"[yellow]skipped while training:[/yellow] {name}: {sum(counts.values())} sample(s) "
                               f"({escape(reasons)})", highlight=False, soft_wrap=True)
-        save_bundle(engine.model, final)
-        if recipe.evaluation.tasks:
-            _evaluate(engine.model, recipe, run_dir / "eval" / "final", None, spec.steps)
+        save_bundle(run.engine.model, final)
+        if run.recipe.evaluation.tasks:
+            _evaluate(run.engine.model, run.recipe, run.run_dir / "eval" / "final", None, run.recipe.train.steps)
     return final
 
 
-def _save_checkpoint(engine: Engine, run_dir: Path, step: int, consumed: int, generator: torch.Generator,
-                     keep: int, ctx: Context) -> None:
-    """Write ``checkpoints/step-N`` under a temporary name and rename it; keep the last ``keep``."""
-    folder = run_dir / "checkpoints"
-    target, tmp = folder / f"step-{step:07d}", folder / f".tmp-step-{step:07d}"
+def _save_checkpoint(run: _Run) -> None:
+    """Write ``checkpoints/step-N`` (weights checked finite first) under a temporary name and rename it; keep the
+    last ``keep_checkpoints``."""
+    _check_weights(run.engine.model, run.step, run.run_dir)
+    ctx, engine = run.ctx, run.engine
+    folder = run.run_dir / "checkpoints"
+    target, tmp = folder / f"step-{run.step:07d}", folder / f".tmp-step-{run.step:07d}"
     if ctx.main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     engine.barrier()
-    client = {"step": step, "consumed": consumed, "rng": _rng_state(), "generator": generator.get_state()}
+    client = {"step": run.step, "consumed": run.consumed, "rng": _rng_state(), "generator": run.generator.get_state()}
     engine.save(tmp, client)
     engine.barrier()
     if ctx.main:
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
-        for old in _checkpoints(run_dir)[:-keep]:  # keep >= 1 (the recipe checks it)
+        for old in _checkpoints(run.run_dir)[:-run.recipe.train.keep_checkpoints]:  # keep >= 1 (checked)
             shutil.rmtree(old)
     engine.barrier()
 
