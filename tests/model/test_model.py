@@ -1,6 +1,8 @@
 """Presets, overrides, sizes, and forward + backward of every task type on the tiny preset."""
 
 import dataclasses
+import hashlib
+import math
 
 import pytest
 import torch
@@ -239,3 +241,43 @@ def test_model_moves_to_another_dtype():
 def test_config_values_out_of_range_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
         get_config("tiny-moe", **overrides)
+
+
+def test_parameter_roles_of_the_tiny_preset():
+    prompt = {"deep_prompt_length": 2, "separate_target_prompts": True, "spe_bias": True, "classifier_classes": 5}
+    model = up.create_model("tiny", prompt=prompt)
+    blocks = [f"blocks.{i}." for i in range(3)]
+    decayed = {"visual_embed.patch.weight", "head.proj.weight", "head.fc_prompt.weight",
+               *(b + n for b in blocks for n in ("attn.qkv.weight", "attn.out.weight", "mlp.fc1.weight",
+                                                 "mlp.fc2.weight"))}
+    assert model.no_weight_decay() == {n for n, _ in model.named_parameters()} - decayed
+    fresh = {"text_embed.spe_bias", "head.ln_post.weight", "head.ln_post.bias", "head.fc_prompt.weight",
+             "head.fc_prompt.bias", "head.similarity_weight",
+             *(b + n for b in blocks for n in ("prompt", "target_prompt"))}
+    norms = {"embed_norm.weight", "embed_norm.bias",
+             *(f"{b}norm{k}.{w}" for b in blocks for k in (1, 2) for w in ("weight", "bias"))}
+    assert model.prompt_parameters(encoder_norms=False) == fresh
+    assert model.prompt_parameters() == fresh | norms
+    assert up.create_model("tiny").prompt_parameters() == norms | {"head.ln_post.weight", "head.ln_post.bias"}
+    moe = up.create_model("tiny-moe")  # the gates take no weight decay and stay frozen in prompt tuning
+    gates = {f"blocks.{i}.{part}.gate.{w}" for i in (0, 2) for part in ("attn", "mlp")
+             for w in ("tag_proj.weight", "tag_proj.bias", "tag_norm.weight", "tag_norm.bias", "router.weight")}
+    assert gates <= moe.no_weight_decay() and not gates & moe.prompt_parameters()
+    assert moe.prompt_parameters() == up.create_model("tiny").prompt_parameters()
+
+
+def test_init_takes_the_qkv_bound_by_role_not_shape():
+    torch.manual_seed(0)
+    block = up.create_model("tiny", mlp_dim=192).blocks[0]  # fc1 is 64 -> 3 * 64, the shape of a fused QKV
+    plain, qkv = math.sqrt(6 / (64 + 192)), math.sqrt(6 / (64 + 64))
+    assert block.mlp.fc1.weight.abs().max() <= plain < block.attn.qkv.weight.abs().max() <= qkv
+
+
+@pytest.mark.parametrize(("preset", "digest"), [("tiny", "c939220382eb5cee"), ("tiny-moe", "d42a564aead33cd5")])
+def test_default_init_is_unchanged(preset, digest):
+    torch.manual_seed(0)
+    sha = hashlib.sha256()
+    for name, tensor in UniPerceiver(get_config(preset)).state_dict().items():
+        sha.update(name.encode())
+        sha.update(tensor.numpy().tobytes())
+    assert sha.hexdigest()[:16] == digest  # recorded before the QKV init was chosen by role

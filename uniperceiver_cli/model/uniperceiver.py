@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +13,7 @@ from uniperceiver_cli.model.config import EOT_ID, SPE_ID, ModelConfig
 from uniperceiver_cli.model.embeddings import TextEmbedding, VisualEmbedding
 from uniperceiver_cli.model.heads import SimilarityHead
 from uniperceiver_cli.model.layers import KV, Block
-from uniperceiver_cli.model.moe import ExpertLinear, Routing
+from uniperceiver_cli.model.moe import AttributeGate, ExpertLinear, Routing
 from uniperceiver_cli.model.tokenizer import get_tokenizer
 
 VISUAL = Routing(("visual_input",))
@@ -59,22 +59,14 @@ class UniPerceiver(nn.Module):
     # ------------------------------------------------------------------ initialisation
     def reset_parameters(self) -> None:
         """MAE-style init: xavier-uniform linears (a fused QKV counts as three), N(0, 0.02) tables."""
+        qkv = {block.attn.qkv for block in self.blocks}
         for module in self.modules():
-            if isinstance(module, nn.Linear):
-                fan_out, fan_in = module.weight.shape
-                if fan_out == 3 * fan_in:
-                    fan_out = fan_in
-                bound = math.sqrt(6 / (fan_in + fan_out))
+            if isinstance(module, (nn.Linear, ExpertLinear)):
+                fan_out, fan_in = module.weight.shape[-2:]
+                bound = math.sqrt(6 / (2 * fan_in if module in qkv else fan_in + fan_out))
                 nn.init.uniform_(module.weight, -bound, bound)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-            elif isinstance(module, ExpertLinear):
-                _, fan_out, fan_in = module.weight.shape
-                if fan_out == 3 * fan_in:
-                    fan_out = fan_in
-                bound = math.sqrt(6 / (fan_in + fan_out))
-                nn.init.uniform_(module.weight, -bound, bound)
-                nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, std=0.02)
             elif isinstance(module, nn.LayerNorm):
@@ -89,6 +81,29 @@ class UniPerceiver(nn.Module):
                 if prompt is not None:
                     nn.init.normal_(prompt, std=0.02)
         self.head.reset_parameters()
+
+    # ------------------------------------------------------------------ parameter roles
+    def _names(self, parts: Iterable[nn.Module | nn.Parameter | None]) -> set[str]:
+        ids = {id(p) for part in parts if part is not None
+               for p in (part.parameters() if isinstance(part, nn.Module) else (part,))}
+        return {name for name, p in self.named_parameters() if id(p) in ids}
+
+    def no_weight_decay(self) -> set[str]:
+        """What AdamW does not decay (reference 5.3): all but the weights of the linears and the patch conv outside
+        the MoE gates, so norms, biases, embedding tables, temperatures, layer scales, gates and prompts."""
+        decayed = self._names(m.weight for m in self.modules() if isinstance(m, (nn.Linear, nn.Conv2d, ExpertLinear)))
+        gates = self._names(m for m in self.modules() if isinstance(m, AttributeGate))
+        return {name for name, _ in self.named_parameters()} - (decayed - gates)
+
+    def prompt_parameters(self, encoder_norms: bool = True) -> set[str]:
+        """What prompt tuning trains (reference 7.1): the encoder's LayerNorms (not the MoE gates' own, as in the
+        reference), ln_post, the <|spe|> bias, the deep prompts and the classifier prompt. Without
+        ``encoder_norms``: those an init checkpoint may lack (they start fresh)."""
+        parts = [self.head.ln_post, self.text_embed.spe_bias, self.head.fc_prompt, self.head.similarity_weight,
+                 *(p for block in self.blocks for p in (block.prompt, block.target_prompt))]
+        if encoder_norms:
+            parts += [self.embed_norm, *(n for block in self.blocks for n in (block.norm1, block.norm2))]
+        return self._names(parts)
 
     def train(self, mode: bool = True) -> UniPerceiver:
         self._vocabulary = None  # cached target features are only valid while the weights do not change

@@ -5,49 +5,30 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
+from uniperceiver_cli.model.uniperceiver import UniPerceiver
 from uniperceiver_cli.train.recipe import TrainSpec
 
 
-def no_decay(name: str, param: nn.Parameter) -> bool:
-    """Norms, biases and every other 1-D parameter, embedding tables, temperatures, layer scales, MoE gates
-    and prompts take no weight decay (reference 5.3)."""
-    return (param.dim() <= 1 or name.endswith(".bias") or "logit_scale" in name or ".gamma" in name
-            or ".gate." in name or name.startswith(("text_embed.", "visual_embed.temporal"))
-            or name.endswith(("prompt", "spe_bias")))
-
-
-def prompt_parameter(name: str) -> bool:
-    """What prompt tuning trains (reference 7.1): every encoder LayerNorm, ln_post, the <|spe|> bias, the deep
-    prompts and the classifier prompt. The MoE gates' own norms stay frozen, as in the reference."""
-    if ".gate." in name:
-        return False
-    return (".norm" in name or name.startswith(("embed_norm.", "head.ln_post.", "head.fc_prompt.")) or
-            name in ("text_embed.spe_bias", "head.similarity_weight") or name.endswith(("prompt", "target_prompt")))
-
-
-def freeze_for_prompt_tuning(model: nn.Module) -> list[str]:
-    """Freeze everything but the prompt parameters; returns the names left trainable."""
-    trainable = []
+def freeze_for_prompt_tuning(model: UniPerceiver) -> list[str]:
+    """Freeze everything but the model's prompt parameters; returns the names left trainable."""
+    prompts = model.prompt_parameters()
     for name, param in model.named_parameters():
-        param.requires_grad_(prompt_parameter(name))
-        if param.requires_grad:
-            trainable.append(name)
-    if not trainable:
+        param.requires_grad_(name in prompts)
+    if not prompts:
         raise ValueError("prompt tuning found no prompt parameters to train")
-    return trainable
+    return [name for name, _ in model.named_parameters() if name in prompts]
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    decay, rest = [], []
+def param_groups(model: UniPerceiver, weight_decay: float) -> list[dict]:
+    decay, rest, no_decay = [], [], model.no_weight_decay()
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (rest if no_decay(name, param) else decay).append(param)
+            (rest if name in no_decay else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, spec: TrainSpec) -> torch.optim.AdamW:
+def build_optimizer(model: UniPerceiver, spec: TrainSpec) -> torch.optim.AdamW:
     """AdamW, fused: one kernel per parameter group (CPU and CUDA) instead of a loop over the tensors."""
     return torch.optim.AdamW(param_groups(model, spec.weight_decay), lr=spec.lr, betas=tuple(spec.betas),
                              eps=spec.eps, fused=True)
