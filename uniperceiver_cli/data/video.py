@@ -30,7 +30,7 @@ import decord
 import torch
 
 from uniperceiver_cli.data.shards import Skip
-from uniperceiver_cli.model.preprocess import _short_side_resize, normalize_video, video_views
+from uniperceiver_cli.model.preprocess import normalize_video, short_side_resize, video_views
 
 STRIDE = 32  # source frames between sampled frames at 30 fps
 TARGET_FPS = 30
@@ -157,7 +157,7 @@ def train_clip(data: bytes, size: int, num_frames: int, rng: random.Random, stri
     indices = train_indices(len(reader), _step(reader, stride), num_frames, rng)
     video = _frames(reader, indices).permute(0, 3, 1, 2).float().div_(255)  # (T, 3, H, W)
     short = round(rng.uniform(int(256 / 224 * size), int(320 / 224 * size)))
-    video = _short_side_resize(video, short)
+    video = short_side_resize(video, short)
     height, width = video.shape[-2:]
     top, left = rng.randint(0, height - size), rng.randint(0, width - size)
     video = video[..., top : top + size, left : left + size]

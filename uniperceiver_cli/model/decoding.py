@@ -8,16 +8,35 @@ it, every step re-encodes the whole two-stream sequence; both give the same toke
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from uniperceiver_cli.model.config import EOT_ID, SPE_ID
 from uniperceiver_cli.model.layers import KV
 from uniperceiver_cli.model.moe import Routing
-from uniperceiver_cli.model.uniperceiver import UniPerceiver, two_stream_mask
+
+if TYPE_CHECKING:
+    from uniperceiver_cli.model.uniperceiver import UniPerceiver
 
 CAPTION_VISUAL = Routing(("caption_visual",))
 CAPTION_TEXT = Routing(("caption_text",))
+
+
+def two_stream_mask(prefix: int, words: int, queries: int, device: torch.device | None = None) -> torch.Tensor:
+    """The captioning attention layout [prefix | words | queries]; True = may attend. (S, S)
+
+    The prefix (<|spe|> + visual tokens) sees only itself; word j sees the prefix and words 0..j;
+    query j sees the prefix, words 0..j-1 and itself, so it predicts word j without seeing it.
+    """
+    size = prefix + words + queries
+    mask = torch.zeros(size, size, dtype=torch.bool, device=device)
+    mask[:, :prefix] = True
+    w, q = slice(prefix, prefix + words), slice(prefix + words, size)
+    mask[w, w] = torch.ones(words, words, dtype=torch.bool, device=device).tril()
+    mask[q, w] = torch.ones(queries, words, dtype=torch.bool, device=device).tril(-1)
+    mask[q, q] = torch.eye(queries, dtype=torch.bool, device=device)
+    return mask
 
 
 @dataclass

@@ -86,7 +86,7 @@ def load_image(path: str | Path) -> Image.Image:
         raise ValueError(f"cannot read image '{path}': {reason}") from None
 
 
-def _short_side_resize(video: torch.Tensor, size: int) -> torch.Tensor:
+def short_side_resize(video: torch.Tensor, size: int) -> torch.Tensor:
     """Resize ``[T, 3, H, W]`` so that the short side is ``size`` (SlowFast ``short_side_scale``)."""
     height, width = video.shape[-2:]
     if (width <= height and width == size) or (height <= width and height == size):
@@ -144,7 +144,7 @@ def video_views(frames: torch.Tensor, size: int, num_crops: int = 3) -> torch.Te
     views = []
     for video in frames:
         video = video.permute(0, 3, 1, 2).contiguous().to(torch.float32).div(255)  # ToTensor per frame
-        video = _short_side_resize(video, size)
+        video = short_side_resize(video, size)
         views.extend(normalize_video(_uniform_crop(video, size, index)) for index in crop_indices)
     return torch.stack(views)
 

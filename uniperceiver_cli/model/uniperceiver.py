@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from uniperceiver_cli.model.config import EOT_ID, SPE_ID, ModelConfig
+from uniperceiver_cli.model.decoding import beam_search, two_stream_mask
 from uniperceiver_cli.model.embeddings import TextEmbedding, VisualEmbedding
 from uniperceiver_cli.model.heads import SimilarityHead
 from uniperceiver_cli.model.layers import KV, Block
@@ -19,22 +20,6 @@ from uniperceiver_cli.model.tokenizer import get_tokenizer
 VISUAL = Routing(("visual_input",))
 TEXT_TARGET = Routing(("text_target",))
 VOCABULARY = Routing(("vocabulary",))
-
-
-def two_stream_mask(prefix: int, words: int, queries: int, device: torch.device | None = None) -> torch.Tensor:
-    """The captioning attention layout [prefix | words | queries]; True = may attend. (S, S)
-
-    The prefix (<|spe|> + visual tokens) sees only itself; word j sees the prefix and words 0..j;
-    query j sees the prefix, words 0..j-1 and itself, so it predicts word j without seeing it.
-    """
-    size = prefix + words + queries
-    mask = torch.zeros(size, size, dtype=torch.bool, device=device)
-    mask[:, :prefix] = True
-    w, q = slice(prefix, prefix + words), slice(prefix + words, size)
-    mask[w, w] = torch.ones(words, words, dtype=torch.bool, device=device).tril()
-    mask[q, w] = torch.ones(queries, words, dtype=torch.bool, device=device).tril(-1)
-    mask[q, q] = torch.eye(queries, dtype=torch.bool, device=device)
-    return mask
 
 
 class UniPerceiver(nn.Module):
@@ -343,8 +328,6 @@ class UniPerceiver(nn.Module):
     def caption(self, inputs: torch.Tensor, *, beam_size: int = 2, max_len: int = 21) -> list[str]:
         """Captions for images (B, 3, H, W) or videos (B, T, 3, H, W), by cached beam search
         (``beam_size=1`` is greedy decoding) over ``caption_vocabulary`` (None: the whole vocabulary)."""
-        from uniperceiver_cli.model.decoding import beam_search  # decoding builds on this module
-
         vocabulary, token_ids = self.caption_targets(self.caption_vocabulary)
         result = beam_search(self, inputs, beam_size=beam_size, max_len=max_len, vocabulary=vocabulary,
                              token_ids=token_ids)
