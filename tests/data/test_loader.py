@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from timm.data.auto_augment import RandAugment
 
-from uniperceiver_cli.data.loader import choose_subset, make_loader
+from uniperceiver_cli.data.loader import ShardLoader, choose_subset, make_loader
 from uniperceiver_cli.data.mixing import mix_tasks
 from uniperceiver_cli.data.shards import Manifest, Sample, Skip, write_shards
 from uniperceiver_cli.data.transforms import classification_train_transform
@@ -309,13 +309,41 @@ def test_damage_and_truncation_in_one_shard_count_once_each(tmp_path: Path) -> N
     assert loader.skipped == {"unreadable member": 2, "unreadable shard": 1}
 
 
-def _tar_of(path: Path, members: list[tuple[str, bytes]], fmt: int) -> Path:
+def _tar_of(path: Path, members: list[tuple[str, bytes]], fmt: int, *, listed: bool = False) -> Path:
+    """A tar of ``members``; ``listed``: with a stats file next to it that lists its samples, as prepare-data's."""
+    samples: dict[str, list[str]] = {}
     with tarfile.open(path, "w", format=fmt) as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+            key, ext = name.split(".", 1)
+            samples.setdefault(key, []).append(ext.lower())
+    if listed:
+        path.with_suffix(".json").write_text(json.dumps({"keys": list(samples), "members": list(samples.values())}))
     return path
+
+
+def _cut(tar: Path, offset: int) -> None:
+    tar.write_bytes(tar.read_bytes()[:offset])
+
+
+def _offset(tar: Path, member: str) -> int:
+    """Where ``member``'s first header (its extension header, if it has one) starts."""
+    with tarfile.open(tar) as archive:
+        return archive.getmember(member).offset
+
+
+def _samples(keys: list[str]) -> list[tuple[str, bytes]]:
+    """Members of image classification samples, ``cls`` before ``png``."""
+    return [(f"{key}.{ext}", data) for i, key in enumerate(keys)
+            for ext, data in (("cls", str(i).encode()), ("png", _image_bytes(i, "PNG")))]
+
+
+def _read(urls: list[Path] | Path) -> tuple[list[str], ShardLoader]:
+    source = [str(url) for url in urls] if isinstance(urls, list) else urls
+    loader = make_loader(source, task="image_classification", train=False, batch_size=4, image_size=SIZE)
+    return _keys(list(loader)), loader
 
 
 @pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
@@ -323,7 +351,7 @@ def test_pax_and_gnu_long_names(tmp_path: Path, fmt: int) -> None:
     keys = [f"folder/{'long' * 30}_{i}" + ("_é" if i == 1 else "") for i in range(4)]  # > 100 bytes: extension headers
     members = [(f"{key}.{ext}", data) for i, key in enumerate(keys)
                for ext, data in (("PNG", _image_bytes(i, "PNG")), ("cls", str(i).encode()))]
-    tar = _tar_of(tmp_path / "shard.tar", members, fmt)
+    tar = _tar_of(tmp_path / "shard.tar", members, fmt, listed=True)
     loader = make_loader([str(tar)], task="image_classification", train=False, batch_size=4, image_size=SIZE)
     batches = list(loader)
     assert _keys(batches) == keys and batches[0]["labels"].tolist() == [0, 1, 2, 3] and loader.skipped == {}
@@ -351,6 +379,70 @@ def test_not_a_tar_counts_as_an_unreadable_shard(tmp_path: Path) -> None:
     loader = make_loader([str(tmp_path / "noise.tar"), str(tmp_path / "empty.tar")], task="image_classification",
                          train=False, batch_size=4, image_size=SIZE)
     assert list(loader) == [] and loader.skipped == {"unreadable shard": 2}
+
+
+@pytest.mark.parametrize("prefix", ["BZh0", "BZh91AY&SY", "\x1f\udc8b\x08"])  # bzip2's and gzip's magic bytes
+def test_a_first_file_named_like_compression_magic_is_read_as_a_plain_tar(tmp_path: Path, prefix: str) -> None:
+    keys = [f"{prefix}{i:03d}" for i in range(3)]
+    keys_read, loader = _read([_tar_of(tmp_path / "shard.tar", _samples(keys), tarfile.USTAR_FORMAT)])
+    assert keys_read == keys and loader.skipped == {}
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
+@pytest.mark.parametrize("listed", [True, False])
+def test_a_cut_inside_an_extension_header_keeps_the_samples_before(tmp_path: Path, fmt: int, listed: bool) -> None:
+    keys = [f"folder/{'long' * 30}_é{i}" for i in range(3)]  # > 100 bytes: pax or GNU long-name headers
+    tar = _tar_of(tmp_path / "shard.tar", _samples(keys), fmt, listed=listed)
+    _cut(tar, _offset(tar, f"{keys[1]}.cls") + 512 + 10)  # inside the pax records or the long name of k1.cls
+    keys_read, loader = _read([tar])
+    # k0 is complete; without the shard's listing the reader cannot tell (the cut header may have been k0's).
+    assert keys_read == (keys[:1] if listed else []) and loader.skipped == {"unreadable shard": 1}
+
+
+@pytest.mark.parametrize("into", [100, 0])  # bytes into the header; 0: a cut between members, no end blocks
+@pytest.mark.parametrize(("member", "listed", "kept"), [
+    ("b.png", True, ["a"]), ("b.png", False, ["a"]),  # b lost its png
+    ("c.cls", True, ["a", "b"]), ("c.cls", False, ["a"]),  # b is complete: only its listing tells
+])
+def test_a_cut_inside_a_header_block_loses_the_sample_it_is_in(tmp_path: Path, member: str, listed: bool,
+                                                                kept: list[str], into: int) -> None:
+    tar = _tar_of(tmp_path / "shard.tar", _samples(["a", "b", "c"]), tarfile.USTAR_FORMAT, listed=listed)
+    _cut(tar, _offset(tar, member) + into)
+    keys_read, loader = _read([tar])
+    assert keys_read == kept and loader.skipped == {"unreadable shard": 1}
+
+
+def _image_sample(key: str, seed: int, ext: str = "jpg", meta: bool = True) -> Sample:
+    return Sample(key, image=_image_bytes(seed, "PNG" if ext == "png" else "JPEG"), image_ext=ext, label=seed % 3,
+                  meta=_meta(seed) if meta else {})
+
+
+SCENARIOS = {  # samples with different members, one member's header damaged
+    "first member, after a sample without json": (
+        [_image_sample("a", 0), _image_sample("b", 1, meta=False), _image_sample("c", 2), _image_sample("d", 3)],
+        "c.jpg"),
+    "last member, before a png sample": (
+        [_image_sample("x", 0), _image_sample("y", 1, "png"), _image_sample("z", 2, "png")], "x.json"),
+}
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_the_shard_listing_names_the_sample_that_lost_a_member(tmp_path: Path, scenario: str) -> None:
+    samples, member = SCENARIOS[scenario]
+    _wipe_headers(_one_shard(tmp_path, samples), member)
+    keys_read, loader = _read(tmp_path)
+    assert keys_read == [s.key for s in samples if s.key != member.split(".")[0]]
+    assert loader.skipped == {"unreadable member": 1}
+
+
+def test_without_a_listing_both_samples_next_to_damage_are_dropped(tmp_path: Path) -> None:
+    samples, member = SCENARIOS["last member, before a png sample"]
+    tar = _one_shard(tmp_path, samples)
+    _wipe_headers(tar, member)
+    tar.with_suffix(".json").unlink()  # no stats file: the stretch may be x's last member or y's first
+    for source in (tmp_path, [tar]):
+        keys_read, loader = _read(source)
+        assert keys_read == ["z"] and loader.skipped == {"unreadable member": 2}
 
 
 def test_native_video_messages_go_into_the_skip_not_stderr(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:

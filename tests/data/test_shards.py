@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+import pytest
 
 from uniperceiver_cli.data.loader import make_loader
 from uniperceiver_cli.data.shards import Manifest, Sample, Skip, write_shards
@@ -31,6 +34,8 @@ def test_shards_left_empty_by_skips_are_not_listed_and_resume_works(tmp_path: Pa
     assert [e["detail"] for e in manifest.skipped_examples] == ["1", "4"]
     assert sorted(p.name for p in tmp_path.glob("*.tar")) == [s.file for s in manifest.shards]
     assert Manifest.load(tmp_path) == manifest
+    stats = json.loads((tmp_path / "shard-000000.json").read_text())  # what the loader checks a shard against
+    assert stats["keys"] == ["r0"] and stats["members"] == [["txt"]]
 
     made.clear()  # resuming a finished conversion converts nothing, the empty shards included
     assert write_shards(tmp_path, range(6), make, manifest=_manifest(), progress=False) == manifest
@@ -47,3 +52,11 @@ def test_shards_left_empty_by_skips_are_not_listed_and_resume_works(tmp_path: Pa
         keys += [key for batch in loader for key in batch["keys"]]
         assert loader.skipped == {}
     assert sorted(keys) == ["r0", "r2", "r3", "r5"]
+
+
+@pytest.mark.parametrize("content", ["[]", '"manifest"', "3"])
+def test_a_manifest_that_is_not_a_json_object_is_one_line_naming_it(tmp_path: Path, content: str) -> None:
+    (tmp_path / "manifest.json").write_text(content)
+    with pytest.raises(ValueError, match=r"manifest\.json is not a valid shard manifest: not a JSON object") as error:
+        Manifest.load(tmp_path)
+    assert str(tmp_path) in str(error.value) and "\n" not in str(error.value)

@@ -14,11 +14,13 @@ of shard URLs and yields collated batch dicts. What runs where:
   call per batch: tensors are stacked and texts tokenised with one ``encode_batch``.
 - **Bad data is skipped and counted**, never fatal: a sample that cannot be decoded raises
   :class:`~uniperceiver_cli.data.shards.Skip`; a sample that lost a member to a damaged tar header counts as
-  ``"unreadable member"`` and the rest of its shard is read; a shard that cannot be read on (truncated, not a
-  tar) stops being read and counts once as ``"unreadable shard"`` (samples before the damage are kept), as
-  does a shard that ends cleanly but holds fewer samples than its manifest says. Each worker attaches the
-  counts since its last batch to the next batch, and one last count-only item when it finishes; the main
-  process strips them and adds them to :attr:`ShardLoader.skipped`.
+  ``"unreadable member"`` and the rest of its shard is read (which samples lost one is told exactly by the
+  shard's stats file, which lists every sample's members; without it, both samples next to the damage are
+  dropped); a shard that cannot be read on (truncated, not a tar) stops being read and counts once as
+  ``"unreadable shard"`` (the complete samples before the damage are kept), as does a shard that ends
+  properly but holds fewer samples than its stats file or manifest says. Each worker attaches the counts
+  since its last batch to the next batch, and one last count-only item when it finishes; the main process
+  strips them and adds them to :attr:`ShardLoader.skipped`.
 
 Randomness: the shard order, sample shuffle, caption choice and video clip sampling come from generators
 seeded with ``(seed, epoch, rank, worker)``; the image augmentations (timm, torchvision) use each worker's
@@ -41,7 +43,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
-from itertools import chain, count
+from itertools import count
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -213,11 +215,11 @@ class Collate:
 BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
 CHUNK = 1 << 20  # bytes read from the stream at a time
-# Compressed tars, as tarfile's "r|*" opens them: magic bytes -> a streaming decompressor.
-DECOMPRESSORS: dict[bytes, Callable[[], Any]] = {
-    b"\x1f\x8b": lambda: zlib.decompressobj(zlib.MAX_WBITS | 16),
-    b"BZh": bz2.BZ2Decompressor,
-    b"\xfd7zXZ\x00": lzma.LZMADecompressor,
+# Compressed tars, as tarfile's "r|*" tells them: magic bytes -> a streaming decompressor.
+DECOMPRESSORS: dict[re.Pattern[bytes], Callable[[], Any]] = {
+    re.compile(rb"\x1f\x8b\x08"): lambda: zlib.decompressobj(zlib.MAX_WBITS | 16),
+    re.compile(rb"BZh[1-9]1AY&SY"): bz2.BZ2Decompressor,
+    re.compile(rb"\xfd7zXZ\x00"): lzma.LZMADecompressor,
 }
 PAX_TYPES = (tarfile.XHDTYPE, tarfile.SOLARIS_XHDTYPE)  # pax fields of the next member
 # Headers that describe other members rather than being one: pax, global pax, GNU long name and link.
@@ -236,7 +238,10 @@ class _Bytes:
     @staticmethod
     def _chunks(stream: BinaryIO) -> Iterator[bytes]:
         chunk = stream.read(CHUNK)
-        decompressor = next((make() for magic, make in DECOMPRESSORS.items() if chunk.startswith(magic)), None)
+        # A plain tar starts with a valid header, whatever its first file's name looks like ("BZh...").
+        compressed = _header(chunk[:BLOCK]) is None
+        decompressor = next((make() for magic, make in DECOMPRESSORS.items() if compressed and magic.match(chunk)),
+                            None)
         while chunk:
             yield decompressor.decompress(chunk) if decompressor is not None else chunk
             chunk = stream.read(CHUNK)
@@ -260,6 +265,14 @@ class _Bytes:
         return b"".join(parts)
 
 
+def _header(block: bytes) -> tarfile.TarInfo | None:
+    """The member a header block describes; None where the block is not a valid header (bad checksum)."""
+    try:
+        return tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+    except tarfile.HeaderError:
+        return None
+
+
 def _pax_fields(data: bytes) -> dict[str, str]:
     """The records of a pax header, ``"%d %s=%s\\n" % (length, keyword, value)``, as tarfile reads them."""
     fields, pos = {}, 0
@@ -273,43 +286,42 @@ def _pax_fields(data: bytes) -> dict[str, str]:
     return fields
 
 
-def _tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes | None] | None]:
+def _tar_members(stream: BinaryIO) -> Iterator[tuple[str | None, bytes | None] | None]:
     """``(name, data)`` of each regular file of a tar stream, and None for each damaged stretch passed over.
-    Data None: the stream ends inside this file's data, and nothing follows.
+    A stream cut short ends with ``(name, None)``: it ends inside this file's data, or, name None, inside a
+    header, inside the data of one (a pax or long-name header, which names the file after it) or before the
+    archive's end (the two or more zero blocks that end a tar).
 
     A block that is not a valid header (bad checksum) where one should be starts a damaged stretch: the blocks
     after it are tried one by one until one is a valid header again, and reading goes on there. The stretch is
-    the lost member's header and data (its data blocks do not pass as headers). Two or more zero blocks end an
-    archive, so a stretch of zero blocks alone is the end (or the gap between concatenated tars), not damage.
-    Pax and GNU long-name headers name the member that follows, as in tarfile; global pax headers are ignored.
+    the lost member's header and data (its data blocks do not pass as headers). Zero blocks alone are the end
+    (or the gap between concatenated tars), not damage, except one zero block between two headers: a header
+    wiped out. Pax and GNU long-name headers name the member that follows, as in tarfile; global pax headers
+    are ignored.
 
     Raises:
-        tarfile.ReadError: the stream ends inside the data of a header that is not a file's, or holds no valid
-            header (not a tar).
+        tarfile.ReadError: the stream holds no valid header (not a tar).
     """
     data = _Bytes(stream)
     fields: dict[str, str] = {}  # from pax or GNU long-name headers, for the next member
-    passed = zeros = 0  # blocks passed over since the last valid header, and how many of them were zero
+    garbage = False  # a block passed over since the last valid header was not a zero block
+    zeros = 0  # zero blocks in a row just passed over
     valid = False
-    while len(header := data.read(BLOCK)) == BLOCK:  # a stream cut inside a header ends, as in tarfile
-        try:
-            info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
-        except tarfile.HeaderError:
-            passed += 1
-            zeros += header == ZERO_BLOCK
+    while len(header := data.read(BLOCK)) == BLOCK:
+        info = _header(header)
+        if info is None:
+            zeros = zeros + 1 if header == ZERO_BLOCK else 0
+            garbage |= not zeros
             continue
-        if passed > zeros or passed == 1:  # one zero block is a header wiped out, not an archive's end
+        if garbage or zeros == 1:
             yield None
             fields = {}
-        passed = zeros = 0
-        valid = True
+        garbage, zeros, valid = False, 0, True
         size = info.size if info.type in EXTENSION_TYPES else int(fields.get("size", info.size))
         content, padding = data.read(size), -size % BLOCK
         if len(content) < size or len(data.read(padding)) < padding:
-            if info.isreg():
-                yield fields.get("path", info.name), None
-                return
-            raise tarfile.ReadError("truncated: the stream ends inside a member")
+            yield (fields.get("path", info.name) if info.isreg() else None), None
+            return
         if info.type in PAX_TYPES:
             fields.update(_pax_fields(content))
         elif info.type == tarfile.GNUTYPE_LONGNAME:
@@ -319,29 +331,39 @@ def _tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes | None] | None]:
                 yield fields.get("path", info.name), content
             fields = {}
     if not valid:
-        if passed == 0 or passed > zeros:
+        if garbage or not zeros:
             raise tarfile.ReadError("not a tar file")
         return  # only zero blocks: an empty archive
-    if passed > zeros:
+    if garbage:
         yield None  # the last member's header was damaged
+    if zeros < 2 or header.strip(b"\0"):  # no end, or a cut in the header of a tar concatenated after
+        yield None, None
 
 
 @dataclass
 class _Group:
     """The members of one sample key, as webdataset's ``group_by_keys`` gathers them, and where damaged stretches
-    of the tar touched them."""
+    of the tar or its end touched them."""
 
     sample: dict[str, Any]  # __key__, __url__, then lower-case extension -> bytes
-    lost_before: bool  # a damaged stretch lies between the previous group (or the tar's start) and this one
-    lost_inside: bool = False  # ... between two members of this group
-    lost_after: bool = False  # ... between this group and the next one (or the tar's end)
+    damaged: bool  # a damaged stretch lies before it (since the previous group) or between two of its members
+    lost_after: bool = False  # ... between it and the next group (or the tar's end)
+    cut: bool = False  # the stream ends inside it, or right after it inside a header: it may be incomplete
+
+    @property
+    def key(self) -> str:
+        return self.sample["__key__"]
+
+    @property
+    def members(self) -> frozenset[str]:
+        return frozenset(ext for ext in self.sample if not ext.startswith("__"))
 
 
-def _groups(members: Iterator[tuple[str, bytes | None] | None], url: str,
+def _groups(members: Iterator[tuple[str | None, bytes | None] | None], url: str,
             damage: Counter[str]) -> Iterator[_Group]:
     """Consecutive members with the same key (the name up to its first ``.`` after the last ``/``) as groups.
-    A shard that cannot be read on counts as unreadable: the sample it ends inside is lost, those before are
-    kept."""
+    A shard that cannot be read to its end counts once as unreadable; the groups read are yielded, the last one
+    marked ``cut`` where the stream may end inside it."""
     group: _Group | None = None
     lost = False  # a damaged stretch since the last member
     try:
@@ -350,89 +372,110 @@ def _groups(members: Iterator[tuple[str, bytes | None] | None], url: str,
                 lost = True
                 continue
             name, content = member
-            key, ext = base_plus_ext(name)
-            if content is None:  # the stream ends inside this member
-                if group is not None and key != group.sample["__key__"]:
+            if content is None:  # the stream ends inside this member (name None: inside a header)
+                damage[UNREADABLE_SHARD] = 1
+                if group is not None:
                     group.lost_after = lost
-                    yield group  # complete: the cut member is the next sample's
-                raise tarfile.ReadError(f"{url} ends inside {name}")
+                    group.cut = name is None or base_plus_ext(name)[0] == group.key
+                    yield group
+                return
+            key, ext = base_plus_ext(name)
             if key is None or META_MEMBER.match(name):
                 continue
             ext = ext.lower()
-            if group is not None and key == group.sample["__key__"]:
+            if group is not None and key == group.key:
                 if ext in group.sample:
                     raise ValueError(f"{name}: repeated member in {url}")
-                group.lost_inside |= lost
+                group.damaged |= lost
             else:
                 if group is not None:
                     group.lost_after = lost
                     yield group
-                group = _Group({"__key__": key, "__url__": url}, lost_before=lost)
+                group = _Group({"__key__": key, "__url__": url}, damaged=lost)
             group.sample[ext] = content
             lost = False
-    except Exception:  # noqa: BLE001 - truncated, not a tar, an I/O error, a repeated member: all end the shard
-        damage[UNREADABLE_SHARD] += 1
+    except Exception:  # noqa: BLE001 - not a tar, an I/O error, a repeated member: all end the shard
+        damage[UNREADABLE_SHARD] = 1
         return
     if group is not None:
         group.lost_after = lost
         yield group
 
 
-def _kinds(group: _Group | None) -> set[str]:
-    return {ext for ext in group.sample if not ext.startswith("__")} if group is not None else set()
+def _listing(url: str) -> dict[str, frozenset[str]] | None:
+    """Key -> member extensions of every sample of a shard, in order, from the stats file that prepare-data
+    writes next to it; None where there is none (a tar from elsewhere, or stats written before they listed
+    members)."""
+    try:
+        stats = json.loads(Path(url).with_suffix(".json").read_text())
+        return {key: frozenset(ext.lower() for ext in exts)
+                for key, exts in zip(stats["keys"], stats["members"], strict=True)}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
-def _fewer_kinds(group: _Group, *neighbours: _Group | None) -> bool:
-    """Whether ``group`` lacks a kind of member that a neighbour has (and has none the neighbour lacks)."""
-    kinds = _kinds(group)
-    return any(kinds < _kinds(neighbour) for neighbour in neighbours)
+def _listed(groups: Iterable[_Group], listing: dict[str, frozenset[str]],
+            damage: Counter[str]) -> Iterator[dict[str, Any]]:
+    """The samples of ``groups`` that have every member ``listing`` gives them. A listed sample that lost a
+    member (or all of them) to damage counts once as ``"unreadable member"``; one lost where the stream is cut
+    counts with the shard. A group whose key is not listed (or not after the last one met) is a name read from
+    a damaged header: it is left out, as part of the damage."""
+    position = {key: i for i, key in enumerate(listing)}
+    met = 0  # listed samples met or passed
+    damaged_end = False  # damage after the last listed sample met
+    for group in groups:
+        i = position.get(group.key, -1)
+        if i < met:
+            damaged_end = True
+            continue
+        if i > met:
+            damage[UNREADABLE_MEMBER] += i - met  # listed samples never met: every member lost
+        met, damaged_end = i + 1, group.lost_after
+        if group.members == listing[group.key]:
+            yield group.sample
+        elif not group.cut:
+            damage[UNREADABLE_MEMBER] += 1
+    if met < len(listing) and not damage[UNREADABLE_SHARD]:  # the tar ends properly, before its last samples
+        if damaged_end:
+            damage[UNREADABLE_MEMBER] += len(listing) - met
+        else:
+            damage[UNREADABLE_SHARD] = 1  # it holds fewer samples than its stats list
 
 
-def _intact(groups: Iterable[_Group], damage: Counter[str]) -> Iterator[dict[str, Any]]:
-    """The samples of ``groups`` less those that lost a member to a damaged stretch; each lost sample counts
-    once as ``"unreadable member"``.
-
-    A stretch is one lost member (or several in a row). Inside a group it was that sample's. Between two
-    groups it was the last member of the one before, the first of the one after, or a whole sample (such as a
-    one-member text sample): a group next to it that has fewer kinds of member than a neighbour lost one;
-    when neither group did, a whole sample was lost there.
-    """
-    previous: _Group | None = None
-    current: _Group | None = None
-    previous_dropped = False
-    for following in chain(groups, [None]):
-        if current is not None:
-            touched = current.lost_before or current.lost_after
-            dropped = current.lost_inside or (touched and _fewer_kinds(current, previous, following))
-            if dropped:
-                damage[UNREADABLE_MEMBER] += 1
-            else:
-                yield current.sample
-            # A stretch next to no dropped group took a whole sample.
-            if current.lost_before and not (dropped or previous_dropped):
-                damage[UNREADABLE_MEMBER] += 1
-            if current.lost_after and following is None and not dropped:
-                damage[UNREADABLE_MEMBER] += 1
-            previous_dropped = dropped
-        previous, current = current, following
+def _undamaged(groups: Iterable[_Group], damage: Counter[str]) -> Iterator[dict[str, Any]]:
+    """The samples of ``groups`` that no damage touched, for a shard without a listing. A damaged stretch
+    between two samples may have been the last member of the one before, the first of the one after, or whole
+    samples: both neighbours are dropped and each counts once as ``"unreadable member"`` (samples lost whole
+    are not seen). A group the stream may be cut inside is dropped and counts with the shard."""
+    for group in groups:
+        if group.damaged or group.lost_after:
+            damage[UNREADABLE_MEMBER] += 1
+        elif not group.cut:
+            yield group.sample
 
 
-def _read_shards(shards: Iterable[Shard], skipped: Counter[str]) -> Iterator[dict[str, Any]]:
-    """Raw samples of each shard in turn; damage is counted into ``skipped`` once the shard is done."""
+def read_shards(shards: Iterable[Shard], skipped: Counter[str]) -> Iterator[dict[str, Any]]:
+    """Raw samples (``__key__``, ``__url__``, extension -> bytes) of each shard in turn, read past damage;
+    the damage is counted into ``skipped`` once the shard is done.
+
+    A shard with a stats file that lists its samples' keys and members (:func:`_listing`) is checked against
+    it, so exactly the samples that lost a member are left out; one without is read by a cautious rule
+    (:func:`_undamaged`)."""
     for shard in shards:
         damage: Counter[str] = Counter()
         read = 0
         stream = None
         try:
+            listing = _listing(shard.url)
             stream = gopen(shard.url)
-            for sample in _intact(_groups(_tar_members(stream), shard.url, damage), damage):
+            groups = _groups(_tar_members(stream), shard.url, damage)
+            for sample in _listed(groups, listing, damage) if listing is not None else _undamaged(groups, damage):
                 read += 1
                 yield sample
-            lost = damage[UNREADABLE_MEMBER]
-            if shard.samples is not None and not damage[UNREADABLE_SHARD] and read + lost < shard.samples:
-                damage[UNREADABLE_SHARD] += 1  # it ends early, exactly at a member boundary
+            if listing is None and shard.samples is not None and not damage and read < shard.samples:
+                damage[UNREADABLE_SHARD] = 1  # it ends properly but holds fewer samples than its manifest says
         except Exception:  # noqa: BLE001 - a shard that cannot be opened (missing, I/O) is counted
-            damage[UNREADABLE_SHARD] += 1
+            damage[UNREADABLE_SHARD] = 1
         finally:
             if stream is not None:
                 stream.close()
@@ -502,7 +545,7 @@ class ShardStream(IterableDataset):
         for epoch in count(first) if self.epochs is None else range(first, first + self.epochs):
             order = self.epoch_order(epoch)
             seen = 0
-            for sample in _read_shards(order[reader::readers] if split_shards else order, shard_skips):
+            for sample in read_shards(order[reader::readers] if split_shards else order, shard_skips):
                 if self.subset is not None and (Path(sample["__url__"]).name, sample["__key__"]) not in self.subset:
                     continue
                 seen += 1

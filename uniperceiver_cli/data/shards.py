@@ -3,7 +3,7 @@
 A converted data set split is one folder::
 
     DIR/shard-000000.tar ... shard-NNNNNN.tar   WebDataset tars
-    DIR/shard-000000.json ...                   per-shard stats: samples, skips, sample keys and labels
+    DIR/shard-000000.json ...                   per-shard stats: samples, skips, sample keys, members, labels
     DIR/manifest.json                           what the split holds (see :class:`Manifest`)
 
 A sample in a tar is a group of files sharing a key: ``jpg``/``png`` image bytes, a video container
@@ -116,6 +116,8 @@ class Manifest:
             raise FileNotFoundError(f"no {MANIFEST} at {path.parent}: run `uniperceiver prepare-data` first")
         try:
             data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
             if data.get("format") != FORMAT:
                 raise ValueError(f"format is {data.get('format')!r}, not {FORMAT!r}")
             data["shards"] = [ShardInfo(**s) for s in data["shards"]]
@@ -167,6 +169,7 @@ def _write_shard(directory: Path, index: int, items: Sequence[Any],
     skipped: Counter[str] = Counter()
     examples: list[dict[str, str]] = []
     keys: list[str] = []
+    members: list[list[str]] = []  # each sample's member extensions, in the tar's order
     labels: list[int | None] = []
     tmp = directory / (name + ".tmp")
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
@@ -180,9 +183,11 @@ def _write_shard(directory: Path, index: int, items: Sequence[Any],
                 continue
             if "." in sample.key or "/" in sample.key:
                 raise ValueError(f"sample key {sample.key!r} contains '.' or '/'")
-            for ext, data in sample.members().items():
+            files = sample.members()
+            for ext, data in files.items():
                 _tar_member(tar, f"{sample.key}.{ext}", data)
             keys.append(sample.key)
+            members.append(list(files))
             labels.append(sample.label)
     if len(set(keys)) != len(keys):
         raise ValueError(f"{name}: sample keys repeat; each sample needs its own key")
@@ -190,9 +195,11 @@ def _write_shard(directory: Path, index: int, items: Sequence[Any],
         os.replace(tmp, directory / name)
     else:
         tmp.unlink()
-    # The keys and labels let a loader pick subsets (e.g. class-balanced 1%) without reading any tar.
+    # The keys and labels let a loader pick subsets (e.g. class-balanced 1%) without reading any tar; the keys
+    # and members tell it exactly which samples lost a member to a damaged tar header.
     stats = {"file": name, "samples": len(keys), "bytes": (directory / name).stat().st_size if keys else 0,
-             "skipped": dict(skipped), "skipped_examples": examples, "keys": keys, "labels": labels}
+             "skipped": dict(skipped), "skipped_examples": examples, "keys": keys, "members": members,
+             "labels": labels}
     (directory / f"shard-{index:06d}.json").write_text(json.dumps(stats) + "\n")
     return stats
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
-import tarfile
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from uniperceiver_cli.data.loader import Shard, read_shards
 from uniperceiver_cli.data.shards import Manifest
 from uniperceiver_cli.model.config import EOT_ID
 from uniperceiver_cli.model.tokenizer import get_tokenizer
@@ -24,8 +25,9 @@ from uniperceiver_cli.train.recipe import TaskSpec
 def corpus_tokens(directory: Path, manifest: Manifest) -> torch.Tensor:
     """Every token id in a split's texts (captions or passages), plus end-of-text: a restricted target set.
 
-    Reads only the ``txt``/``json`` members of the local shards. The result is kept for the process, keyed by
-    the folder and its manifest's modification time: training and every evaluation of a run scan a split once."""
+    Reads the ``txt``/``json`` members of the local shards with the loader's tar reader, so it reads past damage
+    and leaves out the same samples as training does. The result is kept for the process, keyed by the folder
+    and its manifest's modification time: training and every evaluation of a run scan a split once."""
     stamp = (directory / "manifest.json").stat().st_mtime_ns
     return _corpus_tokens(directory.resolve(), stamp, tuple(shard.file for shard in manifest.shards)).clone()
 
@@ -33,13 +35,14 @@ def corpus_tokens(directory: Path, manifest: Manifest) -> torch.Tensor:
 @functools.cache
 def _corpus_tokens(directory: Path, stamp: int, shards: tuple[str, ...]) -> torch.Tensor:
     texts: set[str] = set()  # captions repeat (ToyWorld: 144k captions, 27k distinct): tokenize each once
-    for shard in shards:
-        with tarfile.open(directory / shard) as tar:
-            for member in tar:
-                if member.name.endswith(".txt"):
-                    texts.add(tar.extractfile(member).read().decode("utf-8"))
-                elif member.name.endswith(".json"):
-                    texts.update(json.loads(tar.extractfile(member).read()).get("captions", []))
+    # Damage is counted by the loaders that read these shards for training and evaluation, not here.
+    for sample in read_shards([Shard(str(directory / shard)) for shard in shards], Counter()):
+        try:
+            text = [sample["txt"].decode("utf-8")] if "txt" in sample else []
+            captions = json.loads(sample["json"]).get("captions", []) if "json" in sample else []
+        except ValueError:  # text or json that does not decode: the loaders skip the sample too
+            continue
+        texts.update(text, captions)
     ids: set[int] = {EOT_ID}
     tokenizer = get_tokenizer()
     distinct = sorted(texts)
