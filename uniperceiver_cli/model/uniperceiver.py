@@ -209,10 +209,7 @@ class UniPerceiver(nn.Module):
         """
         if self._vocabulary is not None and not self.training:
             return self._vocabulary
-        device = self.head.proj.weight.device
-        ids = torch.arange(self.config.vocab_size, device=device)
-        pairs = torch.stack([ids, torch.full_like(ids, EOT_ID)], dim=1)
-        feats = self.encode_text(pairs, routing=VOCABULARY)
+        feats = self.vocabulary_targets(torch.arange(self.config.vocab_size))
         if not self.training:
             self._vocabulary = feats
         return feats
@@ -226,8 +223,11 @@ class UniPerceiver(nn.Module):
         if token_ids is None:
             return self.vocabulary_features(), None
         ids = torch.cat([token_ids.cpu(), torch.tensor([EOT_ID])]).unique()
-        pairs = torch.stack([ids, torch.full_like(ids, EOT_ID)], dim=1)
-        return self.encode_text(pairs.to(self.head.proj.weight.device), routing=VOCABULARY), ids
+        return self.vocabulary_targets(ids), ids
+
+    def vocabulary_targets(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (V,) -> features (V, D) of the target rows [id, <|endoftext|>] captioning and MLM score."""
+        return self.encode_text(torch.stack([ids, torch.full_like(ids, EOT_ID)], dim=1), routing=VOCABULARY)
 
     # ------------------------------------------------------------------ task logits
     def classifier_rows(self, names: Sequence[str]) -> torch.Tensor | None:

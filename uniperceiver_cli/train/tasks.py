@@ -16,7 +16,7 @@ from uniperceiver_cli.data.loader import Shard, read_shards
 from uniperceiver_cli.data.shards import Manifest
 from uniperceiver_cli.model.config import EOT_ID
 from uniperceiver_cli.model.tokenizer import get_tokenizer
-from uniperceiver_cli.model.uniperceiver import VOCABULARY, UniPerceiver
+from uniperceiver_cli.model.uniperceiver import UniPerceiver
 from uniperceiver_cli.train.losses import cross_entropy, retrieval_loss
 from uniperceiver_cli.train.masking import whole_word_mask
 from uniperceiver_cli.train.recipe import TaskSpec
@@ -156,8 +156,7 @@ class TrainTask:
             ids = torch.cat([used.cpu(), negatives, torch.tensor([EOT_ID])]).unique()
         rows = torch.full((vocab_size,), -1, dtype=torch.long)
         rows[ids] = torch.arange(len(ids))
-        pairs = torch.stack([ids, torch.full_like(ids, EOT_ID)], dim=1).to(device)
-        return model.encode_text(pairs, routing=VOCABULARY), rows.to(device)
+        return model.vocabulary_targets(ids), rows.to(device)
 
     def _caption(self, model: UniPerceiver, batch: dict[str, Any], device: torch.device,
                  generator: torch.Generator | None):  # noqa: ANN202
