@@ -11,8 +11,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-SPE_ID = 49410
+SOT_ID = 49406
 EOT_ID = 49407
+MASK_ID = 49408
+GEN_ID = 49409
+SPE_ID = 49410
 VOCAB_SIZE = 49411
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

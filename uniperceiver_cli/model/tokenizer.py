@@ -1,8 +1,8 @@
 """CLIP byte-level BPE text tokenizer with the reference's five special tokens.
 
 The vocabulary is CLIP's ``bpe_simple_vocab_16e6.txt.gz`` (read from the installed ``open_clip`` package):
-256 byte tokens, the same 256 with ``</w>``, 48,894 merges, then ``<|startoftext|>`` 49406,
-``<|endoftext|>`` 49407, ``<|mask|>`` 49408, ``<|gen|>`` 49409 and ``<|spe|>`` 49410 (49,411 ids).
+256 byte tokens, the same 256 with ``</w>``, the merges, then ``<|startoftext|>``, ``<|endoftext|>``,
+``<|mask|>``, ``<|gen|>`` and ``<|spe|>`` (``SOT_ID`` to ``SPE_ID``, model/config.py).
 
 The BPE itself runs in HuggingFace ``tokenizers``; only the reference's text cleanup (ftfy, double HTML
 unescape, whitespace collapse, lower case) runs in Python. The reference encodes every text as
@@ -25,13 +25,9 @@ from tokenizers import AddedToken, Regex, pre_tokenizers
 from tokenizers import Tokenizer as _Backend
 from tokenizers.models import BPE
 
-from uniperceiver_cli.model.config import EOT_ID, SPE_ID, VOCAB_SIZE
+from uniperceiver_cli.model.config import EOT_ID, GEN_ID, MASK_ID, SOT_ID, SPE_ID, VOCAB_SIZE
 
 __all__ = ["EOT_ID", "GEN_ID", "MASK_ID", "SOT_ID", "SPE_ID", "VOCAB_SIZE", "Tokenizer", "get_tokenizer"]
-
-SOT_ID = 49406
-MASK_ID = 49408
-GEN_ID = 49409
 
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 _NUM_MERGES = 49152 - 256 - 2  # the reference keeps merge lines [1, 48895) of the file
