@@ -9,8 +9,7 @@ import torch
 
 import uniperceiver_cli as up
 from uniperceiver_cli.model.config import PRESETS, ModelConfig, MoEConfig, PromptConfig, get_config
-from uniperceiver_cli.model.decoding import two_stream_mask
-from uniperceiver_cli.model.uniperceiver import VOCABULARY, UniPerceiver
+from uniperceiver_cli.model.uniperceiver import VOCABULARY, UniPerceiver, two_stream_mask
 
 # Unique elements of the reference's state dicts, and what ours leaves out (docs/architecture.md):
 # the frozen sin-cos table (a buffer rebuilt from the config), the unused video type row (folded into

@@ -24,6 +24,12 @@ VIDEO_MEAN = (0.5, 0.5, 0.5)
 VIDEO_STD = (0.5, 0.5, 0.5)
 
 
+def _refuse_unknown(given: dict[str, Any], kind: type, label: str) -> None:
+    unknown = sorted(set(given) - {f.name for f in dataclasses.fields(kind)})
+    if unknown:
+        raise ValueError(f"unknown {label} field(s): {', '.join(unknown)}")
+
+
 def _check_int(owner: object, name: str, low: int) -> None:
     value = getattr(owner, name)
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -140,10 +146,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown model config field(s): {', '.join(unknown)}")
+        _refuse_unknown(data, cls, "model config")
         return cls(**data)
 
 
@@ -172,10 +175,7 @@ def _merge_nested(base: Any, override: Any, kind: type) -> Any:
         return override
     if not isinstance(override, dict):
         raise TypeError(f"expected {kind.__name__} or dict, got {type(override).__name__}")
-    fields = {f.name for f in dataclasses.fields(kind)}
-    unknown = sorted(set(override) - fields)
-    if unknown:
-        raise ValueError(f"unknown {kind.__name__} field(s): {', '.join(unknown)}")
+    _refuse_unknown(override, kind, kind.__name__)
     start = dataclasses.asdict(base) if base is not None else {}
     return kind(**{**start, **override})
 
@@ -188,10 +188,7 @@ def get_config(preset: str | ModelConfig = "base", **overrides: Any) -> ModelCon
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
         config = ModelConfig(**PRESETS[preset])
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown model config field(s): {', '.join(unknown)}")
+    _refuse_unknown(overrides, ModelConfig, "model config")
     if "moe" in overrides:
         overrides["moe"] = _merge_nested(config.moe, overrides["moe"], MoEConfig)
     if "prompt" in overrides:

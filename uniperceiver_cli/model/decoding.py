@@ -23,22 +23,6 @@ CAPTION_VISUAL = Routing(("caption_visual",))
 CAPTION_TEXT = Routing(("caption_text",))
 
 
-def two_stream_mask(prefix: int, words: int, queries: int, device: torch.device | None = None) -> torch.Tensor:
-    """The captioning attention layout [prefix | words | queries]; True = may attend. (S, S)
-
-    The prefix (<|spe|> + visual tokens) sees only itself; word j sees the prefix and words 0..j;
-    query j sees the prefix, words 0..j-1 and itself, so it predicts word j without seeing it.
-    """
-    size = prefix + words + queries
-    mask = torch.zeros(size, size, dtype=torch.bool, device=device)
-    mask[:, :prefix] = True
-    w, q = slice(prefix, prefix + words), slice(prefix + words, size)
-    mask[w, w] = torch.ones(words, words, dtype=torch.bool, device=device).tril()
-    mask[q, w] = torch.ones(queries, words, dtype=torch.bool, device=device).tril(-1)
-    mask[q, q] = torch.eye(queries, dtype=torch.bool, device=device)
-    return mask
-
-
 @dataclass
 class Captions:
     tokens: torch.Tensor  # (B, steps) best beam per input, <|endoftext|> repeated after it ends
@@ -53,8 +37,7 @@ class _Stepper:
 
     def __init__(self, model: UniPerceiver, video: torch.Tensor, use_cache: bool) -> None:
         self.model, self.use_cache = model, use_cache
-        self.visual = model.embed_visual(video)
-        self.prefix = torch.cat([model.spe(video.shape[0]), self.visual], dim=1)  # (B, P, D)
+        self.prefix = model.visual_prefix(video)  # (B, P, D)
         self.cache: list[KV] | None = None
         if use_cache:
             self.cache = model.encode(self.prefix, routing=CAPTION_VISUAL)[1]
@@ -82,13 +65,7 @@ class _Stepper:
             if t > 0:  # keep the word's keys/values, not the query's
                 self.cache = [(k[:, :, :-1], v[:, :, :-1]) for k, v in kv]
             return out[:, -1]
-        # Re-encode [<|spe|>, visual, words 0..t-1, queries 0..t] with the training layout.
-        p = self.prefix.shape[1]
-        queries = torch.full((n, t + 1), SPE_ID, device=device)
-        x = torch.cat([self.prefix, model.embed_text(words), model.embed_text(queries)], dim=1)
-        routing = Routing(("caption_visual", "caption_text"), (p,))
-        out, _ = model.encode(x, structure=two_stream_mask(p, t, t + 1, device), routing=routing)
-        return out[:, -1]
+        return model.encode_two_stream(self.prefix, words, t + 1)[:, -1]  # words 0..t-1 and queries 0..t
 
 
 @torch.inference_mode()

@@ -13,6 +13,14 @@ from uniperceiver_cli.model.moe import AttributeGate, ExpertLinear, Routing
 KV = tuple[torch.Tensor, torch.Tensor]  # keys and values, each (B, H, L, head_dim)
 
 
+def _linears(config: ModelConfig, moe: bool, *shapes: tuple[int, int]) -> list[nn.Module | None]:
+    """A sub-layer's linears (in, out) and then its gate: expert linears and a gate, or plain ones and None."""
+    if not moe:
+        return [*(nn.Linear(i, o) for i, o in shapes), None]
+    assert config.moe is not None
+    return [*(ExpertLinear(i, o, config.moe.num_experts) for i, o in shapes), AttributeGate(config.width, config.moe)]
+
+
 class _Routed(nn.Module):
     """Base of the two sub-layers that may hold experts: one gate decision serves both of their linears."""
 
@@ -35,13 +43,7 @@ class Attention(_Routed):
         super().__init__()
         d = config.width
         self.heads = config.heads
-        if moe:
-            assert config.moe is not None
-            self.qkv = ExpertLinear(d, 3 * d, config.moe.num_experts)
-            self.out = ExpertLinear(d, d, config.moe.num_experts)
-            self.gate = AttributeGate(d, config.moe)
-        else:
-            self.qkv, self.out, self.gate = nn.Linear(d, 3 * d), nn.Linear(d, d), None
+        self.qkv, self.out, self.gate = _linears(config, moe, (d, 3 * d), (d, d))
 
     def _split(self, qkv: torch.Tensor) -> torch.Tensor:
         return qkv.unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)  # (3, B, H, S, head_dim)
@@ -67,13 +69,7 @@ class MLP(_Routed):
     def __init__(self, config: ModelConfig, moe: bool) -> None:
         super().__init__()
         d, h = config.width, config.mlp_dim
-        if moe:
-            assert config.moe is not None
-            self.fc1 = ExpertLinear(d, h, config.moe.num_experts)
-            self.fc2 = ExpertLinear(h, d, config.moe.num_experts)
-            self.gate = AttributeGate(d, config.moe)
-        else:
-            self.fc1, self.fc2, self.gate = nn.Linear(d, h), nn.Linear(h, d), None
+        self.fc1, self.fc2, self.gate = _linears(config, moe, (d, h), (h, d))
 
     def forward(self, x: torch.Tensor, routing: Routing | None) -> torch.Tensor:
         decision, spans = self._decide(routing, x)

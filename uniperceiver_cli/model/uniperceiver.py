@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from uniperceiver_cli.model.config import EOT_ID, SPE_ID, ModelConfig
-from uniperceiver_cli.model.decoding import beam_search, two_stream_mask
+from uniperceiver_cli.model.decoding import beam_search
 from uniperceiver_cli.model.embeddings import TextEmbedding, VisualEmbedding
 from uniperceiver_cli.model.heads import SimilarityHead
 from uniperceiver_cli.model.layers import KV, Block
@@ -20,6 +20,22 @@ from uniperceiver_cli.model.tokenizer import get_tokenizer
 VISUAL = Routing(("visual_input",))
 TEXT_TARGET = Routing(("text_target",))
 VOCABULARY = Routing(("vocabulary",))
+
+
+def two_stream_mask(prefix: int, words: int, queries: int, device: torch.device | None = None) -> torch.Tensor:
+    """The captioning attention layout [prefix | words | queries]; True = may attend. (S, S)
+
+    The prefix (<|spe|> + visual tokens) sees only itself; word j sees the prefix and words 0..j;
+    query j sees the prefix, words 0..j-1 and itself, so it predicts word j without seeing it.
+    """
+    size = prefix + words + queries
+    mask = torch.zeros(size, size, dtype=torch.bool, device=device)
+    mask[:, :prefix] = True
+    w, q = slice(prefix, prefix + words), slice(prefix + words, size)
+    mask[w, w] = torch.ones(words, words, dtype=torch.bool, device=device).tril()
+    mask[q, w] = torch.ones(queries, words, dtype=torch.bool, device=device).tril(-1)
+    mask[q, q] = torch.eye(queries, dtype=torch.bool, device=device)
+    return mask
 
 
 class UniPerceiver(nn.Module):
@@ -151,10 +167,27 @@ class UniPerceiver(nn.Module):
             caches.append(kv)
         return x, caches
 
+    def visual_prefix(self, video: torch.Tensor) -> torch.Tensor:
+        """[<|spe|>, visual tokens] embedded. video (B, T, 3, H, W) -> (B, 1 + T*N, D)."""
+        return torch.cat([self.spe(video.shape[0]), self.embed_visual(video)], dim=1)
+
     def encode_visual(self, video: torch.Tensor, routing: Routing = VISUAL) -> torch.Tensor:
         """[<|spe|>, visual tokens] through the encoder. video (B, T, 3, H, W) -> (B, 1 + T*N, D)."""
-        x = torch.cat([self.spe(video.shape[0]), self.embed_visual(video)], dim=1)
-        return self.encode(x, routing=routing)[0]
+        return self.encode(self.visual_prefix(video), routing=routing)[0]
+
+    def encode_two_stream(self, prefix: torch.Tensor, words: torch.Tensor, queries: int,
+                          padding: torch.Tensor | None = None) -> torch.Tensor:
+        """The captioning layout [prefix | words | queries] through the encoder: prefix (B, P, D) embedded, word
+        ids (B, n), then ``queries`` <|spe|> queries at positions 0, 1, ...; padding (B, n) masks the words and,
+        with ``queries`` = n, their queries. Returns the queries' outputs (B, queries, D)."""
+        (b, n), p = words.shape, prefix.shape[1]
+        spe = torch.full((b, queries), SPE_ID, device=words.device)
+        x = torch.cat([prefix, self.embed_text(words), self.embed_text(spe)], dim=1)
+        if padding is not None:
+            padding = torch.cat([padding.new_zeros(b, p), padding, padding], dim=1)
+        out, _ = self.encode(x, padding=padding, structure=two_stream_mask(p, n, queries, words.device),
+                             routing=Routing(("caption_visual", "caption_text"), (p,)))
+        return out[:, p + n:]
 
     def encode_text_tokens(self, ids: torch.Tensor, padding: torch.Tensor | None = None, *,
                            routing: Routing = TEXT_TARGET, side: str = "target") -> torch.Tensor:
@@ -288,22 +321,9 @@ class UniPerceiver(nn.Module):
         inputs (B, 3, H, W) or (B, T, 3, H, W); caption ids (B, n) ending in <|endoftext|>, no start token.
         Query j predicts ids[:, j]. Returns logits (B, n, V) against the vocabulary features.
         """
-        video = inputs if inputs.dim() == 5 else inputs[:, None]
-        b, n = ids.shape
-        visual = self.embed_visual(video)
-        prefix = 1 + visual.shape[1]
-        positions = torch.arange(n, device=ids.device)
-        queries = torch.full_like(ids, SPE_ID)
-        x = torch.cat([self.spe(b), visual, self.embed_text(ids, positions),
-                       self.embed_text(queries, positions)], dim=1)
-        pad = None
-        if padding is not None:
-            pad = torch.cat([padding.new_zeros(b, prefix), padding, padding], dim=1)
-        routing = Routing(("caption_visual", "caption_text"), (prefix,))
-        out, _ = self.encode(x, padding=pad, structure=two_stream_mask(prefix, n, n, ids.device),
-                             routing=routing)
-        query = self.head.project(out[:, prefix + n:])  # (B, n, D)
-        return self.head.logits(query.flatten(0, 1), vocabulary, "caption").unflatten(0, (b, n))
+        prefix = self.visual_prefix(inputs if inputs.dim() == 5 else inputs[:, None])
+        query = self.head.project(self.encode_two_stream(prefix, ids, ids.shape[1], padding))  # (B, n, D)
+        return self.head.logits(query.flatten(0, 1), vocabulary, "caption").unflatten(0, ids.shape)
 
     def mlm_logits(self, ids: torch.Tensor, padding: torch.Tensor | None, selected: torch.Tensor,
                    vocabulary: torch.Tensor) -> torch.Tensor:
