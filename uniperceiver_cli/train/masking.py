@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from uniperceiver_cli.model.config import SPE_ID
-from uniperceiver_cli.model.tokenizer import SOT_ID, get_tokenizer
+from uniperceiver_cli.model.config import SOT_ID, SPE_ID, VOCAB_SIZE
+from uniperceiver_cli.model.tokenizer import get_tokenizer
 
 
 def whole_word_mask(ids: torch.Tensor, padding: torch.Tensor | None, *, probability: float = 0.15,
-                    vocab_size: int = 49411, generator: torch.Generator | None = None,
+                    vocab_size: int = VOCAB_SIZE, generator: torch.Generator | None = None,
                     word_ends: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask ``probability`` of the words: every sub-token of a chosen word becomes <|spe|> (80%), a random
     id (10%) or stays (10%), decided per word as the reference does.
