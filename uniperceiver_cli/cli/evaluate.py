@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import typer
 
@@ -16,16 +15,9 @@ from uniperceiver_cli.cli.common import (
     read_lines,
     user_errors,
 )
+from uniperceiver_cli.task_types import TASKS
 
-if TYPE_CHECKING:
 
-    pass
-
-TASKS = {
-    "image_classification": "classification", "video_classification": "classification",
-    "image_caption": "caption", "video_caption": "caption",
-    "image_retrieval": "retrieval", "video_retrieval": "retrieval", "text_mlm": "mlm",
-}
 def evaluate(
     data: Path = typer.Option(..., "--data", help="A converted split: the folder holding manifest.json."),
     model: Path | None = typer.Option(None, "--model", help="A bundle folder or an official .pth checkpoint."),
@@ -68,7 +60,8 @@ def evaluate(
         if task not in manifest.tasks:
             raise ValueError(f"{data} serves {', '.join(manifest.tasks)}, not {task}")
         names = None
-        if TASKS[task] == "classification":
+        kind = TASKS[task].family
+        if kind == "classification":
             names = read_lines(labels, "labels") if labels else manifest.label_names(label_set)
         template_list = read_lines(templates, "templates") if templates else None
         dev = pick_device(device)
@@ -77,7 +70,6 @@ def evaluate(
                              num_frames=num_frames, num_views=views, num_clips=clips, max_text_len=max_text_len,
                              num_workers=workers, label_set=label_set)
         batches = runners.limited(loader, limit)
-        kind = TASKS[task]
         if kind == "classification":
             truth = manifest.label_names(label_set) if (manifest.classes or label_set) else names
             result = runners.run_classification(net, batches, names, templates=template_list, truth_names=truth,

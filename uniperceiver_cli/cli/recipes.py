@@ -17,6 +17,7 @@ from rich.table import Table
 import uniperceiver_cli
 from uniperceiver_cli.cli.common import err_console, user_errors
 from uniperceiver_cli.data.shards import MANIFEST, Manifest
+from uniperceiver_cli.task_types import TASKS
 from uniperceiver_cli.train.recipe import EvalTaskSpec, Recipe, TaskSpec, load_recipe
 
 RECIPES_DIR = Path(os.environ.get("UNIPERCEIVER_RECIPES")
@@ -101,7 +102,7 @@ def task_problem(key: str, task: TaskSpec | EvalTaskSpec, manifest: Manifest, sp
             return f"{key}.label_set: {e}"
         return None
     named = isinstance(task, EvalTaskSpec) and task.labels  # an evaluation's labels file names the classes
-    if task.type.endswith("_classification") and not manifest.classes and not named:
+    if TASKS[task.type].family == "classification" and not manifest.classes and not named:
         return f"{key}: {split} names no classes; set label_set{' or labels' if isinstance(task, EvalTaskSpec) else ''}"
     return None
 

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from functools import partial
 from itertools import count
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypedDict
 
 import torch
 import webdataset as wds
@@ -55,17 +55,31 @@ from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
-from uniperceiver_cli.data.shards import IMAGE_EXTS, TASK_TYPES, VIDEO_EXTS, Manifest, Skip
+from uniperceiver_cli.data.shards import IMAGE_EXTS, VIDEO_EXTS, Manifest, Skip
 from uniperceiver_cli.data.transforms import build_image_transform
 from uniperceiver_cli.data.video import STRIDE, eval_clip, train_clip
 from uniperceiver_cli.model.preprocess import VIDEO_NUM_CROPS
 from uniperceiver_cli.model.tokenizer import get_tokenizer
+from uniperceiver_cli.task_types import TASKS, TaskType
 
 SKIPPED = "__skipped__"  # per-batch skip counts travelling from the workers to the main process
-TEXT_LEN = {"text_mlm": 128}  # default max_text_len per task; 30 otherwise
+TEXT_LEN = {"mlm": 128}  # default max_text_len per task family; 30 otherwise
 DEFAULT_TEXT_LEN = 30
 UNREADABLE_SHARD = "unreadable shard"
 UNREADABLE_MEMBER = "unreadable member"
+
+
+class Batch(TypedDict, total=False):
+    """A collated batch: ``keys`` and, by task type, the fields below (B samples)."""
+
+    keys: list[str]
+    images: torch.Tensor  # image tasks: (B, 3, S, S) float
+    videos: torch.Tensor  # video tasks: (B, T, 3, S, S) in training, (B * num_views, T, 3, S, S) in evaluation
+    num_views: int  # evaluation videos: V = clips x crops, row sample * V + clip * crops + crop
+    labels: torch.Tensor  # classification: (B,) long
+    text_ids: torch.Tensor  # (B, L) long: one caption per sample (caption, retrieval) or the passage (mlm)
+    text_padding: torch.Tensor  # (B, L) bool, True at padding
+    captions: list[list[str]]  # caption and retrieval: every caption of each sample
 
 
 @dataclass(frozen=True)
@@ -139,7 +153,7 @@ class SampleDecoder:
     ``captions`` (all of them). Raises :class:`Skip` for a sample that cannot be used.
     """
 
-    task: str
+    task: TaskType
     train: bool
     image_size: int
     num_frames: int
@@ -151,23 +165,23 @@ class SampleDecoder:
 
     def __post_init__(self) -> None:
         self.image_transform = (
-            build_image_transform(self.task, self.image_size, train=self.train and self.augment)
-            if self.task.startswith("image_") else None
+            build_image_transform(self.task.name, self.image_size, train=self.train and self.augment)
+            if self.task.modality == "image" else None
         )
 
     def __call__(self, raw: dict[str, Any], rng: random.Random) -> dict[str, Any]:
         sample: dict[str, Any] = {"key": raw["__key__"]}
-        if self.task == "text_mlm":
+        if self.task.modality == "text":
             text = " ".join(_text(raw).split())
             if not text:
                 raise Skip("empty text")
             sample["text"] = text
             return sample
-        if self.task.endswith(("_caption", "_retrieval")):
+        if self.task.family in ("caption", "retrieval"):
             captions = _captions(raw)
             sample["captions"] = captions
             sample["text"] = rng.choice(captions) if self.train else captions[0]
-        if self.task.endswith("_classification"):
+        if self.task.family == "classification":
             sample["label"] = _label(raw, self.label_set)
         if self.image_transform is not None:
             sample["input"] = self.image_transform(_image(raw))
@@ -182,23 +196,23 @@ class SampleDecoder:
 
 @dataclass
 class Collate:
-    """Stacks a list of decoded samples into one batch dict (see :func:`make_loader` for the keys)."""
+    """Stacks a list of decoded samples into one :class:`Batch`."""
 
-    task: str
+    task: TaskType
     train: bool
     max_text_len: int
 
-    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        batch: dict[str, Any] = {"keys": [s["key"] for s in samples]}
-        if self.task.startswith("image_"):
+    def __call__(self, samples: list[dict[str, Any]]) -> Batch:
+        batch: Batch = {"keys": [s["key"] for s in samples]}
+        if self.task.modality == "image":
             batch["images"] = torch.stack([s["input"] for s in samples])  # (B, 3, S, S)
-        elif self.task.startswith("video_"):
+        elif self.task.modality == "video":
             if self.train:
                 batch["videos"] = torch.stack([s["input"] for s in samples])  # (B, T, 3, S, S)
             else:
                 batch["videos"] = torch.cat([s["input"] for s in samples])  # (B * views, T, 3, S, S)
                 batch["num_views"] = samples[0]["input"].shape[0]
-        if self.task.endswith("_classification"):
+        if self.task.family == "classification":
             batch["labels"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
         if "text" in samples[0]:
             ids, padding = get_tokenizer().encode_batch([s["text"] for s in samples], max_len=self.max_text_len)
@@ -708,7 +722,7 @@ def make_loader(
     Args:
         source: a shard folder with ``manifest.json``, a webdataset URL pattern (``"dir/shard-{000000..000007}.tar"``)
             or a list of shard URLs.
-        task: one of :data:`uniperceiver_cli.data.shards.TASK_TYPES`.
+        task: one of :data:`uniperceiver_cli.task_types.TASKS`.
         batch_size: samples per batch (the last batch of each worker may be smaller).
         train: training (shuffled shards and samples, random augmentation, random caption) or evaluation
             (listed order, deterministic transforms, first caption).
@@ -736,22 +750,15 @@ def make_loader(
         world_size: number of processes sharing the data.
 
     Returns:
-        A :class:`ShardLoader`. Its batches are dicts with ``keys`` (list of str) and, by task:
-
-        - image tasks: ``images`` float ``(B, 3, S, S)``;
-        - video tasks: ``videos`` float ``(B, T, 3, S, S)`` in training, ``(B * V, T, 3, S, S)`` in evaluation
-          with ``num_views`` ``V = num_clips * num_views`` (row ``sample * V + clip * num_views + crop``);
-        - classification: ``labels`` long ``(B,)``;
-        - caption and retrieval: ``text_ids`` long ``(B, L)``, ``text_padding`` bool ``(B, L)`` (True at
-          padding) of one caption per sample, and ``captions`` (every caption of each sample);
-        - ``text_mlm``: ``text_ids`` and ``text_padding`` of the passage.
+        A :class:`ShardLoader` of :class:`Batch` dicts.
 
     Raises:
         ValueError: on an unknown task, bad sizes or a bad subset.
         FileNotFoundError: if a shard folder lacks its manifest or shards.
     """
-    if task not in TASK_TYPES:
-        raise ValueError(f"unknown task {task!r}; choose one of: {', '.join(TASK_TYPES)}")
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
+    kind = TASKS[task]
     if num_views not in VIDEO_NUM_CROPS:
         raise ValueError(f"num_views must be 1 or 3, got {num_views}")
     if min(batch_size, num_frames, num_clips, shuffle_buffer) < 1 or num_workers < 0:
@@ -760,12 +767,12 @@ def make_loader(
     shards = _shards(source)
     chosen = None
     if subset is not None:
-        chosen = choose_subset([s.url for s in shards], subset, seed, balanced=task.endswith("_classification"))
+        chosen = choose_subset([s.url for s in shards], subset, seed, balanced=kind.family == "classification")
         holding = {name for name, _ in chosen}
         shards = [s for s in shards if Path(s.url).name in holding]  # read only the shards the subset draws from
-    decoder = SampleDecoder(task, train, image_size, num_frames, num_views, num_clips, label_set, augment,
+    decoder = SampleDecoder(kind, train, image_size, num_frames, num_views, num_clips, label_set, augment,
                             frame_stride)
-    collate = Collate(task, train, max_text_len or TEXT_LEN.get(task, DEFAULT_TEXT_LEN))
+    collate = Collate(kind, train, max_text_len or TEXT_LEN.get(kind.family, DEFAULT_TEXT_LEN))
     stream = ShardStream(shards, decoder, collate, batch_size=batch_size, train=train, seed=seed, epochs=epochs,
                          shuffle_buffer=shuffle_buffer, subset=chosen, rank=rank, world_size=world_size)
     return ShardLoader(stream, num_workers)

@@ -32,8 +32,6 @@ FORMAT = "uniperceiver-shards"
 MANIFEST = "manifest.json"
 IMAGE_EXTS = ("jpg", "png")
 VIDEO_EXTS = ("mp4", "avi", "webm", "mkv", "mov")
-TASK_TYPES = ("image_classification", "video_classification", "image_caption", "video_caption",
-              "image_retrieval", "video_retrieval", "text_mlm")
 MAX_SKIP_EXAMPLES = 100
 
 

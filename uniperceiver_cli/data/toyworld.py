@@ -32,6 +32,7 @@ from PIL import Image, ImageDraw
 
 from uniperceiver_cli.data.shards import Manifest, Sample
 from uniperceiver_cli.data.sources.common import Conversion
+from uniperceiver_cli.task_types import task_names
 
 DATASET = "toyworld"
 SUMMARY = "toyworld.json"
@@ -57,11 +58,7 @@ SPLIT_COUNTS = {
     "default": {"images/train": 32000, "images/val": 500, "images/test": 1000, "videos/train": 2000,
                 "videos/val": 250, "videos/test": 500, "text/train": 10000, "text/val": 500},
 }
-TASKS = {
-    "images": ["image_classification", "image_caption", "image_retrieval"],
-    "videos": ["video_classification", "video_caption", "video_retrieval"],
-    "text": ["text_mlm"],
-}
+TASKS = {"images": task_names("image"), "videos": task_names("video"), "text": task_names("text")}
 TRAINING_TASKS = [
     {"name": "shape_classification", "task": "image_classification", "data": "images", "label_set": "shape"},
     {"name": "image_captioning", "task": "image_caption", "data": "images", "label_set": None},

@@ -24,10 +24,10 @@ from torchvision import transforms
 
 from uniperceiver_cli.model.config import IMAGENET_MEAN, IMAGENET_STD, ModelConfig
 from uniperceiver_cli.model.preprocess import image_transform
+from uniperceiver_cli.task_types import TASKS, task_names
 
 ImageTransform = Callable[[Image.Image], torch.Tensor]
 RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
-IMAGE_TASKS = ("image_classification", "image_caption", "image_retrieval")
 
 
 class _AtLeastOneBit:
@@ -117,9 +117,9 @@ def build_image_transform(task: str, size: int, *, train: bool) -> ImageTransfor
     Raises:
         ValueError: if ``task`` has no image input.
     """
-    if task not in IMAGE_TASKS:
-        raise ValueError(f"task {task!r} has no image input; choose one of: {', '.join(IMAGE_TASKS)}")
-    kind = task.removeprefix("image_")
+    if task not in task_names("image"):
+        raise ValueError(f"task {task!r} has no image input; choose one of: {', '.join(task_names('image'))}")
+    kind = TASKS[task].family
     if not train:
         return image_transform(ModelConfig(image_size=size), kind)
     return classification_train_transform(size) if kind == "classification" else caption_train_transform(size)

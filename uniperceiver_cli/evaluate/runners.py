@@ -11,7 +11,7 @@ import contextlib
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,8 @@ from uniperceiver_cli.model.decoding import beam_search
 from uniperceiver_cli.model.tokenizer import get_tokenizer
 from uniperceiver_cli.model.uniperceiver import UniPerceiver
 
-Batch = dict[str, Any]
+if TYPE_CHECKING:
+    from uniperceiver_cli.data.loader import Batch
 
 
 @dataclass
@@ -74,8 +75,10 @@ def _preview(names: Sequence[str], limit: int = 5) -> str:
     return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
 
 
-def _to(batch: Batch, key: str, device: torch.device) -> torch.Tensor:
-    return batch[key].to(device, non_blocking=True)
+def _visual(batch: Batch, device: torch.device) -> tuple[torch.Tensor, int]:
+    """A batch's images or videos on ``device`` (a hand-made batch has no task type), and its views per sample."""
+    inputs = batch["videos"] if "videos" in batch else batch["images"]
+    return inputs.to(device, non_blocking=True), int(batch.get("num_views", 1))
 
 
 @torch.inference_mode()
@@ -102,11 +105,10 @@ def run_classification(model: UniPerceiver, batches: Iterable[Batch], names: Seq
         targets = label_features(model, names, templates)
         all_probs, all_labels, keys = [], [], []
         for batch in batches:
-            video = "videos" in batch
-            inputs = _to(batch, "videos" if video else "images", device)
+            inputs, views = _visual(batch, device)
             probs = model.classification_logits(inputs, targets, rows).float().softmax(dim=-1)
-            if video:
-                probs = average_views(probs, int(batch.get("num_views", 1)))
+            if views > 1:
+                probs = average_views(probs, views)
             all_probs.append(probs.cpu())
             all_labels.append(batch["labels"])
             keys.extend(batch["keys"])
@@ -143,11 +145,10 @@ def run_retrieval(model: UniPerceiver, batches: Iterable[Batch], *, max_text_len
     items, texts, owners, keys = [], [], [], []
     with autocast(device, precision):
         for batch in batches:
-            video = "videos" in batch
-            inputs = _to(batch, "videos" if video else "images", device)
-            feats = model.encode_video(inputs) if video else model.encode_image(inputs)
-            if video and int(batch.get("num_views", 1)) > 1:
-                feats = F.normalize(feats.float().view(-1, int(batch["num_views"]), feats.shape[-1]).mean(1), dim=-1)
+            inputs, views = _visual(batch, device)
+            feats = model.encode_video(inputs) if inputs.dim() == 5 else model.encode_image(inputs)
+            if views > 1:
+                feats = F.normalize(feats.float().view(-1, views, feats.shape[-1]).mean(1), dim=-1)
             for key, captions in zip(batch["keys"], batch["captions"], strict=True):
                 captions = captions[:captions_per_item]
                 owners.extend([len(keys)] * len(captions))
@@ -181,10 +182,8 @@ def run_captioning(model: UniPerceiver, batches: Iterable[Batch], *, beam_size: 
     with autocast(device, precision):
         vocabulary, vocab_ids = model.caption_targets(vocab_ids)
         for batch in batches:
-            video = "videos" in batch
-            inputs = _to(batch, "videos" if video else "images", device)
-            if video and int(batch.get("num_views", 1)) > 1:  # one (centre) view per video for captioning
-                views = int(batch["num_views"])
+            inputs, views = _visual(batch, device)
+            if views > 1:  # one (centre) view per video for captioning
                 inputs = inputs[views // 2::views]
             result = beam_search(model, inputs, beam_size=beam_size, max_len=max_len, len_penalty=len_penalty,
                                  vocabulary=vocabulary, token_ids=vocab_ids)

@@ -26,11 +26,11 @@ from pydantic import (
 from pydantic.dataclasses import dataclass
 
 from uniperceiver_cli.model.config import get_config
+from uniperceiver_cli.task_types import TASK_NAMES, TASKS
 
 STRICT = ConfigDict(extra="forbid")
 
-TaskType = Literal["image_classification", "video_classification", "image_caption", "video_caption",
-                   "image_retrieval", "video_retrieval", "text_mlm"]
+TaskType = Literal[TASK_NAMES]
 
 
 class RecipeError(ValueError):
@@ -334,9 +334,9 @@ def validate(data: Any, source: str = "recipe") -> Recipe:
         for i, task in enumerate(tasks):
             # The model's tables bound a task: text positions (captions, passages, generated captions), frames.
             limits = [("max_text_len", task.max_text_len, "max_text_len", config.max_text_len)]
-            if isinstance(task, EvalTaskSpec) and task.type.endswith("_caption"):
+            if isinstance(task, EvalTaskSpec) and TASKS[task.type].family == "caption":
                 limits.append(("max_len", task.max_len, "max_text_len", config.max_text_len))
-            if task.type.startswith("video_"):
+            if TASKS[task.type].modality == "video":
                 limits.append(("num_frames", task.num_frames, "max_frames", config.max_frames))
             for name, value, model_key, limit in limits:
                 if value > limit:

@@ -12,11 +12,12 @@ from typing import Any
 
 import torch
 
-from uniperceiver_cli.data.loader import Shard, read_shards
+from uniperceiver_cli.data.loader import Batch, Shard, read_shards
 from uniperceiver_cli.data.shards import Manifest
 from uniperceiver_cli.model.config import EOT_ID
 from uniperceiver_cli.model.tokenizer import get_tokenizer
 from uniperceiver_cli.model.uniperceiver import UniPerceiver
+from uniperceiver_cli.task_types import TASKS, TaskType
 from uniperceiver_cli.train.losses import cross_entropy, retrieval_loss
 from uniperceiver_cli.train.masking import whole_word_mask
 from uniperceiver_cli.train.recipe import TaskSpec
@@ -67,6 +68,10 @@ class TrainTask:
     mixup: Any = None  # timm Mixup for soft-target classification
     _label_text: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
+    @property
+    def kind(self) -> TaskType:
+        return TASKS[self.spec.type]
+
     @classmethod
     def build(cls, spec: TaskSpec, data_root: Path) -> TrainTask:
         directory = data_root / spec.data
@@ -74,7 +79,7 @@ class TrainTask:
         if spec.type not in manifest.tasks:
             raise ValueError(f"task {spec.name}: {directory} serves {', '.join(manifest.tasks)}, not {spec.type}")
         task = cls(spec, directory, manifest)
-        if spec.type.endswith("_classification"):
+        if task.kind.family == "classification":
             task.class_names = manifest.label_names(spec.label_set)
             task._label_text = get_tokenizer().encode_batch(task.class_names)
             if spec.mixup is not None:
@@ -84,7 +89,7 @@ class TrainTask:
                 task.mixup = Mixup(mixup_alpha=m.mixup_alpha, cutmix_alpha=m.cutmix_alpha, prob=m.prob,
                                    switch_prob=m.switch_prob, mode=m.mode, label_smoothing=m.label_smoothing,
                                    num_classes=len(task.class_names))
-        elif spec.type in ("image_caption", "video_caption", "text_mlm") and spec.vocabulary == "corpus":
+        elif task.kind.family in ("caption", "mlm") and spec.vocabulary == "corpus":
             task.vocab_ids = corpus_tokens(directory, manifest)
         return task
 
@@ -104,35 +109,34 @@ class TrainTask:
             names = next(iter(lists))
             fits = len(lists) == 1 and len(names) == model.config.prompt.classifier_classes
             model.class_names = list(names) if fits else None
-        captions = [t for t in tasks if t.spec.type.endswith("_caption")]
+        captions = [t for t in tasks if t.kind.family == "caption"]
         if captions:
             corpus = [t.vocab_ids for t in captions if t.vocab_ids is not None]
             model.caption_vocabulary = torch.cat(corpus).unique() if len(corpus) == len(captions) else None
         return model
 
     # ----------------------------------------------------------------------------------------- losses
-    def loss(self, model: UniPerceiver, batch: dict[str, Any], generator: torch.Generator | None = None
+    def loss(self, model: UniPerceiver, batch: Batch, generator: torch.Generator | None = None
              ) -> tuple[torch.Tensor, dict[str, float]]:
         """The task's loss times its loss weight, and metrics for the log (kept on device until read)."""
         device = model.head.proj.weight.device
-        kind = self.spec.type
-        if kind.endswith("_classification"):
+        family = self.kind.family
+        if family == "classification":
             loss, metrics = self._classification(model, batch, device)
-        elif kind.endswith("_retrieval"):
+        elif family == "retrieval":
             logits = model.retrieval_logits(self._visual(batch, device), batch["text_ids"].to(device),
                                             batch["text_padding"].to(device))
             loss, metrics = retrieval_loss(logits, self.spec.label_smoothing), {}
-        elif kind.endswith("_caption"):
+        elif family == "caption":
             loss, metrics = self._caption(model, batch, device, generator)
         else:
             loss, metrics = self._mlm(model, batch, device, generator)
         return loss * self.spec.loss_weight, metrics
 
-    @staticmethod
-    def _visual(batch: dict[str, Any], device: torch.device) -> torch.Tensor:
-        return batch["videos" if "videos" in batch else "images"].to(device, non_blocking=True)
+    def _visual(self, batch: Batch, device: torch.device) -> torch.Tensor:
+        return batch["videos" if self.kind.modality == "video" else "images"].to(device, non_blocking=True)
 
-    def _classification(self, model: UniPerceiver, batch: dict[str, Any], device: torch.device):  # noqa: ANN202
+    def _classification(self, model: UniPerceiver, batch: Batch, device: torch.device):  # noqa: ANN202
         inputs, labels = self._visual(batch, device), batch["labels"].to(device)
         target: torch.Tensor = labels
         if self.mixup is not None and inputs.dim() == 4 and inputs.shape[0] % 2 == 0:
@@ -158,7 +162,7 @@ class TrainTask:
         rows[ids] = torch.arange(len(ids))
         return model.vocabulary_targets(ids), rows.to(device)
 
-    def _caption(self, model: UniPerceiver, batch: dict[str, Any], device: torch.device,
+    def _caption(self, model: UniPerceiver, batch: Batch, device: torch.device,
                  generator: torch.Generator | None):  # noqa: ANN202
         ids, padding = batch["text_ids"].to(device), batch["text_padding"].to(device)
         vocabulary, rows = self._targets(model, ids[~padding].unique(), device, generator)
@@ -168,7 +172,7 @@ class TrainTask:
         valid = target != -1
         return loss, {"acc": (logits.argmax(-1)[valid] == target[valid]).float().mean()}
 
-    def _mlm(self, model: UniPerceiver, batch: dict[str, Any], device: torch.device,
+    def _mlm(self, model: UniPerceiver, batch: Batch, device: torch.device,
              generator: torch.Generator | None):  # noqa: ANN202
         ids, padding = batch["text_ids"], batch["text_padding"]
         masked, labels = whole_word_mask(ids, padding, probability=self.spec.mask_probability,

@@ -21,6 +21,7 @@ from uniperceiver_cli.data.sources.common import (
     split_name,
     video_sample,
 )
+from uniperceiver_cli.task_types import task_names
 
 KARPATHY = ("a Karpathy split json {'images': [{'filename', 'split', 'sentences': [{'raw'}], "
             "'filepath' and 'cocoid' for COCO}]}")
@@ -99,7 +100,7 @@ def conversions(paths: Sequence[Path], locate: Callable[[str], str], *, splits: 
         items = keyed(Item(media_name(e.rel), locate(e.rel), captions=e.captions, meta={"id": e.id, "source": e.rel})
                       for e in entries[split])
         manifest = Manifest(dataset=name, split=split, modality=modality,
-                            tasks=[f"{modality}_caption", f"{modality}_retrieval"],
+                            tasks=task_names(modality, "caption", "retrieval"),
                             source=", ".join(str(p) for p in paths),
                             extra={"captions": sum(len(e.captions) for e in entries[split])})
         out.append(Conversion(manifest, items, video_sample if video else image_sample))

@@ -21,6 +21,7 @@ from uniperceiver_cli.data.sources.common import (
     require,
     unique_keys,
 )
+from uniperceiver_cli.task_types import task_names
 
 LAYOUT = ("a .tsv of 'path<TAB>caption' lines (optional header), a .jsonl/.json of {\"image\": ..., \"caption\": ...} "
           "lines, or a .json dict {path: caption}")
@@ -60,7 +61,7 @@ def plan(lists: Sequence[Path], images: Path | None = None, *, split: str = "tra
             pairs.append(Pair(media_name(rel), root, rel, "".join(clean_captions([caption], period=True)),
                               extra or None))
     keys = unique_keys(pair.key for pair in pairs)
-    manifest = Manifest(dataset=name, split=split, modality="image", tasks=["image_caption", "image_retrieval"],
+    manifest = Manifest(dataset=name, split=split, modality="image", tasks=task_names("image", "caption", "retrieval"),
                         source=", ".join(str(p) for p in lists))
     return Conversion(manifest, [pair._replace(key=key) for pair, key in zip(pairs, keys, strict=True)], pair_sample)
 

@@ -19,9 +19,9 @@ from uniperceiver_cli.data.sources.common import (
     read_class_names,
     select_splits,
 )
+from uniperceiver_cli.task_types import task_names
 
 LAYOUT = "SRC/<split>/<class_dir>/<image> class folders, or SRC/meta/<split>.txt lists of 'relative_path label'"
-TASKS = ["image_classification"]
 
 
 def plan(src: Path, *, splits: Sequence[str] | None = None, class_names: Path | None = None,
@@ -93,5 +93,6 @@ def _item(rel: str, path: Path, label: int, names: list[str]) -> Item:
 
 
 def _conversion(src: Path, split: str, items: list[Item], classes: list[str], name: str) -> Conversion:
-    manifest = Manifest(dataset=name, split=split, modality="image", tasks=TASKS, source=str(src), classes=classes)
+    manifest = Manifest(dataset=name, split=split, modality="image", tasks=task_names("image", "classification"),
+                        source=str(src), classes=classes)
     return Conversion(manifest, keyed(items), image_sample)

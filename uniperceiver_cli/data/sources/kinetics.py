@@ -24,6 +24,7 @@ from uniperceiver_cli.data.sources.common import (
     split_name,
     video_sample,
 )
+from uniperceiver_cli.task_types import task_names
 
 LAYOUT = ("a CSV whose header names youtube_id (or id), label and optionally time_start, time_end, split; "
           "or SRC/<split>/<label>/<video> class folders")
@@ -118,6 +119,6 @@ def _classes(found: set[str], class_names: Path | None) -> list[str]:
 
 
 def _conversion(source: str, split: str, items: list[Item], classes: list[str], name: str) -> Conversion:
-    manifest = Manifest(dataset=name, split=split, modality="video", tasks=["video_classification"], source=source,
-                        classes=classes)
+    manifest = Manifest(dataset=name, split=split, modality="video", tasks=task_names("video", "classification"),
+                        source=source, classes=classes)
     return Conversion(manifest, keyed(items), video_sample)

@@ -9,6 +9,7 @@ from typing import NamedTuple
 
 from uniperceiver_cli.data.shards import Manifest, Sample, Skip
 from uniperceiver_cli.data.sources.common import Conversion, require, unique_keys
+from uniperceiver_cli.task_types import task_names
 
 LAYOUT = "text files (or folders of them) with one sentence or paragraph a line"
 
@@ -47,7 +48,7 @@ def plan(sources: Sequence[Path], *, min_words: int = 128, split: str = "train",
     items = [passage for path in files for passage in _passages(path, min_words)]
     keys = iter(unique_keys(p.key for p in items if p.start < p.end))
     items = [p._replace(key=next(keys)) if p.start < p.end else p for p in items]
-    manifest = Manifest(dataset=name, split=split, modality="text", tasks=["text_mlm"],
+    manifest = Manifest(dataset=name, split=split, modality="text", tasks=task_names("text"),
                         source=", ".join(str(s) for s in sources), extra={"min_words": min_words})
     return Conversion(manifest, items, text_sample)
 

@@ -1,0 +1,34 @@
+"""The task types: each one's input modality, family (how it is scored), MoE attribute rows and temperature.
+
+Imports nothing heavy: the shards, the recipe schema and ``recipes ls`` read it without torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class TaskType:
+    name: str
+    modality: Literal["image", "video", "text"]  # of the input; the targets are text
+    family: Literal["classification", "caption", "retrieval", "mlm"]
+    temperature: str  # its logit scale, one of model/heads.py TEMPERATURES
+    attributes: tuple[str, ...]  # the MoE attribute rows (model/moe.py ATTRIBUTES) of its input, then its targets
+
+
+TASKS = {task.name: task for task in (
+    TaskType("image_classification", "image", "classification", "img_cls", ("visual_input", "text_target")),
+    TaskType("video_classification", "video", "classification", "video_cls", ("visual_input", "text_target")),
+    TaskType("image_caption", "image", "caption", "caption", ("caption_visual", "caption_text", "vocabulary")),
+    TaskType("video_caption", "video", "caption", "caption", ("caption_visual", "caption_text", "vocabulary")),
+    TaskType("image_retrieval", "image", "retrieval", "retrieve", ("visual_input", "text_target")),
+    TaskType("video_retrieval", "video", "retrieval", "retrieve", ("visual_input", "text_target")),
+    TaskType("text_mlm", "text", "mlm", "text_mlm", ("text_input", "vocabulary")),
+)}
+TASK_NAMES = tuple(TASKS)
+
+
+def task_names(modality: str, *families: str) -> list[str]:
+    """The task types of a modality (of these families; default all), in table order: what a split serves."""
+    return [t.name for t in TASKS.values() if t.modality == modality and (not families or t.family in families)]
