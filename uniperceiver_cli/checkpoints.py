@@ -8,10 +8,12 @@ beyond tensors and plain containers is executed: every ``torch.load`` uses ``wei
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ from uniperceiver_cli.model.config import (
 )
 from uniperceiver_cli.model.heads import TEMPERATURES
 from uniperceiver_cli.model.uniperceiver import UniPerceiver
+from uniperceiver_cli.train.protocol import DEEPSPEED_DIR, STATE_FILE, STATE_GLOBALS
 
 BUNDLE_WEIGHTS = "model.safetensors"
 BUNDLE_CONFIG = "config.json"
@@ -69,16 +72,31 @@ class LoadReport:
 
 
 # ---------------------------------------------------------------------------------------- bundles
-def save_bundle(model: UniPerceiver, directory: str | Path) -> Path:
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def save_bundle(model: UniPerceiver, directory: str | Path, *, dtype: str | torch.dtype | None = None,
+                provenance: dict[str, Any] | None = None) -> Path:
     """Write ``model.safetensors`` and ``config.json`` (model config, tokenizer, preprocessing, and what the
     weights were trained over: ``model.class_names`` and ``model.caption_vocabulary``).
 
-    Each file is written under a temporary name and renamed, so an interrupted save never leaves a
-    half-written bundle behind an older one.
+    ``dtype`` ("fp32", "bf16", "fp16" or a torch dtype) casts the floating-point tensors (default: as they are);
+    ``load_model`` reads any of them into an fp32 model. ``provenance`` (where the weights came from) is kept
+    in ``config.json`` as it is. Each file is written under a temporary name and renamed, so an interrupted save
+    never leaves a half-written bundle behind an older one.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    cast = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    state = model.state_dict()
+    tensors = {k: v.detach().to(cast if cast is not None and v.is_floating_point() else v.dtype).contiguous().cpu()
+               for k, v in state.items()}
+    if cast is not None and cast != torch.float32:
+        overflow = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())
+                    and bool(torch.isfinite(state[k]).all())]
+        if overflow:
+            raise CheckpointError(f"{len(overflow)} tensor(s) overflow {cast} (e.g. {overflow[0]}); export in a "
+                                  f"wider dtype")
     tmp = directory / (BUNDLE_WEIGHTS + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": BUNDLE_FORMAT})
     os.replace(tmp, directory / BUNDLE_WEIGHTS)
@@ -94,6 +112,8 @@ def save_bundle(model: UniPerceiver, directory: str | Path) -> Path:
         "targets": {"class_names": model.class_names,
                     "caption_vocabulary": None if vocabulary is None else vocabulary.tolist()},
     }
+    if provenance is not None:
+        meta["provenance"] = provenance
     tmp = directory / (BUNDLE_CONFIG + ".tmp")
     tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, directory / BUNDLE_CONFIG)
@@ -250,18 +270,368 @@ def _load_failure(error: Exception) -> str:
 
 
 def read_official(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
-    """Load an official file; returns its state dict and its format, "torch" or "ds"."""
+    """Load an official file; returns its state dict and its format, "torch" or "ds".
+
+    The container is told apart by its keys' naming: a file written by this toolkit (a single-engine
+    ``state.pt`` or its DeepSpeed checkpoint, whose keys are already ours) is refused, never renamed."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint file {path} does not exist")
-    obj = torch_load(path, "cannot read checkpoint", (argparse.Namespace,))
+    obj = _load_torch_file(path)
+    kind, state, fmt = classify_container(obj, path)
+    if kind != "official":
+        raise CheckpointError(f"{path} is a {KIND_LABELS[kind]} written by this toolkit, not an official checkpoint "
+                              f"(its keys are already ours)")
+    return state, fmt
+
+
+# ---------------------------------------------------------------------------------------- sources
+# What ``load_model`` and ``uniperceiver export`` accept, told apart in two steps: where the weights sit (a
+# folder's layout, a file's container) and, for a torch file, whose naming its keys follow.
+KIND_LABELS = {"bundle": "bundle", "run": "run directory", "state": "single-engine training state",
+               "deepspeed": "DeepSpeed checkpoint", "official": "official checkpoint"}
+CLIENT_KEY = "uniperceiver"  # = train.deepspeed_engine.CLIENT_KEY: the loop's state inside DeepSpeed's checkpoint
+DEEPSPEED_TAG = "state"  # = train.deepspeed_engine.TAG
+DEEPSPEED_MODEL = "mp_rank_00_model_states.pt"
+_OUR_PREFIXES = ("blocks.", "text_embed.", "embed_norm.", "head.")
+_REFERENCE_PREFIXES = ("fused_encoder.", "encoder.", "token_embed.", "video_embed.", "loss_prepare.", "predictor.")
+_OPTIM_RANK = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
+
+
+def key_naming(keys: Any) -> str:
+    """"ours", "reference" or "unknown": whose names a state dict's keys are."""
+    keys = [k for k in keys if isinstance(k, str)]
+    ours = any(k.startswith(_OUR_PREFIXES) for k in keys)
+    reference = any(k.startswith(_REFERENCE_PREFIXES) for k in keys)
+    return "ours" if ours and not reference else "reference" if reference and not ours else "unknown"
+
+
+def _tensor_dict(value: Any) -> bool:
+    return isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
+
+
+def classify_container(obj: Any, path: Path) -> tuple[str, dict[str, torch.Tensor], str | None]:
+    """The kind of a loaded torch file ("state", "deepspeed" or "official"), its state dict and, for an
+    official one, its format ("torch" or "ds").
+
+    DeepSpeed's container (``{'module': ...}``) holds our own checkpoints as well as the reference's "ds" files:
+    ours carry the loop's state under ``uniperceiver`` and our key names; only the reference's naming is
+    renamed. A file that mixes the two, or follows neither, is refused."""
     if isinstance(obj, dict) and isinstance(obj.get("module"), dict):
-        return obj["module"], "ds"
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        return obj["model"], "torch"
-    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj, "torch"
+        naming = key_naming(obj["module"])
+        if CLIENT_KEY in obj or naming == "ours":
+            if naming != "ours":
+                raise CheckpointError(f"{path} carries this toolkit's training state but its module keys are not "
+                                      f"this toolkit's names")
+            return "deepspeed", obj["module"], None
+        if naming == "reference":
+            return "official", obj["module"], "ds"
+        raise CheckpointError(f"{path} holds a DeepSpeed module whose keys are neither this toolkit's nor the "
+                              f"reference's names")
+    state = obj.get("model") if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else obj
+    if isinstance(state, dict) and state and (state is not obj or _tensor_dict(obj)):
+        naming = key_naming(state)
+        if naming == "ours":
+            return "state", state, None
+        if naming == "reference":
+            return "official", state, "torch"
+        raise CheckpointError(f"{path} holds a state dict whose keys are neither this toolkit's nor the reference's "
+                              f"names")
     raise CheckpointError(f"{path} holds no state dict under 'model' or 'module'")
+
+
+def _load_torch_file(path: Path) -> Any:
+    """A torch file loaded with ``weights_only=True``. DeepSpeed's optimizer records (a loss scaler, a ZeRO
+    stage enum, a fragment address) are accepted when the file names them, and nothing else."""
+    allowed: tuple[Any, ...] = (argparse.Namespace, *STATE_GLOBALS)
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path) if zipfile.is_zipfile(path) else []
+    except Exception:  # noqa: BLE001 - a damaged file: torch_load below names the problem
+        names = []
+    if any(name.startswith("deepspeed.") for name in names):
+        try:
+            from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+            from deepspeed.runtime.zero.config import ZeroStageEnum
+            from deepspeed.utils.tensor_fragment import fragment_address
+
+            allowed += (LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address)
+        except ImportError:
+            pass
+    return torch_load(path, "cannot read checkpoint", allowed)
+
+
+@dataclass
+class Source:
+    """A checkpoint of any kind, located and read (:func:`find_source`).
+
+    Attributes:
+        kind: "bundle", "state", "deepspeed" or "official" (a run directory resolves to one of them).
+        path: the folder or file holding the weights; ``weights`` the main weights file (hashed for provenance).
+        run_dir: the run directory it belongs to, when known (its ``config.yaml`` gives the model config).
+        given: the path as given, when it was a run directory.
+    """
+
+    kind: str
+    path: Path
+    weights: Path
+    run_dir: Path | None = None
+    given: Path | None = None
+    step: int | None = None
+    format: str | None = None  # official: "torch" or "ds"
+    zero_stage: int | None = None
+    processes: int | None = None
+    state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    def describe(self) -> str:
+        """One line: what kind of source it is and where, e.g. ``deepspeed checkpoint (ZeRO 2, 2 processes,
+        step 4) runs/x/checkpoints/step-0000004``."""
+        details = []
+        if self.kind == "official":
+            details.append(f'"{self.format}" format')
+        if self.zero_stage is not None:
+            details.append(f"ZeRO {self.zero_stage}")
+        if self.processes is not None:
+            details.append(f"{self.processes} process{'es' if self.processes != 1 else ''}")
+        if self.step is not None:
+            details.append(f"step {self.step}")
+        label = {"deepspeed": "deepspeed checkpoint", "state": "single-engine checkpoint"}.get(
+            self.kind, "final bundle" if self.given is not None else KIND_LABELS[self.kind])
+        line = label + (f" ({', '.join(details)})" if details else "") + f" {self.path}"
+        return f"run directory {self.given}: {line}" if self.given is not None else line
+
+
+def _step_folders(run_dir: Path) -> list[Path]:
+    folder = run_dir / "checkpoints"
+    found = [p for p in folder.glob("step-*") if p.is_dir() and p.name.split("-")[1].isdigit()] \
+        if folder.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def _folder_kind(path: Path) -> str | None:
+    if (path / BUNDLE_CONFIG).is_file() or (path / BUNDLE_WEIGHTS).is_file():
+        return "bundle"
+    if (path / STATE_FILE).is_file():
+        return "state"
+    if (path / DEEPSPEED_DIR).is_dir() or (path / DEEPSPEED_MODEL).is_file() or (path / "latest").is_file() \
+            or (path / DEEPSPEED_TAG / DEEPSPEED_MODEL).is_file():
+        return "deepspeed"
+    if (path / "checkpoints").is_dir() or (path / "final").is_dir() or (path / "config.yaml").is_file():
+        return "run"
+    return None
+
+
+def _run_of(path: Path) -> Path | None:
+    """The run directory a checkpoint sits in: the folder above ``checkpoints/`` that holds ``config.yaml``."""
+    for parent in [path, *path.parents][:6]:
+        if parent.name == "checkpoints" and (parent.parent / "config.yaml").is_file():
+            return parent.parent
+    return None
+
+
+def _deepspeed_folder(path: Path) -> Path:
+    """The folder holding ``mp_rank_00_model_states.pt``, from a step folder, its ``deepspeed/`` or the tag."""
+    folder = path / DEEPSPEED_DIR if (path / DEEPSPEED_DIR).is_dir() else path
+    if (folder / DEEPSPEED_MODEL).is_file():
+        return folder
+    latest = folder / "latest"
+    tags = [latest.read_text(encoding="utf-8", errors="replace").strip()] if latest.is_file() else []
+    for tag in [*tags, DEEPSPEED_TAG]:
+        if tag and "/" not in tag and (folder / tag / DEEPSPEED_MODEL).is_file():
+            return folder / tag
+    raise CheckpointError(f"{path} is not a complete DeepSpeed checkpoint: no {DEEPSPEED_MODEL} in it")
+
+
+def _check_ranks(folder: Path, obj: dict[str, Any]) -> tuple[int | None, int]:
+    """The ZeRO stage and process count of a DeepSpeed checkpoint; one line if a process's part is missing."""
+    processes = obj.get("dp_world_size", 1)
+    config = obj.get("ds_config") if isinstance(obj.get("ds_config"), dict) else {}
+    zero = config.get("zero_optimization", {}).get("stage", 0) if isinstance(config.get("zero_optimization"),
+                                                                             dict) else 0
+    if not isinstance(processes, int) or processes < 1:
+        raise CheckpointError(f"{folder / DEEPSPEED_MODEL} does not record its process count (dp_world_size)")
+    if obj.get("mp_world_size", 1) != 1:
+        raise CheckpointError(f"{folder}: model-parallel DeepSpeed checkpoints (mp_world_size "
+                              f"{obj.get('mp_world_size')}) are not supported")
+    ranks = {int(m.group(1)) for m in (_OPTIM_RANK.match(p.name) for p in folder.iterdir()) if m}
+    zero = int(zero) if isinstance(zero, int) else 0
+    if zero >= 1 or ranks:
+        missing = sorted(set(range(processes)) - ranks)
+        if missing:
+            raise CheckpointError(f"{folder} is an incomplete DeepSpeed checkpoint: it was written by {processes} "
+                                  f"process(es) but the optimizer part of rank(s) "
+                                  f"{', '.join(map(str, missing))} is missing")
+    return zero, processes
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def find_source(path: str | Path, *, kind: str | None = None, step: int | None = None,
+                latest: bool = False) -> Source:
+    """Locate and read a checkpoint of any kind; ``kind`` forces one ("bundle", "run", "state", "deepspeed",
+    "official"); ``step`` / ``latest`` pick a checkpoint inside a run directory. Bad input raises one line.
+
+    - a bundle folder (or its ``model.safetensors``);
+    - a run directory: its ``final/`` bundle, or ``checkpoints/step-N`` with ``step=N`` / ``latest``;
+    - the single engine's ``state.pt`` (or its ``checkpoints/step-N`` folder);
+    - a DeepSpeed checkpoint of this toolkit, ZeRO 0 to 2, any number of processes (the step folder, its
+      ``deepspeed/`` folder, the tag folder or ``mp_rank_00_model_states.pt``); only the module states are read;
+    - an official "torch" or "ds" file.
+    """
+    path = Path(path)
+    if kind is not None and kind not in KIND_LABELS:
+        raise CheckpointError(f"unknown source kind {kind!r}; choose one of: {', '.join(KIND_LABELS)}")
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    if (step is not None or latest) and kind not in (None, "run"):
+        raise CheckpointError("--step and --latest pick a checkpoint inside a run directory")
+    given = None
+    if path.is_dir():
+        found = _folder_kind(path)
+        if (step is not None or latest or kind == "run") and found != "run":
+            raise CheckpointError(f"{path} is not a run directory (no checkpoints/, final/ or config.yaml in it)")
+        if found == "run":
+            given, path = path, _run_choice(path, step, latest)
+            found = _folder_kind(path)
+        if found is None or found == "run":
+            raise CheckpointError(f"{path} is not a checkpoint: neither a bundle, a run directory, a training "
+                                  f"checkpoint (state.pt or deepspeed/) nor an official file")
+        if kind not in (None, "run") and found != kind:
+            raise CheckpointError(f"{path} is not a {KIND_LABELS[kind]} (it looks like a {KIND_LABELS[found]})")
+        if found == "bundle":
+            run_dir = _final_of(path)
+            return Source("bundle", path, path / BUNDLE_WEIGHTS, run_dir=run_dir, given=given,
+                          step=_final_step(path) if run_dir is not None else None)
+        file = path / STATE_FILE if found == "state" else _deepspeed_folder(path) / DEEPSPEED_MODEL
+        return _file_source(file, kind, given, label=path)
+    if path.suffix == ".safetensors":
+        if kind not in (None, "bundle") or not (path.parent / BUNDLE_CONFIG).is_file():
+            raise CheckpointError(f"{path}: a .safetensors file is read as part of a bundle, and "
+                                  f"{path.parent / BUNDLE_CONFIG} is missing")
+        return Source("bundle", path.parent, path)
+    if kind in ("bundle", "run"):
+        raise CheckpointError(f"{path} is a file, not a {KIND_LABELS[kind]} folder")
+    return _file_source(path, kind, None, label=path)
+
+
+def _final_of(path: Path) -> Path | None:
+    return path.parent if path.name == "final" and (path.parent / "config.yaml").is_file() else None
+
+
+def _final_step(path: Path) -> int | None:
+    steps = _run_recipe(path.parent).get("train", {}).get("steps")
+    return steps if isinstance(steps, int) else None
+
+
+def _run_choice(run_dir: Path, step: int | None, latest: bool) -> Path:
+    folders = _step_folders(run_dir)
+    available = ", ".join(str(int(p.name.split("-")[1])) for p in folders) or "none"
+    if step is not None:
+        chosen = [p for p in folders if int(p.name.split("-")[1]) == step]
+        if not chosen:
+            raise CheckpointError(f"run {run_dir} has no checkpoint of step {step} (available: {available})")
+        return chosen[0]
+    if latest:
+        if not folders:
+            raise CheckpointError(f"run {run_dir} has no checkpoints")
+        return folders[-1]
+    if not (run_dir / "final").is_dir():
+        raise CheckpointError(f"run {run_dir} has no final/ bundle (not finished); pick a checkpoint with --step N "
+                              f"(available: {available}) or --latest")
+    return run_dir / "final"
+
+
+def _file_source(file: Path, kind: str | None, given: Path | None, label: Path) -> Source:
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint file {file} does not exist")
+    obj = _load_torch_file(file)
+    found, state, fmt = classify_container(obj, file)
+    if kind not in (None, "run") and found != kind:
+        raise CheckpointError(f"{file} is not a {KIND_LABELS[kind]} (it is a {KIND_LABELS[found]})")
+    source = Source(found, label, file, run_dir=_run_of(file), given=given, format=fmt, state=state)
+    if found == "deepspeed":
+        source.zero_stage, source.processes = _check_ranks(file.parent, obj)
+        client = obj.get(CLIENT_KEY)
+        recorded = client.get("step") if isinstance(client, dict) else obj.get("global_steps")
+        source.step = recorded if isinstance(recorded, int) else None
+    elif found == "state" and isinstance(obj.get("step"), int):
+        source.step = obj["step"]
+    return source
+
+
+def _run_recipe(run_dir: Path | None) -> dict[str, Any]:
+    """The run's resolved recipe (``config.yaml``), or {} when there is none."""
+    if run_dir is None or not (run_dir / "config.yaml").is_file():
+        return {}
+    import yaml
+
+    try:
+        data = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    except (yaml.YAMLError, OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read {run_dir / 'config.yaml'}: {' '.join(str(e).split())}") from None
+    return data if isinstance(data, dict) else {}
+
+
+@dataclass
+class Weights:
+    """A source's weights in our names, with what the model config and provenance need."""
+
+    state: dict[str, torch.Tensor]
+    config: ModelConfig | None = None  # from a bundle or the run's config.yaml; None: infer from the shapes
+    targets: Targets = field(default_factory=lambda: Targets())
+    unknown: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    recipe: str | None = None
+    provenance: dict[str, Any] | None = None  # a bundle's own
+
+
+def read_weights(source: Source, fold_video_type: bool | None = None) -> Weights:
+    """The weights of a located source, mapped onto our names (official files only; ours are never renamed)."""
+    recipe = _run_recipe(source.run_dir)
+    name = recipe.get("name") if isinstance(recipe.get("name"), str) else None
+    if source.kind == "bundle":
+        config, state, targets = _read_bundle(source.path)
+        try:
+            previous = json.loads((source.path / BUNDLE_CONFIG).read_text(encoding="utf-8")).get("provenance")
+        except (OSError, ValueError):
+            previous = None
+        if name is None and isinstance(previous, dict):
+            name = previous.get("recipe")
+        return Weights(state, config, targets, recipe=name, provenance=previous)
+    if source.kind == "official":
+        state, unknown, dropped = convert_official(source.state, source.format, fold_video_type)
+        return Weights(state, unknown=unknown, dropped=dropped)
+    model = recipe.get("model")
+    config = None
+    if isinstance(model, dict) and model.get("preset"):
+        overrides = model.get("overrides") or {}
+        try:
+            config = get_config(model["preset"], **overrides)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"the model of {source.run_dir / 'config.yaml'} is not a valid config: "
+                                  f"{' '.join(str(e).split())}") from None
+    return Weights(dict(source.state), config, recipe=name)
+
+
+def _our_config(state: dict[str, torch.Tensor], path: Path) -> ModelConfig:
+    """The config of our-named weights without a recipe: a preset of exactly these shapes, else refused (the
+    head count, image size and other fields cannot be read from the weights)."""
+    try:
+        config = infer_config(state)
+    except (KeyError, ValueError, IndexError) as e:
+        raise CheckpointError(f"cannot tell the model config of {path} from its weights ({e}); give --preset") \
+            from None
+    if any((p["width"], p["layers"], p["mlp_dim"]) == (config.width, config.layers, config.mlp_dim)
+           and (p.get("moe") is None) == (config.moe is None) for p in PRESETS.values()):
+        return config  # infer_config took that preset's head count and other fields
+    raise CheckpointError(f"{path} has no config.yaml next to its checkpoints/ and its shapes (width "
+                          f"{config.width}, {config.layers} layers, MLP {config.mlp_dim}) match no preset; give "
+                          f"--preset")
 
 
 def convert_official(state: dict[str, torch.Tensor], fmt: str, fold_video_type: bool | None = None,
@@ -399,7 +769,7 @@ def _warn_non_finite(state: dict[str, torch.Tensor], path: Path) -> None:
 
 def load_checkpoint(model: UniPerceiver, path: str | Path, *, strict: bool = True,
                     fold_video_type: bool | None = None) -> LoadReport:
-    """Load a bundle directory, a ``.safetensors`` file or an official ``.pth`` file into ``model``.
+    """Load any checkpoint :func:`load_model` accepts (or a bare ``.safetensors`` file) into ``model``.
 
     With ``strict`` (the default) any missing, unexpected or mis-shaped key raises a one-line
     :class:`CheckpointError` naming them; otherwise the fitting tensors are loaded and the report says
@@ -407,17 +777,15 @@ def load_checkpoint(model: UniPerceiver, path: str | Path, *, strict: bool = Tru
     ``model.caption_vocabulary``); any other file records neither, so both become None.
     """
     path = Path(path)
-    targets = Targets()
-    if path.is_dir():
-        _, state, targets = _read_bundle(path)
-        report = _apply(model, state, check_state(model, state), path, strict)
-    elif path.suffix == ".safetensors":
+    if path.suffix == ".safetensors":  # the weights alone: no targets
         state = _read_safetensors(path)
         report = _apply(model, state, check_state(model, state), path, strict)
-    else:
-        state, unknown, dropped = convert_official(*read_official(path), fold_video_type)
-        report = _apply_official(model, state, unknown, dropped, path, strict)
-    targets.apply(model)
+        Targets().apply(model)
+        return report
+    source = find_source(path)
+    weights = read_weights(source, fold_video_type)
+    report = _apply_official(model, weights.state, weights.unknown, weights.dropped, source.path, strict)
+    weights.targets.apply(model)
     return report
 
 
@@ -429,27 +797,55 @@ def _apply_official(model: UniPerceiver, state: dict[str, torch.Tensor], unknown
     return _apply(model, state, report, path, strict)
 
 
-def load_model(path: str | Path, *, preset: str | None = None, strict: bool = True,
-               fold_video_type: bool | None = None, **overrides: object) -> UniPerceiver:
-    """A model built from a checkpoint: a bundle carries its config; for an official file the config is
-    inferred from the weights' shapes (or given by ``preset`` and field overrides)."""
-    path = Path(path)
-    if path.is_dir():
-        config, state, targets = _read_bundle(path)
-        if preset is not None or overrides:
-            config = get_config(preset or config, **overrides)
+def model_config(source: Source, weights: Weights, preset: str | ModelConfig | None = None,
+                 **overrides: object) -> ModelConfig:
+    """The model config of a source: ``preset`` and overrides when given, else the bundle's or the run's
+    recorded one, else inferred from the weights' shapes."""
+    if preset is not None:
+        return get_config(preset, **overrides)
+    if weights.config is not None:
+        return get_config(weights.config, **overrides) if overrides else weights.config
+    if source.kind == "official":
         try:
-            model = UniPerceiver(config)
-        except (ValueError, TypeError, RuntimeError) as e:  # torch's RuntimeError for impossible sizes
-            raise CheckpointError(f"the config of {path} does not build a model: {' '.join(str(e).split())}") from e
-        _apply(model, state, check_state(model, state), path, strict)
-        targets.apply(model)
-        return model.eval()
-    state, unknown, dropped = convert_official(*read_official(path), fold_video_type)
+            return infer_config(weights.state, **overrides)
+        except KeyError as e:
+            raise CheckpointError(f"{source.weights} lacks {e.args[0]}, needed to infer the model's shape") from e
+    config = _our_config(weights.state, source.weights)
+    return get_config(config, **overrides) if overrides else config
+
+
+def build_model(source: Source, weights: Weights, config: ModelConfig, strict: bool = True) -> UniPerceiver:
+    """The model of ``config`` holding the source's weights (strict: every key and shape must fit)."""
     try:
-        config = get_config(preset, **overrides) if preset else infer_config(state, **overrides)
-    except KeyError as e:
-        raise CheckpointError(f"{path} lacks {e.args[0]}, needed to infer the model's shape") from e
-    model = UniPerceiver(config)
-    _apply_official(model, state, unknown, dropped, path, strict)
+        model = UniPerceiver(config)
+    except (ValueError, TypeError, RuntimeError) as e:  # torch's RuntimeError for impossible sizes
+        raise CheckpointError(f"the config of {source.path} does not build a model: {' '.join(str(e).split())}") from e
+    _apply_official(model, weights.state, weights.unknown, weights.dropped, source.path, strict)
+    weights.targets.apply(model)
     return model.eval()
+
+
+def load_model(path: str | Path | Source, *, preset: str | None = None, strict: bool = True,
+               fold_video_type: bool | None = None, kind: str | None = None, step: int | None = None,
+               latest: bool = False, **overrides: object) -> UniPerceiver:
+    """A model built from a checkpoint of any kind :func:`find_source` accepts (a bundle, a run directory,
+    a training checkpoint of either engine, an official file). A bundle carries its config, a run its
+    ``config.yaml``; otherwise the config is inferred from the weights' shapes (or given by ``preset`` and
+    field overrides)."""
+    source = path if isinstance(path, Source) else find_source(path, kind=kind, step=step, latest=latest)
+    weights = read_weights(source, fold_video_type)
+    return build_model(source, weights, model_config(source, weights, preset, **overrides), strict)
+
+
+def source_provenance(source: Source, weights: Weights) -> dict[str, Any]:
+    """What ``config.json`` records about where exported weights came from."""
+    from uniperceiver_cli import __version__
+
+    record: dict[str, Any] = {"source": str((source.given or source.path).resolve()), "kind": source.kind,
+                              "file": str(source.weights.resolve()), "sha256": _sha256(source.weights),
+                              "step": source.step, "recipe": weights.recipe, "toolkit_version": __version__}
+    if source.zero_stage is not None:
+        record.update(zero_stage=source.zero_stage, processes=source.processes)
+    if weights.provenance is not None:
+        record["previous"] = weights.provenance
+    return record

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from uniperceiver_cli import __version__
-from uniperceiver_cli.cli import evaluate, predict, prepare_data, presets, recipes, train
+from uniperceiver_cli.cli import evaluate, export, predict, prepare_data, presets, recipes, train
 
 app = typer.Typer(
     name="uniperceiver",
@@ -33,6 +33,7 @@ def root(
 app.command("presets")(presets.presets)
 app.command("evaluate")(evaluate.evaluate)
 app.command("predict")(predict.predict)
+app.command("export")(export.export)
 app.add_typer(prepare_data.app, name="prepare-data")
 app.add_typer(recipes.app, name="recipes")
 app.command("pretrain")(train.pretrain)

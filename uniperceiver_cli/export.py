@@ -1,0 +1,81 @@
+"""``uniperceiver export``: any checkpoint (a bundle, a run, either engine's training checkpoint, an official file)
+into a bundle (``model.safetensors`` + ``config.json``), written atomically.
+
+The source is located and read by :func:`uniperceiver_cli.checkpoints.find_source`, the same way
+:func:`~uniperceiver_cli.checkpoints.load_model` reads it; every file goes through ``weights_only=True``. All the
+reading and checking happens before anything is written: the bundle goes into a temporary sibling folder that is
+renamed onto ``out`` once complete (an existing ``out`` is replaced only with ``force``, and only then).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from uniperceiver_cli.checkpoints import (
+    DTYPES,
+    CheckpointError,
+    Source,
+    build_model,
+    find_source,
+    model_config,
+    read_weights,
+    save_bundle,
+    source_provenance,
+)
+
+
+@dataclass
+class Exported:
+    source: Source
+    out: Path
+    dtype: str
+    tensors: int
+
+
+def _check_out(out: Path, source: Source, force: bool) -> None:
+    if out.exists() and not force:
+        raise CheckpointError(f"{out} already exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out} exists and is not a folder")
+    resolved = out.resolve()
+    for held in {source.path, source.weights, *([source.given] if source.given else [])}:
+        held = held.resolve()
+        if source.kind == "bundle" and held == resolved == source.path.resolve():
+            continue  # re-saving a bundle in place (read whole before the folder is replaced)
+        if held == resolved or resolved in held.parents:
+            raise CheckpointError(f"{out} holds the source {held}; export to another folder")
+
+
+def export(src: str | Path | Source, out: str | Path, *, kind: str | None = None, step: int | None = None,
+           latest: bool = False, dtype: str = "fp32", preset: str | None = None, force: bool = False,
+           fold_video_type: bool | None = None) -> Exported:
+    """Write the bundle of ``src`` into ``out``. ``kind`` forces the source's kind, ``step`` / ``latest`` pick a
+    checkpoint of a run directory, ``dtype`` ("fp32", "bf16", "fp16") casts the floating-point weights,
+    ``preset`` gives the model config where the source records none. One-line :class:`CheckpointError` for bad
+    input, with nothing written."""
+    if dtype not in DTYPES:
+        raise CheckpointError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+    out = Path(out)
+    source = src if isinstance(src, Source) else find_source(src, kind=kind, step=step, latest=latest)
+    _check_out(out, source, force)
+    weights = read_weights(source, fold_video_type)
+    model = build_model(source, weights, model_config(source, weights, preset))
+    provenance = {**source_provenance(source, weights), "dtype": dtype}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.export-{os.getpid()}"
+    old = out.parent / f".{out.name}.replaced-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save_bundle(model, tmp, dtype=dtype, provenance=provenance)
+        if out.exists():
+            if not force:  # appeared while we were writing
+                raise CheckpointError(f"{out} already exists; pass --force to replace it")
+            os.replace(out, old)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    return Exported(source, out, dtype, len(model.state_dict()))
