@@ -41,10 +41,10 @@ def _check_out(out: Path, source: Source, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out} exists and is not a folder")
     resolved = out.resolve()
+    if source.kind == "bundle" and source.given is None and resolved == source.path.resolve():
+        return  # re-saving a bundle in place: it is read whole before the folder is replaced
     for held in {source.path, source.weights, *([source.given] if source.given else [])}:
         held = held.resolve()
-        if source.kind == "bundle" and held == resolved == source.path.resolve():
-            continue  # re-saving a bundle in place (read whole before the folder is replaced)
         if held == resolved or resolved in held.parents:
             raise CheckpointError(f"{out} holds the source {held}; export to another folder")
 
