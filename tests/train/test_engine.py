@@ -1,21 +1,16 @@
 """The training loop on tiny ToyWorld: exact resume, prompt tuning, fine-tuning, checkpoints, target sets."""
 
 import json
-import os
-import tarfile
 
 import pytest
 import torch
-import webdataset as wds
 from safetensors.torch import load_file
 
-from uniperceiver_cli.data.shards import Manifest, Sample, write_shards
 from uniperceiver_cli.data.toyworld import generate
-from uniperceiver_cli.train import tasks
 from uniperceiver_cli.train.engine import Context, SingleEngine, build_model, train
 from uniperceiver_cli.train.optim import build_optimizer, build_scheduler
 from uniperceiver_cli.train.recipe import validate
-from uniperceiver_cli.train.tasks import TrainTask, corpus_tokens, vocabulary_of
+from uniperceiver_cli.train.tasks import TrainTask
 
 TASKS = [
     {"name": "shape", "type": "image_classification", "data": "images/train", "label_set": "shape",
@@ -126,41 +121,3 @@ def test_sparse_word_gradient_steps_like_dense(toyworld):
     # Adam turns a rounding difference in a near-zero gradient into up to lr-sized steps: compare to 1e-4 (lr 1e-3)
     for (name, a), b in zip(dense_model.state_dict().items(), sparse_model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3, msg=lambda m, name=name: f"{name}: {m}")
-
-
-def test_corpus_vocabulary_is_every_caption_token_read_once_per_process(toyworld, monkeypatch):
-    from uniperceiver_cli.model.tokenizer import get_tokenizer
-
-    folder = toyworld / "images" / "train"
-    captions = [c for s in wds.WebDataset(sorted(map(str, folder.glob("*.tar"))), shardshuffle=False)
-                for c in json.loads(s["json"])["captions"]]
-    ids, padding = get_tokenizer().encode_batch(captions)
-    expected = sorted(set(ids[~padding].tolist()) | {49407})
-    assert vocabulary_of([folder]).tolist() == expected
-
-    def no_reading(*args, **kwargs):
-        raise AssertionError("read the shards again")
-
-    monkeypatch.setattr(tasks, "read_shards", no_reading)
-    assert vocabulary_of([folder]).tolist() == expected  # kept: no second scan
-    stat = (folder / "manifest.json").stat()
-    os.utime(folder / "manifest.json", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    with pytest.raises(AssertionError, match="read the shards again"):  # a rewritten split is read anew
-        vocabulary_of([folder])
-
-
-def test_corpus_vocabulary_reads_past_a_damaged_member_header(tmp_path):
-    from uniperceiver_cli.model.tokenizer import get_tokenizer
-
-    words = ["zebra", "giraffe", "elephant"]
-    samples = [Sample(f"s{i}", image=b"image", meta={"captions": [word]}) for i, word in enumerate(words)]
-    manifest = Manifest(dataset="t", split="train", modality="image", tasks=["image_caption"], source="t")
-    write_shards(tmp_path, samples, lambda sample: sample, manifest=manifest, min_shards=1, progress=False)
-    tar = tmp_path / "shard-000000.tar"
-    with tarfile.open(tar) as archive:
-        offset = archive.getmember("s1.jpg").offset
-    data = bytearray(tar.read_bytes())
-    data[offset : offset + 512] = bytes(range(256)) * 2  # s1.jpg's header fails its checksum
-    tar.write_bytes(bytes(data))  # tarfile stops there: elephant (s2) was left out
-    ids, padding = get_tokenizer().encode_batch(["zebra", "elephant"])  # s1 lost its image: the loader skips it
-    assert corpus_tokens(tmp_path, Manifest.load(tmp_path)).tolist() == sorted(set(ids[~padding].tolist()) | {49407})

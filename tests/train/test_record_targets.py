@@ -5,10 +5,11 @@ import json
 import pytest
 
 import uniperceiver_cli as up
+from uniperceiver_cli.data.corpus import vocabulary_of
 from uniperceiver_cli.data.toyworld import SHAPES, generate
 from uniperceiver_cli.train.engine import train
 from uniperceiver_cli.train.recipe import validate
-from uniperceiver_cli.train.tasks import TrainTask, vocabulary_of
+from uniperceiver_cli.train.tasks import TrainTask
 
 SHAPE = {"name": "shape", "type": "image_classification", "data": "images/train", "label_set": "shape",
          "batch_size": 4, "augment": False}

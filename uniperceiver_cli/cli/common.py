@@ -96,7 +96,7 @@ def caption_vocabulary(net: UniPerceiver, vocabulary: Vocabulary, vocabulary_fro
     if vocabulary_from:
         if vocabulary is Vocabulary.full:
             raise ValueError("--vocabulary full and --vocabulary-from contradict each other: give one")
-        from uniperceiver_cli.train.tasks import vocabulary_of
+        from uniperceiver_cli.data.corpus import vocabulary_of
 
         return vocabulary_of(vocabulary_from)
     return net.caption_vocabulary if vocabulary is Vocabulary.trained else None

@@ -278,6 +278,36 @@ class _Bytes:
             size -= len(chunk)
         return b"".join(parts)
 
+    def skip(self, size: int) -> int:
+        """Pass over the next ``size`` bytes (read: the stream cannot seek); returns how many there were."""
+        return len(self.read(size))
+
+
+class _File:
+    """A plain tar in a local file, read unbuffered (a header read does not read ahead into the data after it):
+    what is skipped is seeked past, never read."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file, self.size = file, os.fstat(file.fileno()).st_size
+
+    def read(self, size: int) -> bytes:
+        return self.file.read(size)
+
+    def skip(self, size: int) -> int:
+        start = self.file.tell()
+        return self.file.seek(min(start + size, self.size)) - start
+
+
+def _reader(stream: BinaryIO, seek: bool) -> _Bytes | _File:
+    """Where to read a tar from: with ``seek``, a plain tar in a local file is seeked in; else it is streamed."""
+    file = getattr(stream, "raw", stream)  # under the buffer, which the stream has not read into yet
+    if seek and callable(getattr(file, "seekable", None)) and file.seekable():
+        plain = _header(file.read(BLOCK)) is not None
+        file.seek(0)
+        if plain:
+            return _File(file)
+    return _Bytes(stream)
+
 
 def _header(block: bytes) -> tarfile.TarInfo | None:
     """The member a header block describes; None where the block is not a valid header (bad checksum)."""
@@ -300,8 +330,10 @@ def _pax_fields(data: bytes) -> dict[str, str]:
     return fields
 
 
-def _tar_members(stream: BinaryIO) -> Iterator[tuple[str | None, bytes | None] | None]:
+def _tar_members(stream: BinaryIO, members: frozenset[str] | None = None
+                 ) -> Iterator[tuple[str | None, bytes | None] | None]:
     """``(name, data)`` of each regular file of a tar stream, and None for each damaged stretch passed over.
+    With ``members``, a file of another extension is passed over (data ``b""``), seeked past in a local file.
     A stream cut short ends with ``(name, None)``: it ends inside this file's data, or, name None, inside a
     header, inside the data of one (a pax or long-name header, which names the file after it) or before the
     archive's end (the two or more zero blocks that end a tar).
@@ -316,7 +348,7 @@ def _tar_members(stream: BinaryIO) -> Iterator[tuple[str | None, bytes | None] |
     Raises:
         tarfile.ReadError: the stream holds no valid header (not a tar).
     """
-    data = _Bytes(stream)
+    data = _reader(stream, members is not None)
     fields: dict[str, str] = {}  # from pax or GNU long-name headers, for the next member
     garbage = False  # a block passed over since the last valid header was not a zero block
     zeros = 0  # zero blocks in a row just passed over
@@ -332,9 +364,14 @@ def _tar_members(stream: BinaryIO) -> Iterator[tuple[str | None, bytes | None] |
             fields = {}
         garbage, zeros, valid = False, 0, True
         size = info.size if info.type in EXTENSION_TYPES else int(fields.get("size", info.size))
-        content, padding = data.read(size), -size % BLOCK
-        if len(content) < size or len(data.read(padding)) < padding:
-            yield (fields.get("path", info.name) if info.isreg() else None), None
+        name, padding = fields.get("path", info.name), -size % BLOCK
+        if members is None or info.type in EXTENSION_TYPES or (base_plus_ext(name)[1] or "").lower() in members:
+            content = data.read(size)
+            whole = len(content) == size and data.skip(padding) == padding
+        else:
+            content, whole = b"", data.skip(size + padding) == size + padding
+        if not whole:
+            yield (name if info.isreg() else None), None
             return
         if info.type in PAX_TYPES:
             fields.update(_pax_fields(content))
@@ -342,7 +379,7 @@ def _tar_members(stream: BinaryIO) -> Iterator[tuple[str | None, bytes | None] |
             fields["path"] = content.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
         elif info.type not in EXTENSION_TYPES:
             if info.isreg():
-                yield fields.get("path", info.name), content
+                yield name, content
             fields = {}
     if not valid:
         if garbage or not zeros:
@@ -468,9 +505,11 @@ def _undamaged(groups: Iterable[_Group], damage: Counter[str]) -> Iterator[dict[
             yield group.sample
 
 
-def read_shards(shards: Iterable[Shard], skipped: Counter[str]) -> Iterator[dict[str, Any]]:
+def read_shards(shards: Iterable[Shard], skipped: Counter[str],
+                members: frozenset[str] | None = None) -> Iterator[dict[str, Any]]:
     """Raw samples (``__key__``, ``__url__``, extension -> bytes) of each shard in turn, read past damage;
-    the damage is counted into ``skipped`` once the shard is done.
+    the damage is counted into ``skipped`` once the shard is done. With ``members``, only these extensions' data
+    is read: the others map to ``b""`` (and are seeked past in a local plain tar).
 
     A shard with a stats file that lists its samples' keys and members (:func:`_listing`) is checked against
     it, so exactly the samples that lost a member are left out; one without is read by a cautious rule
@@ -482,7 +521,7 @@ def read_shards(shards: Iterable[Shard], skipped: Counter[str]) -> Iterator[dict
         try:
             listing = _listing(shard.url)
             stream = gopen(shard.url)
-            groups = _groups(_tar_members(stream), shard.url, damage)
+            groups = _groups(_tar_members(stream, members), shard.url, damage)
             for sample in _listed(groups, listing, damage) if listing is not None else _undamaged(groups, damage):
                 read += 1
                 yield sample

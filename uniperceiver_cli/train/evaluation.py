@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
+from uniperceiver_cli.data.corpus import vocabulary_of
 from uniperceiver_cli.data.loader import make_loader
 from uniperceiver_cli.data.shards import Manifest
 from uniperceiver_cli.evaluate import runners
 from uniperceiver_cli.evaluate.report import write_results
 from uniperceiver_cli.model.uniperceiver import UniPerceiver
 from uniperceiver_cli.train.recipe import EvalTaskSpec
-from uniperceiver_cli.train.tasks import vocabulary_of
 
 
 def evaluate_task(model: UniPerceiver, spec: EvalTaskSpec, data_root: Path, out: Path | None = None,

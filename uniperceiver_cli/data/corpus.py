@@ -1,0 +1,53 @@
+"""The token ids of a split's texts (captions or passages): the "corpus" target sets of captioning and MLM."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from uniperceiver_cli.data.loader import Shard, read_shards
+from uniperceiver_cli.data.shards import Manifest
+from uniperceiver_cli.model.config import EOT_ID
+from uniperceiver_cli.model.tokenizer import get_tokenizer
+
+TEXT_MEMBERS = frozenset({"txt", "json"})  # the members a corpus reads; the images and videos are passed over
+
+
+def corpus_tokens(directory: Path, manifest: Manifest) -> torch.Tensor:
+    """Every token id in a split's texts (captions or passages), plus end-of-text: a restricted target set.
+
+    Reads the ``txt``/``json`` members of the local shards with the loader's tar reader, so it reads past damage
+    and leaves out the same samples as training does; the other members are seeked past, not read. The result is
+    kept for the process, keyed by the folder and its manifest's modification time: training and every evaluation
+    of a run scan a split once."""
+    stamp = (directory / "manifest.json").stat().st_mtime_ns
+    return _corpus_tokens(directory.resolve(), stamp, tuple(shard.file for shard in manifest.shards)).clone()
+
+
+@functools.cache
+def _corpus_tokens(directory: Path, stamp: int, shards: tuple[str, ...]) -> torch.Tensor:
+    texts: set[str] = set()  # captions repeat (ToyWorld: 144k captions, 27k distinct): tokenize each once
+    # Damage is counted by the loaders that read these shards for training and evaluation, not here.
+    for sample in read_shards([Shard(str(directory / shard)) for shard in shards], Counter(), TEXT_MEMBERS):
+        try:
+            text = [sample["txt"].decode("utf-8")] if "txt" in sample else []
+            captions = json.loads(sample["json"]).get("captions", []) if "json" in sample else []
+        except ValueError:  # text or json that does not decode: the loaders skip the sample too
+            continue
+        texts.update(text, captions)
+    ids: set[int] = {EOT_ID}
+    tokenizer = get_tokenizer()
+    distinct = sorted(texts)
+    for start in range(0, len(distinct), 4096):
+        batch, padding = tokenizer.encode_batch(distinct[start:start + 4096])
+        ids.update(batch[~padding].unique().tolist())
+    return torch.tensor(sorted(ids))
+
+
+def vocabulary_of(folders: list[Path]) -> torch.Tensor:
+    """The token ids of several splits' texts (see :func:`corpus_tokens`), sorted and unique."""
+    return torch.cat([corpus_tokens(folder, Manifest.load(folder)) for folder in folders]).unique()
