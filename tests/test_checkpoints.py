@@ -257,3 +257,22 @@ def test_official_unknown_key_is_reported(tmp_path, reference_dir):
     assert "unexpected key(s): fused_encoder.layers.0.mystery.weight" in _one_line(error)
     model = load_model(tmp_path / "odd.pth", strict=False)
     assert model.config.width == 64
+
+
+def test_our_state_files_load_as_they_are_and_are_never_official(tmp_path):
+    """A state dict in our names (a single-engine state.pt, a bare torch.save) loads without renaming into
+    load_model and load_checkpoint; read_official refuses it instead of mapping it as the reference's."""
+    from uniperceiver_cli.checkpoints import read_official
+
+    torch.manual_seed(0)
+    model = up.create_model("tiny")
+    torch.save({"model": model.state_dict(), "step": 5}, tmp_path / "state.pt")
+    torch.save(model.state_dict(), tmp_path / "bare.pt")
+    for name in ("state.pt", "bare.pt"):
+        with pytest.raises(CheckpointError, match="written by this toolkit, not an official checkpoint"):
+            read_official(tmp_path / name)
+        other = up.create_model("tiny")
+        assert load_checkpoint(other, tmp_path / name).ok
+        loaded = load_model(tmp_path / name)
+        for key, value in model.state_dict().items():
+            assert torch.equal(other.state_dict()[key], value) and torch.equal(loaded.state_dict()[key], value), key
