@@ -16,8 +16,6 @@ from rich.markup import escape
 if TYPE_CHECKING:
     import torch
 
-    from uniperceiver_cli.model.uniperceiver import UniPerceiver
-
 err_console = Console(stderr=True)
 
 USER_ERRORS = (ValueError, OSError, KeyError)  # OSError: a missing file, a folder that cannot be written, ...
@@ -58,17 +56,6 @@ def load_any_model(model: Path | None, preset: str | None, device: torch.device)
     return up.load_model(model, preset=preset).to(device)
 
 
-def read_lines(path: Path, what: str) -> list[str]:
-    """Non-empty lines of a text file (labels, templates, texts)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} file {path} does not exist")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    lines = [line for line in lines if line]
-    if not lines:
-        raise ValueError(f"{what} file {path} has no entries")
-    return lines
-
-
 class Vocabulary(str, Enum):
     """What captions decode over: the tokens the model's caption task trained on, or all of them."""
 
@@ -87,16 +74,3 @@ def one_line_warnings() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.showwarning = show
         yield
-
-
-def caption_vocabulary(net: UniPerceiver, vocabulary: Vocabulary, vocabulary_from: list[Path] | None = None,
-                       ) -> torch.Tensor | None:
-    """The token ids to decode captions over (None: all of them): those of ``vocabulary_from``'s texts, else
-    with "trained" the set the model's caption task trained on (``net.caption_vocabulary``, when recorded)."""
-    if vocabulary_from:
-        if vocabulary is Vocabulary.full:
-            raise ValueError("--vocabulary full and --vocabulary-from contradict each other: give one")
-        from uniperceiver_cli.data.corpus import vocabulary_of
-
-        return vocabulary_of(vocabulary_from)
-    return net.caption_vocabulary if vocabulary is Vocabulary.trained else None

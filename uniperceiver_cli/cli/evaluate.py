@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import typer
 
-from uniperceiver_cli.cli.common import (
-    Vocabulary,
-    caption_vocabulary,
-    load_any_model,
-    one_line_warnings,
-    pick_device,
-    read_lines,
-    user_errors,
-)
+from uniperceiver_cli.cli.common import Vocabulary, load_any_model, one_line_warnings, pick_device, user_errors
+from uniperceiver_cli.data.shards import Manifest
 from uniperceiver_cli.task_types import TASKS
+from uniperceiver_cli.train.recipe import EvalTaskSpec, checked
+
+SPEC = {field.name: field.default for field in dataclasses.fields(EvalTaskSpec)}  # the recipes' defaults
 
 
 def evaluate(
@@ -27,30 +24,28 @@ def evaluate(
     label_set: str | None = typer.Option(None, help="Which of the split's label sets to score (e.g. colour)."),
     templates: Path | None = typer.Option(None, help="Prompt templates, one per line, with {} for the name."),
     out: Path | None = typer.Option(None, help="Output folder (default: eval/<dataset>-<split>-<task>)."),
-    batch_size: int = typer.Option(32, min=1),
-    beam_size: int = typer.Option(2, min=1, help="Caption beam width (1 = greedy)."),
-    max_len: int = typer.Option(21, min=1, help="Longest generated caption, in tokens."),
+    batch_size: int = typer.Option(SPEC["batch_size"], min=1),
+    beam_size: int = typer.Option(SPEC["beam_size"], min=1, help="Caption beam width (1 = greedy)."),
+    max_len: int = typer.Option(SPEC["max_len"], min=1, help="Longest generated caption, in tokens."),
     len_penalty: float = typer.Option(0.0, min=0.0, help="Rank finished beams by score / (length + 1) ** this."),
     vocabulary: Vocabulary = typer.Option(
         Vocabulary.trained, help="Captioning: decode over the tokens the model's caption task trained on (trained; all "
         "when the bundle records none) or all 49,411 (full)."),
     vocabulary_from: list[Path] | None = typer.Option(None, help="Captioning: decode only over the tokens of "
                                                       "this split's texts (repeatable)."),
-    max_text_len: int = typer.Option(50, min=2, help="Retrieval captions are cut to this many tokens."),
+    max_text_len: int = typer.Option(SPEC["max_text_len"], min=2, help="Retrieval: cut captions to this many tokens."),
     captions_per_item: int | None = typer.Option(None, min=1, help="Retrieval: use only each item's first N."),
-    num_frames: int = typer.Option(8, min=1, help="Frames per video clip."),
-    views: int = typer.Option(3, min=1, help="Spatial views per video (softmax averaged)."),
-    clips: int = typer.Option(1, min=1, help="Temporal clips per video (the reference's K400 protocol: 4)."),
+    num_frames: int = typer.Option(SPEC["num_frames"], min=1, help="Frames per video clip."),
+    views: int = typer.Option(SPEC["views"], min=1, help="Spatial views per video, 1 or 3 (softmax averaged)."),
+    clips: int = typer.Option(SPEC["clips"], min=1, help="Temporal clips per video (the reference's K400: 4)."),
     limit: int | None = typer.Option(None, min=1, help="Evaluate about this many samples only."),
     workers: int = typer.Option(0, min=0, help="Data-loader worker processes."),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
     precision: str = typer.Option("auto", help="auto (bf16 on GPU), fp32 or bf16."),
 ) -> None:
     """Evaluate a model on one task of a converted split; writes results.json and predictions.jsonl."""
-    from uniperceiver_cli.data.loader import make_loader
-    from uniperceiver_cli.data.shards import Manifest
-    from uniperceiver_cli.evaluate import runners
-    from uniperceiver_cli.evaluate.report import model_identity, print_results, write_results
+    from uniperceiver_cli.evaluate.report import model_identity, print_results
+    from uniperceiver_cli.evaluate.tasks import evaluate_task, read_lines
 
     with user_errors(), one_line_warnings():
         manifest = Manifest.load(data)
@@ -59,32 +54,20 @@ def evaluate(
             raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
         if task not in manifest.tasks:
             raise ValueError(f"{data} serves {', '.join(manifest.tasks)}, not {task}")
-        names = None
-        kind = TASKS[task].family
-        if kind == "classification":
-            names = read_lines(labels, "labels") if labels else manifest.label_names(label_set)
+        if vocabulary_from and vocabulary is Vocabulary.full:
+            raise ValueError("--vocabulary full and --vocabulary-from contradict each other: give one")
         template_list = read_lines(templates, "templates") if templates else None
+        spec = checked(EvalTaskSpec, {
+            "name": task, "type": task, "data": str(data.resolve()), "batch_size": batch_size, "label_set": label_set,
+            "labels": labels and str(labels), "templates": template_list, "max_samples": limit,
+            "beam_size": beam_size, "max_len": max_len, "vocabulary": vocabulary.value,
+            "vocabulary_from": [str(f) for f in vocabulary_from or []], "max_text_len": max_text_len,
+            "captions_per_item": captions_per_item, "num_frames": num_frames, "views": views, "clips": clips,
+        }, "evaluate")
         dev = pick_device(device)
         net = load_any_model(model, preset, dev)
-        loader = make_loader(data, task=task, batch_size=batch_size, train=False, image_size=net.config.image_size,
-                             num_frames=num_frames, num_views=views, num_clips=clips, max_text_len=max_text_len,
-                             num_workers=workers, label_set=label_set)
-        batches = runners.limited(loader, limit)
-        if kind == "classification":
-            truth = manifest.label_names(label_set) if (manifest.classes or label_set) else names
-            result = runners.run_classification(net, batches, names, templates=template_list, truth_names=truth,
-                                                precision=precision, task=task)
-        elif kind == "retrieval":
-            result = runners.run_retrieval(net, batches, max_text_len=max_text_len,
-                                           captions_per_item=captions_per_item, precision=precision, task=task)
-        elif kind == "caption":
-            vocab_ids = caption_vocabulary(net, vocabulary, vocabulary_from)
-            result = runners.run_captioning(net, batches, beam_size=beam_size, max_len=max_len,
-                                            len_penalty=len_penalty, vocab_ids=vocab_ids, precision=precision,
-                                            task=task)
-        else:
-            result = runners.run_mlm(net, batches, precision=precision, task=task)
-        skipped = dict(getattr(loader, "skipped", {}) or {})
+        evaluation = evaluate_task(net, spec, num_workers=workers, precision=precision, len_penalty=len_penalty)
+        result, skipped = evaluation.result, evaluation.data["skipped"]
         if skipped:
             result.notes.append("skipped while loading: " + ", ".join(f"{k}: {v}" for k, v in skipped.items()))
         out = out or Path("eval") / f"{manifest.dataset}-{manifest.split}-{task}"
@@ -92,9 +75,7 @@ def evaluate(
                     "views": views, "clips": clips,
                     "num_frames": num_frames, "label_set": label_set, "templates": template_list,
                     "vocabulary": vocabulary.value, "vocabulary_from": [str(f) for f in vocabulary_from or []],
-                    "labels": names, "precision": precision, "device": str(dev), "limit": limit}
-        path = write_results(out, result, data={"path": str(data.resolve()), "dataset": manifest.dataset,
-                                                "split": manifest.split, "skipped": skipped},
-                             model=model_identity(model), settings=settings)
+                    "labels": evaluation.labels, "precision": precision, "device": str(dev), "limit": limit}
+        path = evaluation.write(out, model_identity(model), settings)
     print_results(result, f"{manifest.dataset}/{manifest.split} - {task}")
     typer.echo(f"wrote {path}")

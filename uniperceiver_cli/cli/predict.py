@@ -14,12 +14,10 @@ from rich.table import Table
 
 from uniperceiver_cli.cli.common import (
     Vocabulary,
-    caption_vocabulary,
     err_console,
     load_any_model,
     one_line_warnings,
     pick_device,
-    read_lines,
     user_errors,
 )
 
@@ -87,6 +85,7 @@ def predict(
     import torch
 
     from uniperceiver_cli.evaluate.runners import label_features
+    from uniperceiver_cli.evaluate.tasks import caption_vocabulary, read_lines
     from uniperceiver_cli.model.preprocess import image_transform, load_image, video_views
 
     with user_errors(), one_line_warnings():

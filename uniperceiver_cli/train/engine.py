@@ -31,10 +31,11 @@ from rich.markup import escape
 from uniperceiver_cli.checkpoints import CheckpointError, load_checkpoint, save_bundle
 from uniperceiver_cli.data.loader import make_loader
 from uniperceiver_cli.data.mixing import mix_tasks
+from uniperceiver_cli.evaluate.report import print_results
 from uniperceiver_cli.evaluate.runners import autocast
+from uniperceiver_cli.evaluate.tasks import evaluate_task
 from uniperceiver_cli.model.config import get_config
 from uniperceiver_cli.model.uniperceiver import UniPerceiver
-from uniperceiver_cli.train.evaluation import evaluate_task, print_summary
 from uniperceiver_cli.train.optim import freeze_for_prompt_tuning
 from uniperceiver_cli.train.protocol import DEEPSPEED_DIR, STATE_FILE, Context, Engine
 from uniperceiver_cli.train.recipe import Recipe
@@ -473,21 +474,25 @@ def _save_checkpoint(run: _Run) -> None:
 def _evaluate(model: UniPerceiver, recipe: Recipe, out: Path, log: RunLog | None, step: int) -> dict[str, Any]:
     """Run the recipe's evaluation tasks. One that cannot run (labels that match no sample, a missing folder) is
     reported in one line and in summary.json; the others, and training, go on."""
-    results, errors = {}, {}
+    results, errors, shown = {}, {}, []
     for spec in recipe.evaluation.tasks:
         try:
-            result = evaluate_task(model, spec, Path(recipe.data_root), out, recipe.train.num_workers)
+            evaluation = evaluate_task(model, spec, Path(recipe.data_root), num_workers=recipe.train.num_workers)
+            evaluation.write(out / spec.name, {"path": None, "note": "the model being trained"})
         except (ValueError, OSError) as e:
             errors[spec.name] = " ".join(str(e).split())
             err_console.print(f"[yellow]warning:[/yellow] evaluation {spec.name} after step {step} failed: "
                               f"{escape(errors[spec.name])}", highlight=False, soft_wrap=True)
             continue
-        results[spec.name] = result.metrics
+        results[spec.name] = evaluation.result.metrics
+        shown.append(evaluation.result)
     out.mkdir(parents=True, exist_ok=True)
     summary = {"step": step, "results": results, **({"errors": errors} if errors else {})}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if log is not None:
         log.write({"step": step, **{f"eval/{n}/{k}": v for n, m in results.items() for k, v in m.items()}})
     else:
-        print_summary(results, f"{recipe.name}: evaluation after {step} steps ({out / 'summary.json'})")
+        for result in shown:
+            print_results(result, f"{recipe.name}: {result.task} after {step} steps")
+        Console().print(f"wrote {out / 'summary.json'}", highlight=False, soft_wrap=True)
     return results

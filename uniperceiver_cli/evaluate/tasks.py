@@ -1,0 +1,83 @@
+"""One evaluation task on a converted split: ``uniperceiver evaluate`` and a recipe's evaluation section.
+
+The task is a recipe's ``EvalTaskSpec`` (the command builds one from its options, with the same defaults); its
+``data``, ``labels`` and ``vocabulary_from`` paths are relative to ``data_root``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from uniperceiver_cli.data.corpus import vocabulary_of
+from uniperceiver_cli.data.loader import make_loader
+from uniperceiver_cli.data.shards import Manifest
+from uniperceiver_cli.evaluate import runners
+from uniperceiver_cli.evaluate.report import write_results
+from uniperceiver_cli.model.uniperceiver import UniPerceiver
+from uniperceiver_cli.task_types import TASKS
+
+
+@dataclass
+class Evaluation:
+    spec: Any  # the EvalTaskSpec
+    result: runners.EvalResult
+    data: dict[str, Any]  # results.json's "data": the split's path, dataset and split, the loader's skip counts
+    labels: list[str] | None  # the class names scored (classification)
+
+    def write(self, out: Path, model: dict[str, Any], settings: dict[str, Any] | None = None) -> Path:
+        """results.json (settings: the spec's by default), predictions.jsonl and COCO captions into ``out``."""
+        return write_results(out, self.result, data=self.data, model=model, settings=settings or asdict(self.spec))
+
+
+def read_lines(path: Path, what: str) -> list[str]:
+    """Non-empty lines of a text file (labels, templates, texts)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file {path} does not exist")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        raise ValueError(f"{what} file {path} has no entries")
+    return lines
+
+
+def caption_vocabulary(model: UniPerceiver, vocabulary: str, folders: Sequence[Path] = ()) -> torch.Tensor | None:
+    """The token ids to decode captions over (None: all of them): those of ``folders``' texts, else with "trained"
+    the set the model's caption task trained on (``model.caption_vocabulary``, when recorded)."""
+    if folders:
+        return vocabulary_of(list(folders))
+    return model.caption_vocabulary if vocabulary == "trained" else None
+
+
+def evaluate_task(model: UniPerceiver, spec: Any, data_root: Path = Path("."), *, num_workers: int = 0,
+                  precision: str = "auto", len_penalty: float = 0.0) -> Evaluation:
+    """Run one evaluation task (an ``EvalTaskSpec``) through its family's runner."""
+    directory = data_root / spec.data
+    manifest = Manifest.load(directory)
+    loader = make_loader(directory, task=spec.type, batch_size=spec.batch_size, train=False,
+                         image_size=model.config.image_size, num_frames=spec.num_frames, num_views=spec.views,
+                         num_clips=spec.clips, max_text_len=spec.max_text_len, num_workers=num_workers,
+                         label_set=spec.label_set, frame_stride=spec.frame_stride, rank=0, world_size=1)
+    batches = runners.limited(loader, spec.max_samples)
+    family, names = TASKS[spec.type].family, None
+    if family == "classification":
+        truth = manifest.label_names(spec.label_set) if manifest.classes or spec.label_set else None
+        names = read_lines(data_root / spec.labels, "labels") if spec.labels else manifest.label_names(spec.label_set)
+        result = runners.run_classification(model, batches, names, templates=spec.templates, truth_names=truth,
+                                            precision=precision, task=spec.name)
+    elif family == "retrieval":
+        result = runners.run_retrieval(model, batches, max_text_len=spec.max_text_len,
+                                       captions_per_item=spec.captions_per_item, precision=precision, task=spec.name)
+    elif family == "caption":
+        vocab_ids = caption_vocabulary(model, spec.vocabulary, [data_root / f for f in spec.vocabulary_from])
+        result = runners.run_captioning(model, batches, beam_size=spec.beam_size, max_len=spec.max_len,
+                                        len_penalty=len_penalty, vocab_ids=vocab_ids, precision=precision,
+                                        task=spec.name)
+    else:
+        result = runners.run_mlm(model, batches, precision=precision, task=spec.name)
+    data = {"path": str(directory), "dataset": manifest.dataset, "split": manifest.split,
+            "skipped": dict(loader.skipped)}
+    return Evaluation(spec, result, data, names)
