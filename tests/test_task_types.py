@@ -4,7 +4,7 @@ import typing
 
 from uniperceiver_cli.model.heads import TEMPERATURES
 from uniperceiver_cli.model.moe import ATTRIBUTES
-from uniperceiver_cli.task_types import TASK_NAMES, TASKS, task_names
+from uniperceiver_cli.task_types import TASKS, task_names
 from uniperceiver_cli.train.recipe import TaskType
 
 
@@ -16,7 +16,7 @@ def test_every_task_type_names_a_temperature_and_attribute_rows_of_the_model():
 
 
 def test_the_recipe_schema_and_the_splits_take_the_table_names():
-    assert typing.get_args(TaskType) == TASK_NAMES
+    assert typing.get_args(TaskType) == tuple(TASKS)
     assert task_names("image") == ["image_classification", "image_caption", "image_retrieval"]
     assert task_names("video", "caption", "retrieval") == ["video_caption", "video_retrieval"]
     assert task_names("text") == ["text_mlm"]

@@ -1,5 +1,4 @@
 """The task types: each one's input modality, family (how it is scored), MoE attribute rows and temperature.
-
 Imports nothing heavy: the shards, the recipe schema and ``recipes ls`` read it without torch."""
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ TASKS = {task.name: task for task in (
     TaskType("video_retrieval", "video", "retrieval", "retrieve", ("visual_input", "text_target")),
     TaskType("text_mlm", "text", "mlm", "text_mlm", ("text_input", "vocabulary")),
 )}
-TASK_NAMES = tuple(TASKS)
 
 
 def task_names(modality: str, *families: str) -> list[str]:

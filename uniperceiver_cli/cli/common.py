@@ -21,15 +21,18 @@ err_console = Console(stderr=True)
 USER_ERRORS = (ValueError, OSError, KeyError)  # OSError: a missing file, a folder that cannot be written, ...
 
 
+def report(message: str) -> None:
+    """One red line on stderr (a YAML error quotes brackets and spans lines: escaped and joined)."""
+    err_console.print(f"[red]error:[/red] {escape(' '.join(message.split()))}", highlight=False, soft_wrap=True)
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """A mistake in the user's input (bad file, bad option, bad layout) ends the command with one line."""
     try:
         yield
     except USER_ERRORS as e:
-        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        message = " ".join(str(message).split())  # always one line
-        err_console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+        report(str(e.args[0] if isinstance(e, KeyError) and e.args else e))
         raise typer.Exit(2) from None
 
 

@@ -72,9 +72,8 @@ def evaluate(
             result.notes.append("skipped while loading: " + ", ".join(f"{k}: {v}" for k, v in skipped.items()))
         out = out or Path("eval") / f"{manifest.dataset}-{manifest.split}-{task}"
         settings = {"batch_size": batch_size, "beam_size": beam_size, "max_len": max_len, "len_penalty": len_penalty,
-                    "views": views, "clips": clips,
-                    "num_frames": num_frames, "label_set": label_set, "templates": template_list,
-                    "vocabulary": vocabulary.value, "vocabulary_from": [str(f) for f in vocabulary_from or []],
+                    "views": views, "clips": clips, "num_frames": num_frames, "label_set": label_set,
+                    "templates": template_list, "vocabulary": vocabulary.value, "vocabulary_from": spec.vocabulary_from,
                     "labels": evaluation.labels, "precision": precision, "device": str(dev), "limit": limit}
         path = evaluation.write(out, model_identity(model), settings)
     print_results(result, f"{manifest.dataset}/{manifest.split} - {task}")

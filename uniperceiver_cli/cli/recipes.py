@@ -11,11 +11,10 @@ from pathlib import Path
 import typer
 import yaml
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 import uniperceiver_cli
-from uniperceiver_cli.cli.common import err_console, user_errors
+from uniperceiver_cli.cli.common import report, user_errors
 from uniperceiver_cli.data.shards import MANIFEST, Manifest
 from uniperceiver_cli.task_types import TASKS
 from uniperceiver_cli.train.recipe import EvalTaskSpec, Recipe, TaskSpec, load_recipe
@@ -170,11 +169,6 @@ def copy(
             raise FileNotFoundError(f"folder {target.parent} does not exist")
         shutil.copyfile(source, target)
     typer.echo(f"wrote {target}")
-
-
-def report(message: str) -> None:
-    """One red line on stderr (a YAML error quotes brackets and spans lines: escaped and joined)."""
-    err_console.print(f"[red]error:[/red] {escape(' '.join(message.split()))}", highlight=False, soft_wrap=True)
 
 
 @app.command("validate")

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import functools
-import json
 from collections import Counter
 from pathlib import Path
 
 import torch
 
-from uniperceiver_cli.data.loader import Shard, read_shards
-from uniperceiver_cli.data.shards import Manifest
+from uniperceiver_cli.data.loader import Shard, read_shards, sample_json, sample_text
+from uniperceiver_cli.data.shards import Manifest, Skip
 from uniperceiver_cli.model.config import EOT_ID
 from uniperceiver_cli.model.tokenizer import get_tokenizer
 
@@ -33,12 +32,10 @@ def _corpus_tokens(directory: Path, stamp: int, shards: tuple[str, ...]) -> torc
     texts: set[str] = set()  # captions repeat (ToyWorld: 144k captions, 27k distinct): tokenize each once
     # Damage is counted by the loaders that read these shards for training and evaluation, not here.
     for sample in read_shards([Shard(str(directory / shard)) for shard in shards], Counter(), TEXT_MEMBERS):
-        try:
-            text = [sample["txt"].decode("utf-8")] if "txt" in sample else []
-            captions = json.loads(sample["json"]).get("captions", []) if "json" in sample else []
-        except ValueError:  # text or json that does not decode: the loaders skip the sample too
+        try:  # no txt: "", whose one token is end-of-text
+            texts.update([sample_text(sample)], sample_json(sample).get("captions", []))
+        except Skip:  # text or json that does not decode: the loaders skip the sample too
             continue
-        texts.update(text, captions)
     ids: set[int] = {EOT_ID}
     tokenizer = get_tokenizer()
     distinct = sorted(texts)

@@ -12,15 +12,9 @@ of shard URLs and yields collated batch dicts. What runs where:
   grouped by key as webdataset does, filtered by the optional 1% subset, shuffled in a ``shuffle_buffer``
   (training), decoded and transformed, then batched inside the worker (``wds.batched``) with one collate
   call per batch: tensors are stacked and texts tokenised with one ``encode_batch``.
-- **Bad data is skipped and counted**, never fatal: a sample that cannot be decoded raises
-  :class:`~uniperceiver_cli.data.shards.Skip`; a sample that lost a member to a damaged tar header counts as
-  ``"unreadable member"`` and the rest of its shard is read (which samples lost one is told exactly by the
-  shard's stats file, which lists every sample's members; without it, both samples next to the damage are
-  dropped); a shard that cannot be read on (truncated, not a tar) stops being read and counts once as
-  ``"unreadable shard"`` (the complete samples before the damage are kept), as does a shard that ends
-  properly but holds fewer samples than its stats file or manifest says. Each worker attaches the counts
-  since its last batch to the next batch, and one last count-only item when it finishes; the main process
-  strips them and adds them to :attr:`ShardLoader.skipped`.
+- **Bad data is skipped and counted**, never fatal (the rules: docs/data.md, "Reading shards"; the tar damage:
+  :func:`read_shards`). Each worker attaches the counts since its last batch to the next batch, and one last
+  count-only item when it finishes; the main process strips them and adds them to :attr:`ShardLoader.skipped`.
 
 Randomness: the shard order, sample shuffle, caption choice and video clip sampling come from generators
 seeded with ``(seed, epoch, rank, worker)``; the image augmentations (timm, torchvision) use each worker's
@@ -63,8 +57,6 @@ from uniperceiver_cli.model.tokenizer import get_tokenizer
 from uniperceiver_cli.task_types import TASKS, TaskType
 
 SKIPPED = "__skipped__"  # per-batch skip counts travelling from the workers to the main process
-TEXT_LEN = {"mlm": 128}  # default max_text_len per task family; 30 otherwise
-DEFAULT_TEXT_LEN = 30
 UNREADABLE_SHARD = "unreadable shard"
 UNREADABLE_MEMBER = "unreadable member"
 
@@ -93,14 +85,14 @@ class Shard:
 # ---------------------------------------------------------------------------------------------------- samples
 
 
-def _json(raw: dict[str, Any]) -> dict[str, Any]:
+def sample_json(raw: dict[str, Any]) -> dict[str, Any]:
     try:
         return json.loads(raw["json"]) if "json" in raw else {}
     except ValueError as error:  # also UnicodeDecodeError
         raise Skip("bad json", str(error)[:200]) from error
 
 
-def _text(raw: dict[str, Any]) -> str:
+def sample_text(raw: dict[str, Any]) -> str:
     try:
         return raw["txt"].decode("utf-8") if "txt" in raw else ""
     except UnicodeDecodeError as error:
@@ -109,7 +101,7 @@ def _text(raw: dict[str, Any]) -> str:
 
 def _label(raw: dict[str, Any], label_set: str | None) -> int:
     try:
-        value = _json(raw)["labels"][label_set] if label_set else raw["cls"]
+        value = sample_json(raw)["labels"][label_set] if label_set else raw["cls"]
         return int(value)
     except KeyError as error:
         raise Skip("missing label", f"{label_set or 'cls'}: {error}") from error
@@ -118,7 +110,7 @@ def _label(raw: dict[str, Any], label_set: str | None) -> int:
 
 
 def _captions(raw: dict[str, Any]) -> list[str]:
-    captions = _json(raw).get("captions") or [_text(raw)]
+    captions = sample_json(raw).get("captions") or [sample_text(raw)]
     captions = [" ".join(str(caption).split()) for caption in captions]
     captions = [caption for caption in captions if caption]
     if not captions:
@@ -172,7 +164,7 @@ class SampleDecoder:
     def __call__(self, raw: dict[str, Any], rng: random.Random) -> dict[str, Any]:
         sample: dict[str, Any] = {"key": raw["__key__"]}
         if self.task.modality == "text":
-            text = " ".join(_text(raw).split())
+            text = " ".join(sample_text(raw).split())
             if not text:
                 raise Skip("empty text")
             sample["text"] = text
@@ -288,10 +280,7 @@ class _File:
     what is skipped is seeked past, never read."""
 
     def __init__(self, file: BinaryIO) -> None:
-        self.file, self.size = file, os.fstat(file.fileno()).st_size
-
-    def read(self, size: int) -> bytes:
-        return self.file.read(size)
+        self.file, self.read, self.size = file, file.read, os.fstat(file.fileno()).st_size
 
     def skip(self, size: int) -> int:
         start = self.file.tell()
@@ -365,12 +354,9 @@ def _tar_members(stream: BinaryIO, members: frozenset[str] | None = None
         garbage, zeros, valid = False, 0, True
         size = info.size if info.type in EXTENSION_TYPES else int(fields.get("size", info.size))
         name, padding = fields.get("path", info.name), -size % BLOCK
-        if members is None or info.type in EXTENSION_TYPES or (base_plus_ext(name)[1] or "").lower() in members:
-            content = data.read(size)
-            whole = len(content) == size and data.skip(padding) == padding
-        else:
-            content, whole = b"", data.skip(size + padding) == size + padding
-        if not whole:
+        wanted = members is None or info.type in EXTENSION_TYPES or (base_plus_ext(name)[1] or "").lower() in members
+        content = data.read(size) if wanted else b""
+        if (len(content) if wanted else data.skip(size)) < size or data.skip(padding) < padding:
             yield (name if info.isreg() else None), None
             return
         if info.type in PAX_TYPES:
@@ -551,21 +537,9 @@ def _with_skip_counts(batches: Iterable[dict[str, Any]], skipped: Counter[str]) 
 
 
 class ShardStream(IterableDataset):
-    """The per-process sample stream: shard split, read, subset, shuffle, decode, batch.
-
-    Args:
-        shards: every shard of the split, in the manifest's order.
-        decoder: raw sample -> decoded sample.
-        collate: decoded samples -> batch dict.
-        batch_size: samples per batch; a worker's last batch may be smaller.
-        train: shuffle shards and samples.
-        seed: base of every seed.
-        epochs: passes over the data per iteration; None repeats forever.
-        shuffle_buffer: samples held for shuffling in training.
-        subset: ``(shard file name, key)`` pairs to keep; None keeps all.
-        rank: this process's index among ``world_size``.
-        world_size: processes that share the data.
-    """
+    """The per-process sample stream: shard split, read, subset, shuffle, decode, batch. ``shards`` are every
+    shard of the split in the manifest's order, ``subset`` the ``(shard file name, key)`` pairs to keep (None:
+    all); the other arguments are :func:`make_loader`'s."""
 
     def __init__(self, shards: Sequence[Shard], decoder: SampleDecoder, collate: Collate, *, batch_size: int,
                  train: bool, seed: int, epochs: int | None, shuffle_buffer: int,
@@ -663,24 +637,10 @@ def _sidecar(url: str) -> dict[str, Any]:
 
 def choose_subset(shard_urls: Sequence[str], fraction: float, seed: int, *,
                   balanced: bool) -> frozenset[tuple[str, str]]:
-    """The reference's 1%-data subset, drawn once from ``seed`` (the same in every process).
-
-    Reads only the per-shard stats files (``shard-NNNNNN.json``: ``keys`` and ``labels``).
-
-    Args:
-        shard_urls: local shard paths; their stats files sit next to them.
-        fraction: share of the data, in (0, 1].
-        seed: the draw's seed.
-        balanced: per class ``int(fraction * n_c) + 1`` samples (classification); otherwise
-            ``int(fraction * N)`` samples drawn from all.
-
-    Returns:
-        ``(shard file name, key)`` pairs.
-
-    Raises:
-        ValueError: on a bad fraction, a missing stats file, unlabelled samples in a balanced draw, or an
-            empty subset.
-    """
+    """The reference's 1%-data subset as ``(shard file name, key)`` pairs, drawn once from ``seed`` (the same in
+    every process) from the local shards' stats files (``keys``, ``labels``): ``balanced``, ``int(fraction * n_c)
+    + 1`` samples of each class (classification), else ``int(fraction * N)`` of all. ValueError on a fraction
+    outside (0, 1], a missing stats file, unlabelled samples in a balanced draw, or an empty subset."""
     if not 0 < fraction <= 1:
         raise ValueError(f"subset must be a fraction in (0, 1], got {fraction}")
     entries: list[tuple[str, str]] = []
@@ -811,7 +771,7 @@ def make_loader(
         shards = [s for s in shards if Path(s.url).name in holding]  # read only the shards the subset draws from
     decoder = SampleDecoder(kind, train, image_size, num_frames, num_views, num_clips, label_set, augment,
                             frame_stride)
-    collate = Collate(kind, train, max_text_len or TEXT_LEN.get(kind.family, DEFAULT_TEXT_LEN))
+    collate = Collate(kind, train, max_text_len or (128 if kind.family == "mlm" else 30))  # passages, captions
     stream = ShardStream(shards, decoder, collate, batch_size=batch_size, train=train, seed=seed, epochs=epochs,
                          shuffle_buffer=shuffle_buffer, subset=chosen, rank=rank, world_size=world_size)
     return ShardLoader(stream, num_workers)

@@ -103,20 +103,8 @@ def caption_train_transform(size: int) -> ImageTransform:
 
 
 def build_image_transform(task: str, size: int, *, train: bool) -> ImageTransform:
-    """The image transform of a task type.
-
-    Args:
-        task: a task type whose input is an image: ``image_classification``, ``image_caption`` or
-            ``image_retrieval``.
-        size: output side ``S``; a multiple of the patch size (16) for evaluation.
-        train: the training (random) transform, or the deterministic evaluation one.
-
-    Returns:
-        A callable mapping a PIL RGB image to a normalised float tensor ``(3, S, S)``.
-
-    Raises:
-        ValueError: if ``task`` has no image input.
-    """
+    """The training (random) or evaluation (deterministic) transform of an image task type: a PIL RGB image ->
+    a normalised float tensor ``(3, S, S)``, ``S`` = ``size`` (for evaluation a multiple of the patch size, 16)."""
     if task not in task_names("image"):
         raise ValueError(f"task {task!r} has no image input; choose one of: {', '.join(task_names('image'))}")
     kind = TASKS[task].family

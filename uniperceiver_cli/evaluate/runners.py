@@ -54,7 +54,8 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def _device(model: UniPerceiver) -> torch.device:
+def _evaluating(model: UniPerceiver) -> torch.device:
+    model.eval()
     return model.head.proj.weight.device
 
 
@@ -93,8 +94,7 @@ def run_classification(model: UniPerceiver, batches: Iterable[Batch], names: Seq
     are refused (ValueError), as nothing could be scored. A prompt-tuned classifier maps each name to its row
     (``UniPerceiver.classifier_rows``).
     """
-    device = _device(model)
-    model.eval()
+    device = _evaluating(model)
     truth_names = list(truth_names or names)
     candidates = {name.lower() for name in names}
     if not any(name.lower() in candidates for name in truth_names):
@@ -139,8 +139,7 @@ def run_retrieval(model: UniPerceiver, batches: Iterable[Batch], *, max_text_len
     """R@1/5/10 and means, item-to-text and text-to-item, over every caption of every item (or its first
     ``captions_per_item``). Captions are cut to ``max_text_len`` tokens: 50 in the reference's pre-training,
     30 when fine-tuning."""
-    device = _device(model)
-    model.eval()
+    device = _evaluating(model)
     tokenizer = get_tokenizer()
     items, texts, owners, keys = [], [], [], []
     with autocast(device, precision):
@@ -175,8 +174,7 @@ def run_captioning(model: UniPerceiver, batches: Iterable[Batch], *, beam_size: 
     ``vocab_ids`` restricts decoding to these token ids (with end-of-text), e.g. a model trained with a
     corpus-restricted target set (``model.caption_vocabulary``); by default every one of the 49,411 tokens is a
     candidate. Bytes of a character left incomplete are dropped from the captions."""
-    device = _device(model)
-    model.eval()
+    device = _evaluating(model)
     tokenizer = get_tokenizer()
     predictions, references = {}, {}
     with autocast(device, precision):
@@ -212,8 +210,7 @@ def mask_tokens(ids: torch.Tensor, padding: torch.Tensor | None, probability: fl
 def run_mlm(model: UniPerceiver, batches: Iterable[Batch], *, probability: float = 0.15, seed: int = 0,
             precision: str = "auto", task: str = "mlm") -> EvalResult:
     """Masked-token accuracy with a seeded 15% token masking (every masked token becomes <|spe|>)."""
-    device = _device(model)
-    model.eval()
+    device = _evaluating(model)
     generator = torch.Generator().manual_seed(seed)
     predicted, labels, count = [], [], 0
     with autocast(device, precision):

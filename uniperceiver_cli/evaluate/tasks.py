@@ -1,7 +1,5 @@
-"""One evaluation task on a converted split: ``uniperceiver evaluate`` and a recipe's evaluation section.
-
-The task is a recipe's ``EvalTaskSpec`` (the command builds one from its options, with the same defaults); its
-``data``, ``labels`` and ``vocabulary_from`` paths are relative to ``data_root``."""
+"""One evaluation task (a recipe's ``EvalTaskSpec``; ``uniperceiver evaluate`` builds one from its options) on a
+converted split, for the command and for the training loop. Its paths are relative to ``data_root``."""
 
 from __future__ import annotations
 
@@ -23,13 +21,13 @@ from uniperceiver_cli.task_types import TASKS
 
 @dataclass
 class Evaluation:
-    spec: Any  # the EvalTaskSpec
+    spec: Any  # EvalTaskSpec (train/ imports evaluate/, not the other way)
     result: runners.EvalResult
     data: dict[str, Any]  # results.json's "data": the split's path, dataset and split, the loader's skip counts
     labels: list[str] | None  # the class names scored (classification)
 
     def write(self, out: Path, model: dict[str, Any], settings: dict[str, Any] | None = None) -> Path:
-        """results.json (settings: the spec's by default), predictions.jsonl and COCO captions into ``out``."""
+        """:func:`~uniperceiver_cli.evaluate.report.write_results` into ``out``; settings: the spec's by default."""
         return write_results(out, self.result, data=self.data, model=model, settings=settings or asdict(self.spec))
 
 
@@ -54,7 +52,7 @@ def caption_vocabulary(model: UniPerceiver, vocabulary: str, folders: Sequence[P
 
 def evaluate_task(model: UniPerceiver, spec: Any, data_root: Path = Path("."), *, num_workers: int = 0,
                   precision: str = "auto", len_penalty: float = 0.0) -> Evaluation:
-    """Run one evaluation task (an ``EvalTaskSpec``) through its family's runner."""
+    """Run one evaluation task through its family's runner."""
     directory = data_root / spec.data
     manifest = Manifest.load(directory)
     loader = make_loader(directory, task=spec.type, batch_size=spec.batch_size, train=False,

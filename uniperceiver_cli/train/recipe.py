@@ -26,12 +26,12 @@ from pydantic import (
 from pydantic.dataclasses import dataclass
 
 from uniperceiver_cli.model.config import get_config
-from uniperceiver_cli.task_types import TASK_NAMES, TASKS
+from uniperceiver_cli.task_types import TASKS
 
 STRICT = ConfigDict(extra="forbid")
 T = TypeVar("T")
 
-TaskType = Literal[TASK_NAMES]
+TaskType = Literal[tuple(TASKS)]
 
 
 class RecipeError(ValueError):
@@ -313,8 +313,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def checked(kind: type[T], data: dict[str, Any], source: str) -> T:
-    """``data`` as a recipe or a part of one (the evaluate command's options as an EvalTaskSpec); the first
-    problem is reported as one line with its key path."""
+    """``data`` as a recipe or a part of one (an EvalTaskSpec from the command line): the first problem in one line."""
     try:
         return TypeAdapter(kind).validate_python(data)
     except ValidationError as e:

@@ -24,6 +24,7 @@ from uniperceiver_cli.train.recipe import TaskSpec
 @dataclass
 class TrainTask:
     spec: TaskSpec
+    kind: TaskType
     directory: Path
     manifest: Manifest
     class_names: list[str] | None = None
@@ -31,17 +32,13 @@ class TrainTask:
     mixup: Any = None  # timm Mixup for soft-target classification
     _label_text: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
-    @property
-    def kind(self) -> TaskType:
-        return TASKS[self.spec.type]
-
     @classmethod
     def build(cls, spec: TaskSpec, data_root: Path) -> TrainTask:
         directory = data_root / spec.data
         manifest = Manifest.load(directory)
         if spec.type not in manifest.tasks:
             raise ValueError(f"task {spec.name}: {directory} serves {', '.join(manifest.tasks)}, not {spec.type}")
-        task = cls(spec, directory, manifest)
+        task = cls(spec, TASKS[spec.type], directory, manifest)
         if task.kind.family == "classification":
             task.class_names = manifest.label_names(spec.label_set)
             task._label_text = get_tokenizer().encode_batch(task.class_names)

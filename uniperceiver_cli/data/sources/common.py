@@ -95,14 +95,6 @@ def read_video(path: str | Path) -> tuple[bytes, str]:
     return data, ext
 
 
-def clean_caption(text: Any) -> str:
-    """A caption as one stripped line; an empty one is skipped."""
-    caption = " ".join(str(text or "").split())
-    if not caption:
-        raise Skip("empty caption")
-    return caption
-
-
 def safe_key(text: str) -> str:
     """A WebDataset key from a source id: no dots or slashes (they separate extensions and folders)."""
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)
