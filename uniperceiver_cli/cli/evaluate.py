@@ -10,7 +10,7 @@ import typer
 from uniperceiver_cli.cli.common import Vocabulary, load_any_model, one_line_warnings, pick_device, user_errors
 from uniperceiver_cli.data.shards import Manifest
 from uniperceiver_cli.task_types import TASKS
-from uniperceiver_cli.train.recipe import EvalTaskSpec, checked
+from uniperceiver_cli.train.recipe import EvalTaskSpec
 
 SPEC = {field.name: field.default for field in dataclasses.fields(EvalTaskSpec)}  # the recipes' defaults
 
@@ -57,13 +57,12 @@ def evaluate(
         if vocabulary_from and vocabulary is Vocabulary.full:
             raise ValueError("--vocabulary full and --vocabulary-from contradict each other: give one")
         template_list = read_lines(templates, "templates") if templates else None
-        spec = checked(EvalTaskSpec, {
-            "name": task, "type": task, "data": str(data.resolve()), "batch_size": batch_size, "label_set": label_set,
-            "labels": labels and str(labels), "templates": template_list, "max_samples": limit,
-            "beam_size": beam_size, "max_len": max_len, "vocabulary": vocabulary.value,
-            "vocabulary_from": [str(f) for f in vocabulary_from or []], "max_text_len": max_text_len,
-            "captions_per_item": captions_per_item, "num_frames": num_frames, "views": views, "clips": clips,
-        }, "evaluate")
+        spec = EvalTaskSpec(name=task, type=task, data=str(data.resolve()))
+        vars(spec).update(  # the options as they are: the loader and the runners check them, as for a recipe
+            batch_size=batch_size, label_set=label_set, labels=labels and str(labels), templates=template_list,
+            max_samples=limit, beam_size=beam_size, max_len=max_len, vocabulary=vocabulary.value,
+            vocabulary_from=[str(f) for f in vocabulary_from or []], max_text_len=max_text_len,
+            captions_per_item=captions_per_item, num_frames=num_frames, views=views, clips=clips)
         dev = pick_device(device)
         net = load_any_model(model, preset, dev)
         evaluation = evaluate_task(net, spec, num_workers=workers, precision=precision, len_penalty=len_penalty)

@@ -35,8 +35,7 @@ def read_lines(path: Path, what: str) -> list[str]:
     """Non-empty lines of a text file (labels, templates, texts)."""
     if not path.is_file():
         raise FileNotFoundError(f"{what} file {path} does not exist")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    lines = [line for line in lines if line]
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not lines:
         raise ValueError(f"{what} file {path} has no entries")
     return lines

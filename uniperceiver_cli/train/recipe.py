@@ -11,7 +11,7 @@ import math
 import re
 from dataclasses import asdict, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, NamedTuple, TypeVar
+from typing import Annotated, Any, Literal, NamedTuple
 
 import yaml
 from pydantic import (
@@ -29,7 +29,6 @@ from uniperceiver_cli.model.config import get_config
 from uniperceiver_cli.task_types import TASKS
 
 STRICT = ConfigDict(extra="forbid")
-T = TypeVar("T")
 
 TaskType = Literal[tuple(TASKS)]
 
@@ -312,22 +311,17 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def checked(kind: type[T], data: dict[str, Any], source: str) -> T:
-    """``data`` as a recipe or a part of one (an EvalTaskSpec from the command line): the first problem in one line."""
-    try:
-        return TypeAdapter(kind).validate_python(data)
-    except ValidationError as e:
-        first = e.errors()[0]
-        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
-        raise RecipeError(f"{source}: {_location(first)}: {_message(first)}{more}") from None
-
-
 def validate(data: Any, source: str = "recipe") -> Recipe:
     """A typed recipe from plain data, whose model config builds, whose texts and clips fit that model and
     whose task names are unique; the first problem is reported as one line with its key path."""
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe is a YAML mapping, got {type(data).__name__}")
-    recipe = checked(Recipe, data, source)
+    try:
+        recipe = TypeAdapter(Recipe).validate_python(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+        raise RecipeError(f"{source}: {_location(first)}: {_message(first)}{more}") from None
     try:
         config = get_config(recipe.model.preset, **recipe.model.overrides)
     except (TypeError, ValueError, ArithmeticError) as e:  # ArithmeticError: heads 0 divides by zero
