@@ -59,47 +59,22 @@ def _clamp_posterize(transform: transforms.Compose) -> transforms.Compose:
 
 
 def classification_train_transform(size: int) -> ImageTransform:
-    """The reference's ImageNet training transform, safe under Pillow 13 (see :class:`_AtLeastOneBit`).
-
-    Args:
-        size: output side ``S``.
-
-    Returns:
-        A callable mapping a PIL RGB image to a normalised float tensor ``(3, S, S)``.
-    """
-    transform = create_transform(
-        size,
-        is_training=True,
-        auto_augment=RAND_AUGMENT,
-        color_jitter=0.4,
-        interpolation="bicubic",
-        re_prob=0.25,
-        re_mode="pixel",
-        re_count=1,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-    )
+    """The reference's ImageNet training transform, safe under Pillow 13 (see :class:`_AtLeastOneBit`)."""
+    transform = create_transform(size, is_training=True, auto_augment=RAND_AUGMENT, color_jitter=0.4,
+                                 interpolation="bicubic", re_prob=0.25, re_mode="pixel", re_count=1,
+                                 mean=IMAGENET_MEAN, std=IMAGENET_STD)
     return _clamp_posterize(transform)
 
 
 def caption_train_transform(size: int) -> ImageTransform:
-    """The reference's ``clip_transforms`` training transform for captioning and retrieval.
-
-    Args:
-        size: output side ``S``.
-
-    Returns:
-        A callable mapping a PIL RGB image to a normalised float tensor ``(3, S, S)``.
-    """
-    return transforms.Compose(
-        [
-            transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
-            transforms.RandomCrop(size),
-            transforms.RandomHorizontalFlip(0.5),
-            transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
+    """The reference's ``clip_transforms`` training transform for captioning and retrieval."""
+    return transforms.Compose([
+        transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomCrop(size),
+        transforms.RandomHorizontalFlip(0.5),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
 
 
 def build_image_transform(task: str, size: int, *, train: bool) -> ImageTransform:

@@ -71,11 +71,7 @@ def _native(call: Callable[[], T]) -> T:
 
 
 def open_video(data: bytes) -> decord.VideoReader:
-    """A decord reader of a video file's bytes.
-
-    Raises:
-        Skip: ``"empty video"`` (no bytes or no frames) or ``"undecodable video"``.
-    """
+    """A decord reader of a video file's bytes; ``Skip("empty video")`` without bytes or frames."""
     if not data:
         raise Skip("empty video")
     reader = _native(lambda: decord.VideoReader(io.BytesIO(data), num_threads=1))  # workers give the parallelism
@@ -94,67 +90,31 @@ def _frames(reader: decord.VideoReader, indices: list[int]) -> torch.Tensor:
     return frames[[position[index] for index in indices]]
 
 
-def _step(reader: decord.VideoReader, stride: float) -> float:
-    return stride * reader.get_avg_fps() / TARGET_FPS
-
-
 def train_indices(total: int, step: float, num_frames: int, rng: random.Random) -> list[int]:
-    """The reference's ``random_clip``: ``num_frames`` positions ``step`` apart from a random start.
-
-    Args:
-        total: frames in the video.
-        step: source frames between sampled frames.
-        num_frames: frames in the clip, ``T``.
-        rng: the random start's generator.
-
-    Returns:
-        ``T`` frame indices, wrapping modulo ``total``.
-    """
+    """The reference's ``random_clip``: ``num_frames`` positions ``step`` source frames apart from a random start,
+    wrapping modulo ``total`` frames."""
     highest = total - int(step * (num_frames - 1) + 1)
     start = rng.randrange(highest) if highest > 0 else 0
     return [(start + int(i * step)) % total for i in range(num_frames)]
 
 
 def eval_indices(total: int, stride: float, fps: float, num_frames: int, num_clips: int = 1) -> list[list[int]]:
-    """The reference's test positions: start 0, ``num_clips`` interleaved temporal views.
-
-    Args:
-        total: frames in the video.
-        stride: the stride at 30 fps (``STRIDE``).
-        fps: the video's frame rate.
-        num_frames: frames per view, ``T``.
-        num_clips: temporal views.
-
-    Returns:
-        ``num_clips`` lists of ``T`` frame indices, wrapping modulo ``total``.
-    """
+    """The reference's test positions: ``num_clips`` interleaved views of ``num_frames`` indices each, from start 0,
+    ``stride`` given at 30 fps, wrapping modulo ``total`` frames."""
     sub_stride = int(stride / num_clips)
     flat = [int(i * sub_stride * fps / TARGET_FPS) % total for i in range(num_frames * num_clips)]
     return [flat[clip::num_clips] for clip in range(num_clips)]
 
 
 def train_clip(data: bytes, size: int, num_frames: int, rng: random.Random, stride: float = STRIDE) -> torch.Tensor:
-    """Decode one training clip with the TimeSformer augmentation.
+    """One training clip ``(T, 3, S, S)`` with the TimeSformer augmentation; ``Skip`` on a bad video.
 
     The short side is resized to a random size in ``[int(256/224*S), int(320/224*S)]`` (bilinear), then one
     random ``S`` x ``S`` crop and one horizontal flip decision apply to every frame; pixels are normalised with
-    mean/std 0.5.
-
-    Args:
-        data: the video file's bytes.
-        size: output side ``S``.
-        num_frames: frames in the clip, ``T``.
-        rng: generator of the start, scale, flip and crop.
-        stride: source frames between sampled frames at 30 fps.
-
-    Returns:
-        Float tensor ``(T, 3, S, S)``.
-
-    Raises:
-        Skip: on an empty or undecodable video.
+    mean/std 0.5. ``rng`` draws the start, scale, flip and crop.
     """
     reader = open_video(data)
-    indices = train_indices(len(reader), _step(reader, stride), num_frames, rng)
+    indices = train_indices(len(reader), stride * reader.get_avg_fps() / TARGET_FPS, num_frames, rng)
     video = _frames(reader, indices).permute(0, 3, 1, 2).float().div_(255)  # (T, 3, H, W)
     short = round(rng.uniform(int(256 / 224 * size), int(320 / 224 * size)))
     video = short_side_resize(video, short)
@@ -168,22 +128,8 @@ def train_clip(data: bytes, size: int, num_frames: int, rng: random.Random, stri
 
 def eval_clip(data: bytes, size: int, num_frames: int, num_crops: int = 1, num_clips: int = 1,
               stride: float = STRIDE) -> torch.Tensor:
-    """Decode the deterministic test views of one video.
-
-    Args:
-        data: the video file's bytes.
-        size: output side ``S``.
-        num_frames: frames per view, ``T``.
-        num_crops: spatial crops per clip, 1 (centre) or 3 (start, centre, end of the long side).
-        num_clips: temporal views.
-        stride: source frames between sampled frames at 30 fps.
-
-    Returns:
-        Float tensor ``(num_clips * num_crops, T, 3, S, S)``, row ``clip * num_crops + crop``.
-
-    Raises:
-        Skip: on an empty or undecodable video.
-    """
+    """The deterministic test views ``(num_clips * num_crops, T, 3, S, S)``, row ``clip * num_crops + crop``;
+    ``num_crops`` 1 (centre) or 3 (start, centre, end of the long side). ``Skip`` on a bad video."""
     reader = open_video(data)
     clips = eval_indices(len(reader), stride, reader.get_avg_fps(), num_frames, num_clips)
     frames = _frames(reader, [i for clip in clips for i in clip])  # (clips * T, H, W, 3)
