@@ -90,21 +90,18 @@ class RunLog:
 
     def __init__(self, run_dir: Path, total: int, enabled: bool) -> None:
         self.enabled = enabled
-        self.file = open(run_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115 - closed in close()
-        self.writer = None
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
+        if not enabled:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-        self.progress = None
-        if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.progress = Progress(TextColumn("[bold]step"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[loss]}  {task.fields[rate]} samples/s"),
-                                     TimeRemainingColumn(), console=err_console)
-            self.progress.start()
-            self.bar = self.progress.add_task("train", total=total, loss="", rate="")
+        self.file = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        self.progress = Progress(TextColumn("[bold]step"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[loss]}  {task.fields[rate]} samples/s"),
+                                 TimeRemainingColumn(), console=err_console)
+        self.progress.start()
+        self.bar = self.progress.add_task("train", total=total, loss="", rate="")
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -112,13 +109,12 @@ class RunLog:
         plain = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         self.file.write(json.dumps(plain, allow_nan=False) + "\n")  # standard JSON: no NaN or Infinity
         self.file.flush()
-        step = record["step"]
         for key, value in record.items():
             if isinstance(value, (int, float)) and key != "step":
-                self.writer.add_scalar(key, value, step)
+                self.writer.add_scalar(key, value, record["step"])
 
     def advance(self, step: int, loss: str, rate: str) -> None:
-        if self.progress is not None:
+        if self.enabled:
             self.progress.update(self.bar, completed=step, loss=loss, rate=rate)
 
     def close(self) -> None:
@@ -319,27 +315,15 @@ def _check_weights(model: torch.nn.Module, step: int, run_dir: Path) -> None:
                               f"training stopped. {_last_good(run_dir)}")
 
 
-def _skip_totals(loaders: dict[str, Any], ctx: Context) -> dict[str, int]:
-    """Samples skipped so far per task (undecodable members, unreadable shards), summed over the processes."""
-    totals = torch.tensor([float(sum(loader.skipped.values())) for loader in loaders.values()])
-    if ctx.world_size > 1:
-        totals = totals.to(ctx.device)
-        torch.distributed.all_reduce(totals)
-    return dict(zip(loaders, (int(v) for v in totals.tolist()), strict=True))
-
-
-def _skip_reasons(loaders: dict[str, Any], ctx: Context) -> dict[str, dict[str, int]]:
-    """Per task, the skip counts by reason over every process (for the end-of-run summary)."""
-    local = {name: dict(loader.skipped) for name, loader in loaders.items()}
+def _skipped(loaders: dict[str, Any], ctx: Context) -> dict[str, Counter[str]]:
+    """Per task, the samples skipped so far by reason (undecodable members, unreadable shards), over every
+    process."""
+    local = {name: Counter(loader.skipped) for name, loader in loaders.items()}
     if ctx.world_size == 1:
-        return {name: counts for name, counts in local.items() if counts}
+        return local
     gathered: list[Any] = [None] * ctx.world_size
     torch.distributed.all_gather_object(gathered, local)
-    merged: dict[str, Counter[str]] = defaultdict(Counter)
-    for part in gathered:
-        for name, counts in part.items():
-            merged[name].update(counts)
-    return {name: dict(counts) for name, counts in merged.items() if counts}
+    return {name: sum((part[name] for part in gathered), Counter()) for name in loaders}
 
 
 def _train(recipe: Recipe, run_dir: Path, *, resume: str | None, ctx: Context,
@@ -420,7 +404,7 @@ def _loop(run: _Run, end: int, log: RunLog) -> None:
             window.check(ctx, run.run_dir)
         if logging:
             record = {"step": step, "lr": engine.lr(), **window.record(ctx),
-                      **{f"{n}/skipped": v for n, v in _skip_totals(run.loaders, ctx).items()}}
+                      **{f"{n}/skipped": sum(c.values()) for n, c in _skipped(run.loaders, ctx).items()}}
             log.write(record)
             losses = [v for k, v in record.items() if k.endswith("/loss")]
             log.advance(step, f"mean loss of {len(losses)} task(s) {sum(losses) / max(1, len(losses)):.3f}",
@@ -436,10 +420,10 @@ def _loop(run: _Run, end: int, log: RunLog) -> None:
 def _finish(run: _Run) -> Path:
     """The end-of-run summary of skipped samples, the final bundle and the final evaluation."""
     _check_weights(run.engine.model, run.step, run.run_dir)
-    skipped = _skip_reasons(run.loaders, run.ctx)
+    skipped = _skipped(run.loaders, run.ctx)
     final = run.run_dir / "final"
     if run.ctx.main:
-        for name, counts in skipped.items():
+        for name, counts in ((n, c) for n, c in skipped.items() if c):
             reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items()))
             err_console.print(f"[yellow]skipped while training:[/yellow] {name}: {sum(counts.values())} sample(s) "
                               f"({escape(reasons)})", highlight=False, soft_wrap=True)
