@@ -111,8 +111,7 @@ def predict(
             for path in paths:
                 try:
                     if path.suffix.lower() in VIDEO_SUFFIXES:
-                        views = video_views(read_video_frames(path, num_frames), net.config.image_size)
-                        inputs = views.to(dev)
+                        inputs = video_views(read_video_frames(path, num_frames), net.config.image_size).to(dev)
                     else:
                         inputs = transform(load_image(path))[None].to(dev)
                 except (ValueError, FileNotFoundError) as e:

@@ -118,22 +118,20 @@ def _captions(raw: dict[str, Any]) -> list[str]:
     return captions
 
 
-def _image(raw: dict[str, Any]) -> Image.Image:
-    ext = next((ext for ext in IMAGE_EXTS if ext in raw), None)
+def _media(raw: dict[str, Any], exts: tuple[str, ...], what: str) -> bytes:
+    ext = next((ext for ext in exts if ext in raw), None)
     if ext is None:
-        raise Skip("missing image")
+        raise Skip(f"missing {what}")
+    return raw[ext]
+
+
+def _image(raw: dict[str, Any]) -> Image.Image:
+    data = _media(raw, IMAGE_EXTS, "image")
     try:
-        with Image.open(io.BytesIO(raw[ext])) as image:
+        with Image.open(io.BytesIO(data)) as image:
             return image.convert("RGB")
     except Exception as error:  # noqa: BLE001 - PIL raises many kinds for bad files
         raise Skip("undecodable image", str(error)[:200]) from error
-
-
-def _video_bytes(raw: dict[str, Any]) -> bytes:
-    ext = next((ext for ext in VIDEO_EXTS if ext in raw), None)
-    if ext is None:
-        raise Skip("missing video")
-    return raw[ext]
 
 
 @dataclass
@@ -178,10 +176,11 @@ class SampleDecoder:
         if self.image_transform is not None:
             sample["input"] = self.image_transform(_image(raw))
         elif self.train and self.augment:
-            sample["input"] = train_clip(_video_bytes(raw), self.image_size, self.num_frames, rng, self.stride)
+            sample["input"] = train_clip(_media(raw, VIDEO_EXTS, "video"), self.image_size, self.num_frames, rng,
+                                         self.stride)
         else:
-            views = eval_clip(_video_bytes(raw), self.image_size, self.num_frames, self.num_crops, self.num_clips,
-                              self.stride)
+            views = eval_clip(_media(raw, VIDEO_EXTS, "video"), self.image_size, self.num_frames, self.num_crops,
+                              self.num_clips, self.stride)
             sample["input"] = views[0] if self.train else views
         return sample
 

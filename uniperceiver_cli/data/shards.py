@@ -14,6 +14,7 @@ A sample in a tar is a group of files sharing a key: ``jpg``/``png`` image bytes
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -23,6 +24,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -204,11 +206,9 @@ def _write_shard(directory: Path, index: int, items: Sequence[Any],
 
 def _done(directory: Path, index: int) -> dict[str, Any] | None:
     tar, stats = directory / f"shard-{index:06d}.tar", directory / f"shard-{index:06d}.json"
-    if not stats.exists():
-        return None
     try:
         done = json.loads(stats.read_text())
-    except json.JSONDecodeError:
+    except (FileNotFoundError, json.JSONDecodeError):
         return None
     return done if tar.exists() or done["samples"] == 0 else None
 
@@ -246,17 +246,11 @@ def write_shards(directory: str | Path, items: Sequence[Any], make_sample: Calla
     with Progress(*columns, disable=not progress, transient=False) as bar:
         task = bar.add_task(f"{manifest.dataset}/{manifest.split}", total=len(items), rate="")
         bar.advance(task, sum(len(plan[i]) for i in results))
-        if workers > 1 and len(todo) > 1:
-            with ProcessPoolExecutor(workers) as pool:
-                futures = {i: pool.submit(_write_shard, directory, i, [items[j] for j in plan[i]], make_sample)
-                           for i in todo}
-                for i, future in futures.items():
-                    results[i] = future.result()
-                    bar.advance(task, len(plan[i]))
-                    bar.update(task, rate=_rate(bar, task))
-        else:
-            for i in todo:
-                results[i] = _write_shard(directory, i, [items[j] for j in plan[i]], make_sample)
+        write = partial(_write_shard, directory, make_sample=make_sample)
+        chunks = [[items[j] for j in plan[i]] for i in todo]
+        with ProcessPoolExecutor(workers) if workers > 1 and len(todo) > 1 else contextlib.nullcontext() as pool:
+            for i, stats in zip(todo, (pool.map if pool else map)(write, todo, chunks), strict=True):
+                results[i] = stats
                 bar.advance(task, len(plan[i]))
                 bar.update(task, rate=_rate(bar, task))
     skipped: Counter[str] = Counter()

@@ -21,10 +21,8 @@ def model_identity(path: str | Path | None) -> dict[str, Any]:
         return {"path": None, "sha256": None, "note": "freshly initialised model"}
     path = Path(path)
     weights = path / "model.safetensors" if path.is_dir() else path
-    digest = hashlib.sha256()
     with open(weights, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+        digest = hashlib.file_digest(f, "sha256")
     return {"path": str(path.resolve()), "sha256": digest.hexdigest()}
 
 
