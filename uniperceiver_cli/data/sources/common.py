@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 from PIL import Image
 
 from uniperceiver_cli.data.shards import VIDEO_EXTS, Manifest, Sample, Skip, write_shards
+from uniperceiver_cli.task_types import task_names
 
 
 class LayoutError(ValueError):
@@ -255,3 +256,12 @@ def folder_items(folders: dict[str, list[Path]], labels: dict[str, int], names: 
     return [Item(media_name(f"{folder}/{f.name}"), str(f), labels[folder],
                  meta={"label": names[labels[folder]], "source": f"{folder}/{f.name}"})
             for folder, files in folders.items() for f in files]
+
+
+def classification_conversion(source: str, split: str, items: list[Item], classes: list[str], name: str, *,
+                              video: bool = False) -> Conversion:
+    """A classification split of images (or videos): ``classes`` in label order, the items under unique keys."""
+    modality = "video" if video else "image"
+    manifest = Manifest(dataset=name, split=split, modality=modality, tasks=task_names(modality, "classification"),
+                        source=source, classes=classes)
+    return Conversion(manifest, keyed(items), video_sample if video else image_sample)

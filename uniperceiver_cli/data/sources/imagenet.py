@@ -5,21 +5,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from uniperceiver_cli.data.shards import Manifest
 from uniperceiver_cli.data.sources.common import (
     IMAGE_SUFFIXES,
     Conversion,
     Item,
     LayoutError,
     class_folders,
+    classification_conversion,
     folder_items,
-    image_sample,
-    keyed,
     media_name,
     read_class_names,
     select_splits,
 )
-from uniperceiver_cli.task_types import task_names
 
 LAYOUT = "SRC/<split>/<class_dir>/<image> class folders, or SRC/meta/<split>.txt lists of 'relative_path label'"
 
@@ -52,7 +49,7 @@ def plan(src: Path, *, splits: Sequence[str] | None = None, class_names: Path | 
     if names is not None and len(names) != len(classes):
         raise ValueError(f"{class_names} has {len(names)} names but {src} has {len(classes)} class folders")
     names, labels = names or classes, {c: i for i, c in enumerate(classes)}
-    return [_conversion(src, split, folder_items(folders[split], labels, names), names, name)
+    return [classification_conversion(str(src), split, folder_items(folders[split], labels, names), names, name)
             for split in select_splits(folders, splits, src)]
 
 
@@ -72,7 +69,7 @@ def _from_lists(src: Path, lists: list[Path], splits: Sequence[str] | None, name
     conversions = []
     for split in select_splits(entries, splits, src / "meta"):
         items = [_item(rel, src / split / rel, label, names) for rel, label in entries[split]]
-        conversions.append(_conversion(src, split, items, names, name))
+        conversions.append(classification_conversion(str(src), split, items, names, name))
     return conversions
 
 
@@ -90,9 +87,3 @@ def _read_list(path: Path) -> list[tuple[str, int]]:
 
 def _item(rel: str, path: Path, label: int, names: list[str]) -> Item:
     return Item(media_name(rel), str(path), label, meta={"label": names[label], "source": rel})
-
-
-def _conversion(src: Path, split: str, items: list[Item], classes: list[str], name: str) -> Conversion:
-    manifest = Manifest(dataset=name, split=split, modality="image", tasks=task_names("image", "classification"),
-                        source=str(src), classes=classes)
-    return Conversion(manifest, keyed(items), image_sample)

@@ -5,17 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from uniperceiver_cli.data.shards import Manifest
 from uniperceiver_cli.data.sources.common import (
     Conversion,
     Item,
     LayoutError,
-    image_sample,
-    keyed,
+    classification_conversion,
     read_class_names,
     require,
 )
-from uniperceiver_cli.task_types import task_names
 
 FILELIST = "imagenet_22k_filelist_short.txt"
 LAYOUT = f"SRC/{FILELIST} with lines 'wnid idx class_id' and images at SRC/<wnid>/<wnid>_<idx>.JPEG"
@@ -50,6 +47,4 @@ def plan(src: Path, *, filelist: Path | None = None, class_names: Path | None = 
         raise ValueError(f"{len(names)} class names but {filelist} uses class ids up to {num_classes - 1}")
     items = [Item(f"{wnid}_{idx}", str(src / wnid / f"{wnid}_{idx}.JPEG"), label,
                   meta={"label": names[label], "source": f"{wnid}/{wnid}_{idx}.JPEG"}) for wnid, idx, label in rows]
-    manifest = Manifest(dataset=name, split=split, modality="image", tasks=task_names("image", "classification"),
-                        source=str(src), classes=names)
-    return Conversion(manifest, keyed(items), image_sample)
+    return classification_conversion(str(src), split, items, names, name)

@@ -8,23 +8,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
-from uniperceiver_cli.data.shards import Manifest
 from uniperceiver_cli.data.sources.common import (
     VIDEO_SUFFIXES,
     Conversion,
     Item,
     LayoutError,
     class_folders,
+    classification_conversion,
     folder_items,
     index_files,
-    keyed,
     read_class_names,
     require,
     select_splits,
     split_name,
-    video_sample,
 )
-from uniperceiver_cli.task_types import task_names
 
 LAYOUT = ("a CSV whose header names youtube_id (or id), label and optionally time_start, time_end, split; "
           "or SRC/<split>/<label>/<video> class folders")
@@ -62,7 +59,8 @@ def plan(sources: Sequence[Path], videos: Path | None = None, *, splits: Sequenc
             raise LayoutError(f"{sources[0]} has no class folders; expected {LAYOUT}")
         names = _classes({label for split in folders.values() for label in split}, class_names)
         labels = {label: i for i, label in enumerate(names)}
-        return [_conversion(str(sources[0]), split, folder_items(folders[split], labels, names), names, name)
+        return [classification_conversion(str(sources[0]), split, folder_items(folders[split], labels, names),
+                                          names, name, video=True)
                 for split in select_splits(folders, splits, sources[0])]
     rows = [row for path in sources for row in _read_csv(path)]
     names = _classes({row.label for row in rows if row.label}, class_names)
@@ -76,7 +74,7 @@ def plan(sources: Sequence[Path], videos: Path | None = None, *, splits: Sequenc
         meta["source"] = Path(path).relative_to(root).as_posix() if path else ""
         by_split.setdefault(row.split, []).append(Item(row.names[0], path, labels.get(row.label), meta=meta))
     source = ", ".join(str(p) for p in sources)
-    return [_conversion(source, split, by_split[split], names, name)
+    return [classification_conversion(source, split, by_split[split], names, name, video=True)
             for split in select_splits(by_split, splits, sources[0])]
 
 
@@ -116,9 +114,3 @@ def _classes(found: set[str], class_names: Path | None) -> list[str]:
     if unknown:
         raise ValueError(f"{len(unknown)} labels are not in {class_names}, e.g. {unknown[0]!r}")
     return names
-
-
-def _conversion(source: str, split: str, items: list[Item], classes: list[str], name: str) -> Conversion:
-    manifest = Manifest(dataset=name, split=split, modality="video", tasks=task_names("video", "classification"),
-                        source=source, classes=classes)
-    return Conversion(manifest, keyed(items), video_sample)
