@@ -463,7 +463,7 @@ def _check_ranks(folder: Path, obj: dict[str, Any]) -> tuple[int | None, int]:
     return zero, processes
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -842,7 +842,7 @@ def source_provenance(source: Source, weights: Weights) -> dict[str, Any]:
     from uniperceiver_cli import __version__
 
     record: dict[str, Any] = {"source": str((source.given or source.path).resolve()), "kind": source.kind,
-                              "file": str(source.weights.resolve()), "sha256": _sha256(source.weights),
+                              "file": str(source.weights.resolve()), "sha256": sha256_of(source.weights),
                               "step": source.step, "recipe": weights.recipe, "toolkit_version": __version__}
     if source.zero_stage is not None:
         record.update(zero_stage=source.zero_stage, processes=source.processes)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -12,6 +11,7 @@ from rich.cells import cell_len
 from rich.console import Console
 from rich.table import Table
 
+from uniperceiver_cli.checkpoints import BUNDLE_WEIGHTS, sha256_of
 from uniperceiver_cli.evaluate.runners import EvalResult
 
 
@@ -20,10 +20,7 @@ def model_identity(path: str | Path | None) -> dict[str, Any]:
     if path is None:
         return {"path": None, "sha256": None, "note": "freshly initialised model"}
     path = Path(path)
-    weights = path / "model.safetensors" if path.is_dir() else path
-    with open(weights, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256")
-    return {"path": str(path.resolve()), "sha256": digest.hexdigest()}
+    return {"path": str(path.resolve()), "sha256": sha256_of(path / BUNDLE_WEIGHTS if path.is_dir() else path)}
 
 
 def _atomic_write(path: Path, text: str) -> None:

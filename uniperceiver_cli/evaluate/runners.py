@@ -24,7 +24,7 @@ from uniperceiver_cli.evaluate.metrics import (
     retrieval_recall,
     topk_accuracy,
 )
-from uniperceiver_cli.model.config import SPE_ID
+from uniperceiver_cli.model.config import SOT_ID, SPE_ID
 from uniperceiver_cli.model.decoding import beam_search
 from uniperceiver_cli.model.tokenizer import get_tokenizer
 from uniperceiver_cli.model.uniperceiver import UniPerceiver
@@ -198,7 +198,7 @@ def mask_tokens(ids: torch.Tensor, padding: torch.Tensor | None, probability: fl
     """Replace a random ``probability`` of the real tokens (never end-of-text) by <|spe|>, the reference's
     mask token. Returns the masked ids and the selection (B, L) bool (at least one per row)."""
     real = torch.ones_like(ids, dtype=torch.bool) if padding is None else ~padding
-    real &= ids < 49406
+    real &= ids < SOT_ID
     chosen = (torch.rand(ids.shape, generator=generator) < probability) & real
     first = real.float().argmax(dim=1)  # guarantee one masked token where the row has any
     has_real = real.any(dim=1)
