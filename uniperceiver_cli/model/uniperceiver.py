@@ -321,7 +321,9 @@ class UniPerceiver(nn.Module):
         inputs (B, 3, H, W) or (B, T, 3, H, W); caption ids (B, n) ending in <|endoftext|>, no start token.
         Query j predicts ids[:, j]. Returns logits (B, n, V) against the vocabulary features.
         """
-        prefix = self.visual_prefix(inputs if inputs.dim() == 5 else inputs[:, None])
+        video = inputs if inputs.dim() == 5 else inputs[:, None]
+        visual = self.embed_visual(video)  # before <|spe|>: the shared norm's gradients add up in the same order
+        prefix = torch.cat([self.spe(video.shape[0]), visual], dim=1)
         query = self.head.project(self.encode_two_stream(prefix, ids, ids.shape[1], padding))  # (B, n, D)
         return self.head.logits(query.flatten(0, 1), vocabulary, "caption").unflatten(0, ids.shape)
 
