@@ -355,9 +355,39 @@ def test_existing_out_needs_force(single_run: Path, tmp_path: Path):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     _refused(single_run, out, "already exists; pass --force to replace it")
-    assert (out / "keep.txt").read_text() == "mine"
-    _ok(single_run, "--out", out, "--force")
+    _refused(single_run, out, "is not a bundle (it holds keep.txt); export to another folder", "--force")
+    assert (out / "keep.txt").read_text() == "mine"  # --force replaces a bundle, never a folder of other things
+    (out / "keep.txt").unlink()
+    _ok(single_run, "--out", out, "--force")  # an empty folder
+    _ok(single_run, "--out", out, "--force", "--dtype", "bf16")
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert _provenance(out)["dtype"] == "bf16"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+    _refused(single_run, single_run / "checkpoints", "is not a bundle", "--force")
     _refused(single_run, single_run / "final", "holds the source", "--force")
-    _refused(single_run, single_run, "holds the source", "--force", "--step", "2")
+    _refused(single_run, single_run, "is not a bundle", "--force", "--step", "2")
+
+
+def test_a_relative_step_folder_finds_its_runs_config(single_run: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch):
+    step = sorted((single_run / "checkpoints").iterdir())[-1]
+    monkeypatch.chdir(step.parent)
+    _ok(step.name, "--out", tmp_path / "b")
+    assert _provenance(tmp_path / "b")["recipe"] == "export-test"
+    config = json.loads((tmp_path / "b" / "config.json").read_text())["model"]
+    assert config["image_size"] == 32  # the recipe's override, not a preset guessed from the shapes
+
+
+def test_a_malformed_run_config_is_one_line(single_run: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    shutil.copytree(single_run, run)
+    (run / "config.yaml").write_text("train: 5\n")
+    result = _cli(run, "--out", tmp_path / "b")
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output  # the step is just unknown
+
+
+def test_evaluate_takes_a_run_directory(single_run: Path, data_root: Path, tmp_path: Path):
+    from uniperceiver_cli.evaluate.report import model_identity
+
+    identity = model_identity(single_run)
+    assert identity["sha256"] == _sha(single_run / "final" / "model.safetensors")

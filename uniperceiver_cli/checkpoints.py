@@ -422,6 +422,7 @@ def _folder_kind(path: Path) -> str | None:
 
 def _run_of(path: Path) -> Path | None:
     """The run directory a checkpoint sits in: the folder above ``checkpoints/`` that holds ``config.yaml``."""
+    path = path.resolve()  # "." has no name: a relative step folder must still find its run
     for parent in [path, *path.parents][:6]:
         if parent.name == "checkpoints" and (parent.parent / "config.yaml").is_file():
             return parent.parent
@@ -436,7 +437,7 @@ def _deepspeed_folder(path: Path) -> Path:
     latest = folder / "latest"
     tags = [latest.read_text(encoding="utf-8", errors="replace").strip()] if latest.is_file() else []
     for tag in [*tags, DEEPSPEED_TAG]:
-        if tag and "/" not in tag and (folder / tag / DEEPSPEED_MODEL).is_file():
+        if tag not in ("", ".", "..") and "/" not in tag and (folder / tag / DEEPSPEED_MODEL).is_file():
             return folder / tag
     raise CheckpointError(f"{path} is not a complete DeepSpeed checkpoint: no {DEEPSPEED_MODEL} in it")
 
@@ -524,7 +525,8 @@ def _final_of(path: Path) -> Path | None:
 
 
 def _final_step(path: Path) -> int | None:
-    steps = _run_recipe(path.parent).get("train", {}).get("steps")
+    train = _run_recipe(path.parent).get("train")
+    steps = train.get("steps") if isinstance(train, dict) else None
     return steps if isinstance(steps, int) else None
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from uniperceiver_cli.checkpoints import (
+    BUNDLE_CONFIG,
+    BUNDLE_WEIGHTS,
     DTYPES,
     CheckpointError,
     Source,
@@ -25,6 +27,8 @@ from uniperceiver_cli.checkpoints import (
     save_bundle,
     source_provenance,
 )
+
+BUNDLE_FILES = {BUNDLE_WEIGHTS, BUNDLE_CONFIG, BUNDLE_WEIGHTS + ".tmp", BUNDLE_CONFIG + ".tmp"}
 
 
 @dataclass
@@ -40,6 +44,9 @@ def _check_out(out: Path, source: Source, force: bool) -> None:
         raise CheckpointError(f"{out} already exists; pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out} exists and is not a folder")
+    others = sorted(p.name for p in out.iterdir() if p.name not in BUNDLE_FILES) if out.is_dir() else []
+    if others:  # --force replaces a bundle, never a folder holding anything else
+        raise CheckpointError(f"{out} is not a bundle (it holds {', '.join(others[:3])}); export to another folder")
     resolved = out.resolve()
     if source.kind == "bundle" and source.given is None and resolved == source.path.resolve():
         return  # re-saving a bundle in place: it is read whole before the folder is replaced

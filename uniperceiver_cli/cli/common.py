@@ -52,7 +52,7 @@ def load_any_model(model: Path | None, preset: str | None, device: torch.device)
 
     if model is None:
         if preset is None:
-            raise ValueError("give --model PATH (a bundle or an official checkpoint) or --preset NAME")
+            raise ValueError("give --model PATH (a bundle, run, training checkpoint or official file) or --preset NAME")
         return up.create_model(preset).eval().to(device)
     if not model.exists():
         raise FileNotFoundError(f"model {model} does not exist")

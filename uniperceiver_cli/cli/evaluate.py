@@ -17,7 +17,7 @@ SPEC = {field.name: field.default for field in dataclasses.fields(EvalTaskSpec)}
 
 def evaluate(
     data: Path = typer.Option(..., "--data", help="A converted split: the folder holding manifest.json."),
-    model: Path | None = typer.Option(None, "--model", help="A bundle folder or an official .pth checkpoint."),
+    model: Path | None = typer.Option(None, "--model", help="A bundle, run, training checkpoint or .pth file."),
     preset: str | None = typer.Option(None, help="Model preset: the shape of an official file, or a fresh model."),
     task: str | None = typer.Option(None, help=f"One of {', '.join(TASKS)}; default: the split's first task."),
     labels: Path | None = typer.Option(None, help="Zero-shot class names, one per line (default: the split's)."),
@@ -41,7 +41,7 @@ def evaluate(
     limit: int | None = typer.Option(None, min=1, help="Evaluate about this many samples only."),
     workers: int = typer.Option(0, min=0, help="Data-loader worker processes."),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
-    precision: str = typer.Option("auto", help="auto (bf16 on GPU), fp32 or bf16."),
+    precision: str = typer.Option("auto", help="auto (bf16 on GPU), fp32, bf16 or fp16."),
 ) -> None:
     """Evaluate a model on one task of a converted split; writes results.json and predictions.jsonl."""
     from uniperceiver_cli.evaluate.report import model_identity, print_results

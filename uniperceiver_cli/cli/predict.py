@@ -64,7 +64,7 @@ def read_video_frames(path: Path, num_frames: int) -> torch.Tensor:
 
 def predict(
     files: list[Path] = typer.Argument(..., help="Image and video files, or folders of them."),
-    model: Path | None = typer.Option(None, "--model", help="A bundle folder or an official .pth checkpoint."),
+    model: Path | None = typer.Option(None, "--model", help="A bundle, run, training checkpoint or .pth file."),
     preset: str | None = typer.Option(None, help="Model preset: the shape of an official file, or a fresh model."),
     labels: Path | None = typer.Option(None, help="Class names, one per line: print the top-k labels."),
     label: list[str] | None = typer.Option(None, help="A class name (repeat the option for several)."),

@@ -220,7 +220,7 @@ class Recipe:
     tasks: list[TaskSpec]
     description: str = ""
     model: ModelSpec = field(default_factory=ModelSpec)
-    init: str | None = None  # a bundle or an official checkpoint to start from
+    init: str | None = None  # a bundle, run, training checkpoint or official file to start from
     data_root: str = "."
     train: TrainSpec = field(default_factory=TrainSpec)
     engine: EngineSpec = field(default_factory=EngineSpec)
