@@ -35,7 +35,7 @@ from uniperceiver_cli.model.config import (
 )
 from uniperceiver_cli.model.heads import TEMPERATURES
 from uniperceiver_cli.model.uniperceiver import UniPerceiver
-from uniperceiver_cli.train.protocol import DEEPSPEED_DIR, STATE_FILE, STATE_GLOBALS
+from uniperceiver_cli.train.protocol import CLIENT_KEY, DEEPSPEED_DIR, DEEPSPEED_TAG, STATE_FILE, STATE_GLOBALS
 
 BUNDLE_WEIGHTS = "model.safetensors"
 BUNDLE_CONFIG = "config.json"
@@ -290,8 +290,6 @@ def read_official(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
 # folder's layout, a file's container) and, for a torch file, whose naming its keys follow.
 KIND_LABELS = {"bundle": "bundle", "run": "run directory", "state": "single-engine training state",
                "deepspeed": "DeepSpeed checkpoint", "official": "official checkpoint"}
-CLIENT_KEY = "uniperceiver"  # = train.deepspeed_engine.CLIENT_KEY: the loop's state inside DeepSpeed's checkpoint
-DEEPSPEED_TAG = "state"  # = train.deepspeed_engine.TAG
 DEEPSPEED_MODEL = "mp_rank_00_model_states.pt"
 _OUR_PREFIXES = ("blocks.", "text_embed.", "embed_norm.", "head.")
 _REFERENCE_PREFIXES = ("fused_encoder.", "encoder.", "token_embed.", "video_embed.", "loss_prepare.", "predictor.")

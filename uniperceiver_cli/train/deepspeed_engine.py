@@ -44,7 +44,9 @@ import torch
 from uniperceiver_cli.checkpoints import torch_load
 from uniperceiver_cli.train.optim import build_optimizer, build_scheduler
 from uniperceiver_cli.train.protocol import (
+    CLIENT_KEY,
     DEEPSPEED_DIR,
+    DEEPSPEED_TAG,
     FP16_GROWTH_INTERVAL,
     FP16_INITIAL_SCALE_POWER,
     STATE_GLOBALS,
@@ -52,8 +54,6 @@ from uniperceiver_cli.train.protocol import (
 )
 from uniperceiver_cli.train.recipe import Recipe
 
-TAG = "state"
-CLIENT_KEY = "uniperceiver"  # the loop's own state (step, consumed samples, RNGs) inside DeepSpeed's checkpoint
 DEFAULT_PORT = 29500
 
 
@@ -318,12 +318,13 @@ class DeepSpeedEngine:
     def save(self, directory: Path, client: dict[str, Any]) -> None:
         """DeepSpeed's checkpoint (module, optimizer partitions, schedule) in ``directory/deepspeed``; every
         process calls it. ``client`` (the loop's state) travels inside it."""
-        self.engine.save_checkpoint(str(Path(directory) / DEEPSPEED_DIR), tag=TAG, client_state={CLIENT_KEY: client})
+        self.engine.save_checkpoint(str(Path(directory) / DEEPSPEED_DIR), tag=DEEPSPEED_TAG,
+                                    client_state={CLIENT_KEY: client})
 
     def load(self, directory: Path) -> dict[str, Any]:
         """Restore what :meth:`save` wrote; returns the loop's state. Every process calls it."""
         folder = Path(directory) / DEEPSPEED_DIR
-        path, state = self.engine.load_checkpoint(str(folder), tag=TAG)
+        path, state = self.engine.load_checkpoint(str(folder), tag=DEEPSPEED_TAG)
         if path is None or not state or CLIENT_KEY not in state:
-            raise FileNotFoundError(f"{folder} holds no DeepSpeed checkpoint of this run (tag {TAG!r})")
+            raise FileNotFoundError(f"{folder} holds no DeepSpeed checkpoint of this run (tag {DEEPSPEED_TAG!r})")
         return state[CLIENT_KEY]

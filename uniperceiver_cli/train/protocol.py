@@ -13,6 +13,8 @@ from torch import nn
 
 STATE_FILE = "state.pt"  # the single engine's checkpoint inside checkpoints/step-N
 DEEPSPEED_DIR = "deepspeed"  # DeepSpeed's checkpoint folder inside checkpoints/step-N
+DEEPSPEED_TAG = "state"  # the tag of DeepSpeed's checkpoint inside that folder
+CLIENT_KEY = "uniperceiver"  # the loop's own state (step, data position, RNGs) inside DeepSpeed's checkpoint
 FP16_INITIAL_SCALE_POWER = 13  # the reference's GradScaler: initial scale 2**13, growth every 200 steps
 FP16_GROWTH_INTERVAL = 200
 
