@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -10,14 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import uniperceiver_cli as up
+from tests.helpers import Planted, random_png
 from uniperceiver_cli.checkpoints import (
     CheckpointError,
     classify_container,
@@ -25,30 +23,17 @@ from uniperceiver_cli.checkpoints import (
     load_model,
     read_official,
     save_bundle,
+    sha256_of,
 )
 from uniperceiver_cli.cli.app import app
 from uniperceiver_cli.data.shards import Manifest, Sample, write_shards
 from uniperceiver_cli.train import engine as loop
+from uniperceiver_cli.train.deepspeed_engine import safe_load
 from uniperceiver_cli.train.recipe import validate
+from uniperceiver_cli.train.single_engine import load_state_file
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["red", "green", "blue"]
-
-
-class Planted:
-    """A pickle that creates a file when it is unpickled with ``weights_only=False``."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):  # noqa: ANN204
-        return (open, (str(self.marker), "w"))
-
-
-def _png(i: int) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(out, format="PNG")
-    return out.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +41,7 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("export-data")
     manifest = Manifest(dataset="t", split="train", modality="image", tasks=["image_classification"], source="test",
                         classes=CLASSES)
-    samples = [Sample(f"s{i}", image=_png(i), image_ext="png", label=i % 3) for i in range(4)]
+    samples = [Sample(f"s{i}", image=random_png(i), image_ext="png", label=i % 3) for i in range(4)]
     write_shards(root / "split", samples, lambda s: s, manifest=manifest, min_shards=2, progress=False)
     return root
 
@@ -151,28 +136,23 @@ def test_bundle_re_saves_and_changes_dtype(tmp_path: Path):
     assert torch.equal(load_model(tmp_path / "bf16").head.proj.weight, model.head.proj.weight.bfloat16().float())
     record = _provenance(tmp_path / "bf16")
     assert record["kind"] == "bundle" and record["dtype"] == "bf16" and record["toolkit_version"] == up.__version__
-    assert record["sha256"] == _sha(tmp_path / "fp32" / "model.safetensors") and record["previous"]["kind"] == "bundle"
+    assert record["sha256"] == sha256_of(tmp_path / "fp32" / "model.safetensors")
+    assert record["previous"]["kind"] == "bundle"
     _ok(tmp_path / "bf16", "--out", tmp_path / "bf16", "--dtype", "fp32", "--force")  # in place
     assert _tensors(tmp_path / "bf16")["head.proj.weight"].dtype == torch.float32
-
-
-def _sha(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_run_directory_final_and_steps(single_run: Path, tmp_path: Path):
     out = _ok(single_run, "--out", tmp_path / "final")
     assert out.splitlines()[0] == f"source: run directory {single_run}: final bundle (step 4) {single_run / 'final'}"
     _assert_same(_tensors(tmp_path / "final"), _tensors(single_run / "final"))
-    state = torch.load(single_run / "checkpoints" / "step-0000002" / "state.pt", weights_only=False)
+    state = load_state_file(single_run / "checkpoints" / "step-0000002" / "state.pt")
     out = _ok(single_run, "--step", "2", "--out", tmp_path / "step2")
     assert "single-engine checkpoint (step 2)" in out.splitlines()[0]
     _assert_same(_tensors(tmp_path / "step2"), state["model"])
     record = _provenance(tmp_path / "step2")
     assert record["step"] == 2 and record["recipe"] == "export-test" and record["kind"] == "state"
-    assert record["sha256"] == _sha(single_run / "checkpoints" / "step-0000002" / "state.pt")
+    assert record["sha256"] == sha256_of(single_run / "checkpoints" / "step-0000002" / "state.pt")
     config = json.loads((tmp_path / "step2" / "config.json").read_text())["model"]
     assert config["image_size"] == 32 and config["layer_scale_init"] == 1.0  # from the run's config.yaml
     _ok(single_run, "--latest", "--out", tmp_path / "latest")
@@ -182,7 +162,7 @@ def test_run_directory_final_and_steps(single_run: Path, tmp_path: Path):
 
 def test_single_engine_state_file_and_folder(single_run: Path, tmp_path: Path):
     folder = single_run / "checkpoints" / "step-0000004"
-    expected = torch.load(folder / "state.pt", weights_only=False)["model"]
+    expected = load_state_file(folder / "state.pt")["model"]
     for i, src in enumerate([folder, folder / "state.pt"]):
         out = _ok(src, "--out", tmp_path / str(i), "--from", "state")
         assert out.splitlines()[0].startswith("source: single-engine checkpoint (step 4)")
@@ -199,7 +179,7 @@ def test_deepspeed_checkpoint_bf16_exports_fp32(deepspeed_run: Path, tmp_path: P
     folder = deepspeed_run / "checkpoints" / "step-0000004"
     out = _ok(folder, "--out", tmp_path / "ds")
     assert out.splitlines()[0] == f"source: deepspeed checkpoint (ZeRO 2, 1 process, step 4) {folder}"
-    module = torch.load(folder / "deepspeed" / "state" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    module = safe_load(folder / "deepspeed" / "state" / "mp_rank_00_model_states.pt")["module"]
     assert module["head.proj.weight"].dtype == torch.bfloat16
     exported = _tensors(tmp_path / "ds")
     _assert_same(exported, module)
@@ -328,7 +308,7 @@ def test_missing_rank_is_refused(deepspeed_run: Path, tmp_path: Path):
     folder = tmp_path / "checkpoints" / "step-0000004"
     shutil.copytree(deepspeed_run / "checkpoints" / "step-0000004", folder)
     states = folder / "deepspeed" / "state" / "mp_rank_00_model_states.pt"
-    obj = torch.load(states, weights_only=False)
+    obj = safe_load(states)
     obj["dp_world_size"] = 3  # as if 3 processes wrote it: only rank 0's optimizer part is here
     torch.save(obj, states)
     out = tmp_path / "out" / "b"
@@ -390,4 +370,4 @@ def test_evaluate_takes_a_run_directory(single_run: Path, data_root: Path, tmp_p
     from uniperceiver_cli.evaluate.report import model_identity
 
     identity = model_identity(single_run)
-    assert identity["sha256"] == _sha(single_run / "final" / "model.safetensors")
+    assert identity["sha256"] == sha256_of(single_run / "final" / "model.safetensors")

@@ -22,7 +22,6 @@ The DeepSpeed runs are real launches: two ``python`` processes with the environm
 from __future__ import annotations
 
 import functools
-import io
 import json
 import os
 import socket
@@ -31,12 +30,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
+from tests.helpers import random_png
 from uniperceiver_cli.data.shards import Manifest, Sample, write_shards
 from uniperceiver_cli.train import engine as loop
 from uniperceiver_cli.train.deepspeed_engine import deepspeed_config, first_host, launcher_env
@@ -54,19 +52,12 @@ ATOL = 1e-5
 # ------------------------------------------------------------------------------------------------- data, runs
 
 
-def _png(i: int) -> bytes:
-    pixels = np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")  # lossless: the decoded image is exactly these pixels
-    return out.getvalue()
-
-
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("dp")
     manifest = Manifest(dataset="dp", split="train", modality="image", tasks=["image_classification"],
                         source="test", classes=CLASSES)
-    samples = [Sample(f"s{i}", image=_png(i), image_ext="png", label=i % len(CLASSES)) for i in range(2 * B)]
+    samples = [Sample(f"s{i}", image=random_png(i), image_ext="png", label=i % len(CLASSES)) for i in range(2 * B)]
     written = write_shards(root / "split", samples, lambda s: s, manifest=manifest, min_shards=2, progress=False)
     assert [s.samples for s in written.shards] == [B, B]
     return root

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fcntl
-import io
 import json
 import os
 import signal
@@ -16,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
 from typer.testing import CliRunner
 
+from tests.helpers import Planted, random_png
 from uniperceiver_cli.checkpoints import CheckpointError
 from uniperceiver_cli.cli.app import app
 from uniperceiver_cli.data.shards import Manifest, Sample, write_shards
@@ -32,29 +31,13 @@ CLASSES = ["red", "green", "blue"]
 BAD = 2  # undecodable images in the split
 
 
-class Planted:
-    """A pickle that creates a file when it is unpickled with ``weights_only=False``."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):  # noqa: ANN204
-        return (open, (str(self.marker), "w"))
-
-
-def _png(i: int) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(out, format="PNG")
-    return out.getvalue()
-
-
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """12 images in 2 shards; the last two are not images (counted as skipped each time they are read)."""
     root = tmp_path_factory.mktemp("safety")
     manifest = Manifest(dataset="t", split="train", modality="image", tasks=["image_classification"], source="test",
                         classes=CLASSES)
-    samples = [Sample(f"s{i}", image=_png(i) if i < 12 - BAD else b"not a png", image_ext="png", label=i % 3)
+    samples = [Sample(f"s{i}", image=random_png(i) if i < 12 - BAD else b"not a png", image_ext="png", label=i % 3)
                for i in range(12)]
     write_shards(root / "split", samples, lambda s: s, manifest=manifest, min_shards=2, progress=False)
     return root
@@ -133,7 +116,7 @@ from uniperceiver_cli.train import engine as loop
 from uniperceiver_cli.train.deepspeed_engine import init_distributed
 from uniperceiver_cli.train.recipe import validate
 from uniperceiver_cli.train.single_engine import load_state_file
-from tests.train.test_safety import Planted
+from tests.helpers import Planted
 
 recipe, run, marker = validate(json.loads(sys.argv[1])), Path(sys.argv[2]), Path(sys.argv[3])
 ctx = init_distributed(torch.device("cpu"))
