@@ -338,6 +338,16 @@ def classify_container(obj: Any, path: Path) -> tuple[str, dict[str, torch.Tenso
     raise CheckpointError(f"{path} holds no state dict under 'model' or 'module'")
 
 
+def deepspeed_records() -> tuple[type, ...]:
+    """The plain DeepSpeed classes its ZeRO optimizer states pickle: a loss scaler, a ZeRO stage enum, a
+    fragment address (imports deepspeed)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address
+
+
 def _load_torch_file(path: Path) -> Any:
     """A torch file loaded with ``weights_only=True``. DeepSpeed's optimizer records (a loss scaler, a ZeRO
     stage enum, a fragment address) are accepted when the file names them, and nothing else."""
@@ -347,14 +357,7 @@ def _load_torch_file(path: Path) -> Any:
     except Exception:  # noqa: BLE001 - a damaged file: torch_load below names the problem
         names = []
     if any(name.startswith("deepspeed.") for name in names):
-        try:
-            from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-            from deepspeed.runtime.zero.config import ZeroStageEnum
-            from deepspeed.utils.tensor_fragment import fragment_address
-
-            allowed += (LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address)
-        except ImportError:
-            pass
+        allowed += deepspeed_records()  # deepspeed is a dependency; imported only for files that need it
     return torch_load(path, "cannot read checkpoint", allowed)
 
 

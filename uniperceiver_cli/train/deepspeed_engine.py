@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from uniperceiver_cli.checkpoints import torch_load
+from uniperceiver_cli.checkpoints import deepspeed_records, torch_load
 from uniperceiver_cli.train.optim import build_optimizer, build_scheduler
 from uniperceiver_cli.train.protocol import (
     CLIENT_KEY,
@@ -219,12 +219,7 @@ def safe_load(path: str, map_location: Any = None) -> Any:
     """One file of a DeepSpeed checkpoint, loaded with ``weights_only=True``: tensors, plain containers, numpy's
     plain arrays (older client states) and the few DeepSpeed classes its ZeRO optimizer states hold (plain
     records: a loss scaler, a ZeRO stage enum, a fragment address). Anything else is refused without running."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    allowed = (*STATE_GLOBALS, LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address)
-    return torch_load(path, "cannot resume from", allowed, map_location)
+    return torch_load(path, "cannot resume from", (*STATE_GLOBALS, *deepspeed_records()), map_location)
 
 
 @contextlib.contextmanager
