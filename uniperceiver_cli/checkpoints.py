@@ -787,6 +787,9 @@ def load_checkpoint(model: UniPerceiver, path: str | Path, *, strict: bool = Tru
         return report
     source = find_source(path)
     weights = read_weights(source, fold_video_type)
+    if weights.config is not None and weights.config.folded and not model.config.folded:
+        raise CheckpointError(f"{source.path} holds a model with folded experts, and a folded model is for "
+                              f"inference only: it loads only as itself (load_model); train from the unfolded model")
     report = _apply_official(model, weights.state, weights.unknown, weights.dropped, source.path, strict)
     weights.targets.apply(model)
     return report

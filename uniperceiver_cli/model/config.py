@@ -58,6 +58,9 @@ class MoEConfig:
     # Noise added to the gate logits in training: "vmoe" (Gaussian, std noise_std / num_experts), "gumbel", "none".
     noise_policy: str = "vmoe"
     noise_std: float = 1.0
+    # Experts merged per attribute row (model/folding.py), for inference only; the fields above then describe
+    # what was folded and are not used.
+    folded: bool = False
 
     def __post_init__(self) -> None:
         _check_int(self, "num_experts", 1)
@@ -70,6 +73,8 @@ class MoEConfig:
         if self.noise_policy not in ("vmoe", "gumbel", "none"):
             raise ValueError(f"moe.noise_policy must be 'vmoe', 'gumbel' or 'none', got {self.noise_policy!r}")
         _check_float(self, "noise_std", 0.0)
+        if not isinstance(self.folded, bool):
+            raise ValueError(f"moe.folded must be true or false, got {self.folded!r}")
 
     def is_moe_layer(self, index: int) -> bool:
         if self.location == "odd":
@@ -132,6 +137,11 @@ class ModelConfig:
             raise ValueError(f"width {self.width} must be divisible by 4 for the 2-D sin-cos table")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+
+    @property
+    def folded(self) -> bool:
+        """Whether the model's experts are folded into per-row weights (an inference-only model)."""
+        return self.moe is not None and self.moe.folded
 
     @property
     def grid_size(self) -> int:

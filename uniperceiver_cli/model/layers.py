@@ -8,23 +8,26 @@ from timm.layers import DropPath
 from torch import nn
 
 from uniperceiver_cli.model.config import ModelConfig
-from uniperceiver_cli.model.moe import AttributeGate, ExpertLinear, Routing
+from uniperceiver_cli.model.moe import ATTRIBUTES, AttributeGate, ExpertLinear, FoldedGate, Routing
 
 KV = tuple[torch.Tensor, torch.Tensor]  # keys and values, each (B, H, L, head_dim)
 
 
 def _linears(config: ModelConfig, moe: bool, *shapes: tuple[int, int]) -> list[nn.Module | None]:
-    """A sub-layer's linears (in, out) and then its gate: expert linears and a gate, or plain ones and None."""
+    """A sub-layer's linears (in, out) and then its gate: expert linears and a gate, or plain ones and None.
+    Folded, the "experts" are the attribute rows' merged linears."""
     if not moe:
         return [*(nn.Linear(i, o) for i, o in shapes), None]
     assert config.moe is not None
+    if config.moe.folded:
+        return [*(ExpertLinear(i, o, len(ATTRIBUTES)) for i, o in shapes), FoldedGate()]
     return [*(ExpertLinear(i, o, config.moe.num_experts) for i, o in shapes), AttributeGate(config.width, config.moe)]
 
 
 class _Routed(nn.Module):
     """Base of the two sub-layers that may hold experts: one gate decision serves both of their linears."""
 
-    gate: AttributeGate | None
+    gate: AttributeGate | FoldedGate | None
 
     def _decide(self, routing: Routing | None, x: torch.Tensor):
         if self.gate is None:

@@ -3,7 +3,8 @@
 Routing does not look at token features: each segment of a sequence carries a fixed 8-bit attribute row
 (which modalities the task's input has, the segment's modality, whether it is a target, whether it is
 causal). A gate maps the row to top-k experts, and the chosen experts' *weights* are merged into one
-linear layer per segment. All of the expert math is in :func:`route` and :func:`merge_experts`.
+linear layer per segment. All of the expert math is in :func:`route` and :func:`merge_experts`. A folded model
+(:mod:`uniperceiver_cli.model.folding`) stores each row's merged linear and routes with :class:`FoldedGate`.
 """
 
 from __future__ import annotations
@@ -69,6 +70,21 @@ class AttributeGate(nn.Module):
         attributes = torch.stack([self.table[_ROW_INDEX[r]] for r in rows]).to(self.tag_proj.weight.dtype)
         logits = self.router(self.tag_norm(self.tag_proj(attributes)))
         return route(logits.float(), self.config, training=self.training)
+
+
+class FoldedGate(nn.Module):
+    """The gate of a folded layer, whose "expert" r is row r's merged linear: row r -> expert r with gate 1, so
+    :func:`merge_experts` returns that linear exactly. No parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Row indices, kept on the model's device like AttributeGate's table. (len(ATTRIBUTES), 1)
+        self.register_buffer("ids", torch.arange(len(ATTRIBUTES))[:, None], persistent=False)
+
+    def forward(self, rows: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Named attribute rows -> (their row indices (R, 1), ones (R, 1))."""
+        ids = torch.stack([self.ids[_ROW_INDEX[r]] for r in rows])
+        return ids, torch.ones(ids.shape, device=ids.device)
 
 
 def route(logits: torch.Tensor, config: MoEConfig, training: bool) -> tuple[torch.Tensor, torch.Tensor]:

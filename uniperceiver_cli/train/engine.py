@@ -49,8 +49,13 @@ LOCK_FILE = ".lock"  # held (flock) by the process training into a run directory
 
 def build_model(recipe: Recipe) -> UniPerceiver:
     """The recipe's model, initialised from ``init`` when given. Prompt parameters that the checkpoint lacks
-    start fresh; any other missing, unexpected or mis-shaped key is an error."""
-    model = UniPerceiver(get_config(recipe.model.preset, **recipe.model.overrides))
+    start fresh; any other missing, unexpected or mis-shaped key is an error. A folded model is refused: it is
+    for inference (the experts and gates training updates are merged away)."""
+    config = get_config(recipe.model.preset, **recipe.model.overrides)
+    if config.folded:
+        raise ValueError("the recipe's model has folded experts (moe.folded), and a folded model is for inference "
+                         "only; train the unfolded model")
+    model = UniPerceiver(config)
     if recipe.init:
         report = load_checkpoint(model, recipe.init, strict=False)
         missing = sorted(set(report.missing) - model.prompt_parameters(encoder_norms=False))

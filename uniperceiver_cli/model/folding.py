@@ -1,0 +1,84 @@
+"""Folding the attribute-routed experts of a mixture-of-experts model into per-row dense weights.
+
+In evaluation a gate's decision depends only on the attribute row, never on the data, so each expert linear is,
+for each row of :data:`ATTRIBUTES`, one dense linear: the chosen experts merged (:func:`merge_experts`).
+:func:`fold_experts` stores those merged linears in place of the experts and gates; :func:`dense_view` gives the
+plain dense model of one row, which is all a graph that serves one row (an ONNX export) needs. Both are for
+inference: training updates the experts and the gates, which a folded model no longer has.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from uniperceiver_cli.model.config import ModelConfig
+from uniperceiver_cli.model.layers import MLP, Attention
+from uniperceiver_cli.model.moe import ATTRIBUTES, ExpertLinear, merge_experts
+from uniperceiver_cli.model.uniperceiver import UniPerceiver
+
+
+@torch.no_grad()
+def _merged(model: UniPerceiver, rows: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Every expert linear's weights merged for ``rows`` by the model's gates in eval mode (no noise), by state
+    key: weight (R, out, in), bias (R, out)."""
+    merged = {}
+    for name, module in model.named_modules():
+        gate = module.gate if isinstance(module, (Attention, MLP)) else None
+        if gate is None:
+            continue
+        training = gate.training
+        try:
+            decision = gate.eval()(rows)
+        finally:
+            gate.train(training)
+        for child, linear in module.named_children():
+            if isinstance(linear, ExpertLinear):
+                weight, bias = merge_experts(linear.weight, linear.bias, *decision)
+                merged[f"{name}.{child}.weight"], merged[f"{name}.{child}.bias"] = weight, bias
+    return merged
+
+
+def _rebuilt(model: UniPerceiver, config: ModelConfig, merged: dict[str, torch.Tensor]) -> UniPerceiver:
+    """A model of ``config`` holding ``merged`` and every other tensor of ``model``, on its device and dtype."""
+    reference = model.head.proj.weight
+    rebuilt = UniPerceiver(config).to(reference.device, reference.dtype)
+    source = model.state_dict()
+    rebuilt.load_state_dict({key: merged[key] if key in merged else source[key] for key in rebuilt.state_dict()})
+    rebuilt.class_names = None if model.class_names is None else list(model.class_names)
+    vocabulary = model.caption_vocabulary
+    rebuilt.caption_vocabulary = None if vocabulary is None else vocabulary.clone()
+    return rebuilt.eval()
+
+
+def fold_experts(model: UniPerceiver) -> UniPerceiver:
+    """A new model (in eval mode) whose expert linears hold one merged linear per attribute row, in the order of
+    :data:`ATTRIBUTES`, routed by a parameter-free gate; its outputs are those of ``model`` in eval mode.
+
+    Raises:
+        ValueError: ``model`` is dense, or already folded.
+    """
+    moe = model.config.moe
+    if moe is None:
+        raise ValueError("cannot fold the experts of a dense model: it has none")
+    if moe.folded:
+        raise ValueError("the model's experts are already folded")
+    config = dataclasses.replace(model.config, moe=dataclasses.replace(moe, folded=True))
+    return _rebuilt(model, config, _merged(model, tuple(ATTRIBUTES)))
+
+
+def dense_view(model: UniPerceiver, row: str) -> UniPerceiver:
+    """The dense model (``moe=None``, in eval mode) whose linears are ``model``'s expert linears merged for one
+    attribute row, folded or not: it computes what ``model`` computes on inputs routed entirely through ``row``
+    (e.g. "visual_input" for image and video features). A dense ``model`` is returned as it is.
+
+    Raises:
+        ValueError: ``row`` is not one of :data:`ATTRIBUTES`.
+    """
+    if row not in ATTRIBUTES:
+        raise ValueError(f"unknown attribute row {row!r}; known: {', '.join(ATTRIBUTES)}")
+    if model.config.moe is None:
+        return model
+    merged = {key: value[0] for key, value in _merged(model, (row,)).items()}
+    return _rebuilt(model, dataclasses.replace(model.config, moe=None), merged)
