@@ -44,24 +44,6 @@ def _collect(paths: list[Path]) -> list[Path]:
     return files
 
 
-def read_video_frames(path: Path, num_frames: int) -> torch.Tensor:
-    """``num_frames`` frames spread evenly over the whole clip, uint8 (T, H, W, 3)."""
-    import decord
-    import torch
-
-    try:
-        reader = decord.VideoReader(str(path))
-        total = len(reader)
-        if total == 0:
-            raise ValueError("the video has no frames")
-        index = torch.linspace(0, total - 1, num_frames).round().long().tolist()
-        frames = reader.get_batch(index).asnumpy()
-    except Exception as e:  # noqa: BLE001 - decord raises its own error types for bad files
-        raise ValueError(f"cannot read video '{path}': {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
-            from e
-    return torch.from_numpy(frames)
-
-
 def predict(
     files: list[Path] = typer.Argument(..., help="Image and video files, or folders of them."),
     model: Path | None = typer.Option(None, "--model", help="A bundle, run, training checkpoint or .pth file."),
@@ -86,6 +68,7 @@ def predict(
 
     from uniperceiver_cli.evaluate.runners import label_features
     from uniperceiver_cli.evaluate.tasks import caption_vocabulary, read_lines
+    from uniperceiver_cli.model.pixels import read_video_frames
     from uniperceiver_cli.model.preprocess import image_transform, load_image, video_views
 
     with user_errors(), one_line_warnings():
@@ -111,7 +94,8 @@ def predict(
             for path in paths:
                 try:
                     if path.suffix.lower() in VIDEO_SUFFIXES:
-                        inputs = video_views(read_video_frames(path, num_frames), net.config.image_size).to(dev)
+                        frames = torch.from_numpy(read_video_frames(path, num_frames))
+                        inputs = video_views(frames, net.config.image_size).to(dev)
                     else:
                         inputs = transform(load_image(path))[None].to(dev)
                 except (ValueError, FileNotFoundError) as e:

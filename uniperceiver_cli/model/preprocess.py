@@ -9,24 +9,34 @@ The outputs reproduce the reference parity fixtures' pixel inputs bit-exactly:
   ``S`` with bilinear ``F.interpolate`` (long side ``floor(L / short * S)``), and ``num_crops`` square crops
   are taken along the long axis, normalised with mean/std 0.5.
 
-``S`` is ``ModelConfig.image_size``.
+``S`` is ``ModelConfig.image_size``. ``model/pixels.py`` computes the same pixels in numpy, without torch, and
+holds the size and crop rules both use.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torchvision import transforms
 
 from uniperceiver_cli.model.config import IMAGENET_MEAN, IMAGENET_STD, VIDEO_MEAN, VIDEO_STD, ModelConfig
+from uniperceiver_cli.model.pixels import (
+    IMAGE_TASKS,
+    VIDEO_NUM_CROPS,
+    crop_indices,
+    crop_offsets,
+    image_resize_side,
+    load_image,
+    short_side_shape,
+)
 
-IMAGE_TASKS = ("classification", "caption", "retrieval")
-VIDEO_NUM_CROPS = (1, 3)
+__all__ = [
+    "IMAGE_TASKS", "VIDEO_NUM_CROPS", "image_transform", "load_image", "normalize_video", "short_side_resize",
+    "video_transform", "video_views",
+]
 
 
 def image_transform(
@@ -46,13 +56,10 @@ def image_transform(
     Raises:
         ValueError: if ``task`` is not one of the valid choices.
     """
-    if task not in IMAGE_TASKS:
-        raise ValueError(f"unknown image task {task!r}; choose one of: {', '.join(IMAGE_TASKS)}")
     size = config.image_size
-    resize = int((256 / 224) * size) if task == "classification" else size
     return transforms.Compose(
         [
-            transforms.Resize(resize, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.Resize(image_resize_side(size, task), interpolation=transforms.InterpolationMode.BICUBIC),
             transforms.CenterCrop(size),
             transforms.ToTensor(),
             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
@@ -60,53 +67,18 @@ def image_transform(
     )
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Read an image file as PIL RGB.
-
-    Args:
-        path: the image file.
-
-    Returns:
-        The decoded image, converted to RGB.
-
-    Raises:
-        FileNotFoundError: if the file does not exist.
-        ValueError: if the file cannot be read or decoded.
-    """
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"cannot read image '{path}': no such file") from None
-    except UnidentifiedImageError:
-        raise ValueError(f"cannot read image '{path}': not a recognised image format") from None
-    except (OSError, ValueError, SyntaxError) as error:
-        detail = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
-        reason = " ".join(detail.split()) or type(error).__name__
-        raise ValueError(f"cannot read image '{path}': {reason}") from None
-
-
 def short_side_resize(video: torch.Tensor, size: int) -> torch.Tensor:
     """Resize ``[T, 3, H, W]`` so that the short side is ``size`` (SlowFast ``short_side_scale``)."""
     height, width = video.shape[-2:]
-    if (width <= height and width == size) or (height <= width and height == size):
+    new_height, new_width = short_side_shape(height, width, size)
+    if (new_height, new_width) == (height, width):
         return video
-    if width < height:
-        new_height, new_width = int(math.floor(float(height) / width * size)), size
-    else:
-        new_height, new_width = size, int(math.floor(float(width) / height * size))
     return F.interpolate(video, size=(new_height, new_width), mode="bilinear", align_corners=False)
 
 
 def _uniform_crop(video: torch.Tensor, size: int, index: int) -> torch.Tensor:
     """Square crop ``index`` (0 start, 1 centre, 2 end) along the long axis of ``[T, 3, H, W]``."""
-    height, width = video.shape[-2:]
-    y_offset = int(math.ceil((height - size) / 2))
-    x_offset = int(math.ceil((width - size) / 2))
-    if height > width:
-        y_offset = {0: 0, 1: y_offset, 2: height - size}[index]
-    else:
-        x_offset = {0: 0, 1: x_offset, 2: width - size}[index]
+    y_offset, x_offset = crop_offsets(*video.shape[-2:], size, index)
     return video[..., y_offset : y_offset + size, x_offset : x_offset + size]
 
 
@@ -132,20 +104,18 @@ def video_views(frames: torch.Tensor, size: int, num_crops: int = 3) -> torch.Te
     Raises:
         ValueError: on a wrong dtype or shape, or an unsupported ``num_crops``.
     """
-    if num_crops not in VIDEO_NUM_CROPS:
-        raise ValueError(f"num_crops must be 1 or 3, got {num_crops}")
+    indices = crop_indices(num_crops)
     if frames.dtype != torch.uint8:
         raise ValueError(f"video frames must be uint8, got {frames.dtype}")
     if frames.dim() == 4:
         frames = frames.unsqueeze(0)
     if frames.dim() != 5 or frames.shape[-1] != 3:
         raise ValueError(f"video frames must be [T, H, W, 3] or [N, T, H, W, 3], got {list(frames.shape)}")
-    crop_indices = [1] if num_crops == 1 else [0, 1, 2]
     views = []
     for video in frames:
         video = video.permute(0, 3, 1, 2).contiguous().to(torch.float32).div(255)  # ToTensor per frame
         video = short_side_resize(video, size)
-        views.extend(normalize_video(_uniform_crop(video, size, index)) for index in crop_indices)
+        views.extend(normalize_video(_uniform_crop(video, size, index)) for index in indices)
     return torch.stack(views)
 
 
@@ -162,8 +132,7 @@ def video_transform(config: ModelConfig, num_crops: int = 3) -> Callable[[torch.
     Raises:
         ValueError: if ``num_crops`` is not 1 or 3.
     """
-    if num_crops not in VIDEO_NUM_CROPS:
-        raise ValueError(f"num_crops must be 1 or 3, got {num_crops}")
+    crop_indices(num_crops)  # refuse a wrong count here, not at the first video
 
     def transform(frames: torch.Tensor) -> torch.Tensor:
         return video_views(frames, config.image_size, num_crops)

@@ -7,6 +7,10 @@ The vocabulary is CLIP's ``bpe_simple_vocab_16e6.txt.gz`` (read from the install
 The BPE itself runs in HuggingFace ``tokenizers``; only the reference's text cleanup (ftfy, double HTML
 unescape, whitespace collapse, lower case) runs in Python. The reference encodes every text as
 ``text + " <|endoftext|>"`` with no start token; ``Tokenizer.encode`` does the same by default.
+
+torch is imported only by the methods that return tensors, so a runtime without torch can build
+``Tokenizer(path)`` from a copy of the merges file (``bpe_path()`` says where the original lies), encode
+and decode.
 """
 
 from __future__ import annotations
@@ -17,17 +21,23 @@ import html
 import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ftfy
 import regex
-import torch
 from tokenizers import AddedToken, Regex, pre_tokenizers
 from tokenizers import Tokenizer as _Backend
 from tokenizers.models import BPE
 
 from uniperceiver_cli.model.config import EOT_ID, GEN_ID, MASK_ID, SOT_ID, SPE_ID, VOCAB_SIZE
 
-__all__ = ["EOT_ID", "GEN_ID", "MASK_ID", "SOT_ID", "SPE_ID", "VOCAB_SIZE", "Tokenizer", "get_tokenizer"]
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+__all__ = [
+    "EOT_ID", "GEN_ID", "MASK_ID", "SOT_ID", "SPE_ID", "VOCAB_SIZE", "Tokenizer", "bpe_path", "get_tokenizer",
+]
 
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 _NUM_MERGES = 49152 - 256 - 2  # the reference keeps merge lines [1, 48895) of the file
@@ -53,22 +63,24 @@ def _bytes_to_unicode() -> dict[int, str]:
     return {b: chr(c) for b, c in zip(printable + others, chars, strict=True)}
 
 
-def _bpe_path() -> Path:
-    # find_spec locates the package without importing it (importing open_clip takes seconds).
+def bpe_path() -> Path:
+    """The CLIP merges file shipped with ``open_clip``, the default vocabulary of ``Tokenizer``."""
+    # find_spec locates the package without importing it (importing open_clip takes seconds, and torch).
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(f"the CLIP merges file {BPE_FILE} comes with open_clip_torch; install it")
     return Path(next(iter(spec.submodule_search_locations))) / BPE_FILE
 
 
-def _build_backend(bpe_path: Path) -> _Backend:
-    lines = gzip.decompress(bpe_path.read_bytes()).decode("utf-8").split("\n")
+def _build_backend(path: str | Path | None) -> _Backend:
+    path = Path(path) if path is not None else bpe_path()
+    lines = gzip.decompress(path.read_bytes()).decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : _NUM_MERGES + 1]]
     byte_tokens = list(_bytes_to_unicode().values())
     tokens = byte_tokens + [t + "</w>" for t in byte_tokens] + [a + b for a, b in merges] + list(_SPECIALS)
     vocab = {token: i for i, token in enumerate(tokens)}
     if len(vocab) != VOCAB_SIZE:
-        raise ValueError(f"{bpe_path} gives {len(vocab)} distinct tokens, expected {VOCAB_SIZE}")
+        raise ValueError(f"{path} gives {len(vocab)} distinct tokens, expected {VOCAB_SIZE}")
 
     backend = _Backend(BPE(vocab, merges, end_of_word_suffix="</w>", fuse_unk=False))
     # The pattern gets (?i) because the reference compiles it with IGNORECASE (it matters for e.g. "'ſ").
@@ -106,11 +118,12 @@ class Tokenizer:
     """The reference's CLIP BPE tokenizer (``ClipTokenizer``) on a HuggingFace ``tokenizers`` backend.
 
     Args:
-        bpe_path: The gzipped CLIP merges file; defaults to the copy shipped with ``open_clip``.
+        bpe_path: The gzipped CLIP merges file; defaults to the copy shipped with ``open_clip``
+            (``bpe_path()``), which is not looked for when a path is given.
     """
 
     def __init__(self, bpe_path: str | Path | None = None) -> None:
-        self._backend = _build_backend(Path(bpe_path) if bpe_path is not None else _bpe_path())
+        self._backend = _build_backend(bpe_path)
         self.vocab_size: int = self._backend.get_vocab_size()
 
     @functools.cached_property
@@ -172,6 +185,8 @@ class Tokenizer:
         Returns:
             ``ids`` (B, L) int64, padded with 0, and ``padding`` (B, L) bool, True at the padded positions.
         """
+        import torch
+
         _check_max_len(max_len)
         cleaned = [self._prepare(text, add_eot) for text in texts]
         rows = [encoding.ids for encoding in self._backend.encode_batch(cleaned, add_special_tokens=False)]
@@ -185,10 +200,10 @@ class Tokenizer:
         padding = torch.arange(length) >= lengths[:, None]  # (B, L)
         return ids.reshape(len(rows), length), padding
 
-    def _decodable(self, ids: Sequence[int] | torch.Tensor, stop_at_eot: bool) -> list[int]:
-        if isinstance(ids, torch.Tensor):
-            if ids.dim() != 1:
-                raise ValueError(f"expected a 1-D tensor of ids, got shape {tuple(ids.shape)}")
+    def _decodable(self, ids: Sequence[int] | np.ndarray | torch.Tensor, stop_at_eot: bool) -> list[int]:
+        if hasattr(ids, "ndim"):  # a tensor or an array, told from a list without importing torch
+            if ids.ndim != 1:
+                raise ValueError(f"expected a 1-D tensor or array of ids, got shape {tuple(ids.shape)}")
             ids = ids.tolist()
         ids = [int(i) for i in ids]
         if stop_at_eot and EOT_ID in ids:
@@ -203,11 +218,12 @@ class Tokenizer:
         byte_of = {c: b for b, c in _bytes_to_unicode().items()}
         return [bytes(byte_of[c] for c in self._backend.id_to_token(i)) for i in range(SOT_ID)]
 
-    def decode(self, ids: Sequence[int] | torch.Tensor, *, stop_at_eot: bool = True, errors: str = "replace") -> str:
+    def decode(self, ids: Sequence[int] | np.ndarray | torch.Tensor, *, stop_at_eot: bool = True,
+               errors: str = "replace") -> str:
         """Turns BPE ids back into text, as CLIP's decoder does (``</w>`` becomes a space).
 
         Args:
-            ids: Token ids, a sequence or a 1-D tensor.
+            ids: Token ids, a sequence, a 1-D array or a 1-D tensor.
             stop_at_eot: Cut the ids at the first ``EOT_ID``.
             errors: What becomes of bytes that are not valid UTF-8 (byte tokens can split a character):
                 "replace" turns them into U+FFFD, as the reference does; "ignore" drops them, for generated
@@ -219,25 +235,27 @@ class Tokenizer:
         data = b"".join(self._token_bytes[i] for i in self._decodable(ids, stop_at_eot))
         return data.decode("utf-8", errors=errors).replace("</w>", " ").strip()
 
-    def decode_batch(self, ids: Sequence[Sequence[int]] | torch.Tensor, *, stop_at_eot: bool = True,
+    def decode_batch(self, ids: Sequence[Sequence[int]] | np.ndarray | torch.Tensor, *, stop_at_eot: bool = True,
                      errors: str = "replace") -> list[str]:
         """Decodes several id sequences like ``decode``.
 
         Args:
-            ids: A sequence of id sequences, or a 2-D tensor (B, L) whose rows end in EOT or padding.
+            ids: A sequence of id sequences, or a 2-D array or tensor (B, L) whose rows end in EOT or padding.
             stop_at_eot: As in ``decode``; it also drops a row's padding after its EOT.
             errors: As in ``decode``.
 
         Returns:
             One text per row.
         """
-        if isinstance(ids, torch.Tensor) and ids.dim() != 2:
-            raise ValueError(f"expected a 2-D tensor of ids, got shape {tuple(ids.shape)}")
+        if hasattr(ids, "ndim") and ids.ndim != 2:
+            raise ValueError(f"expected a 2-D tensor or array of ids, got shape {tuple(ids.shape)}")
         return [self.decode(row, stop_at_eot=stop_at_eot, errors=errors) for row in ids]
 
     def word_ends(self) -> torch.Tensor:
         """(vocab_size,) bool: True where a token ends a word (its BPE string ends in ``</w>``, or it is a
         special). Whole-word masking groups the sub-tokens of a word up to the next word end."""
+        import torch
+
         return torch.tensor([self._backend.id_to_token(i).endswith("</w>") or i >= SOT_ID
                              for i in range(self.vocab_size)])
 
