@@ -5,14 +5,18 @@ The source is located and read by :func:`uniperceiver_cli.checkpoints.find_sourc
 :func:`~uniperceiver_cli.checkpoints.load_model` reads it; every file goes through ``weights_only=True``. All the
 reading and checking happens before anything is written: the bundle goes into a temporary sibling folder that is
 renamed onto ``out`` once complete (an existing ``out`` is replaced only with ``force``, and only then).
+
+``fold`` folds an MoE model's experts per attribute row (:func:`uniperceiver_cli.model.folding.fold_experts`);
+``onnx`` adds ``out/onnx/``, the graphs of :mod:`uniperceiver_cli.onnx_export`, each validated against PyTorch.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from uniperceiver_cli.checkpoints import (
     BUNDLE_CONFIG,
@@ -28,7 +32,11 @@ from uniperceiver_cli.checkpoints import (
     source_provenance,
 )
 
-BUNDLE_FILES = {BUNDLE_WEIGHTS, BUNDLE_CONFIG, BUNDLE_WEIGHTS + ".tmp", BUNDLE_CONFIG + ".tmp"}
+if TYPE_CHECKING:
+    from uniperceiver_cli.onnx_export import GraphReport
+
+ONNX_DIR = "onnx"
+BUNDLE_FILES = {BUNDLE_WEIGHTS, BUNDLE_CONFIG, BUNDLE_WEIGHTS + ".tmp", BUNDLE_CONFIG + ".tmp", ONNX_DIR}
 
 
 @dataclass
@@ -37,6 +45,8 @@ class Exported:
     out: Path
     dtype: str
     tensors: int
+    parameters: tuple[int, int] | None = None  # before and after folding the experts
+    graphs: list[GraphReport] = field(default_factory=list)
 
 
 def _check_out(out: Path, source: Source, force: bool) -> None:
@@ -58,24 +68,46 @@ def _check_out(out: Path, source: Source, force: bool) -> None:
 
 def export(src: str | Path | Source, out: str | Path, *, kind: str | None = None, step: int | None = None,
            latest: bool = False, dtype: str = "fp32", preset: str | None = None, force: bool = False,
-           fold_video_type: bool | None = None) -> Exported:
+           fold_video_type: bool | None = None, fold: bool = False, onnx: bool = False,
+           caption_vocabulary: str = "trained") -> Exported:
     """Write the bundle of ``src`` into ``out``. ``kind`` forces the source's kind, ``step`` / ``latest`` pick a
     checkpoint of a run directory, ``dtype`` ("fp32", "bf16", "fp16") casts the floating-point weights,
-    ``preset`` gives the model config where the source records none. One-line :class:`CheckpointError` for bad
-    input, with nothing written."""
+    ``preset`` gives the model config where the source records none. ``fold`` folds an MoE model's experts;
+    ``onnx`` writes the ONNX graphs too, their caption graph scoring ``caption_vocabulary`` ("trained": the
+    tokens the caption task trained on, when the source records them; "full": the whole vocabulary).
+    One-line :class:`CheckpointError` for bad input, with nothing written."""
     if dtype not in DTYPES:
         raise CheckpointError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+    if caption_vocabulary not in ("trained", "full"):
+        raise CheckpointError(f"unknown caption vocabulary {caption_vocabulary!r}; choose trained or full")
+    if onnx:
+        from uniperceiver_cli.onnx_export import require_onnx
+
+        require_onnx()
     out = Path(out)
     source = src if isinstance(src, Source) else find_source(src, kind=kind, step=step, latest=latest)
     _check_out(out, source, force)
     weights = read_weights(source, fold_video_type)
     model = build_model(source, weights, model_config(source, weights, preset))
-    provenance = {**source_provenance(source, weights), "dtype": dtype}
+    parameters = None
+    if fold:
+        from uniperceiver_cli.model.folding import fold_experts
+
+        before = model.num_parameters()
+        model = fold_experts(model)
+        parameters = (before, model.num_parameters())
+    provenance = {**source_provenance(source, weights), "dtype": dtype, **({"folded_experts": True} if fold else {})}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.export-{os.getpid()}"
     old = out.parent / f".{out.name}.replaced-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    graphs = []
     try:
+        if onnx:
+            from uniperceiver_cli.onnx_export import write_onnx
+
+            ids = model.caption_vocabulary if caption_vocabulary == "trained" else None
+            graphs = write_onnx(model, tmp / ONNX_DIR, ids, provenance)
         save_bundle(model, tmp, dtype=dtype, provenance=provenance)
         if out.exists():
             if not force:  # appeared while we were writing
@@ -85,4 +117,4 @@ def export(src: str | Path | Source, out: str | Path, *, kind: str | None = None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)
-    return Exported(source, out, dtype, len(model.state_dict()))
+    return Exported(source, out, dtype, len(model.state_dict()), parameters, graphs)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from uniperceiver_cli.cli.common import one_line_warnings, user_errors
+from uniperceiver_cli.cli.common import Vocabulary, one_line_warnings, user_errors
 
 
 class SourceKind(str, Enum):
@@ -35,8 +35,16 @@ def export(
     dtype: Dtype = typer.Option(Dtype.fp32, "--dtype", help="The weights' dtype in the bundle."),
     preset: str | None = typer.Option(None, help="The model config, for a checkpoint that records none."),
     force: bool = typer.Option(False, "--force", help="Replace an existing OUT (once the new bundle is complete)."),
+    fold_experts: bool = typer.Option(False, "--fold-experts", help="MoE models: fold the experts into one dense "
+                                      "linear per attribute row (inference only; outputs unchanged)."),
+    onnx: bool = typer.Option(False, "--onnx", help="Also write OUT/onnx/: image, video and text encoders and the "
+                              "caption prefix and decoding step, each checked against PyTorch in onnxruntime."),
+    vocabulary: Vocabulary = typer.Option(
+        Vocabulary.trained, help="--onnx: the caption graph scores the tokens the model's caption task trained on "
+        "(trained; all when the source records none) or all 49,411 (full)."),
 ) -> None:
-    """Write a bundle (model.safetensors + config.json) from any checkpoint this toolkit reads."""
+    """Write a bundle (model.safetensors + config.json) from any checkpoint this toolkit reads, optionally with
+    its experts folded and its ONNX graphs."""
     with user_errors(), one_line_warnings():
         if step is not None and latest:
             raise ValueError("give --step N or --latest, not both")
@@ -45,5 +53,12 @@ def export(
 
         source = find_source(src, kind=source_kind.value if source_kind else None, step=step, latest=latest)
         typer.echo(f"source: {source.describe()}")
-        done = run_export(source, out, dtype=dtype.value, preset=preset, force=force)
+        done = run_export(source, out, dtype=dtype.value, preset=preset, force=force, fold=fold_experts, onnx=onnx,
+                          caption_vocabulary=vocabulary.value)
+        if done.parameters:
+            before, after = done.parameters
+            typer.echo(f"folded the experts: {before:,} parameters -> {after:,}")
+        for graph in done.graphs:
+            typer.echo(f"onnx/{graph.name}.onnx: {graph.megabytes:.1f} MB, max abs error against PyTorch "
+                       f"{graph.max_abs_error:.2e}")
         typer.echo(f"wrote {done.out} ({done.tensors} tensors, {done.dtype})")

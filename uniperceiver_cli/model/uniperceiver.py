@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from uniperceiver_cli.model.class_rows import classifier_rows
 from uniperceiver_cli.model.config import EOT_ID, SPE_ID, ModelConfig
 from uniperceiver_cli.model.decoding import beam_search
 from uniperceiver_cli.model.embeddings import TextEmbedding, VisualEmbedding
@@ -264,39 +265,10 @@ class UniPerceiver(nn.Module):
 
     # ------------------------------------------------------------------ task logits
     def classifier_rows(self, names: Sequence[str]) -> torch.Tensor | None:
-        """The classifier-prompt row of each class name, for ``classification_logits(..., rows=)``.
-
-        None when the model has no classifier prompt, or records no class names (older bundles, official
-        checkpoints) and so scores by position, which needs exactly ``classifier_classes`` names in training
-        order. Names match case-insensitively; a name recorded twice gives its rows in order. A name the
-        classifier has no row for is refused: its logits would lack the classifier's part.
-        """
-        classes = self.config.prompt.classifier_classes
-        if not classes:
-            return None
-        if self.class_names is None:
-            if len(names) != classes:
-                raise ValueError(f"the model's classifier prompt scores {classes} classes by position and records "
-                                 f"no class names: give exactly those {classes} labels in training order, "
-                                 f"not {len(names)}")
-            return None
-        free: dict[str, list[int]] = {}
-        for row, name in enumerate(self.class_names):
-            free.setdefault(name.lower(), []).append(row)
-        rows, unknown = [], []
-        for name in names:
-            left = free.get(name.lower())
-            if left:
-                rows.append(left.pop(0))
-            else:
-                unknown.append(name)
-        if unknown:
-            shown = ", ".join(repr(n) for n in unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3
-                                                                else "")
-            raise ValueError(f"the model's classifier prompt has no logits for {shown}: it knows only the "
-                             f"{classes} classes it was trained on ({', '.join(self.class_names[:5])}"
-                             f"{', ...' if classes > 5 else ''})")
-        return torch.tensor(rows, device=self.head.proj.weight.device)
+        """The classifier-prompt row of each class name, for ``classification_logits(..., rows=)``; None where rows
+        go by position (see :func:`uniperceiver_cli.model.class_rows.classifier_rows`)."""
+        rows = classifier_rows(self.class_names, self.config.prompt.classifier_classes, names)
+        return None if rows is None else torch.tensor(rows, device=self.head.proj.weight.device)
 
     def classification_logits(self, inputs: torch.Tensor, targets: torch.Tensor,
                               rows: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,276 @@
+"""Run an exported model with onnxruntime alone: zero-shot classification, retrieval features and captions.
+
+``uniperceiver export SRC --out DIR --onnx`` writes ``DIR/onnx/``: five graphs, the tokenizer's merges file and
+``uniperceiver-onnx.json`` (what the graphs need beside their weights: temperatures, the caption target set, class
+names, the preprocessing size). This module reads that folder with numpy, PIL, ``tokenizers`` and onnxruntime;
+it never imports torch. The graphs and their inputs:
+
+- ``image_encoder``: images (B, 3, S, S) -> features (B, D) [and the classifier prompt's logits (B, C)]
+- ``video_encoder``: clips (B, T, 3, S, S) -> features (B, D) [and (B, C)]
+- ``text_encoder``: ids (B, L) int64 and padding (B, L) bool -> features (B, D)
+- ``caption_prefix``: clips (B, T, 3, S, S) -> the keys/values of every layer (layers, 2, B, heads, P, head_dim)
+- ``caption_step``: tokens (N, K), positions (K,) and that cache -> logits of the last token over the caption
+  target set (N, V) and the cache grown by the first K - 1 tokens.
+
+Features are L2-normalised; logits are cosine similarity times the task's temperature, as in PyTorch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from uniperceiver_cli.model.class_rows import classifier_rows
+from uniperceiver_cli.model.config import EOT_ID, SPE_ID
+
+MANIFEST = "uniperceiver-onnx.json"
+FORMAT = "uniperceiver-onnx"
+FORMAT_VERSION = 1
+GRAPHS = ("image_encoder", "video_encoder", "text_encoder", "caption_prefix", "caption_step")
+TOKENIZER_FILE = "bpe_simple_vocab_16e6.txt.gz"
+
+
+class OnnxModelError(ValueError):
+    """An ONNX folder that cannot be used; the message is one line."""
+
+
+def is_onnx_folder(path: str | Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+@dataclass
+class Manifest:
+    image_size: int
+    max_frames: int
+    max_text_len: int
+    temperatures: dict[str, float]  # exp(logit_scale), capped, per temperature name
+    caption_token_ids: list[int] | None  # the token id of each caption target row (None: row i is token i)
+    class_names: list[str] | None
+    classifier_classes: int  # rows of the prompt-tuned classifier (0: none)
+    similarity_weight: float
+
+    @classmethod
+    def read(cls, folder: Path) -> Manifest:
+        path = folder / MANIFEST
+        try:
+            meta = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise OnnxModelError(f"{folder} is not an exported ONNX folder (no {MANIFEST}; "
+                                 f"write one with 'uniperceiver export SRC --out DIR --onnx')") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise OnnxModelError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise OnnxModelError(f"{path} is not a {FORMAT} manifest")
+        if meta.get("version") != FORMAT_VERSION:
+            raise OnnxModelError(f"{path} has format version {meta.get('version')!r}; this toolkit reads "
+                                 f"{FORMAT_VERSION}")
+        try:
+            classifier = meta["classifier"] or {}
+            return cls(int(meta["image_size"]), int(meta["max_frames"]), int(meta["max_text_len"]),
+                       {str(k): float(v) for k, v in meta["temperatures"].items()},
+                       None if meta["caption_token_ids"] is None else [int(i) for i in meta["caption_token_ids"]],
+                       None if meta["class_names"] is None else [str(n) for n in meta["class_names"]],
+                       int(classifier.get("classes", 0)), float(classifier.get("similarity_weight", 1.0)))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise OnnxModelError(f"{path} is malformed ({type(e).__name__}: {e})") from None
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    return np.exp(_log_softmax(x))
+
+
+class OnnxModel:
+    """An exported model on onnxruntime. Inputs are preprocessed float32 arrays (see
+    :mod:`uniperceiver_cli.model.pixels`); each graph's session starts on first use."""
+
+    def __init__(self, folder: str | Path, threads: int | None = None) -> None:
+        self.folder = Path(folder)
+        self.manifest = Manifest.read(self.folder)
+        missing = [g for g in GRAPHS if not (self.folder / f"{g}.onnx").is_file()]
+        if missing or not (self.folder / TOKENIZER_FILE).is_file():
+            raise OnnxModelError(f"{self.folder} lacks {', '.join(f'{g}.onnx' for g in missing) or TOKENIZER_FILE}")
+        self.threads = threads
+        self._sessions: dict[str, Any] = {}
+        self._tokenizer = None
+
+    # ------------------------------------------------------------------ sessions
+    def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        session = self._sessions.get(graph)
+        if session is None:
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            if self.threads:
+                options.intra_op_num_threads = self.threads
+            try:
+                session = ort.InferenceSession(str(self.folder / f"{graph}.onnx"), options,
+                                               providers=["CPUExecutionProvider"])
+            except Exception as e:  # noqa: BLE001 - onnxruntime raises its own error types for bad graphs
+                raise OnnxModelError(f"cannot load {self.folder / graph}.onnx: "
+                                     f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            self._sessions[graph] = session
+        return session.run(None, feeds)
+
+    @property
+    def tokenizer(self):  # noqa: ANN201 - the tokenizer module is imported on first use
+        if self._tokenizer is None:
+            from uniperceiver_cli.model.tokenizer import Tokenizer
+
+            self._tokenizer = Tokenizer(self.folder / TOKENIZER_FILE)
+        return self._tokenizer
+
+    # ------------------------------------------------------------------ features
+    def _check_visual(self, inputs: np.ndarray) -> np.ndarray:
+        inputs = np.ascontiguousarray(inputs, dtype=np.float32)
+        size = self.manifest.image_size
+        if inputs.ndim not in (4, 5) or inputs.shape[-3:] != (3, size, size) or not len(inputs):
+            raise ValueError(f"expected images (B, 3, {size}, {size}) or clips (B, T, 3, {size}, {size}), "
+                             f"got shape {inputs.shape}")
+        if inputs.ndim == 5 and not 1 <= inputs.shape[1] <= self.manifest.max_frames:
+            raise ValueError(f"clips of {inputs.shape[1]} frames do not fit the model's {self.manifest.max_frames}")
+        return inputs
+
+    def _visual(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        inputs = self._check_visual(inputs)
+        graph, name = ("video_encoder", "video") if inputs.ndim == 5 else ("image_encoder", "images")
+        out = self._run(graph, {name: inputs})
+        return out[0], (out[1] if len(out) > 1 else None)
+
+    def encode_visual(self, inputs: np.ndarray) -> np.ndarray:
+        """Images (B, 3, S, S) or clips (B, T, 3, S, S) -> L2-normalised features (B, D)."""
+        return self._visual(inputs)[0]
+
+    def tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Texts -> ids (B, L) int64 right-padded with 0 and padding (B, L) bool, as ``Tokenizer.encode_batch``."""
+        rows = [self.tokenizer.encode(t, max_len=self.manifest.max_text_len) for t in texts]
+        length = max(len(r) for r in rows)
+        ids = np.zeros((len(rows), length), dtype=np.int64)
+        for i, row in enumerate(rows):
+            ids[i, :len(row)] = row
+        padding = np.arange(length)[None] >= np.array([len(r) for r in rows])[:, None]
+        return ids, padding
+
+    def encode_tokens(self, ids: np.ndarray, padding: np.ndarray | None = None) -> np.ndarray:
+        """Token ids (B, L) with padding (B, L, True at padded ids) -> L2-normalised target features (B, D)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        padding = np.zeros(ids.shape, dtype=bool) if padding is None else np.asarray(padding, dtype=bool)
+        if ids.ndim != 2 or padding.shape != ids.shape or not 1 <= ids.shape[1] <= self.manifest.max_text_len:
+            raise ValueError(f"expected ids and padding (B, L) with L at most {self.manifest.max_text_len}, got "
+                             f"shapes {ids.shape} and {padding.shape}")
+        return self._run("text_encoder", {"ids": ids, "padding": padding})[0]
+
+    def encode_text(self, texts: Sequence[str], chunk_size: int = 256) -> np.ndarray:
+        """Texts (class names, captions) -> L2-normalised target features (B, D)."""
+        if not texts:
+            raise ValueError("no texts given")
+        return np.concatenate([self.encode_tokens(*self.tokenize(texts[start:start + chunk_size]))
+                               for start in range(0, len(texts), chunk_size)])
+
+    def label_features(self, names: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
+        """Class features (C, D): each name in every template, averaged and renormalised (bare names without)."""
+        if not names:
+            raise ValueError("no class names given")
+        templates = list(templates) if templates else ["{}"]
+        for template in templates:
+            if "{}" not in template:
+                raise ValueError(f"template {template!r} has no '{{}}' for the class name")
+        feats = np.stack([self.encode_text([t.format(n) for n in names]) for t in templates])
+        return _normalize(feats.mean(axis=0))
+
+    # ------------------------------------------------------------------ tasks
+    def classifier_rows(self, names: Sequence[str]) -> list[int] | None:
+        return classifier_rows(self.manifest.class_names, self.manifest.classifier_classes, names)
+
+    def classification_logits(self, inputs: np.ndarray, targets: np.ndarray,
+                              rows: Sequence[int] | None = None) -> np.ndarray:
+        """Visual inputs against class features (C, D) -> (B, C), with a prompt-tuned classifier's logits added."""
+        query, classifier = self._visual(inputs)
+        scale = self.manifest.temperatures["video_cls" if inputs.ndim == 5 else "img_cls"]
+        logits = query @ targets.T.astype(np.float32) * np.float32(scale)
+        if classifier is not None:
+            prompt = classifier if rows is None else classifier[:, list(rows)]
+            if prompt.shape[-1] != logits.shape[-1]:
+                raise ValueError(f"the classifier prompt scores its {classifier.shape[-1]} classes by position; "
+                                 f"got {logits.shape[-1]} targets")
+            logits = np.float32(self.manifest.similarity_weight) * logits + prompt
+        return logits
+
+    def classify(self, inputs: np.ndarray, names: Sequence[str],
+                 templates: Sequence[str] | None = None) -> np.ndarray:
+        """Zero-shot class probabilities (B, C) of images or clips over class names."""
+        rows = self.classifier_rows(names)
+        return _softmax(self.classification_logits(inputs, self.label_features(names, templates), rows))
+
+    def caption_tokens(self, inputs: np.ndarray, *, beam_size: int = 2, max_len: int = 21,
+                       len_penalty: float = 0.0) -> np.ndarray:
+        """Beam search over the caption target set, as ``model.decoding.beam_search`` with the cache:
+        the best beam's token ids (B, steps), <|endoftext|> repeated after it ends."""
+        if beam_size < 1 or max_len < 1:
+            raise ValueError("beam_size and max_len must be at least 1")
+        video = self._check_visual(inputs if inputs.ndim == 5 else inputs[:, None])
+        cache = self._run("caption_prefix", {"video": video})[0]
+        token_ids = self.manifest.caption_token_ids
+        b = video.shape[0]
+        words = np.zeros((b, 0), dtype=np.int64)
+        scores = np.zeros(b, dtype=np.float32)
+        v = None
+        for t in range(max_len):
+            if t == 0:
+                tokens, positions = np.full((b, 1), SPE_ID, dtype=np.int64), np.array([0], dtype=np.int64)
+            else:
+                tokens = np.stack([words[:, -1], np.full(len(words), SPE_ID, dtype=np.int64)], axis=1)
+                positions = np.array([t - 1, t], dtype=np.int64)
+            logits, grown = self._run("caption_step", {"tokens": tokens, "positions": positions, "cache": cache})
+            if t > 0:
+                cache = grown
+            if v is None:
+                v = logits.shape[1]
+                ids = np.arange(v, dtype=np.int64) if token_ids is None else np.array(token_ids, dtype=np.int64)
+                eos_rows = np.flatnonzero(ids == EOT_ID)
+                if ids.shape != (v,) or len(eos_rows) != 1:
+                    raise OnnxModelError(f"{self.folder / MANIFEST}: the caption token ids do not fit the "
+                                         f"{v} rows of the caption graph")
+                eos_only = np.full(v, -np.inf, dtype=np.float32)
+                eos_only[eos_rows[0]] = 0.0
+            logp = _log_softmax(logits.astype(np.float32))
+            if t > 0:
+                logp = np.where((words[:, -1] == EOT_ID)[:, None], eos_only, logp)
+            beams = 1 if t == 0 else beam_size
+            candidates = (scores[:, None] + logp).reshape(b, beams * v)
+            k = min(beam_size, beams * v)
+            index = np.argsort(-candidates, axis=1, kind="stable")[:, :k]
+            top = np.take_along_axis(candidates, index, axis=1)
+            beam, row = index // v, index % v
+            word = ids[row]
+            rows = (np.arange(b)[:, None] * beams + beam).reshape(-1)
+            words = np.concatenate([words[rows], word.reshape(-1, 1)], axis=1)
+            scores = top.reshape(-1)
+            cache = cache[:, :, rows]
+            if (word == EOT_ID).all():
+                break
+        k = words.shape[0] // b
+        final = scores.reshape(b, k)
+        if len_penalty > 0:
+            lengths = (words != EOT_ID).sum(axis=1).reshape(b, k) + 1
+            final = final / lengths.astype(np.float32) ** len_penalty
+        best = final.argmax(axis=1) + np.arange(b) * k
+        return words[best]
+
+    def caption(self, inputs: np.ndarray, *, beam_size: int = 2, max_len: int = 21) -> list[str]:
+        """Captions for images (B, 3, S, S) or clips (B, T, 3, S, S)."""
+        tokens = self.caption_tokens(inputs, beam_size=beam_size, max_len=max_len)
+        return [self.tokenizer.decode(row.tolist(), errors="ignore") for row in tokens]
