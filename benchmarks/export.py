@@ -9,7 +9,9 @@ For each preset a randomly initialised model (speed does not depend on the weigh
 - captioning: cached beam search, beam 2, 21 steps (random weights rarely emit <|endoftext|>, so both run
   every step), over a 1,000-token caption target set (the whole 49,411-token set costs the same per step
   beyond its larger logits matmul, and encoding it at export would dominate the run): ``beam_search`` against
-  ``OnnxModel.caption_tokens``. Both give the same tokens; the script checks it.
+  ``OnnxModel.caption_tokens``. The share of equal tokens is printed: an untrained model's caption logits are
+  nearly tied, so float noise can pick another word (tests/test_onnx.py checks equality on trained-like
+  weights, the reference fixtures).
 
 MoE presets are timed three ways: PyTorch with the experts (merged at every call), PyTorch folded
 (``--fold-experts``), and onnxruntime (whose graphs are always the dense view of one attribute row).
@@ -93,9 +95,10 @@ def _rows(preset: str, batches: list[int], repeats: int, threads: int) -> list[t
             for task, fn in (("classify", classify), ("caption", caption)):
                 rows.append((preset, "onnxruntime", task, batch, batch / _median_seconds(fn, repeats)))
             with torch.inference_mode():
-                want = caption_torch(model, images, vocab, ids)
-            if not np.array_equal(caption(), want.numpy()):
-                raise SystemExit(f"{preset}: onnxruntime's caption tokens differ from PyTorch's")
+                want = caption_torch(model, images, vocab, ids).numpy()
+            got = caption()
+            same = float((got[:, :want.shape[1]] == want).mean()) if got.shape == want.shape else 0.0
+            print(f"{preset} batch {batch}: {same:.0%} of the caption tokens equal PyTorch's", flush=True)
         print(f"{preset}: export with --onnx took {export_s:.1f} s", flush=True)
     return rows
 

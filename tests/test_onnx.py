@@ -4,6 +4,7 @@ tokens come out of onnxruntime, MoE folding changes nothing, and bad input is on
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from uniperceiver_cli import onnx_export
+from uniperceiver_cli.checkpoints import CheckpointError, load_model
+from uniperceiver_cli.cli.app import app
 from uniperceiver_cli.export import export
-from uniperceiver_cli.onnx_runtime import GRAPHS, MANIFEST, OnnxModel
+from uniperceiver_cli.model.config import get_config
+from uniperceiver_cli.model.uniperceiver import UniPerceiver
+from uniperceiver_cli.onnx_runtime import GRAPHS, MANIFEST, OnnxModel, OnnxModelError
 
 REPO = Path(__file__).resolve().parents[1]
 FEATS = {"atol": 1e-5, "rtol": 0}
@@ -101,3 +108,173 @@ print(json.dumps({{"probs": model.classify(images, {names!r}).tolist(), "caption
     got = json.loads(out.stdout)
     assert got["torch"] is False and got["captions"] == want["captions"]
     np.testing.assert_allclose(got["probs"], want["probs"], atol=1e-6)
+
+
+runner = CliRunner()
+
+
+def _predict(*args) -> tuple[int, list[dict] | None, str]:
+    result = runner.invoke(app, ["predict", *map(str, args), "--json"])
+    try:
+        answers = json.loads(result.stdout)
+    except json.JSONDecodeError:
+        answers = None
+    return result.exit_code, answers, result.stderr
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory, reference_dir: Path) -> Path:
+    from tests.cli.test_predict import _mp4
+
+    root = tmp_path_factory.mktemp("onnx-predict")
+    for i in range(2):
+        (root / f"img_{i}.png").write_bytes((reference_dir / "raw" / "imagenet" / "val" / f"img_{i}.png").read_bytes())
+    (root / "broken.jpg").write_bytes(b"not a jpeg at all")
+    _mp4(root / "clip.mp4")
+    (root / "labels.txt").write_text("tench\ngoldfish\ngreat white shark\nGolden Retriever\ntabby cat\n")
+    (root / "texts.txt").write_text("a red square\na blue circle\na fish in water\na cat on a sofa\n")
+    return root
+
+
+def test_predict_on_the_onnx_folder_gives_pytorchs_answers(exported, files: Path):
+    _, done, _, _ = exported
+    inputs = [files / "img_0.png", files / "broken.jpg", files / "img_1.png", files / "clip.mp4"]
+    for mode in (["--labels", files / "labels.txt", "--top-k", "3"], ["--texts", files / "texts.txt"],
+                 ["--caption", "--max-len", "5"]):
+        code, torch_answers, _ = _predict(*inputs, "--model", done.out, *mode)
+        onnx_code, onnx_answers, stderr = _predict(*inputs, "--model", done.out / "onnx", *mode)
+        assert code == onnx_code == 1 and "broken.jpg" in stderr  # the broken file is skipped, the others answered
+        assert len(onnx_answers) == len(torch_answers) == 3
+        for ours, theirs in zip(onnx_answers, torch_answers, strict=True):
+            if "caption" in theirs:
+                assert ours == theirs
+                continue
+            assert [e["text"] for e in ours["top"]] == [e["text"] for e in theirs["top"]]
+            value = next(k for k in theirs["top"][0] if k != "text")
+            assert [e[value] for e in ours["top"]] == pytest.approx([e[value] for e in theirs["top"]], abs=2e-5)
+
+
+def test_predict_with_onnx_runs_without_torch(exported, files: Path):
+    _, done, _, _ = exported
+    code = ("import sys; sys.modules['torch'] = None; from uniperceiver_cli.cli.app import app; "
+            f"app(['predict', {str(files / 'img_0.png')!r}, '--model', {str(done.out / 'onnx')!r}, "
+            f"'--labels', {str(files / 'labels.txt')!r}, '--json'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout)[0]["top"][0]["text"] in (files / "labels.txt").read_text()
+
+
+def test_prompt_tuned_bundle_keeps_its_classifier_and_caption_set(files: Path, tmp_path: Path):
+    """A classifier prompt maps names to its rows, and the caption graph scores the recorded token set."""
+    import uniperceiver_cli as up
+
+    torch.manual_seed(0)
+    net = up.create_model("tiny", image_size=32, layer_scale_init=1.0, max_text_len=16,
+                          prompt={"classifier_classes": 3, "deep_prompt_length": 2})
+    with torch.no_grad():
+        net.head.fc_prompt.weight.normal_(0, 5.0)
+        for block in net.blocks:
+            block.prompt.normal_(0, 0.5)
+    net.class_names = ["tench", "goldfish", "tabby cat"]
+    words = ["a", "red", "circle", "dog", "on"]
+    net.caption_vocabulary = torch.tensor([up.get_tokenizer().encode(w, add_eot=False)[0] for w in words])
+    up.save_bundle(net, tmp_path / "src")
+    result = runner.invoke(app, ["export", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--onnx"])
+    assert result.exit_code == 0, result.output
+    assert all(f"onnx/{g}.onnx" in result.stdout for g in GRAPHS) and "max abs error against PyTorch" in result.stdout
+    images = [files / "img_0.png", files / "img_1.png"]
+    labels = ["--label", "tabby cat", "--label", "tench"]
+    _, want, _ = _predict(*images, "--model", tmp_path / "src", *labels)
+    code, got, _ = _predict(*images, "--model", tmp_path / "out" / "onnx", *labels)
+    assert code == 0 and [r["top"][0]["text"] for r in got] == [r["top"][0]["text"] for r in want]
+    assert [e["prob"] for r in got for e in r["top"]] == pytest.approx([e["prob"] for r in want for e in r["top"]],
+                                                                      abs=2e-5)
+    _, want, _ = _predict(*images, "--model", tmp_path / "src", "--caption", "--max-len", "4")
+    code, got, _ = _predict(*images, "--model", tmp_path / "out" / "onnx", "--caption", "--max-len", "4")
+    assert code == 0 and got == want and all(set(r["caption"].split()) <= set(words) for r in got)
+    code, _, stderr = _predict(*images, "--model", tmp_path / "out" / "onnx", "--label", "zebra")
+    assert code == 2 and "no logits for 'zebra'" in stderr and stderr.count("\n") == 1
+    code, _, stderr = _predict(*images, "--model", tmp_path / "out" / "onnx", "--caption", "--vocabulary", "full")
+    assert code == 2 and "export again with --vocabulary full" in stderr and stderr.count("\n") == 1
+
+
+def test_fold_experts_from_the_cli(reference_dir: Path, tmp_path: Path, ref_moe_io: dict):
+    out = tmp_path / "folded"
+    result = runner.invoke(app, ["export", str(reference_dir / "ref_moe_state.pt"), "--out", str(out),
+                                 "--fold-experts"])
+    assert result.exit_code == 0, result.output
+    assert "folded the experts: 3,701,830 parameters -> 3,896,902" in result.stdout
+    folded, original = load_model(out), load_model(reference_dir / "ref_moe_state.pt")
+    assert folded.config.moe.folded and json.loads((out / "config.json").read_text())["provenance"]["folded_experts"]
+    images = ref_moe_io["retrieval"]["inputs"]["input_sample_list"][0]["data"]
+    with torch.no_grad():
+        torch.testing.assert_close(folded.encode_image(images), original.encode_image(images), atol=1e-5, rtol=0)
+    result = runner.invoke(app, ["export", str(reference_dir / "ref_state.pt"), "--out", str(tmp_path / "dense"),
+                                 "--fold-experts"])
+    assert result.exit_code == 2 and "cannot fold the experts of a dense model" in result.stderr
+    assert result.stderr.count("\n") == 1 and not (tmp_path / "dense").exists()
+
+
+def _tiny_bundle(path: Path) -> Path:
+    import uniperceiver_cli as up
+
+    torch.manual_seed(0)
+    return up.save_bundle(UniPerceiver(get_config("tiny", image_size=32, max_text_len=16)), path)
+
+
+def test_an_op_the_exporter_cannot_convert_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    @torch.library.custom_op("uniperceiver_test::no_onnx", mutates_args=())
+    def no_onnx(x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    no_onnx.register_fake(lambda x: torch.empty_like(x))
+    features = UniPerceiver.features
+    monkeypatch.setattr(UniPerceiver, "features", lambda self, out: features(self, no_onnx(out)))
+    src = _tiny_bundle(tmp_path / "src")
+    result = runner.invoke(app, ["export", str(src), "--out", str(tmp_path / "out"), "--onnx"])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert "ONNX export of the image_encoder graph failed" in result.stderr
+    assert "uniperceiver_test" in result.stderr and "no_onnx" in result.stderr
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_a_graph_beyond_the_tolerance_fails_with_its_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(onnx_export, "TOLERANCE", 1e-12)
+    src = _tiny_bundle(tmp_path / "src")
+    with pytest.raises(CheckpointError, match=r"ONNX image_encoder: max abs error \d\.\d+e-\d+ against PyTorch "
+                                              r"exceeds 1e-12"):
+        export(src, tmp_path / "out", onnx=True)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_missing_onnx_packages_are_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import importlib.util
+
+    find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else find(name, *a))
+    result = runner.invoke(app, ["export", str(_tiny_bundle(tmp_path / "src")), "--out", str(tmp_path / "out"),
+                                 "--onnx"])
+    assert result.exit_code == 2 and "--onnx needs onnxscript: pip install 'uniperceiver[onnx]'" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_broken_onnx_folder_is_one_line(exported, files: Path, tmp_path: Path):
+    _, done, _, _ = exported
+    broken = tmp_path / "onnx"
+    broken.mkdir()
+    for path in (done.out / "onnx").iterdir():
+        os.symlink(path, broken / path.name)
+    (broken / MANIFEST).unlink()
+    (broken / MANIFEST).write_text('{"format": "uniperceiver-onnx", "version": 1, "image_size": "big"}')
+    code, _, stderr = _predict(files / "img_0.png", "--model", broken, "--caption")
+    assert code == 2 and "is malformed" in stderr and stderr.count("\n") == 1
+    (broken / MANIFEST).write_text("{not json")
+    code, _, stderr = _predict(files / "img_0.png", "--model", broken, "--caption")
+    assert code == 2 and "cannot read" in stderr and stderr.count("\n") == 1
+    with pytest.raises(OnnxModelError, match="is not an exported ONNX folder"):
+        OnnxModel(tmp_path)
+    (broken / MANIFEST).write_text((done.out / "onnx" / MANIFEST).read_text())
+    (broken / "caption_step.onnx").unlink()
+    (broken / "caption_step.onnx").write_bytes(b"\x08\x07garbage")
+    code, _, stderr = _predict(files / "img_0.png", "--model", broken, "--caption")
+    assert code == 2 and "cannot load" in stderr and "caption_step.onnx" in stderr and stderr.count("\n") == 1

@@ -89,7 +89,7 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def _softmax(x: np.ndarray) -> np.ndarray:
+def softmax(x: np.ndarray) -> np.ndarray:
     return np.exp(_log_softmax(x))
 
 
@@ -213,7 +213,7 @@ class OnnxModel:
                  templates: Sequence[str] | None = None) -> np.ndarray:
         """Zero-shot class probabilities (B, C) of images or clips over class names."""
         rows = self.classifier_rows(names)
-        return _softmax(self.classification_logits(inputs, self.label_features(names, templates), rows))
+        return softmax(self.classification_logits(inputs, self.label_features(names, templates), rows))
 
     def caption_tokens(self, inputs: np.ndarray, *, beam_size: int = 2, max_len: int = 21,
                        len_penalty: float = 0.0) -> np.ndarray:

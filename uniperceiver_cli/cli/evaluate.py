@@ -45,7 +45,8 @@ def evaluate(
 ) -> None:
     """Evaluate a model on one task of a converted split; writes results.json and predictions.jsonl."""
     from uniperceiver_cli.evaluate.report import model_identity, print_results
-    from uniperceiver_cli.evaluate.tasks import evaluate_task, read_lines
+    from uniperceiver_cli.evaluate.tasks import evaluate_task
+    from uniperceiver_cli.text_files import read_lines
 
     with user_errors(), one_line_warnings():
         manifest = Manifest.load(data)

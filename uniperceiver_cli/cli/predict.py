@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -63,49 +63,115 @@ def predict(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
 ) -> None:
-    """Zero-shot labels (--labels/--label), best-matching texts (--texts) or captions (--caption) for files."""
-    import torch
-
-    from uniperceiver_cli.evaluate.runners import label_features
-    from uniperceiver_cli.evaluate.tasks import caption_vocabulary, read_lines
-    from uniperceiver_cli.model.pixels import read_video_frames
-    from uniperceiver_cli.model.preprocess import image_transform, load_image, video_views
+    """Zero-shot labels (--labels/--label), best-matching texts (--texts) or captions (--caption) for files.
+    --model DIR/onnx runs an exported model on onnxruntime, without PyTorch."""
+    from uniperceiver_cli.onnx_runtime import is_onnx_folder
+    from uniperceiver_cli.text_files import read_lines
 
     with user_errors(), one_line_warnings():
         modes = [labels is not None or bool(label), texts is not None, caption]
         if sum(modes) != 1:
             raise ValueError("choose exactly one of --labels/--label, --texts or --caption")
         paths = _collect(files)
-        dev = pick_device(device)
-        net = load_any_model(model, preset, dev)
         names = (read_lines(labels, "labels") if labels else []) + list(label or [])
         candidates = read_lines(texts, "texts") if texts else []
-        transform = image_transform(net.config, task="classification" if names else "caption")
-        with torch.inference_mode():
-            if names:
-                rows = net.classifier_rows(names)  # before encoding: a name the classifier lacks is refused
-                template_list = read_lines(templates, "templates") if templates else None
-                answer = Labels(names, label_features(net, names, template_list), rows)
-            elif candidates:
-                answer = Texts(candidates, net.encode_text(candidates))
-            else:
-                answer = Captions(*net.caption_targets(caption_vocabulary(net, vocabulary)), beam_size, max_len)
-            results, failures = [], 0
-            for path in paths:
-                try:
-                    if path.suffix.lower() in VIDEO_SUFFIXES:
-                        frames = torch.from_numpy(read_video_frames(path, num_frames))
-                        inputs = video_views(frames, net.config.image_size).to(dev)
-                    else:
-                        inputs = transform(load_image(path))[None].to(dev)
-                except (ValueError, FileNotFoundError) as e:
-                    err_console.print(f"[red]skipped:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
-                    failures += 1
-                    continue
-                results.append({"file": str(path), **answer(net, inputs, top_k)})
+        template_list = read_lines(templates, "templates") if templates else None
+        if model is not None and is_onnx_folder(model):
+            if preset is not None:
+                raise ValueError("--preset does not apply to an exported ONNX folder: the graphs fix the model")
+            if device not in ("auto", "cpu"):
+                raise ValueError(f"--device {device}: the ONNX runtime here runs on the CPU")
+            answer, read = _onnx_task(model, names, template_list, candidates, vocabulary, beam_size, max_len)
+        else:
+            answer, read = _torch_task(model, preset, device, names, template_list, candidates, vocabulary,
+                                       beam_size, max_len)
+        results, failures = [], 0
+        for path in paths:
+            try:
+                inputs = read(path, num_frames)
+            except (ValueError, FileNotFoundError) as e:
+                err_console.print(f"[red]skipped:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
+                failures += 1
+                continue
+            results.append({"file": str(path), **answer(inputs, top_k)})
     _show(results, as_json)
     if failures:
         raise typer.Exit(1)
+
+
+def _torch_task(model: Path | None, preset: str | None, device: str, names: list[str], templates: list[str] | None,
+                candidates: list[str], vocabulary: Vocabulary, beam_size: int, max_len: int):  # noqa: ANN202
+    """The answer to give for one file's inputs, and how to read a file, with the PyTorch model."""
+    import torch
+
+    from uniperceiver_cli.evaluate.runners import label_features
+    from uniperceiver_cli.evaluate.tasks import caption_vocabulary
+    from uniperceiver_cli.model.pixels import read_video_frames
+    from uniperceiver_cli.model.preprocess import image_transform, load_image, video_views
+
+    dev = pick_device(device)
+    net = load_any_model(model, preset, dev)
+    transform = image_transform(net.config, task="classification" if names else "caption")
+    with torch.inference_mode():
+        if names:
+            rows = net.classifier_rows(names)  # before encoding: a name the classifier lacks is refused
+            answer = Labels(names, label_features(net, names, templates), rows)
+        elif candidates:
+            answer = Texts(candidates, net.encode_text(candidates))
+        else:
+            answer = Captions(*net.caption_targets(caption_vocabulary(net, vocabulary)), beam_size, max_len)
+
+    def read(path: Path, num_frames: int) -> torch.Tensor:
+        if path.suffix.lower() in VIDEO_SUFFIXES:
+            frames = torch.from_numpy(read_video_frames(path, num_frames))
+            return video_views(frames, net.config.image_size).to(dev)
+        return transform(load_image(path))[None].to(dev)
+
+    @torch.inference_mode()
+    def respond(inputs: torch.Tensor, top_k: int) -> dict:
+        return answer(net, inputs, top_k)
+
+    return respond, read
+
+
+def _onnx_task(folder: Path, names: list[str], templates: list[str] | None, candidates: list[str],
+               vocabulary: Vocabulary, beam_size: int, max_len: int):  # noqa: ANN202
+    """As :func:`_torch_task`, on onnxruntime with numpy preprocessing (no PyTorch)."""
+    import numpy as np
+
+    from uniperceiver_cli.model.pixels import image_array, load_image, read_video_frames, video_views
+    from uniperceiver_cli.onnx_runtime import OnnxModel, softmax
+
+    net = OnnxModel(folder)
+    size = net.manifest.image_size
+    if not names and not candidates and vocabulary is Vocabulary.full and net.manifest.caption_token_ids is not None:
+        raise ValueError(f"{folder}'s caption graph scores the {len(net.manifest.caption_token_ids)} tokens it was "
+                         f"exported with; export again with --vocabulary full to decode over all of them")
+    if names:
+        rows = net.classifier_rows(names)
+        features = net.label_features(names, templates)
+
+        def answer(inputs: np.ndarray, top_k: int) -> dict:
+            probs = softmax(net.classification_logits(inputs, features, rows)).mean(0)
+            return _top(probs, names, top_k, "prob")
+    elif candidates:
+        features = net.encode_text(candidates)
+
+        def answer(inputs: np.ndarray, top_k: int) -> dict:
+            feats = net.encode_visual(inputs).mean(0)
+            return _top(features @ (feats / max(float(np.linalg.norm(feats)), 1e-12)), candidates, top_k,
+                        "similarity")
+    else:
+        def answer(inputs: np.ndarray, top_k: int) -> dict:
+            one = inputs[len(inputs) // 2:len(inputs) // 2 + 1]  # a video's centre view, or the image
+            return {"caption": net.caption(one, beam_size=beam_size, max_len=max_len)[0]}
+
+    def read(path: Path, num_frames: int) -> np.ndarray:
+        if path.suffix.lower() in VIDEO_SUFFIXES:
+            return video_views(read_video_frames(path, num_frames), size)
+        return image_array(load_image(path), size, "classification" if names else "caption")[None]
+
+    return answer, read
 
 
 @dataclass
@@ -156,10 +222,13 @@ class Captions:
         return {"caption": get_tokenizer().decode_batch(tokens.cpu(), errors="ignore")[0]}
 
 
-def _top(scores: torch.Tensor, entries: list[str], top_k: int, key: str) -> dict:
-    top = scores.topk(min(top_k, len(entries)))
-    return {"top": [{"text": entries[int(i)], key: round(float(s), 6)}
-                    for s, i in zip(top.values, top.indices, strict=True)]}
+def _top(scores: Any, entries: list[str], top_k: int, key: str) -> dict:
+    """The ``top_k`` best of ``entries`` by ``scores`` (a numpy array or a tensor, one score per entry)."""
+    import numpy as np
+
+    scores = np.asarray(scores.float().cpu() if hasattr(scores, "cpu") else scores, dtype=np.float64)
+    order = np.argsort(-scores, kind="stable")[:top_k]
+    return {"top": [{"text": entries[int(i)], key: round(float(scores[i]), 6)} for i in order]}
 
 
 def _show(results: list[dict], as_json: bool) -> None:

@@ -17,6 +17,7 @@ from uniperceiver_cli.evaluate import runners
 from uniperceiver_cli.evaluate.report import write_results
 from uniperceiver_cli.model.uniperceiver import UniPerceiver
 from uniperceiver_cli.task_types import TASKS
+from uniperceiver_cli.text_files import read_lines
 
 
 @dataclass
@@ -29,16 +30,6 @@ class Evaluation:
     def write(self, out: Path, model: dict[str, Any], settings: dict[str, Any] | None = None) -> Path:
         """:func:`~uniperceiver_cli.evaluate.report.write_results` into ``out``; settings: the spec's by default."""
         return write_results(out, self.result, data=self.data, model=model, settings=settings or asdict(self.spec))
-
-
-def read_lines(path: Path, what: str) -> list[str]:
-    """Non-empty lines of a text file (labels, templates, texts)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} file {path} does not exist")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not lines:
-        raise ValueError(f"{what} file {path} has no entries")
-    return lines
 
 
 def caption_vocabulary(model: UniPerceiver, vocabulary: str, folders: Sequence[Path] = ()) -> torch.Tensor | None:
