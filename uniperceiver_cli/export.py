@@ -39,6 +39,12 @@ ONNX_DIR = "onnx"
 BUNDLE_FILES = {BUNDLE_WEIGHTS, BUNDLE_CONFIG, BUNDLE_WEIGHTS + ".tmp", BUNDLE_CONFIG + ".tmp", ONNX_DIR}
 
 
+def _onnx_files() -> set[str]:
+    from uniperceiver_cli.onnx_runtime import GRAPHS, MANIFEST, TOKENIZER_FILE
+
+    return {MANIFEST, TOKENIZER_FILE, *(f"{g}.onnx" for g in GRAPHS)}
+
+
 @dataclass
 class Exported:
     source: Source
@@ -55,6 +61,9 @@ def _check_out(out: Path, source: Source, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"{out} exists and is not a folder")
     others = sorted(p.name for p in out.iterdir() if p.name not in BUNDLE_FILES) if out.is_dir() else []
+    onnx = out / ONNX_DIR
+    if onnx.is_symlink() or (onnx.exists() and (not onnx.is_dir() or {p.name for p in onnx.iterdir()} - _onnx_files())):
+        others.append(f"{ONNX_DIR}/ (not the ONNX graphs this command writes)")
     if others:  # --force replaces a bundle, never a folder holding anything else
         raise CheckpointError(f"{out} is not a bundle (it holds {', '.join(others[:3])}); export to another folder")
     resolved = out.resolve()

@@ -14,6 +14,7 @@ the PyTorch model; a maximum absolute error above :data:`TOLERANCE` fails the ex
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import io
 import json
@@ -28,12 +29,12 @@ import torch
 from torch import nn
 
 from uniperceiver_cli.checkpoints import CheckpointError
-from uniperceiver_cli.model.config import EOT_ID, SPE_ID, VOCAB_SIZE
+from uniperceiver_cli.model.config import EOT_ID, SPE_ID
 from uniperceiver_cli.model.decoding import CAPTION_TEXT, CAPTION_VISUAL
 from uniperceiver_cli.model.heads import TEMPERATURES
 from uniperceiver_cli.model.tokenizer import bpe_path
 from uniperceiver_cli.model.uniperceiver import TEXT_TARGET, VISUAL, UniPerceiver
-from uniperceiver_cli.onnx_runtime import FORMAT, FORMAT_VERSION, GRAPHS, MANIFEST, TOKENIZER_FILE
+from uniperceiver_cli.onnx_runtime import FORMAT, FORMAT_VERSION, MANIFEST, TOKENIZER_FILE
 
 TOLERANCE = 1e-4  # fp32: onnxruntime against PyTorch, max abs error of any output
 OPSET = 18
@@ -94,9 +95,10 @@ class _CaptionPrefix(_Prefixed):
 
 class _CaptionStep(nn.Module):
     """New tokens (N, K) at ``positions`` (K,) after the cache: the last one's logits over the target set (the
-    caption temperature applied) and the cache grown by the first K - 1. The new tokens attend causally, which
-    is the two-stream layout's rule for [word t-1, query t] (the query also sees the word, the word not the
-    query), so K = 1 starts decoding with query 0 and K = 2 is every later step."""
+    caption temperature applied) and the keys/values of the first K - 1, which the caller appends to the cache.
+    The new tokens attend causally, which is the two-stream layout's rule for [word t-1, query t] (the query
+    also sees the word, the word not the query), so K = 1 starts decoding with query 0 and K = 2 is every later
+    step."""
 
     def __init__(self, model: UniPerceiver, targets: torch.Tensor) -> None:
         super().__init__()
@@ -111,7 +113,7 @@ class _CaptionStep(nn.Module):
         out, kv = self.model.encode(self.model.embed_text(tokens, positions), structure=structure,
                                     routing=CAPTION_TEXT, past=[(c[0], c[1]) for c in cache.unbind(0)])
         logits = self.model.head.logits(self.model.head.project(out[:, -1]), self.targets, "caption")
-        return logits, _cache(kv)[:, :, :, :, :past + k - 1]
+        return logits, _cache([(key[:, :, past:past + k - 1], value[:, :, past:past + k - 1]) for key, value in kv])
 
 
 @dataclass
@@ -121,23 +123,29 @@ class _Graph:
     outputs: tuple[str, ...]
     trace: tuple[torch.Tensor, ...]  # the example inputs it is traced at
     dynamic: dict[str, dict[int, object]]
-    check: tuple[torch.Tensor, ...]  # the inputs it is validated at (other sizes)
+    checks: list[tuple[torch.Tensor, ...]]  # the inputs it is validated at (other sizes)
 
 
-def _view(model: UniPerceiver, row: str) -> UniPerceiver:
+def _views(model: UniPerceiver) -> dict[str, UniPerceiver]:
+    """The model each graph is traced from, by attribute row: the model itself, or an MoE model's dense view."""
+    rows = ("visual_input", "text_target", "caption_visual", "caption_text")
     if model.config.moe is None:
-        return model
+        return dict.fromkeys(rows, model)
     from uniperceiver_cli.model.folding import dense_view
 
-    return dense_view(model, row)
+    return {row: dense_view(model, row) for row in rows}
 
 
 def _graphs(model: UniPerceiver, targets: torch.Tensor) -> dict[str, _Graph]:
-    config, gen = model.config, torch.Generator().manual_seed(0)
-    s, frames = config.image_size, config.max_frames
+    config, gen, views = model.config, torch.Generator().manual_seed(0), _views(model)
+    s, frames, text_len = config.image_size, config.max_frames, config.max_text_len
     dim = torch.export.Dim
-    batch, rows, clip = dim("batch", min=1), dim("rows", min=1), dim("frames", min=1, max=frames)
-    length, new, past = dim("length", min=1, max=config.max_text_len), dim("new", min=1, max=2), dim("past", min=1)
+    batch, rows, past, new = dim("batch", min=1), dim("rows", min=1), dim("past", min=1), dim("new", min=1, max=2)
+    # An axis that can only have one size is static (the exporter refuses a dynamic one fixed to one value).
+    clip = {1: dim("frames", min=1, max=frames)} if frames > 1 else {}
+    length = {1: dim("length", min=1, max=text_len)} if text_len > 1 else {}
+    trace_frames, check_frames = min(2, frames), frames
+    trace_len, check_len = min(3, text_len), min(7, text_len)
 
     def pixels(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen)
@@ -149,28 +157,27 @@ def _graphs(model: UniPerceiver, targets: torch.Tensor) -> dict[str, _Graph]:
         ids[torch.arange(b), lengths - 1] = EOT_ID
         return ids, torch.arange(n)[None] >= lengths[:, None]
 
+    visual = _Visual(views["visual_input"])
     visual_out = ("features",) if model.head.fc_prompt is None else ("features", "classifier")
-    prefix_model = _view(model, "caption_visual")
+    prefix = _CaptionPrefix(views["caption_visual"])
     with torch.inference_mode():
-        cache = _CaptionPrefix(prefix_model)(pixels(3, 1, 3, s, s)).clone()
-    spe = torch.full((3, 1), SPE_ID)
-    step_check = (torch.cat([torch.randint(0, EOT_ID, (3, 1), generator=gen), spe], 1), torch.tensor([4, 5]), cache)
-    image, video = _Visual(_view(model, "visual_input")), _Visual(_view(model, "visual_input"))
+        cache = prefix(pixels(3, 1, 3, s, s)).clone()
+    words = torch.cat([torch.randint(0, EOT_ID, (3, 1), generator=gen), torch.full((3, 1), SPE_ID)], dim=1)
     return {
-        "image_encoder": _Graph(image, ("images",), visual_out, (pixels(2, 3, s, s),),
-                                {"images": {0: batch}}, (pixels(3, 3, s, s),)),
-        "video_encoder": _Graph(video, ("video",), visual_out, (pixels(2, min(2, frames), 3, s, s),),
-                                {"video": {0: batch, 1: clip}}, (pixels(3, frames, 3, s, s),)),
-        "text_encoder": _Graph(_Text(_view(model, "text_target")), ("ids", "padding"), ("features",), text(2, 3),
-                               {"ids": {0: batch, 1: length}, "padding": {0: batch, 1: length}}, text(4, 7)),
-        "caption_prefix": _Graph(_CaptionPrefix(prefix_model), ("video",), ("cache",),
-                                 (pixels(2, min(2, frames), 3, s, s),), {"video": {0: batch, 1: clip}},
-                                 (pixels(3, 1, 3, s, s),)),
-        "caption_step": _Graph(_CaptionStep(_view(model, "caption_text"), targets), ("tokens", "positions", "cache"),
-                               ("logits", "cache_out"),
-                               (step_check[0][:2], step_check[1], cache[:, :, :2, :, :-1].clone()),
-                               {"tokens": {0: rows, 1: new}, "positions": {0: new}, "cache": {2: rows, 4: past}},
-                               step_check),
+        "image_encoder": _Graph(visual, ("images",), visual_out, (pixels(2, 3, s, s),), {"images": {0: batch}},
+                                [(pixels(3, 3, s, s),)]),
+        "video_encoder": _Graph(visual, ("video",), visual_out, (pixels(2, trace_frames, 3, s, s),),
+                                {"video": {0: batch, **clip}}, [(pixels(3, check_frames, 3, s, s),)]),
+        "text_encoder": _Graph(_Text(views["text_target"]), ("ids", "padding"), ("features",),
+                               text(2, trace_len), {"ids": {0: batch, **length}, "padding": {0: batch, **length}},
+                               [text(4, check_len)]),
+        "caption_prefix": _Graph(prefix, ("video",), ("cache",), (pixels(2, trace_frames, 3, s, s),),
+                                 {"video": {0: batch, **clip}}, [(pixels(3, 1, 3, s, s),)]),
+        "caption_step": _Graph(_CaptionStep(views["caption_text"], targets), ("tokens", "positions", "cache"),
+                               ("logits", "new_cache"), (words[:2], torch.tensor([4, 5]), cache[:, :, :2, :, :-1]),
+                               {"tokens": {0: rows, 1: new}, "positions": {0: new},
+                                "cache": {2: rows, 4: past}},
+                               [(words[:, 1:], torch.tensor([0]), cache), (words, torch.tensor([4, 5]), cache)]),
     }
 
 
@@ -202,27 +209,32 @@ def _export_graph(name: str, graph: _Graph, path: Path) -> None:
                                         output_names=list(graph.outputs), dynamic_shapes=dynamic,
                                         opset_version=OPSET, external_data=False, verbose=False)
             program.save(str(path), external_data=False)
-    except CheckpointError:
-        raise
     except Exception as e:  # noqa: BLE001 - the exporter raises many error types; each becomes one line
         raise _export_failure(name, e) from None
 
 
 def _validate(name: str, graph: _Graph, path: Path) -> float:
+    """The largest absolute difference of any output between onnxruntime and PyTorch, over ``graph.checks``."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feeds = {n: t.numpy() for n, t in zip(graph.inputs, graph.check, strict=True)}
-    got = session.run(None, feeds)
-    with torch.inference_mode():
-        want = graph.module(*graph.check)
-    want = want if isinstance(want, tuple) else (want,)
     error = 0.0
-    for output, a, b in zip(graph.outputs, got, want, strict=True):
-        if a.shape != tuple(b.shape):
-            raise CheckpointError(f"ONNX {name}: output {output} has shape {a.shape} in onnxruntime, "
-                                  f"{tuple(b.shape)} in PyTorch")
-        error = max(error, float(np.abs(a.astype(np.float64) - b.double().numpy()).max()))
+    try:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        runs = [session.run(None, {n: t.numpy() for n, t in zip(graph.inputs, check, strict=True)})
+                for check in graph.checks]
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own error types
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise CheckpointError(f"ONNX {name}: onnxruntime cannot run the exported graph: {first[:300]}") from None
+    for check, got in zip(graph.checks, runs, strict=True):
+        with torch.inference_mode():
+            want = graph.module(*check)
+        want = want if isinstance(want, tuple) else (want,)
+        for output, a, b in zip(graph.outputs, got, want, strict=True):
+            if a.shape != tuple(b.shape):
+                raise CheckpointError(f"ONNX {name}: output {output} has shape {a.shape} in onnxruntime, "
+                                      f"{tuple(b.shape)} in PyTorch")
+            if a.size:
+                error = max(error, float(np.abs(a.astype(np.float64) - b.double().numpy()).max()))
     if not error <= TOLERANCE:
         raise CheckpointError(f"ONNX {name}: max abs error {error:.3g} against PyTorch exceeds {TOLERANCE:g}")
     return error
@@ -243,7 +255,9 @@ def write_onnx(model: UniPerceiver, folder: Path, caption_token_ids: torch.Tenso
     vocabulary. The model is used in fp32 and eval mode.
     """
     require_onnx()
-    model = model.float().eval()
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        model = copy.deepcopy(model).float()
+    model.eval()
     folder.mkdir(parents=True, exist_ok=True)
     with torch.inference_mode():
         targets, ids = model.caption_targets(caption_token_ids)
@@ -258,10 +272,11 @@ def write_onnx(model: UniPerceiver, folder: Path, caption_token_ids: torch.Tenso
     shutil.copyfile(bpe_path(), folder / TOKENIZER_FILE)
     prompt = model.head.fc_prompt
     manifest = {
-        "format": FORMAT, "version": FORMAT_VERSION, "graphs": {g: f"{g}.onnx" for g in GRAPHS},
+        "format": FORMAT, "version": FORMAT_VERSION,
         "image_size": model.config.image_size, "max_frames": model.config.max_frames,
-        "max_text_len": model.config.max_text_len, "vocab_size": VOCAB_SIZE, "temperatures": scales,
+        "max_text_len": model.config.max_text_len, "temperatures": scales,
         "caption_token_ids": None if ids is None else ids.tolist(),
+        "trained_caption_token_ids": None if model.caption_vocabulary is None else model.caption_vocabulary.tolist(),
         "class_names": model.class_names,
         "classifier": None if prompt is None else {
             "classes": prompt.out_features, "similarity_weight": float(model.head.similarity_weight)},

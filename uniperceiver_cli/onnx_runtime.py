@@ -10,7 +10,7 @@ it never imports torch. The graphs and their inputs:
 - ``text_encoder``: ids (B, L) int64 and padding (B, L) bool -> features (B, D)
 - ``caption_prefix``: clips (B, T, 3, S, S) -> the keys/values of every layer (layers, 2, B, heads, P, head_dim)
 - ``caption_step``: tokens (N, K), positions (K,) and that cache -> logits of the last token over the caption
-  target set (N, V) and the cache grown by the first K - 1 tokens.
+  target set (N, V) and the keys/values of the first K - 1 tokens, to append to the cache.
 
 Features are L2-normalised; logits are cosine similarity times the task's temperature, as in PyTorch.
 """
@@ -18,6 +18,7 @@ Features are L2-normalised; logits are cosine similarity times the task's temper
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from uniperceiver_cli.model.class_rows import classifier_rows
-from uniperceiver_cli.model.config import EOT_ID, SPE_ID
+from uniperceiver_cli.model.config import EOT_ID, SPE_ID, VOCAB_SIZE
 
 MANIFEST = "uniperceiver-onnx.json"
 FORMAT = "uniperceiver-onnx"
@@ -43,6 +44,23 @@ def is_onnx_folder(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
+def _count(meta: dict, key: str, high: int) -> int:
+    value = meta[key]
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+        raise ValueError(f"{key} must be an integer in [1, {high}], got {value!r}")
+    return value
+
+
+def _token_ids(meta: dict, key: str) -> list[int] | None:
+    ids = meta.get(key)
+    if ids is None:
+        return None
+    if not isinstance(ids, list) or not ids or any(isinstance(i, bool) or not isinstance(i, int)
+                                                   or not 0 <= i < VOCAB_SIZE for i in ids):
+        raise ValueError(f"{key} must be a non-empty list of token ids in [0, {VOCAB_SIZE})")
+    return ids
+
+
 @dataclass
 class Manifest:
     image_size: int
@@ -50,6 +68,7 @@ class Manifest:
     max_text_len: int
     temperatures: dict[str, float]  # exp(logit_scale), capped, per temperature name
     caption_token_ids: list[int] | None  # the token id of each caption target row (None: row i is token i)
+    trained_caption_token_ids: list[int] | None  # the tokens the caption task trained on, when recorded
     class_names: list[str] | None
     classifier_classes: int  # rows of the prompt-tuned classifier (0: none)
     similarity_weight: float
@@ -62,7 +81,7 @@ class Manifest:
         except FileNotFoundError:
             raise OnnxModelError(f"{folder} is not an exported ONNX folder (no {MANIFEST}; "
                                  f"write one with 'uniperceiver export SRC --out DIR --onnx')") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
             raise OnnxModelError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise OnnxModelError(f"{path} is not a {FORMAT} manifest")
@@ -70,13 +89,21 @@ class Manifest:
             raise OnnxModelError(f"{path} has format version {meta.get('version')!r}; this toolkit reads "
                                  f"{FORMAT_VERSION}")
         try:
+            temperatures = {str(k): float(v) for k, v in meta["temperatures"].items()}
+            if not all(0 < v < math.inf for v in temperatures.values()):
+                raise ValueError("temperatures must be positive and finite")
+            names = meta["class_names"]
+            if names is not None and (not isinstance(names, list) or not all(isinstance(n, str) for n in names)):
+                raise ValueError("class_names must be a list of strings")
             classifier = meta["classifier"] or {}
-            return cls(int(meta["image_size"]), int(meta["max_frames"]), int(meta["max_text_len"]),
-                       {str(k): float(v) for k, v in meta["temperatures"].items()},
-                       None if meta["caption_token_ids"] is None else [int(i) for i in meta["caption_token_ids"]],
-                       None if meta["class_names"] is None else [str(n) for n in meta["class_names"]],
-                       int(classifier.get("classes", 0)), float(classifier.get("similarity_weight", 1.0)))
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            classes = int(classifier.get("classes", 0))
+            weight = float(classifier.get("similarity_weight", 1.0))
+            if not 0 <= classes <= 10**7 or not math.isfinite(weight):
+                raise ValueError("the classifier record is out of range")
+            return cls(_count(meta, "image_size", 8192), _count(meta, "max_frames", 4096),
+                       _count(meta, "max_text_len", 65536), temperatures, _token_ids(meta, "caption_token_ids"),
+                       _token_ids(meta, "trained_caption_token_ids"), names, classes, weight)
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             raise OnnxModelError(f"{path} is malformed ({type(e).__name__}: {e})") from None
 
 
@@ -123,7 +150,11 @@ class OnnxModel:
                 raise OnnxModelError(f"cannot load {self.folder / graph}.onnx: "
                                      f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
             self._sessions[graph] = session
-        return session.run(None, feeds)
+        try:
+            return session.run(None, feeds)
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own error types
+            raise OnnxModelError(f"{self.folder / graph}.onnx cannot run on these inputs: "
+                                 f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
     @property
     def tokenizer(self):  # noqa: ANN201 - the tokenizer module is imported on first use
@@ -156,7 +187,7 @@ class OnnxModel:
 
     def tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Texts -> ids (B, L) int64 right-padded with 0 and padding (B, L) bool, as ``Tokenizer.encode_batch``."""
-        rows = [self.tokenizer.encode(t, max_len=self.manifest.max_text_len) for t in texts]
+        rows = self.tokenizer.encode_many(texts, max_len=self.manifest.max_text_len)
         length = max(len(r) for r in rows)
         ids = np.zeros((len(rows), length), dtype=np.int64)
         for i, row in enumerate(rows):
@@ -215,51 +246,48 @@ class OnnxModel:
         rows = self.classifier_rows(names)
         return softmax(self.classification_logits(inputs, self.label_features(names, templates), rows))
 
-    def caption_tokens(self, inputs: np.ndarray, *, beam_size: int = 2, max_len: int = 21,
-                       len_penalty: float = 0.0) -> np.ndarray:
-        """Beam search over the caption target set, as ``model.decoding.beam_search`` with the cache:
-        the best beam's token ids (B, steps), <|endoftext|> repeated after it ends."""
+    def caption_tokens(self, inputs: np.ndarray, *, beam_size: int = 2, max_len: int = 21, len_penalty: float = 0.0,
+                       only: Sequence[int] | None = None) -> np.ndarray:
+        """Beam search over the caption target set, as ``model.decoding.beam_search`` with the cache: the best
+        beam's token ids (B, steps), <|endoftext|> repeated after it ends. ``only`` restricts the set to those
+        token ids (and <|endoftext|>): each row's logit does not depend on the others, so the rows outside it are
+        masked, which gives the tokens of a graph exported with that set."""
         if beam_size < 1 or max_len < 1:
             raise ValueError("beam_size and max_len must be at least 1")
         video = self._check_visual(inputs if inputs.ndim == 5 else inputs[:, None])
         cache = self._run("caption_prefix", {"video": video})[0]
-        token_ids = self.manifest.caption_token_ids
         b = video.shape[0]
         words = np.zeros((b, 0), dtype=np.int64)
         scores = np.zeros(b, dtype=np.float32)
-        v = None
+        ids = mask = eos_only = None
         for t in range(max_len):
             if t == 0:
                 tokens, positions = np.full((b, 1), SPE_ID, dtype=np.int64), np.array([0], dtype=np.int64)
             else:
                 tokens = np.stack([words[:, -1], np.full(len(words), SPE_ID, dtype=np.int64)], axis=1)
                 positions = np.array([t - 1, t], dtype=np.int64)
-            logits, grown = self._run("caption_step", {"tokens": tokens, "positions": positions, "cache": cache})
-            if t > 0:
-                cache = grown
-            if v is None:
-                v = logits.shape[1]
-                ids = np.arange(v, dtype=np.int64) if token_ids is None else np.array(token_ids, dtype=np.int64)
-                eos_rows = np.flatnonzero(ids == EOT_ID)
-                if ids.shape != (v,) or len(eos_rows) != 1:
-                    raise OnnxModelError(f"{self.folder / MANIFEST}: the caption token ids do not fit the "
-                                         f"{v} rows of the caption graph")
-                eos_only = np.full(v, -np.inf, dtype=np.float32)
-                eos_only[eos_rows[0]] = 0.0
+            logits, new = self._run("caption_step", {"tokens": tokens, "positions": positions, "cache": cache})
+            if ids is None:
+                ids, mask, eos_only = self._caption_rows(logits.shape[1], only)
+            v = len(ids)
+            if mask is not None:
+                logits = logits + mask
             logp = _log_softmax(logits.astype(np.float32))
             if t > 0:
                 logp = np.where((words[:, -1] == EOT_ID)[:, None], eos_only, logp)
             beams = 1 if t == 0 else beam_size
             candidates = (scores[:, None] + logp).reshape(b, beams * v)
             k = min(beam_size, beams * v)
-            index = np.argsort(-candidates, axis=1, kind="stable")[:, :k]
+            best = np.argpartition(-candidates, k - 1, axis=1)[:, :k]
+            order = np.argsort(-np.take_along_axis(candidates, best, axis=1), axis=1, kind="stable")
+            index = np.take_along_axis(best, order, axis=1)
             top = np.take_along_axis(candidates, index, axis=1)
             beam, row = index // v, index % v
             word = ids[row]
             rows = (np.arange(b)[:, None] * beams + beam).reshape(-1)
             words = np.concatenate([words[rows], word.reshape(-1, 1)], axis=1)
             scores = top.reshape(-1)
-            cache = cache[:, :, rows]
+            cache = np.concatenate([cache, new], axis=4).take(rows, axis=2) if t > 0 else cache.take(rows, axis=2)
             if (word == EOT_ID).all():
                 break
         k = words.shape[0] // b
@@ -267,10 +295,27 @@ class OnnxModel:
         if len_penalty > 0:
             lengths = (words != EOT_ID).sum(axis=1).reshape(b, k) + 1
             final = final / lengths.astype(np.float32) ** len_penalty
-        best = final.argmax(axis=1) + np.arange(b) * k
-        return words[best]
+        best_beam = final.argmax(axis=1) + np.arange(b) * k
+        return words[best_beam]
 
-    def caption(self, inputs: np.ndarray, *, beam_size: int = 2, max_len: int = 21) -> list[str]:
-        """Captions for images (B, 3, S, S) or clips (B, T, 3, S, S)."""
-        tokens = self.caption_tokens(inputs, beam_size=beam_size, max_len=max_len)
+    def _caption_rows(self, v: int, only: Sequence[int] | None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """The token id of each of the caption graph's ``v`` rows, the mask of the rows outside ``only`` (or None)
+        and the log-probabilities of a beam that has ended (0 for <|endoftext|>, -inf elsewhere)."""
+        token_ids = self.manifest.caption_token_ids
+        ids = np.arange(v, dtype=np.int64) if token_ids is None else np.array(token_ids, dtype=np.int64)
+        eos_rows = np.flatnonzero(ids == EOT_ID)
+        if ids.shape != (v,) or len(eos_rows) != 1:
+            raise OnnxModelError(f"{self.folder / MANIFEST}: the caption token ids do not fit the {v} rows of the "
+                                 f"caption graph")
+        mask = None
+        if only is not None:
+            mask = np.where(np.isin(ids, [*only, EOT_ID]), 0.0, -np.inf).astype(np.float32)
+        eos_only = np.full(v, -np.inf, dtype=np.float32)
+        eos_only[eos_rows[0]] = 0.0
+        return ids, mask, eos_only
+
+    def caption(self, inputs: np.ndarray, *, beam_size: int = 2, max_len: int = 21,
+                only: Sequence[int] | None = None) -> list[str]:
+        """Captions for images (B, 3, S, S) or clips (B, T, 3, S, S); ``only`` as in :meth:`caption_tokens`."""
+        tokens = self.caption_tokens(inputs, beam_size=beam_size, max_len=max_len, only=only)
         return [self.tokenizer.decode(row.tolist(), errors="ignore") for row in tokens]

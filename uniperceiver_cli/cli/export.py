@@ -48,6 +48,8 @@ def export(
     with user_errors(), one_line_warnings():
         if step is not None and latest:
             raise ValueError("give --step N or --latest, not both")
+        if vocabulary is not Vocabulary.trained and not onnx:
+            raise ValueError("--vocabulary chooses the ONNX caption graph's target set: it needs --onnx")
         from uniperceiver_cli.checkpoints import find_source
         from uniperceiver_cli.export import export as run_export
 

@@ -64,7 +64,7 @@ def predict(
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
 ) -> None:
     """Zero-shot labels (--labels/--label), best-matching texts (--texts) or captions (--caption) for files.
-    --model DIR/onnx runs an exported model on onnxruntime, without PyTorch."""
+    --model DIR/onnx runs an exported model on onnxruntime, without importing PyTorch."""
     from uniperceiver_cli.onnx_runtime import is_onnx_folder
     from uniperceiver_cli.text_files import read_lines
 
@@ -162,9 +162,13 @@ def _onnx_task(folder: Path, names: list[str], templates: list[str] | None, cand
             return _top(features @ (feats / max(float(np.linalg.norm(feats)), 1e-12)), candidates, top_k,
                         "similarity")
     else:
+        # As with the bundle: "trained" decodes over the recorded caption set (a graph exported with the whole
+        # vocabulary is masked to it), "full" over every token.
+        only = net.manifest.trained_caption_token_ids if vocabulary is Vocabulary.trained else None
+
         def answer(inputs: np.ndarray, top_k: int) -> dict:
             one = inputs[len(inputs) // 2:len(inputs) // 2 + 1]  # a video's centre view, or the image
-            return {"caption": net.caption(one, beam_size=beam_size, max_len=max_len)[0]}
+            return {"caption": net.caption(one, beam_size=beam_size, max_len=max_len, only=only)[0]}
 
     def read(path: Path, num_frames: int) -> np.ndarray:
         if path.suffix.lower() in VIDEO_SUFFIXES:

@@ -172,6 +172,16 @@ class Tokenizer:
             ids = self._backend.encode(cleaned, add_special_tokens=False).ids
         return _truncate(ids, max_len)
 
+    def encode_many(self, texts: Sequence[str], *, add_eot: bool = True, max_len: int | None = None) -> list[list[int]]:
+        """Encodes several texts like ``encode``, in one call to the backend; no torch needed."""
+        _check_max_len(max_len)
+        cleaned = [self._prepare(text, add_eot) for text in texts]
+        rows = [encoding.ids for encoding in self._backend.encode_batch(cleaned, add_special_tokens=False)]
+        for i, text in enumerate(cleaned):
+            if _GLUED_SPECIAL.search(text):
+                rows[i] = self._encode_glued(text)
+        return [_truncate(row, max_len) for row in rows]
+
     def encode_batch(
         self, texts: Sequence[str], *, add_eot: bool = True, max_len: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,13 +197,7 @@ class Tokenizer:
         """
         import torch
 
-        _check_max_len(max_len)
-        cleaned = [self._prepare(text, add_eot) for text in texts]
-        rows = [encoding.ids for encoding in self._backend.encode_batch(cleaned, add_special_tokens=False)]
-        for i, text in enumerate(cleaned):
-            if _GLUED_SPECIAL.search(text):
-                rows[i] = self._encode_glued(text)
-        rows = [_truncate(row, max_len) for row in rows]
+        rows = self.encode_many(texts, add_eot=add_eot, max_len=max_len)
         lengths = torch.tensor([len(row) for row in rows], dtype=torch.long)
         length = int(lengths.max()) if rows else 0
         ids = torch.tensor([row + [0] * (length - len(row)) for row in rows], dtype=torch.long)
