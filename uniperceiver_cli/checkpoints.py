@@ -35,7 +35,15 @@ from uniperceiver_cli.model.config import (
 )
 from uniperceiver_cli.model.heads import TEMPERATURES
 from uniperceiver_cli.model.uniperceiver import UniPerceiver
-from uniperceiver_cli.train.protocol import CLIENT_KEY, DEEPSPEED_DIR, DEEPSPEED_TAG, STATE_FILE, STATE_GLOBALS
+from uniperceiver_cli.train.protocol import (
+    CLIENT_KEY,
+    DEEPSPEED_DIR,
+    DEEPSPEED_TAG,
+    EXPERTS_DIR,
+    STATE_FILE,
+    STATE_GLOBALS,
+    expert_shard_file,
+)
 
 BUNDLE_WEIGHTS = "model.safetensors"
 BUNDLE_CONFIG = "config.json"
@@ -381,6 +389,7 @@ class Source:
     format: str | None = None  # official: "torch" or "ds"
     zero_stage: int | None = None
     processes: int | None = None
+    expert_parallel: int | None = None  # a DeepSpeed checkpoint whose experts were sharded over this many ranks
     state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     def describe(self) -> str:
@@ -393,6 +402,8 @@ class Source:
             details.append(f"ZeRO {self.zero_stage}")
         if self.processes is not None:
             details.append(f"{self.processes} process{'es' if self.processes != 1 else ''}")
+        if self.expert_parallel is not None:
+            details.append(f"experts over {self.expert_parallel} ranks, stacked")
         if self.step is not None:
             details.append(f"step {self.step}")
         label = {"deepspeed": "deepspeed checkpoint", "state": "single-engine checkpoint"}.get(
@@ -559,12 +570,44 @@ def _file_source(file: Path, kind: str | None, given: Path | None, label: Path) 
     source = Source(found, label, file, run_dir=_run_of(file), given=given, format=fmt, state=state)
     if found == "deepspeed":
         source.zero_stage, source.processes = _check_ranks(file.parent, obj)
+        source.state, source.expert_parallel = _stack_experts(state, file)
         client = obj.get(CLIENT_KEY)
         recorded = client.get("step") if isinstance(client, dict) else obj.get("global_steps")
         source.step = recorded if isinstance(recorded, int) else None
     elif found == "state" and isinstance(obj.get("step"), int):
         source.step = obj["step"]
     return source
+
+
+_EXPERT_SHARD = re.compile(r"^rank-(\d{3})-of-(\d{3})\.safetensors$")
+
+
+def _stack_experts(state: dict[str, torch.Tensor], file: Path) -> tuple[dict[str, torch.Tensor], int | None]:
+    """An expert-parallel run's DeepSpeed checkpoint: its module states (rank 0's) hold only rank 0's experts, and
+    every expert-parallel rank's experts are in ``experts/`` beside the DeepSpeed folder. Stack them in expert
+    order; returns the state and the expert-parallel size (None: not expert-parallel)."""
+    folder = file.parent.parent.parent / EXPERTS_DIR  # step-N/deepspeed/<tag>/mp_rank_00_model_states.pt
+    found = {m.group(1, 2) for m in (_EXPERT_SHARD.match(p.name) for p in folder.iterdir()) if m} \
+        if folder.is_dir() else set()
+    if not found:
+        return state, None
+    sizes = {int(size) for _, size in found}
+    if len(sizes) != 1:
+        raise CheckpointError(f"{folder} mixes expert shards of {len(sizes)} expert-parallel sizes")
+    size = sizes.pop()
+    missing = sorted(set(range(size)) - {int(rank) for rank, _ in found})
+    if missing:
+        raise CheckpointError(f"{folder} is incomplete: it was written by {size} expert-parallel ranks but the "
+                              f"experts of rank(s) {', '.join(map(str, missing))} are missing")
+    shards = [_read_safetensors(folder / expert_shard_file(rank, size)) for rank in range(size)]
+    state = dict(state)
+    for key in shards[0]:
+        parts = [shard.get(key) for shard in shards]
+        if key not in state or any(p is None or p.shape != parts[0].shape for p in parts) \
+                or state[key].shape != parts[0].shape:
+            raise CheckpointError(f"{folder}: the expert shards do not fit the checkpoint's {key}")
+        state[key] = torch.cat(parts)
+    return state, size
 
 
 def _run_recipe(run_dir: Path | None) -> dict[str, Any]:

@@ -42,15 +42,18 @@ from typing import Any
 import torch
 
 from uniperceiver_cli.checkpoints import deepspeed_records, torch_load
-from uniperceiver_cli.train.optim import build_optimizer, build_scheduler
+from uniperceiver_cli.model.moe import ExpertLinear, ExpertShard, gather_experts, shard_experts
+from uniperceiver_cli.train.optim import build_optimizer, build_scheduler, param_groups
 from uniperceiver_cli.train.protocol import (
     CLIENT_KEY,
     DEEPSPEED_DIR,
     DEEPSPEED_TAG,
+    EXPERTS_DIR,
     FP16_GROWTH_INTERVAL,
     FP16_INITIAL_SCALE_POWER,
     STATE_GLOBALS,
     Context,
+    expert_shard_file,
 )
 from uniperceiver_cli.train.recipe import Recipe
 
@@ -246,6 +249,75 @@ def _scalars_broadcast_here(model: torch.nn.Module) -> Iterator[None]:
             del p.ds_optim_param
 
 
+# ------------------------------------------------------------------------------------------------- experts
+def _expert_group(model: torch.nn.Module, size: int, ctx: Context) -> ExpertShard:
+    """DeepSpeed's expert-parallel groups for ``size``, and this process's share of the experts."""
+    from deepspeed.utils import groups
+
+    moe = getattr(model.config, "moe", None)
+    if moe is None:
+        raise ValueError(f"engine.expert_parallel {size} needs an MoE model; the recipe's model has no experts")
+    if moe.num_experts % size or ctx.world_size % size:
+        raise ValueError(f"engine.expert_parallel {size} must divide the model's {moe.num_experts} experts and the "
+                         f"{ctx.world_size} processes")
+    name = f"ep_size_{size}"
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(size)
+    group = groups._get_expert_parallel_group(name)
+    count = moe.num_experts // size
+    first = groups._get_expert_parallel_rank(name) * count
+    return ExpertShard(first, count, group, torch.distributed.get_global_rank(group, 0))
+
+
+def _register_experts(model: torch.nn.Module, shard: ExpertShard, size: int) -> None:
+    """Shard the experts and make DeepSpeed treat them as its own expert parameters.
+
+    DeepSpeed recognises expert parameters by ``allreduce = False`` and ``group_name``: it broadcasts them at
+    start-up within the expert-data-parallel group only, reduces their gradients over that group, and ZeRO
+    partitions their optimizer state over it. Its engine and ZeRO switch that on only for a model holding one of
+    its ``MoE`` modules, so the model gets an empty one that registers the group. It holds no experts: our
+    experts are the model's ``ExpertLinear`` slices, which :meth:`DeepSpeedEngine.save` writes itself (DeepSpeed
+    writes per-expert files only for its own expert modules and the module states only from rank 0).
+    """
+    from deepspeed.moe.layer import MoE
+
+    class ExpertRegistration(MoE):
+        def __init__(self) -> None:
+            torch.nn.Module.__init__(self)
+            self.num_experts, self.ep_size = model.config.moe.num_experts, size
+            self.expert_group_name = f"ep_size_{size}"
+            self.num_local_experts = 0  # no per-expert files of DeepSpeed's: see DeepSpeedEngine.save
+
+        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+            pass  # the groups exist already (_expert_group)
+
+        def forward(self, *args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("the expert registration is not a layer")
+
+    shard_experts(model, shard)
+    for module in model.modules():
+        if isinstance(module, ExpertLinear):
+            for param in module.parameters():
+                param.allreduce = False
+                param.group_name = f"ep_size_{size}"
+    model.add_module("deepspeed_experts", ExpertRegistration())
+
+
+def _expert_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """The optimizer's groups with the experts in groups of their own, as DeepSpeed's ZeRO requires."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    named = [{**group, "name": name} for name, group in zip(("decay", "no_decay"), param_groups(model, weight_decay),
+                                                                strict=True)]
+    return [group for group in split_params_into_different_moe_groups_for_optimizer(named) if group["params"]]
+
+
+def _local_experts(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{name}.{key}": getattr(module, key).detach().cpu().contiguous()
+            for name, module in model.named_modules() if isinstance(module, ExpertLinear)
+            for key in ("weight", "bias")}
+
+
 class DeepSpeedEngine:
     """The loop's engine under ``deepspeed.initialize``; same interface as ``SingleEngine``.
 
@@ -258,7 +330,18 @@ class DeepSpeedEngine:
         import deepspeed
 
         model = model.to(ctx.device)
-        optimizer = build_optimizer(model, recipe.train)
+        self.shard: ExpertShard | None = None
+        self.expert_parallel = recipe.engine.expert_parallel
+        groups = None
+        if self.expert_parallel > 1:
+            if recipe.engine.zero_stage == 0 and recipe.train.precision != "fp32":
+                raise ValueError(f"engine.expert_parallel with {recipe.train.precision} needs engine.zero_stage 1 or "
+                                 f"2 (at ZeRO 0 DeepSpeed's {recipe.train.precision} optimizer would clip with the "
+                                 f"norm of each process's own experts)")
+            self.shard = _expert_group(model, self.expert_parallel, ctx)
+            _register_experts(model, self.shard, self.expert_parallel)
+            groups = _expert_param_groups(model, recipe.train.weight_decay)
+        optimizer = build_optimizer(model, recipe.train, groups)
         scheduler = build_scheduler(optimizer, recipe.train)
         self.config = deepspeed_config(recipe, ctx.world_size)
         # Plain fp32 data parallel (ZeRO 0, no fp16/bf16 optimizer) clips with DeepSpeed's clip_grad_norm_,
@@ -284,9 +367,33 @@ class DeepSpeedEngine:
             elif "step" in state:
                 state["step"] = 0
         self.model = self.engine.module
+        if self.shard is not None:
+            self._count_every_expert_in_the_norm()
         # Every checkpoint file DeepSpeed reads goes through its checkpoint engine's load(); its own unpickles
         # with weights_only=False. Ours is the same call, but only tensors and plain data are accepted.
         self.engine.checkpoint_engine.load = safe_load
+
+    def _count_every_expert_in_the_norm(self) -> None:
+        """ZeRO's gradient norm takes each expert group's norm over its expert-data-parallel group only, so each
+        expert-parallel rank would clip with the norm of its own experts, and the replicated weights would take
+        different steps on different ranks. Sum the experts' squared norms over the expert-parallel group too: then
+        every rank clips with the whole model's norm, as one process holding every expert does. (Plain ZeRO 0
+        clips in :meth:`_clip_with_experts`.)"""
+        optimizer = self.engine.optimizer
+        average = getattr(optimizer, "_average_expert_grad_norms", None)
+        if average is None:
+            return
+        group = self.shard.group
+
+        def whole_model(norm_groups: list[torch.Tensor]) -> None:
+            average(norm_groups)
+            for i, norm in enumerate(norm_groups):
+                if optimizer.is_moe_param_group[i]:
+                    squared = norm.double() ** 2
+                    torch.distributed.all_reduce(squared, group=group)
+                    norm_groups[i] = squared.sqrt().to(norm.dtype)
+
+        optimizer._average_expert_grad_norms = whole_model
 
     def backward(self, loss: torch.Tensor) -> None:
         """Gradients of ``loss / accumulation``, averaged over the processes at the accumulation boundary."""
@@ -296,8 +403,25 @@ class DeepSpeedEngine:
         """Count the micro-batch; at the accumulation boundary clip, step the optimizer and the schedule."""
         if self.clip > 0 and self.engine.is_gradient_accumulation_boundary():
             params = [p for p in self.model.parameters() if p.requires_grad and p.grad is not None]
-            self.norm = torch.nn.utils.clip_grad_norm_(params, self.clip)
+            if self.shard is None:
+                self.norm = torch.nn.utils.clip_grad_norm_(params, self.clip)
+            else:
+                self.norm = self._clip_with_experts(params)
         self.engine.step()
+
+    def _clip_with_experts(self, params: list[torch.nn.Parameter]) -> torch.Tensor:
+        """clip_grad_norm_ over the whole model when each process holds a share of the experts: the experts' part
+        of the squared norm is summed over the expert-parallel group (the other parameters are alike everywhere)."""
+        zero = torch.zeros((), device=params[0].device)
+        expert = [p.grad.detach().float().pow(2).sum() for p in params if getattr(p, "allreduce", True) is False]
+        dense = [p.grad.detach().float().pow(2).sum() for p in params if getattr(p, "allreduce", True)]
+        experts = torch.stack(expert or [zero]).sum()
+        torch.distributed.all_reduce(experts, group=self.shard.group)
+        norm = (torch.stack(dense or [zero]).sum() + experts).sqrt()
+        scale = (self.clip / (norm + 1e-6)).clamp(max=1.0)
+        for p in params:
+            p.grad.detach().mul_(scale.to(p.grad.dtype))
+        return norm
 
     def step(self) -> torch.Tensor | None:
         """DeepSpeed stepped in the last ``micro_step``; returns the global gradient norm when known."""
@@ -315,6 +439,21 @@ class DeepSpeedEngine:
         process calls it. ``client`` (the loop's state) travels inside it."""
         self.engine.save_checkpoint(str(Path(directory) / DEEPSPEED_DIR), tag=DEEPSPEED_TAG,
                                     client_state={CLIENT_KEY: client})
+        if self.shard is not None and self._writes_experts():
+            from safetensors.torch import save_file
+
+            folder = Path(directory) / EXPERTS_DIR
+            folder.mkdir(exist_ok=True)
+            rank = self.shard.first // self.shard.count
+            save_file(_local_experts(self.model), folder / expert_shard_file(rank, self.expert_parallel),
+                      metadata={"first": str(self.shard.first), "count": str(self.shard.count),
+                                "num_experts": str(self.shard.count * self.expert_parallel)})
+
+    def _writes_experts(self) -> bool:
+        """One process per expert shard writes it: the first of its expert-data-parallel group."""
+        from deepspeed.utils import groups
+
+        return groups._get_expert_data_parallel_rank(f"ep_size_{self.expert_parallel}") == 0
 
     def load(self, directory: Path) -> dict[str, Any]:
         """Restore what :meth:`save` wrote; returns the loop's state. Every process calls it."""
@@ -322,4 +461,47 @@ class DeepSpeedEngine:
         path, state = self.engine.load_checkpoint(str(folder), tag=DEEPSPEED_TAG)
         if path is None or not state or CLIENT_KEY not in state:
             raise FileNotFoundError(f"{folder} holds no DeepSpeed checkpoint of this run (tag {DEEPSPEED_TAG!r})")
+        if self.shard is not None:
+            self._load_experts(Path(directory) / EXPERTS_DIR)
         return state[CLIENT_KEY]
+
+    def _load_experts(self, folder: Path) -> None:
+        """This process's experts from the checkpoint's shard (DeepSpeed restored rank 0's module states)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        rank = self.shard.first // self.shard.count
+        path = folder / expert_shard_file(rank, self.expert_parallel)
+        if not path.is_file():
+            written = sorted(p.name for p in folder.glob("rank-*.safetensors")) if folder.is_dir() else []
+            raise FileNotFoundError(f"{path} is missing: the checkpoint holds "
+                                    f"{', '.join(written) or 'no expert shards'}; resume with the expert_parallel it "
+                                    f"was written with")
+        try:
+            tensors = load_file(path)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"cannot read {path}: {e}") from None
+        local = _local_experts(self.model)
+        if tensors.keys() != local.keys() or any(tensors[k].shape != local[k].shape for k in local):
+            raise ValueError(f"{path} does not hold this model's experts {self.shard.first}.."
+                             f"{self.shard.first + self.shard.count - 1}")
+        with torch.no_grad():
+            for name, module in self.model.named_modules():
+                if isinstance(module, ExpertLinear):
+                    module.weight.copy_(tensors[f"{name}.weight"])
+                    module.bias.copy_(tensors[f"{name}.bias"])
+
+    def inference_model(self) -> torch.nn.Module | None:
+        """The whole model for evaluation and the final bundle. Under expert parallelism a collective: every
+        process calls it; the main process gets a copy with every expert (the others None)."""
+        if self.shard is None:
+            return self.model
+        full = gather_experts(self.model)
+        if torch.distributed.get_rank() != 0:
+            return None
+        from uniperceiver_cli.model.uniperceiver import UniPerceiver
+
+        model = UniPerceiver(self.model.config).to(full[next(iter(full))].device)
+        model.load_state_dict({**self.model.state_dict(), **full})
+        model.class_names, model.caption_vocabulary = self.model.class_names, self.model.caption_vocabulary
+        return model

@@ -28,9 +28,10 @@ def param_groups(model: UniPerceiver, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: UniPerceiver, spec: TrainSpec) -> torch.optim.AdamW:
-    """AdamW, fused: one kernel per parameter group (CPU and CUDA) instead of a loop over the tensors."""
-    return torch.optim.AdamW(param_groups(model, spec.weight_decay), lr=spec.lr, betas=tuple(spec.betas),
+def build_optimizer(model: UniPerceiver, spec: TrainSpec, groups: list[dict] | None = None) -> torch.optim.AdamW:
+    """AdamW, fused: one kernel per parameter group (CPU and CUDA) instead of a loop over the tensors. ``groups``
+    defaults to :func:`param_groups`."""
+    return torch.optim.AdamW(groups or param_groups(model, spec.weight_decay), lr=spec.lr, betas=tuple(spec.betas),
                              eps=spec.eps, fused=True)
 
 

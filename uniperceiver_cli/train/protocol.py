@@ -15,6 +15,13 @@ STATE_FILE = "state.pt"  # the single engine's checkpoint inside checkpoints/ste
 DEEPSPEED_DIR = "deepspeed"  # DeepSpeed's checkpoint folder inside checkpoints/step-N
 DEEPSPEED_TAG = "state"  # the tag of DeepSpeed's checkpoint inside that folder
 CLIENT_KEY = "uniperceiver"  # the loop's own state (step, data position, RNGs) inside DeepSpeed's checkpoint
+# Expert parallelism: each expert-parallel rank's experts, beside DeepSpeed's folder inside checkpoints/step-N
+EXPERTS_DIR = "experts"
+
+
+def expert_shard_file(rank: int, size: int) -> str:
+    """The file of expert-parallel rank ``rank`` of ``size`` inside :data:`EXPERTS_DIR`."""
+    return f"rank-{rank:03d}-of-{size:03d}.safetensors"
 FP16_INITIAL_SCALE_POWER = 13  # the reference's GradScaler: initial scale 2**13, growth every 200 steps
 FP16_GROWTH_INTERVAL = 200
 
@@ -56,6 +63,10 @@ class Engine(Protocol):
 
     def barrier(self) -> None:
         """Wait for every process."""
+
+    def inference_model(self) -> nn.Module | None:
+        """The whole model, for evaluation and the final bundle; every process calls it (with expert parallelism
+        the experts are gathered), the main process gets the model."""
 
     def save(self, directory: Path, client: dict[str, Any]) -> None:
         """Write the engine's state and the loop's ``client`` state into ``directory``; every process calls it."""

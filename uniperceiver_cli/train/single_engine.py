@@ -84,6 +84,9 @@ class SingleEngine:
     def barrier(self) -> None:
         """Nothing to wait for in one process."""
 
+    def inference_model(self) -> torch.nn.Module:
+        return self.model
+
     def save(self, directory: Path, client: dict[str, Any]) -> None:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), **client}

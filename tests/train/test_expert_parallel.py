@@ -1,0 +1,119 @@
+"""Expert parallelism under DeepSpeed: two gloo processes holding half of the experts each train exactly like one
+process holding all of them; checkpoints hold each process's experts, resume exactly and export to one bundle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from tests.train.test_deepspeed import _launch, _metrics, _unshuffled
+from tests.train.test_deepspeed import data_root as data_root  # noqa: F401 - the shared fixture
+from uniperceiver_cli.checkpoints import find_source, load_model
+from uniperceiver_cli.cli.app import app
+from uniperceiver_cli.export import export
+from uniperceiver_cli.train import engine as loop
+from uniperceiver_cli.train.protocol import EXPERTS_DIR
+from uniperceiver_cli.train.recipe import validate
+
+pytest.importorskip("deepspeed")
+
+B, STEPS, ATOL = 2, 4, 1e-5
+
+
+def _recipe(root: Path, *, batch_size: int, kind: str, expert_parallel: int = 1, zero: int = 0,
+            accumulation: int = 1, checkpoint_every: int = 0) -> dict:
+    return {
+        "name": "ep", "stage": "pretrain", "data_root": str(root),
+        "tasks": [{"name": "cls", "type": "image_classification", "data": "split", "batch_size": batch_size,
+                   "augment": False}],
+        # 4 experts, top-2: with 2 processes a segment's two experts sit on one process or on both. No gate noise,
+        # so the single process and the group draw nothing differently.
+        "model": {"preset": "tiny-moe", "overrides": {"image_size": 32, "layer_scale_init": 1.0,
+                                                       "moe": {"noise_policy": "none"}}},
+        "train": {"steps": STEPS, "lr": 2e-3, "warmup_steps": 0, "grad_clip": 0.1, "accumulation": accumulation,
+                  "precision": "fp32", "log_every": 1, "checkpoint_every": checkpoint_every, "seed": 3},
+        "engine": {"kind": kind, "zero_stage": zero, "expert_parallel": expert_parallel},
+    }
+
+
+@pytest.fixture(scope="module")
+def single(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
+    """One process with every expert, batch 2B, accumulation 2."""
+    out = tmp_path_factory.mktemp("ep-single")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop, "make_loader", _unshuffled(loop.make_loader))
+        loop.train(validate(_recipe(data_root, batch_size=2 * B, kind="single", accumulation=2)), out)
+    return out
+
+
+def _assert_same(single: Path, parallel: Path) -> None:
+    a, b = _metrics(single), _metrics(parallel)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, STEPS + 1))
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("cls/loss", "grad_norm"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=ATOL), (ra["step"], key)
+    wa, wb = load_file(single / "final" / "model.safetensors"), load_file(parallel / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < ATOL
+    experts = [k for k in wa if wa[k].dim() == 3]  # (experts, out, in): every one trained
+    assert experts and all(wa[k].shape[0] == 4 for k in experts)
+
+
+@pytest.mark.parametrize("zero", [0, 2], ids=["zero0", "zero2"])
+def test_two_processes_holding_half_the_experts_equal_one(data_root: Path, tmp_path: Path, single: Path,  # noqa: F811
+                                                          zero: int):
+    recipe = _recipe(data_root, batch_size=B, kind="deepspeed", expert_parallel=2, zero=zero, accumulation=2,
+                     checkpoint_every=2)
+    run = tmp_path / "ep"
+    if zero == 2:  # killed after step 2, resumed: the same end
+        _launch(recipe, run, launcher="torchrun", stop_after=2)
+        _launch(recipe, run, launcher="torchrun", resume="auto")
+    else:
+        _launch(recipe, run, launcher="torchrun")
+    _assert_same(single, run)
+    step = run / "checkpoints" / f"step-{STEPS:07d}"
+    shards = {p.name: load_file(p) for p in sorted((step / EXPERTS_DIR).iterdir())}
+    assert list(shards) == ["rank-000-of-002.safetensors", "rank-001-of-002.safetensors"]
+    assert all(t.shape[0] == 2 for shard in shards.values() for t in shard.values())  # each holds its 2 experts
+
+    # export stacks the shards into one bundle equal to the run's final model
+    source = find_source(step)
+    assert "experts over 2 ranks, stacked" in source.describe()
+    done = export(source, tmp_path / "bundle")
+    final, exported = load_file(run / "final" / "model.safetensors"), load_file(done.out / "model.safetensors")
+    assert final.keys() == exported.keys() and all(torch.equal(final[k], exported[k]) for k in final)
+    assert torch.equal(load_model(step).state_dict()["blocks.1.mlp.fc1.weight"], final["blocks.1.mlp.fc1.weight"])
+
+    # and evaluates to the same metrics as the run's final model
+    results = []
+    for model in (run / "final", done.out):
+        out = tmp_path / f"eval-{model.name}"
+        result = CliRunner().invoke(app, ["evaluate", "--model", str(model), "--data", str(data_root / "split"),
+                                          "--task", "image_classification", "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        results.append(json.loads((out / "results.json").read_text())["metrics"])
+    assert results[0] == results[1]
+
+
+def test_a_missing_expert_shard_is_one_line(data_root: Path, tmp_path: Path):  # noqa: F811
+    recipe = _recipe(data_root, batch_size=B, kind="deepspeed", expert_parallel=2, checkpoint_every=2)
+    recipe["train"]["steps"] = 2
+    run = tmp_path / "ep"
+    _launch(recipe, run, launcher="torchrun")
+    step = run / "checkpoints" / f"step-{2:07d}"
+    (step / EXPERTS_DIR / "rank-001-of-002.safetensors").unlink()
+    result = CliRunner().invoke(app, ["export", str(step), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert "experts of rank(s) 1 are missing" in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_expert_parallel_settings_are_checked(data_root: Path):  # noqa: F811
+    from uniperceiver_cli.train.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match="expert parallelism .2. runs under DeepSpeed"):
+        validate(_recipe(data_root, batch_size=B, kind="single", expert_parallel=2))
