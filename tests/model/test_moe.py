@@ -5,7 +5,7 @@ import torch
 
 import uniperceiver_cli as up
 from uniperceiver_cli.model.config import MoEConfig
-from uniperceiver_cli.model.moe import ATTRIBUTES, AttributeGate, ExpertLinear, Routing, merge_experts, route
+from uniperceiver_cli.model.moe import ATTRIBUTES, AttributeGate, ExpertLinear, Routing, Segments, merge_experts, route
 
 
 def test_top2_gates_are_renormalised_and_top1_keeps_the_probability():
@@ -39,7 +39,7 @@ def test_merging_weights_equals_mixing_outputs():
     torch.nn.init.normal_(layer.bias)
     x = torch.randn(2, 7, 6)
     ids, gates = torch.tensor([[1, 3], [0, 2]]), torch.tensor([[0.7, 0.3], [0.4, 0.6]])
-    out = layer(x, (ids, gates), [(0, 3), (3, 7)])
+    out = layer(x, Segments(ids, gates, [(0, 3), (3, 7)]))
     for row, (a, b) in enumerate([(0, 3), (3, 7)]):
         mixed = sum(g * torch.nn.functional.linear(x[:, a:b], layer.weight[e], layer.bias[e])
                     for e, g in zip(ids[row].tolist(), gates[row].tolist(), strict=True))

@@ -184,7 +184,7 @@ def run_captioning(model: UniPerceiver, batches: Iterable[Batch], *, beam_size: 
             if views > 1:  # one (centre) view per video for captioning
                 inputs = inputs[views // 2::views]
             result = beam_search(model, inputs, beam_size=beam_size, max_len=max_len, len_penalty=len_penalty,
-                                 vocabulary=vocabulary, token_ids=vocab_ids)
+                                 vocabulary=vocabulary, token_ids=vocab_ids, use_cache=model.decodes_with_cache)
             for key, caption, refs in zip(batch["keys"], tokenizer.decode_batch(result.tokens.cpu(), errors="ignore"),
                                           batch["captions"], strict=True):
                 predictions[key], references[key] = caption, list(refs)

@@ -42,7 +42,18 @@ def caption_vocabulary(model: UniPerceiver, vocabulary: str, folders: Sequence[P
 
 def evaluate_task(model: UniPerceiver, spec: Any, data_root: Path = Path("."), *, num_workers: int = 0,
                   precision: str = "auto", len_penalty: float = 0.0) -> Evaluation:
-    """Run one evaluation task through its family's runner."""
+    """Run one evaluation task through its family's runner, routed as task ``spec.name`` (task routing).
+
+    Raises:
+        ValueError: among others, the model routes by task and ``spec.name`` is none of its training tasks.
+    """
+    with model.routing_task(spec.name):
+        return _evaluate(model, spec, data_root, num_workers=num_workers, precision=precision,
+                         len_penalty=len_penalty)
+
+
+def _evaluate(model: UniPerceiver, spec: Any, data_root: Path, *, num_workers: int, precision: str,
+              len_penalty: float) -> Evaluation:
     directory = data_root / spec.data
     manifest = Manifest.load(directory)
     loader = make_loader(directory, task=spec.type, batch_size=spec.batch_size, train=False,

@@ -46,20 +46,32 @@ def _check_float(owner: object, name: str, low: float, high: float = math.inf, *
         raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}")
 
 
+ROUTINGS = ("attribute", "modality", "task", "token", "context")
+
+
 @dataclass
 class MoEConfig:
-    """Attribute-routed mixture of experts (Uni-Perceiver-MoE)."""
+    """Conditional mixture of experts (Uni-Perceiver-MoE) and the routing levels its paper compares."""
 
     num_experts: int = 8
     top_k: int = 2
     # Which layers hold experts: "odd" = index % 2 == 0 (the reference's name), "four" = index % 4 == 0, "all".
     location: str = "odd"
+    # What the gates see (docs/architecture.md): "attribute" (the segment's 8-bit attribute row, the reference's),
+    # "modality" (the segment's modality), "task" (the call's task, one of `tasks`), "token" (each token's hidden
+    # state) or "context" (each sample's mean hidden state). The first three are data-independent.
+    routing: str = "attribute"
     attribute_length: int = 8
     # Noise added to the gate logits in training: "vmoe" (Gaussian, std noise_std / num_experts), "gumbel", "none".
     noise_policy: str = "vmoe"
     noise_std: float = 1.0
-    # Experts merged per attribute row (model/folding.py), for inference only; the fields above then describe
-    # what was folded and are not used.
+    # Token and context routing: expert capacity ceil(capacity_factor * top_k * tokens / num_experts) per call,
+    # choices beyond it dropped; None is dropless (every expert can take every token).
+    capacity_factor: float | None = None
+    # Task routing: the task names it routes, one learned logits row each; training fills them from the recipe.
+    tasks: list[str] = field(default_factory=list)
+    # Experts merged per attribute row, modality or task (model/folding.py), for inference only; the fields above
+    # then describe what was folded and are not used.
     folded: bool = False
 
     def __post_init__(self) -> None:
@@ -70,11 +82,43 @@ class MoEConfig:
             raise ValueError(f"moe.top_k {self.top_k} is larger than moe.num_experts {self.num_experts}")
         if self.location not in ("odd", "four", "all"):
             raise ValueError(f"moe.location must be 'odd', 'four' or 'all', got {self.location!r}")
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"moe.routing must be one of {', '.join(map(repr, ROUTINGS))}, got {self.routing!r}")
         if self.noise_policy not in ("vmoe", "gumbel", "none"):
             raise ValueError(f"moe.noise_policy must be 'vmoe', 'gumbel' or 'none', got {self.noise_policy!r}")
         _check_float(self, "noise_std", 0.0)
+        if self.capacity_factor is not None:
+            _check_float(self, "capacity_factor", 0.0, open_low=True)
+        tasks = self.tasks
+        if not isinstance(tasks, (list, tuple)) or not all(isinstance(t, str) and t for t in tasks) \
+                or len(set(tasks)) != len(tasks):
+            raise ValueError(f"moe.tasks must be a list of distinct task names, got {tasks!r}")
+        self.tasks = list(tasks)
+        if tasks and self.routing != "task":
+            raise ValueError(f"moe.tasks names the tasks of routing 'task', and moe.routing is {self.routing!r}")
         if not isinstance(self.folded, bool):
             raise ValueError(f"moe.folded must be true or false, got {self.folded!r}")
+        if self.folded and self.routing in ("token", "context"):
+            raise ValueError(f"moe.routing {self.routing!r} routes by token features: its experts cannot be folded")
+
+    @property
+    def data_dependent(self) -> bool:
+        """Whether the gates read the hidden states (token and context routing), so decisions change with the data."""
+        return self.routing in ("token", "context")
+
+    def routing_tasks(self, names: list[str]) -> MoEConfig:
+        """The config task routing trains with on tasks ``names``: ``tasks`` filled with them when empty.
+
+        Raises:
+            ValueError: ``tasks`` is given and lacks one of ``names``.
+        """
+        if self.routing != "task":
+            return self
+        missing = [n for n in names if n not in self.tasks]
+        if self.tasks and missing:
+            raise ValueError(f"moe.tasks ({', '.join(self.tasks)}) lacks the training task(s) {', '.join(missing)}: "
+                             "task routing has experts only for the tasks it lists")
+        return dataclasses.replace(self, tasks=list(self.tasks or names))
 
     def is_moe_layer(self, index: int) -> bool:
         if self.location == "odd":

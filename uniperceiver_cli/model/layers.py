@@ -8,37 +8,36 @@ from timm.layers import DropPath
 from torch import nn
 
 from uniperceiver_cli.model.config import ModelConfig
-from uniperceiver_cli.model.moe import ATTRIBUTES, AttributeGate, ExpertLinear, FoldedGate, Routing
+from uniperceiver_cli.model.moe import Decision, ExpertLinear, Routing, Segments, folded_entries, make_gate
 
 KV = tuple[torch.Tensor, torch.Tensor]  # keys and values, each (B, H, L, head_dim)
 
 
 def _linears(config: ModelConfig, moe: bool, *shapes: tuple[int, int]) -> list[nn.Module | None]:
     """A sub-layer's linears (in, out) and then its gate: expert linears and a gate, or plain ones and None.
-    Folded, the "experts" are the attribute rows' merged linears."""
+    Folded, the "experts" are the merged linears of the attribute rows, modalities or tasks."""
     if not moe:
         return [*(nn.Linear(i, o) for i, o in shapes), None]
     assert config.moe is not None
-    if config.moe.folded:
-        return [*(ExpertLinear(i, o, len(ATTRIBUTES)) for i, o in shapes), FoldedGate()]
-    return [*(ExpertLinear(i, o, config.moe.num_experts) for i, o in shapes), AttributeGate(config.width, config.moe)]
+    experts = folded_entries(config.moe) if config.moe.folded else config.moe.num_experts
+    return [*(ExpertLinear(i, o, experts) for i, o in shapes), make_gate(config.width, config.moe)]
 
 
 class _Routed(nn.Module):
     """Base of the two sub-layers that may hold experts: one gate decision serves both of their linears."""
 
-    gate: AttributeGate | FoldedGate | None
+    gate: nn.Module | None
 
-    def _decide(self, routing: Routing | None, x: torch.Tensor):
+    def _decide(self, routing: Routing | None, x: torch.Tensor) -> Decision | None:
         if self.gate is None:
-            return None, None
+            return None
         if routing is None:
             raise ValueError("a mixture-of-experts layer needs the sequence's attribute routing")
-        return self.gate(routing.rows), routing.spans(x.shape[1])
+        return self.gate.decide(routing, x)
 
     @staticmethod
-    def _linear(layer: nn.Module, x: torch.Tensor, decision, spans) -> torch.Tensor:
-        return layer(x) if decision is None else layer(x, decision, spans)
+    def _linear(layer: nn.Module, x: torch.Tensor, decision: Decision | None) -> torch.Tensor:
+        return layer(x) if decision is None else layer(x, decision)
 
 
 class Attention(_Routed):
@@ -55,17 +54,26 @@ class Attention(_Routed):
                 past: KV | None = None, prefix: torch.Tensor | None = None) -> tuple[torch.Tensor, KV]:
         """x (B, S, D), already normed. ``prefix`` (P, D), normed, is prepended to keys and values only;
         ``past`` holds the keys/values of earlier tokens. Returns the output and all keys/values seen."""
-        decision, spans = self._decide(routing, x)
-        q, k, v = self._split(self._linear(self.qkv, x, decision, spans))
+        decision = self._decide(routing, x)
+        q, k, v = self._split(self._linear(self.qkv, x, decision))
         if prefix is not None:
-            first = None if decision is None else (decision[0][:1], decision[1][:1])
-            pk, pv = self._split(self._linear(self.qkv, prefix[None], first, [(0, prefix.shape[0])]))[1:]
+            first = self._prefix_decision(routing, decision, prefix)
+            pk, pv = self._split(self._linear(self.qkv, prefix[None], first))[1:]
             k = torch.cat([pk.expand(x.shape[0], -1, -1, -1), k], dim=2)
             v = torch.cat([pv.expand(x.shape[0], -1, -1, -1), v], dim=2)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self._linear(self.out, out.transpose(1, 2).flatten(2), decision, spans), (k, v)
+        return self._linear(self.out, out.transpose(1, 2).flatten(2), decision), (k, v)
+
+    def _prefix_decision(self, routing: Routing | None, decision: Decision | None,
+                         prefix: torch.Tensor) -> Decision | None:
+        """The deep prompts' routing: the first segment's decision, or (token, context) their own."""
+        if decision is None:
+            return None
+        if isinstance(decision, Segments):
+            return Segments(decision.ids[:1], decision.gates[:1], [(0, prefix.shape[0])])
+        return self.gate.decide(Routing(routing.rows[:1], task=routing.task), prefix[None])
 
 
 class MLP(_Routed):
@@ -75,8 +83,8 @@ class MLP(_Routed):
         self.fc1, self.fc2, self.gate = _linears(config, moe, (d, h), (h, d))
 
     def forward(self, x: torch.Tensor, routing: Routing | None) -> torch.Tensor:
-        decision, spans = self._decide(routing, x)
-        return self._linear(self.fc2, F.gelu(self._linear(self.fc1, x, decision, spans)), decision, spans)
+        decision = self._decide(routing, x)
+        return self._linear(self.fc2, F.gelu(self._linear(self.fc1, x, decision)), decision)
 
 
 class Block(nn.Module):

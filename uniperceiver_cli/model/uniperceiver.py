@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +17,7 @@ from uniperceiver_cli.model.decoding import beam_search
 from uniperceiver_cli.model.embeddings import TextEmbedding, VisualEmbedding
 from uniperceiver_cli.model.heads import SimilarityHead
 from uniperceiver_cli.model.layers import KV, Block
-from uniperceiver_cli.model.moe import AttributeGate, ExpertLinear, Routing
+from uniperceiver_cli.model.moe import GATES, ExpertLinear, FeatureGate, RouterLog, Routing, task_index
 from uniperceiver_cli.model.tokenizer import get_tokenizer
 
 VISUAL = Routing(("visual_input",))
@@ -50,7 +52,8 @@ class UniPerceiver(nn.Module):
         self.blocks = nn.ModuleList(
             Block(config, moe=moe is not None and moe.is_moe_layer(i)) for i in range(config.layers))
         self.head = SimilarityHead(config)
-        self._vocabulary: torch.Tensor | None = None
+        self._vocabulary: tuple[str | None, torch.Tensor] | None = None  # the task it was encoded for, features
+        self.task: str | None = None  # the task the calls route by (task routing), set by routing_task
         # What the weights were trained over, kept in a bundle's config.json (None: not recorded). The class
         # name of each classifier-prompt row, so labels find their row by name; and the token ids caption
         # training scored against, which decoding should use too.
@@ -94,7 +97,7 @@ class UniPerceiver(nn.Module):
         """What AdamW does not decay (reference 5.3): all but the weights of the linears and the patch conv outside
         the MoE gates, so norms, biases, embedding tables, temperatures, layer scales, gates and prompts."""
         decayed = self._names(m.weight for m in self.modules() if isinstance(m, (nn.Linear, nn.Conv2d, ExpertLinear)))
-        gates = self._names(m for m in self.modules() if isinstance(m, AttributeGate))
+        gates = self._names(m for m in self.modules() if isinstance(m, GATES))
         return {name for name, _ in self.named_parameters()} - (decayed - gates)
 
     def prompt_parameters(self, encoder_norms: bool = True) -> set[str]:
@@ -114,6 +117,43 @@ class UniPerceiver(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
         self._vocabulary = None
         super()._load_from_state_dict(*args, **kwargs)
+
+    # ------------------------------------------------------------------ routing
+    @property
+    def decodes_with_cache(self) -> bool:
+        """Whether caption decoding may use the key/value cache: not with context routing, whose decision for a
+        step's tokens needs the whole sample."""
+        return self.config.moe is None or self.config.moe.routing != "context"
+
+    @contextlib.contextmanager
+    def routing_task(self, task: str | None) -> Iterator[None]:
+        """Run the calls inside as task ``task``: what task routing routes by (the other levels ignore it).
+
+        Raises:
+            ValueError: the model routes by task and ``task`` is not one of its routed tasks (``moe.tasks``).
+        """
+        moe = self.config.moe
+        if moe is not None and moe.routing == "task":
+            task_index(moe.tasks, task)
+        before, self.task = self.task, task
+        try:
+            yield
+        finally:
+            self.task = before
+
+    @contextlib.contextmanager
+    def router_log(self) -> Iterator[RouterLog]:
+        """Collect what the token- and context-routed gates report (their losses, drops and loads) from the calls
+        inside; the training loop reads ``log.stats()`` after each micro-batch's forward. Other levels record
+        nothing."""
+        log, gates = RouterLog(), [m for m in self.modules() if isinstance(m, FeatureGate)]
+        for gate in gates:
+            gate.log = log
+        try:
+            yield log
+        finally:
+            for gate in gates:
+                gate.log = None
 
     # ------------------------------------------------------------------ embedding
     def spe(self, batch: int) -> torch.Tensor:
@@ -143,7 +183,8 @@ class UniPerceiver(nn.Module):
             x: (B, S, D) embedded tokens, <|spe|> included where the sequence has one.
             padding: (B, S) True at padded tokens (masked as keys only).
             structure: (S, K) True where token i may attend key j; K counts ``past`` keys plus the S tokens.
-            routing: attribute rows for mixture-of-experts layers (ignored by dense layers).
+            routing: attribute rows for mixture-of-experts layers (ignored by dense layers); the model adds its
+                ``task`` and ``padding``.
             side: "input" or "target": which deep prompts a prompt-tuned model prepends.
             past: per-layer keys/values of earlier tokens (caption decoding); deep prompts sit inside them.
 
@@ -159,6 +200,12 @@ class UniPerceiver(nn.Module):
                 allowed = F.pad(allowed, (past_len, 0), value=True)
         if structure is not None:
             allowed = structure[None, None] if allowed is None else allowed & structure
+        moe = self.config.moe
+        if routing is not None and moe is not None:
+            if past is not None and moe.routing == "context":
+                raise ValueError("context routing cannot decode with the key/value cache: a step's tokens do not hold "
+                                 "the sample's context; decode with use_cache=False")
+            routing = dataclasses.replace(routing, task=routing.task or self.task, padding=padding)
         prompt_len = self.config.prompt.deep_prompt_length if past is None else 0
         if prompt_len and allowed is not None:
             allowed = F.pad(allowed, (prompt_len, 0), value=True)
@@ -239,13 +286,15 @@ class UniPerceiver(nn.Module):
     def vocabulary_features(self) -> torch.Tensor:
         """Features of the whole vocabulary, [v, <|endoftext|>] for every id v: index i is token i.
 
-        Captioning and MLM score against this set. Cached while the model is in eval mode.
+        Captioning and MLM score against this set. Cached while the model is in eval mode (per routed task).
         """
-        if self._vocabulary is not None and not self.training:
-            return self._vocabulary
+        moe = self.config.moe
+        task = self.task if moe is not None and moe.routing == "task" else None  # what the features depend on
+        if self._vocabulary is not None and self._vocabulary[0] == task and not self.training:
+            return self._vocabulary[1]
         feats = self.vocabulary_targets(torch.arange(self.config.vocab_size))
         if not self.training:
-            self._vocabulary = feats
+            self._vocabulary = task, feats
         return feats
 
     def caption_targets(self, token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -324,7 +373,7 @@ class UniPerceiver(nn.Module):
         (``beam_size=1`` is greedy decoding) over ``caption_vocabulary`` (None: the whole vocabulary)."""
         vocabulary, token_ids = self.caption_targets(self.caption_vocabulary)
         result = beam_search(self, inputs, beam_size=beam_size, max_len=max_len, vocabulary=vocabulary,
-                             token_ids=token_ids)
+                             token_ids=token_ids, use_cache=self.decodes_with_cache)
         return get_tokenizer().decode_batch(result.tokens, errors="ignore")
 
     def num_parameters(self) -> int:
