@@ -8,6 +8,7 @@ of it, clips and steps. Single-process runs use plain PyTorch; ``engine: deepspe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import json
@@ -35,7 +36,9 @@ from uniperceiver_cli.evaluate.report import print_results
 from uniperceiver_cli.evaluate.runners import autocast
 from uniperceiver_cli.evaluate.tasks import evaluate_task
 from uniperceiver_cli.model.config import get_config
+from uniperceiver_cli.model.moe import RouterStats
 from uniperceiver_cli.model.uniperceiver import UniPerceiver
+from uniperceiver_cli.train.losses import router_loss
 from uniperceiver_cli.train.optim import freeze_for_prompt_tuning
 from uniperceiver_cli.train.protocol import DEEPSPEED_DIR, STATE_FILE, Context, Engine
 from uniperceiver_cli.train.recipe import Recipe
@@ -50,8 +53,11 @@ LOCK_FILE = ".lock"  # held (flock) by the process training into a run directory
 def build_model(recipe: Recipe) -> UniPerceiver:
     """The recipe's model, initialised from ``init`` when given. Prompt parameters that the checkpoint lacks
     start fresh; any other missing, unexpected or mis-shaped key is an error. A folded model is refused: it is
-    for inference (the experts and gates training updates are merged away)."""
+    for inference (the experts and gates training updates are merged away). Task routing routes the recipe's
+    tasks (``moe.tasks``, recorded in the bundle)."""
     config = get_config(recipe.model.preset, **recipe.model.overrides)
+    if config.moe is not None:
+        config = dataclasses.replace(config, moe=config.moe.routing_tasks([t.name for t in recipe.tasks]))
     if config.folded:
         raise ValueError("the recipe's model has folded experts (moe.folded), and a folded model is for inference "
                          "only; train the unfolded model")
@@ -248,6 +254,12 @@ class _Window:
             self.sums[f"{task}/{key}"].append(value.detach())
         self.samples += samples
 
+    def add_router(self, step: int, stats: RouterStats, loss: torch.Tensor) -> None:
+        """Token and context routing's statistics of one micro-batch (logged under moe/) and its router loss."""
+        self.losses.append((step, "router", loss.detach()))
+        for key, value in stats.metrics().items():
+            self.sums[f"moe/{key}"].append(value.detach())
+
     def add_norm(self, step: int, norm: torch.Tensor) -> None:
         self.sums["grad_norm"].append(norm)
         self.norms.append((step, norm))
@@ -395,11 +407,16 @@ def _loop(run: _Run, end: int, log: RunLog) -> None:
         for _ in range(spec.accumulation):
             name, batch = next(run.stream)
             run.consumed += 1
-            with autocast(ctx.device, spec.precision):
+            with autocast(ctx.device, spec.precision), engine.model.router_log() as routed:
                 loss, metrics = run.tasks[name].loss(engine.model, batch, run.generator)
+            window.add(step, name, loss, metrics, len(batch["keys"]))
+            stats = routed.stats()
+            if stats is not None:  # token and context routing
+                extra = router_loss(stats, spec.moe_balance_weight, spec.moe_z_weight)
+                window.add_router(step, stats, extra)
+                loss = loss + extra
             engine.backward(loss)
             engine.micro_step()
-            window.add(step, name, loss, metrics, len(batch["keys"]))
         norm = engine.step()
         if norm is not None:  # a device tensor, or DeepSpeed's Python float on some paths
             window.add_norm(step, torch.as_tensor(norm, dtype=torch.float32, device=ctx.device).detach())

@@ -1,10 +1,12 @@
 """Task losses: (label-smoothed) cross entropy, soft-target cross entropy for Mixup/CutMix, bidirectional
-retrieval."""
+retrieval; and the router losses of token and context routing."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from uniperceiver_cli.model.moe import RouterStats
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
@@ -23,3 +25,8 @@ def retrieval_loss(logits: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor
     """Image-to-text plus text-to-image cross entropy over in-batch pairs (row i matches column i)."""
     target = torch.arange(logits.shape[0], device=logits.device)
     return cross_entropy(logits, target, smoothing) + cross_entropy(logits.t(), target, smoothing)
+
+
+def router_loss(stats: RouterStats, balance_weight: float, z_weight: float) -> torch.Tensor:
+    """What token and context routing add to a task loss: the weighted load-balancing loss and router z-loss."""
+    return balance_weight * stats.balance_loss + z_weight * stats.z_loss

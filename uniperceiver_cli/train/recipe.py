@@ -159,6 +159,9 @@ class TrainSpec:
     keep_checkpoints: Count = 2
     num_workers: NonNegativeInt = 0  # data-loader worker processes per task
     threads: Count | None = None  # torch compute threads in each training process (None: torch's default)
+    # Token and context routing: weights of the load-balancing loss and the router z-loss added to each task loss.
+    moe_balance_weight: NonNegative = 0.01
+    moe_z_weight: NonNegative = 0.001
 
     @field_validator("min_lr")
     @classmethod

@@ -78,7 +78,13 @@ class TrainTask:
     # ----------------------------------------------------------------------------------------- losses
     def loss(self, model: UniPerceiver, batch: Batch, generator: torch.Generator | None = None
              ) -> tuple[torch.Tensor, dict[str, float]]:
-        """The task's loss times its loss weight, and metrics for the log (kept on device until read)."""
+        """The task's loss times its loss weight, and metrics for the log (kept on device until read). The model
+        routes as this task (task routing)."""
+        with model.routing_task(self.spec.name):
+            return self._loss(model, batch, generator)
+
+    def _loss(self, model: UniPerceiver, batch: Batch, generator: torch.Generator | None
+              ) -> tuple[torch.Tensor, dict[str, float]]:
         device = model.head.proj.weight.device
         family = self.kind.family
         if family == "classification":
