@@ -433,9 +433,10 @@ def _loop(run: _Run, end: int, log: RunLog) -> None:
                         f"{record['samples_per_s']:.0f}")
         if checkpointing:
             _save_checkpoint(run)
-        if run.recipe.evaluation.every and step % run.recipe.evaluation.every == 0 and step != spec.steps \
-                and ctx.main:
-            _evaluate(engine.model, run.recipe, run.run_dir / "eval" / f"step-{step}", log, step)
+        if run.recipe.evaluation.every and step % run.recipe.evaluation.every == 0 and step != spec.steps:
+            model = engine.inference_model()
+            if ctx.main:
+                _evaluate(model, run.recipe, run.run_dir / "eval" / f"step-{step}", log, step)
             engine.model.train()
 
 
@@ -444,14 +445,15 @@ def _finish(run: _Run) -> Path:
     _check_weights(run.engine.model, run.step, run.run_dir)
     skipped = _skipped(run.loaders, run.ctx)
     final = run.run_dir / "final"
+    model = run.engine.inference_model()
     if run.ctx.main:
         for name, counts in ((n, c) for n, c in skipped.items() if c):
             reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items()))
             err_console.print(f"[yellow]skipped while training:[/yellow] {name}: {sum(counts.values())} sample(s) "
                               f"({escape(reasons)})", highlight=False, soft_wrap=True)
-        save_bundle(run.engine.model, final)
+        save_bundle(model, final)
         if run.recipe.evaluation.tasks:
-            _evaluate(run.engine.model, run.recipe, run.run_dir / "eval" / "final", None, run.recipe.train.steps)
+            _evaluate(model, run.recipe, run.run_dir / "eval" / "final", None, run.recipe.train.steps)
     return final
 
 

@@ -177,6 +177,16 @@ class EngineSpec:
     kind: Literal["single", "deepspeed"] = "single"
     deepspeed_config: str | None = None  # a DeepSpeed JSON; its batch/precision/ZeRO keys are filled from here
     zero_stage: Literal[0, 1, 2] = 0
+    # Expert parallelism (deepspeed): each process holds num_experts / expert_parallel experts of every MoE
+    # layer. It must divide the model's experts and the number of processes (checked when training starts).
+    expert_parallel: Count = 1
+
+    @field_validator("expert_parallel")
+    @classmethod
+    def _needs_deepspeed(cls, size: int, info: ValidationInfo) -> int:
+        if size > 1 and info.data.get("kind") != "deepspeed":
+            raise ValueError(f"expert parallelism ({size}) runs under DeepSpeed: set engine.kind: deepspeed")
+        return size
 
 
 @dataclass(config=STRICT)
