@@ -367,33 +367,9 @@ class DeepSpeedEngine:
             elif "step" in state:
                 state["step"] = 0
         self.model = self.engine.module
-        if self.shard is not None:
-            self._count_every_expert_in_the_norm()
         # Every checkpoint file DeepSpeed reads goes through its checkpoint engine's load(); its own unpickles
         # with weights_only=False. Ours is the same call, but only tensors and plain data are accepted.
         self.engine.checkpoint_engine.load = safe_load
-
-    def _count_every_expert_in_the_norm(self) -> None:
-        """ZeRO's gradient norm takes each expert group's norm over its expert-data-parallel group only, so each
-        expert-parallel rank would clip with the norm of its own experts, and the replicated weights would take
-        different steps on different ranks. Sum the experts' squared norms over the expert-parallel group too: then
-        every rank clips with the whole model's norm, as one process holding every expert does. (Plain ZeRO 0
-        clips in :meth:`_clip_with_experts`.)"""
-        optimizer = self.engine.optimizer
-        average = getattr(optimizer, "_average_expert_grad_norms", None)
-        if average is None:
-            return
-        group = self.shard.group
-
-        def whole_model(norm_groups: list[torch.Tensor]) -> None:
-            average(norm_groups)
-            for i, norm in enumerate(norm_groups):
-                if optimizer.is_moe_param_group[i]:
-                    squared = norm.double() ** 2
-                    torch.distributed.all_reduce(squared, group=group)
-                    norm_groups[i] = squared.sqrt().to(norm.dtype)
-
-        optimizer._average_expert_grad_norms = whole_model
 
     def backward(self, loss: torch.Tensor) -> None:
         """Gradients of ``loss / accumulation``, averaged over the processes at the accumulation boundary."""
