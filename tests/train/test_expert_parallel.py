@@ -26,7 +26,7 @@ B, STEPS, ATOL = 2, 4, 1e-5
 
 
 def _recipe(root: Path, *, batch_size: int, kind: str, expert_parallel: int = 1, zero: int = 0,
-            accumulation: int = 1, checkpoint_every: int = 0) -> dict:
+            accumulation: int = 1, checkpoint_every: int = 0, routing: str = "attribute") -> dict:
     return {
         "name": "ep", "stage": "pretrain", "data_root": str(root),
         "tasks": [{"name": "cls", "type": "image_classification", "data": "split", "batch_size": batch_size,
@@ -34,21 +34,27 @@ def _recipe(root: Path, *, batch_size: int, kind: str, expert_parallel: int = 1,
         # 4 experts, top-2: with 2 processes a segment's two experts sit on one process or on both. No gate noise,
         # so the single process and the group draw nothing differently.
         "model": {"preset": "tiny-moe", "overrides": {"image_size": 32, "layer_scale_init": 1.0,
-                                                       "moe": {"noise_policy": "none"}}},
+                                                       "moe": {"noise_policy": "none", "routing": routing}}},
+        # The balance loss is taken over each process's own tokens (as Switch and DeepSpeed do), which is not the
+        # loss over the global batch: off here, so one process and two compute the same thing.
         "train": {"steps": STEPS, "lr": 2e-3, "warmup_steps": 0, "grad_clip": 0.1, "accumulation": accumulation,
-                  "precision": "fp32", "log_every": 1, "checkpoint_every": checkpoint_every, "seed": 3},
+                  "precision": "fp32", "log_every": 1, "checkpoint_every": checkpoint_every, "seed": 3,
+                  "moe_balance_weight": 0.0},
         "engine": {"kind": kind, "zero_stage": zero, "expert_parallel": expert_parallel},
     }
 
 
-@pytest.fixture(scope="module")
-def single(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
+def _single(root: Path, out: Path, routing: str = "attribute") -> Path:
     """One process with every expert, batch 2B, accumulation 2."""
-    out = tmp_path_factory.mktemp("ep-single")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(loop, "make_loader", _unshuffled(loop.make_loader))
-        loop.train(validate(_recipe(data_root, batch_size=2 * B, kind="single", accumulation=2)), out)
+        loop.train(validate(_recipe(root, batch_size=2 * B, kind="single", accumulation=2, routing=routing)), out)
     return out
+
+
+@pytest.fixture(scope="module")
+def single(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
+    return _single(data_root, tmp_path_factory.mktemp("ep-single"))
 
 
 def _assert_same(single: Path, parallel: Path) -> None:
@@ -98,6 +104,31 @@ def test_two_processes_holding_half_the_experts_equal_one(data_root: Path, tmp_p
         assert result.exit_code == 0, result.output
         results.append(json.loads((out / "results.json").read_text())["metrics"])
     assert results[0] == results[1]
+
+
+def test_token_routing_dropless_two_processes_equal_one(data_root: Path, tmp_path: Path):  # noqa: F811
+    """Each process routes its own tokens; DeepSpeed's all-to-all takes them to their experts' owners and back."""
+    single = _single(data_root, tmp_path / "single", routing="token")
+    recipe = _recipe(data_root, batch_size=B, kind="deepspeed", expert_parallel=2, accumulation=2, routing="token")
+    _launch(recipe, tmp_path / "ep", launcher="torchrun")
+    _assert_same(single, tmp_path / "ep")
+    record = _metrics(tmp_path / "ep")[-1]
+    assert record["moe/dropped_fraction"] == 0 and sum(record[f"moe/load_e{i}"] for i in range(4)) == \
+        pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("routing", ["modality", "task", "context"])
+def test_every_routing_level_trains_expert_parallel(data_root: Path, tmp_path: Path, routing: str):  # noqa: F811
+    recipe = _recipe(data_root, batch_size=B, kind="deepspeed", expert_parallel=2, checkpoint_every=2,
+                     routing=routing)
+    recipe["train"]["steps"] = 2
+    recipe["evaluation"] = {"tasks": [{"name": "cls", "type": "image_classification", "data": "split"}]}
+    _launch(recipe, tmp_path / "ep", launcher="torchrun")
+    losses = [r["cls/loss"] for r in _metrics(tmp_path / "ep")]
+    assert len(losses) == 2 and all(0 < x < 10 for x in losses)
+    summary = json.loads((tmp_path / "ep" / "eval" / "final" / "summary.json").read_text())
+    assert "cls" in summary["results"] and not summary.get("errors")
+    assert load_model(tmp_path / "ep" / "final").config.moe.routing == routing
 
 
 def test_a_missing_expert_shard_is_one_line(data_root: Path, tmp_path: Path):  # noqa: F811

@@ -228,6 +228,32 @@ def expert_compute(buffer: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return torch.baddbmm(bias[:, None, :].to(buffer.dtype), buffer, weight.transpose(1, 2).to(buffer.dtype))
 
 
+def expert_parallel_compute(buffer: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                            shard: ExpertShard) -> torch.Tensor:
+    """:func:`expert_compute` when each process holds a share of the experts: DeepSpeed's all-to-all
+    (``sharded_moe._AllToAll``, autograd-aware) sends the slots of expert e to e's owner, which runs its experts
+    on the slots of every process of the group, and a second one sends the outputs back. buffer (E, C, in) with
+    the group's common capacity C -> (E, C, out)."""
+    from deepspeed.moe.sharded_moe import _AllToAll
+
+    n, (e, c, d) = torch.distributed.get_world_size(shard.group), buffer.shape
+    received = _AllToAll.apply(shard.group, buffer)  # (n * count, C, in): block r comes from process r
+    local = received.view(n, shard.count, c, d).transpose(0, 1).reshape(shard.count, n * c, d)
+    out = expert_compute(local, weight, bias)  # (count, n * C, out)
+    out = out.view(shard.count, n, c, -1).transpose(0, 1).reshape(e, c, -1)
+    return _AllToAll.apply(shard.group, out)
+
+
+def common_capacity(capacity: int, shard: ExpertShard | None, device: torch.device) -> int:
+    """The capacity every process of an expert-parallel group uses (the all-to-all needs equal blocks): the
+    largest of theirs. One host sync per routed call under expert parallelism, as in DeepSpeed's dropless gate."""
+    if shard is None:
+        return capacity
+    largest = torch.tensor(capacity, device=device)
+    torch.distributed.all_reduce(largest, op=torch.distributed.ReduceOp.MAX, group=shard.group)
+    return int(largest)
+
+
 def combine(y: torch.Tensor, plan: Dispatch) -> torch.Tensor:
     """Expert outputs (E, C, out) back to the tokens: sum over each token's choices of gate x output. (T, out)"""
     flat = torch.cat([y.flatten(0, 1), y.new_zeros(1, y.shape[-1])])  # the spare slot reads zeros
@@ -402,6 +428,7 @@ class FeatureGate(nn.Module):
         self.per_sample = config.routing == "context"
         self.router = nn.Linear(width, config.num_experts, bias=False)
         self.log: RouterLog | None = None
+        self.shard: ExpertShard | None = None  # expert parallelism: the group that must agree on the capacity
 
     def decide(self, routing: Routing, x: torch.Tensor) -> Dispatch:
         """The decision for a call on x (B, S, D)."""
@@ -420,8 +447,8 @@ class FeatureGate(nn.Module):
             token_ids, token_gates = ids, gates = route(logits, self.config, training=self.training)
             item_valid = None if valid is None else valid.flatten()
         token_valid = None if valid is None else valid.flatten()
-        plan = plan_dispatch(token_ids, token_gates, token_valid, self.config.num_experts,
-                             expert_capacity(b * s, self.config))
+        capacity = common_capacity(expert_capacity(b * s, self.config), self.shard, x.device)
+        plan = plan_dispatch(token_ids, token_gates, token_valid, self.config.num_experts, capacity)
         if self.log is not None:
             self.log.record(logits, ids, item_valid, token_ids, token_valid, plan)
         return plan
@@ -451,7 +478,7 @@ def shard_experts(model: nn.Module, shard: ExpertShard) -> None:
             module.weight = nn.Parameter(module.weight.detach()[part].clone())
             module.bias = nn.Parameter(module.bias.detach()[part].clone())
             module.shard = shard
-        elif isinstance(module, _KeyedGate):
+        elif isinstance(module, (_KeyedGate, FeatureGate)):
             module.shard = shard
 
 
@@ -485,12 +512,12 @@ class ExpertLinear(nn.Module):
     def forward(self, x: torch.Tensor, decision: Decision) -> torch.Tensor:
         """x (B, S, in) -> (B, S, out)."""
         if isinstance(decision, Dispatch):
-            if self.shard is not None:  # each process routes its own tokens: that needs an all-to-all
-                raise ValueError("token and context routing do not run expert-parallel yet (engine.expert_parallel "
-                                 "1)")
-            tokens = x.flatten(0, 1)  # (T, in)
-            y = combine(expert_compute(dispatch(tokens, decision), self.weight, self.bias), decision)
-            return y.view(*x.shape[:2], -1)
+            buffer = dispatch(x.flatten(0, 1), decision)  # (E, C, in)
+            if self.shard is None:
+                y = expert_compute(buffer, self.weight, self.bias)
+            else:  # each process routes its own tokens: they travel to the experts' owners and back
+                y = expert_parallel_compute(buffer, self.weight, self.bias, self.shard)
+            return combine(y, decision).view(*x.shape[:2], -1)
         weight, bias = merge_experts(self.weight, self.bias, decision.ids, decision.gates, self.shard)
         spans = decision.spans
         if len(spans) == 1:
