@@ -255,6 +255,10 @@ def write_onnx(model: UniPerceiver, folder: Path, caption_token_ids: torch.Tenso
     vocabulary. The model is used in fp32 and eval mode.
     """
     require_onnx()
+    routing = model.config.moe.routing if model.config.moe is not None else None
+    if routing not in (None, "attribute", "modality"):
+        raise CheckpointError(f"--onnx exports dense, attribute- and modality-routed models; this one routes by "
+                              f"{routing}, which a graph per attribute row cannot hold")
     if any(p.dtype != torch.float32 for p in model.parameters()):
         model = copy.deepcopy(model).float()
     model.eval()

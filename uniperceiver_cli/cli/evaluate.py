@@ -42,6 +42,8 @@ def evaluate(
     workers: int = typer.Option(0, min=0, help="Data-loader worker processes."),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
     precision: str = typer.Option("auto", help="auto (bf16 on GPU), fp32, bf16 or fp16."),
+    routing_task: str | None = typer.Option(None, "--routing-task", help="Task-routed MoE models: the training "
+                                            "task whose experts to use (default: the task type's name)."),
 ) -> None:
     """Evaluate a model on one task of a converted split; writes results.json and predictions.jsonl."""
     from uniperceiver_cli.evaluate.report import model_identity, print_results
@@ -58,7 +60,7 @@ def evaluate(
         if vocabulary_from and vocabulary is Vocabulary.full:
             raise ValueError("--vocabulary full and --vocabulary-from contradict each other: give one")
         template_list = read_lines(templates, "templates") if templates else None
-        spec = EvalTaskSpec(name=task, type=task, data=str(data.resolve()))
+        spec = EvalTaskSpec(name=routing_task or task, type=task, data=str(data.resolve()))
         vars(spec).update(  # the options as they are: the loader and the runners check them, as for a recipe
             batch_size=batch_size, label_set=label_set, labels=labels and str(labels), templates=template_list,
             max_samples=limit, beam_size=beam_size, max_len=max_len, vocabulary=vocabulary.value,

@@ -62,6 +62,8 @@ def predict(
     num_frames: int = typer.Option(8, min=1, help="Frames sampled evenly over each video."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
+    routing_task: str | None = typer.Option(None, "--routing-task", help="Task-routed MoE models: the training "
+                                            "task whose experts to use."),
 ) -> None:
     """Zero-shot labels (--labels/--label), best-matching texts (--texts) or captions (--caption) for files.
     --model DIR/onnx runs an exported model on onnxruntime, without importing PyTorch."""
@@ -84,7 +86,7 @@ def predict(
             answer, read = _onnx_task(model, names, template_list, candidates, vocabulary, beam_size, max_len)
         else:
             answer, read = _torch_task(model, preset, device, names, template_list, candidates, vocabulary,
-                                       beam_size, max_len)
+                                       beam_size, max_len, routing_task)
         results, failures = [], 0
         for path in paths:
             try:
@@ -100,8 +102,10 @@ def predict(
 
 
 def _torch_task(model: Path | None, preset: str | None, device: str, names: list[str], templates: list[str] | None,
-                candidates: list[str], vocabulary: Vocabulary, beam_size: int, max_len: int):  # noqa: ANN202
-    """The answer to give for one file's inputs, and how to read a file, with the PyTorch model."""
+                candidates: list[str], vocabulary: Vocabulary, beam_size: int, max_len: int,
+                routing_task: str | None):  # noqa: ANN202
+    """The answer to give for one file's inputs, and how to read a file, with the PyTorch model (a task-routed one
+    as ``routing_task``)."""
     import torch
 
     from uniperceiver_cli.evaluate.runners import label_features
@@ -112,7 +116,7 @@ def _torch_task(model: Path | None, preset: str | None, device: str, names: list
     dev = pick_device(device)
     net = load_any_model(model, preset, dev)
     transform = image_transform(net.config, task="classification" if names else "caption")
-    with torch.inference_mode():
+    with torch.inference_mode(), net.routing_task(routing_task):
         if names:
             rows = net.classifier_rows(names)  # before encoding: a name the classifier lacks is refused
             answer = Labels(names, label_features(net, names, templates), rows)
@@ -129,7 +133,8 @@ def _torch_task(model: Path | None, preset: str | None, device: str, names: list
 
     @torch.inference_mode()
     def respond(inputs: torch.Tensor, top_k: int) -> dict:
-        return answer(net, inputs, top_k)
+        with net.routing_task(routing_task):
+            return answer(net, inputs, top_k)
 
     return respond, read
 
@@ -222,7 +227,7 @@ class Captions:
 
         one = inputs[len(inputs) // 2:len(inputs) // 2 + 1]  # a video's centre view, or the image
         tokens = beam_search(net, one, beam_size=self.beam_size, max_len=self.max_len, vocabulary=self.vocabulary,
-                             token_ids=self.token_ids).tokens
+                             token_ids=self.token_ids, use_cache=net.decodes_with_cache).tokens
         return {"caption": get_tokenizer().decode_batch(tokens.cpu(), errors="ignore")[0]}
 
 
