@@ -33,7 +33,6 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from uniperceiver_cli.checkpoints import save_bundle

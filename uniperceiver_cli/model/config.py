@@ -214,6 +214,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "moe": {"num_experts": 4, "top_k": 2, "location": "odd"},
     },
     "small": {"width": 384, "layers": 12, "heads": 6, "mlp_dim": 1536},
+    "small-moe": {"width": 384, "layers": 12, "heads": 6, "mlp_dim": 1536, "moe": _MOE_BASE},
     "base": {"width": 768, "layers": 12, "heads": 12, "mlp_dim": 3072},
     "large": {"width": 1024, "layers": 24, "heads": 16, "mlp_dim": 4096, "drop_path": 0.2},
     "base-moe": {"width": 768, "layers": 12, "heads": 12, "mlp_dim": 3072, "moe": _MOE_BASE},

@@ -119,14 +119,15 @@ Decision = Segments | Dispatch
 
 @dataclass(frozen=True)
 class ExpertShard:
-    """Expert parallelism: this process holds experts [first, first + count) of every MoE layer; the others are
-    on the other processes of ``group`` (DeepSpeed's expert-parallel group), whose first process is global rank
-    ``src``."""
+    """Expert parallelism: this process holds experts [first, first + count) of the ``total`` of every MoE layer;
+    the others are on the other processes of ``group`` (DeepSpeed's expert-parallel group), whose first process
+    is global rank ``src``."""
 
     first: int
     count: int
     group: Any  # a torch.distributed ProcessGroup
     src: int
+    total: int  # the experts of a layer, over the group
 
 
 def _shared(noise: torch.Tensor, shard: ExpertShard | None) -> torch.Tensor:
@@ -173,13 +174,15 @@ def merge_experts(weight: torch.Tensor, bias: torch.Tensor, ids: torch.Tensor, g
     group, which is what the experts' owners need (DeepSpeed then reduces expert gradients over the
     expert-data-parallel group and divides by the world size, as for every other gradient).
     """
+    experts = weight.shape[0] if shard is None else shard.total
+    # The gates as a dense (R, E) matrix: the merge is one small matmul over the experts, whose backward writes
+    # each expert's gradient once (indexing the chosen experts would scatter into a zeroed (E, out, in) per call).
+    g = torch.zeros(ids.shape[0], experts, dtype=weight.dtype, device=weight.device)
+    g = g.scatter_add(1, ids, gates.to(weight.dtype))
     if shard is not None:
-        local = (ids >= shard.first) & (ids < shard.first + shard.count)
-        gates = torch.where(local, gates, torch.zeros_like(gates))
-        ids = (ids - shard.first).clamp(0, shard.count - 1)
-    g = gates.to(weight.dtype)
-    merged_w = (g[:, :, None, None] * weight[ids]).sum(dim=1)
-    merged_b = (g[:, :, None] * bias[ids]).sum(dim=1)
+        g = g[:, shard.first:shard.first + shard.count]  # the experts held here
+    merged_w = (g @ weight.flatten(1)).view(-1, *weight.shape[1:])
+    merged_b = g @ bias
     if shard is not None:
         from torch.distributed.nn.functional import all_reduce
 

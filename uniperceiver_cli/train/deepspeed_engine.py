@@ -266,7 +266,7 @@ def _expert_group(model: torch.nn.Module, size: int, ctx: Context) -> ExpertShar
     group = groups._get_expert_parallel_group(name)
     count = moe.num_experts // size
     first = groups._get_expert_parallel_rank(name) * count
-    return ExpertShard(first, count, group, torch.distributed.get_global_rank(group, 0))
+    return ExpertShard(first, count, group, torch.distributed.get_global_rank(group, 0), moe.num_experts)
 
 
 def _register_experts(model: torch.nn.Module, shard: ExpertShard, size: int) -> None:
