@@ -8,6 +8,7 @@ beyond tensors and plain containers is executed: every ``torch.load`` uses ``wei
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -600,11 +601,13 @@ def _stack_experts(state: dict[str, torch.Tensor], file: Path) -> tuple[dict[str
         raise CheckpointError(f"{folder} is incomplete: it was written by {size} expert-parallel ranks but the "
                               f"experts of rank(s) {', '.join(map(str, missing))} are missing")
     shards = [_read_safetensors(folder / expert_shard_file(rank, size)) for rank in range(size)]
+    keys = set(shards[0])
+    if not keys or any(set(shard) != keys for shard in shards):
+        raise CheckpointError(f"{folder}: the expert shards do not hold the same tensors")
     state = dict(state)
-    for key in shards[0]:
-        parts = [shard.get(key) for shard in shards]
-        if key not in state or any(p is None or p.shape != parts[0].shape for p in parts) \
-                or state[key].shape != parts[0].shape:
+    for key in sorted(keys):
+        parts = [shard[key] for shard in shards]
+        if key not in state or parts[0].dim() == 0 or any(p.shape != state[key].shape for p in parts):
             raise CheckpointError(f"{folder}: the expert shards do not fit the checkpoint's {key}")
         state[key] = torch.cat(parts)
     return state, size
@@ -658,6 +661,9 @@ def read_weights(source: Source, fold_video_type: bool | None = None) -> Weights
         overrides = model.get("overrides") or {}
         try:
             config = get_config(model["preset"], **overrides)
+            if config.moe is not None and config.moe.routing == "task":  # training routed the recipe's tasks
+                names = [t.get("name") for t in recipe.get("tasks") or [] if isinstance(t, dict)]
+                config = dataclasses.replace(config, moe=config.moe.routing_tasks(names))
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"the model of {source.run_dir / 'config.yaml'} is not a valid config: "
                                   f"{' '.join(str(e).split())}") from None

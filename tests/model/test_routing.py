@@ -173,9 +173,9 @@ def test_context_routing_decodes_without_the_cache():
 def test_task_routing_serves_only_its_tasks():
     model = _model("task").eval()
     images = torch.randn(1, 3, 32, 32)
-    with pytest.raises(ValueError, match=r"^task routing needs the call's task: run it inside "
-                                         r"model.routing_task\(name\), with a name among the routed tasks "
-                                         r"\(shape, caption\)$"):
+    with pytest.raises(ValueError, match=r"^task routing needs the call's task, one of the routed tasks "
+                                         r"\(shape, caption\): pass --routing-task NAME \(Python: run the calls "
+                                         r"inside model.routing_task\(name\)\)$"):
         model.encode_image(images)
     refusal = r"^task routing cannot serve task 'colour': its experts are routed only for the training tasks shape, "
     with pytest.raises(ValueError, match=refusal + "caption$"), model.routing_task("colour"):

@@ -100,8 +100,8 @@ def _port() -> int:
 
 
 def _launch(recipe: dict, run_dir: Path, *, launcher: str, resume: str = "", stop_after: int | None = None,
-            timeout: float = 240) -> None:
-    """Start 2 processes as ``torchrun`` or ``srun`` would and wait for both; on failure stop the other one."""
+            timeout: float = 240, processes: int = 2) -> None:
+    """Start the processes as ``torchrun`` or ``srun`` would and wait for all; on failure stop the others."""
     port = _port()
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK",
                                                                        "MASTER_"))}
@@ -109,13 +109,13 @@ def _launch(recipe: dict, run_dir: Path, *, launcher: str, resume: str = "", sto
     code = "import sys; from tests.train.test_deepspeed import rank_main; rank_main(*sys.argv[1:])"
     args = [json.dumps(recipe), str(run_dir), resume, "" if stop_after is None else str(stop_after)]
     procs, logs = [], []
-    for rank in range(2):
+    for rank in range(processes):
         env = dict(base)
         if launcher == "torchrun":
-            env.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+            env.update(RANK=str(rank), WORLD_SIZE=str(processes), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                        MASTER_PORT=str(port))
         else:  # srun: only SLURM's variables; MASTER_ADDR comes from the node list
-            env.update(SLURM_PROCID=str(rank), SLURM_NTASKS="2", SLURM_LOCALID=str(rank),
+            env.update(SLURM_PROCID=str(rank), SLURM_NTASKS=str(processes), SLURM_LOCALID=str(rank),
                        SLURM_JOB_NODELIST="localhost", SLURM_JOB_ID="123", MASTER_PORT=str(port))
         log = (run_dir.parent / f"{run_dir.name}-rank{rank}.log").open("w")
         logs.append(log)

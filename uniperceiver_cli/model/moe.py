@@ -81,8 +81,8 @@ def task_index(tasks: list[str], task: str | None) -> int:
     """
     routed = ", ".join(tasks)
     if task is None:
-        raise ValueError(f"task routing needs the call's task: run it inside model.routing_task(name), with a "
-                         f"name among the routed tasks ({routed})")
+        raise ValueError(f"task routing needs the call's task, one of the routed tasks ({routed}): pass "
+                         f"--routing-task NAME (Python: run the calls inside model.routing_task(name))")
     if task not in tasks:
         raise ValueError(f"task routing cannot serve task {task!r}: its experts are routed only for the training "
                          f"tasks {routed}")
@@ -177,12 +177,14 @@ def merge_experts(weight: torch.Tensor, bias: torch.Tensor, ids: torch.Tensor, g
     experts = weight.shape[0] if shard is None else shard.total
     # The gates as a dense (R, E) matrix: the merge is one small matmul over the experts, whose backward writes
     # each expert's gradient once (indexing the chosen experts would scatter into a zeroed (E, out, in) per call).
+    # In the weights' dtype, not autocast's: the merged linear is then cast like any other weight.
     g = torch.zeros(ids.shape[0], experts, dtype=weight.dtype, device=weight.device)
     g = g.scatter_add(1, ids, gates.to(weight.dtype))
     if shard is not None:
         g = g[:, shard.first:shard.first + shard.count]  # the experts held here
-    merged_w = (g @ weight.flatten(1)).view(-1, *weight.shape[1:])
-    merged_b = g @ bias
+    with torch.autocast(weight.device.type, enabled=False):
+        merged_w = (g @ weight.flatten(1)).view(-1, *weight.shape[1:])
+        merged_b = g @ bias
     if shard is not None:
         from torch.distributed.nn.functional import all_reduce
 
@@ -486,8 +488,9 @@ def shard_experts(model: nn.Module, shard: ExpertShard) -> None:
 
 
 def gather_experts(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every expert of every sharded :class:`ExpertLinear`, stacked from the group's processes in expert order:
-    ``{state-dict key: (E, ...)}``. A collective: every process of the group calls it."""
+    """Every expert of every sharded :class:`ExpertLinear`, stacked from the group's processes in expert order, on
+    the host: ``{state-dict key: (E, ...)}``. A collective: every process of the group calls it; one layer's
+    experts at a time are on the device."""
     full = {}
     for name, module in model.named_modules():
         if isinstance(module, ExpertLinear) and module.shard is not None:
@@ -496,7 +499,7 @@ def gather_experts(model: nn.Module) -> dict[str, torch.Tensor]:
                 local = getattr(module, key).detach().contiguous()
                 parts = [torch.empty_like(local) for _ in range(size)]
                 torch.distributed.all_gather(parts, local, group=module.shard.group)
-                full[f"{name}.{key}"] = torch.cat(parts)
+                full[f"{name}.{key}"] = torch.cat(parts).cpu()
     return full
 
 

@@ -329,21 +329,24 @@ class DeepSpeedEngine:
     def __init__(self, model: torch.nn.Module, recipe: Recipe, ctx: Context) -> None:
         import deepspeed
 
-        model = model.to(ctx.device)
         self.shard: ExpertShard | None = None
         self.expert_parallel = recipe.engine.expert_parallel
+        self.config = deepspeed_config(recipe, ctx.world_size)
         groups = None
         if self.expert_parallel > 1:
             if recipe.engine.zero_stage == 0 and recipe.train.precision != "fp32":
                 raise ValueError(f"engine.expert_parallel with {recipe.train.precision} needs engine.zero_stage 1 or "
-                                 f"2 (at ZeRO 0 DeepSpeed's {recipe.train.precision} optimizer would clip with the "
-                                 f"norm of each process's own experts)")
+                                 f"2 (DeepSpeed's {recipe.train.precision} optimizer at ZeRO 0 is not checked with "
+                                 f"sharded experts)")
+            if self.config["zero_optimization"].get("load_from_fp32_weights") is False:
+                raise ValueError("engine.expert_parallel needs zero_optimization.load_from_fp32_weights (the "
+                                 "default): on resume each process's experts come from its own fp32 state")
             self.shard = _expert_group(model, self.expert_parallel, ctx)
-            _register_experts(model, self.shard, self.expert_parallel)
+            _register_experts(model, self.shard, self.expert_parallel)  # before the move: no device holds every expert
             groups = _expert_param_groups(model, recipe.train.weight_decay)
+        model = model.to(ctx.device)
         optimizer = build_optimizer(model, recipe.train, groups)
         scheduler = build_scheduler(optimizer, recipe.train)
-        self.config = deepspeed_config(recipe, ctx.world_size)
         # Plain fp32 data parallel (ZeRO 0, no fp16/bf16 optimizer) clips with DeepSpeed's clip_grad_norm_,
         # which fails on 0-dim gradients (the logit scales: "output with shape [] doesn't match the broadcast
         # shape [1]"). There the gradients are already averaged when the boundary micro-step's backward
@@ -434,6 +437,7 @@ class DeepSpeedEngine:
     def load(self, directory: Path) -> dict[str, Any]:
         """Restore what :meth:`save` wrote; returns the loop's state. Every process calls it."""
         folder = Path(directory) / DEEPSPEED_DIR
+        self._check_expert_layout(Path(directory) / EXPERTS_DIR)  # before DeepSpeed fails on the shapes
         path, state = self.engine.load_checkpoint(str(folder), tag=DEEPSPEED_TAG)
         if path is None or not state or CLIENT_KEY not in state:
             raise FileNotFoundError(f"{folder} holds no DeepSpeed checkpoint of this run (tag {DEEPSPEED_TAG!r})")
@@ -441,18 +445,26 @@ class DeepSpeedEngine:
             self._load_experts(Path(directory) / EXPERTS_DIR)
         return state[CLIENT_KEY]
 
+    def _check_expert_layout(self, folder: Path) -> None:
+        """A checkpoint resumes only with the expert parallelism it was written with (its shards, or none)."""
+        written = sorted(p.name for p in folder.glob("rank-*.safetensors")) if folder.is_dir() else []
+        if self.shard is None:
+            if written:
+                raise ValueError(f"{folder} holds expert shards ({', '.join(written[:2])}, ...): the checkpoint was "
+                                 f"written with engine.expert_parallel > 1; resume with the same setting")
+            return
+        path = folder / expert_shard_file(self.shard.first // self.shard.count, self.expert_parallel)
+        if not path.is_file():
+            held = ", ".join(written) or "no expert shards"
+            raise FileNotFoundError(f"{path} is missing: the checkpoint holds {held}; resume with the "
+                                    f"engine.expert_parallel it was written with")
+
     def _load_experts(self, folder: Path) -> None:
         """This process's experts from the checkpoint's shard (DeepSpeed restored rank 0's module states)."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        rank = self.shard.first // self.shard.count
-        path = folder / expert_shard_file(rank, self.expert_parallel)
-        if not path.is_file():
-            written = sorted(p.name for p in folder.glob("rank-*.safetensors")) if folder.is_dir() else []
-            raise FileNotFoundError(f"{path} is missing: the checkpoint holds "
-                                    f"{', '.join(written) or 'no expert shards'}; resume with the expert_parallel it "
-                                    f"was written with")
+        path = folder / expert_shard_file(self.shard.first // self.shard.count, self.expert_parallel)
         try:
             tensors = load_file(path)
         except (SafetensorError, OSError) as e:
@@ -477,7 +489,8 @@ class DeepSpeedEngine:
             return None
         from uniperceiver_cli.model.uniperceiver import UniPerceiver
 
-        model = UniPerceiver(self.model.config).to(full[next(iter(full))].device)
-        model.load_state_dict({**self.model.state_dict(), **full})
+        model = UniPerceiver(self.model.config)  # on the host, filled, then moved: one full copy on the device
+        model.load_state_dict({**{k: v.cpu() for k, v in self.model.state_dict().items()}, **full})
+        model = model.to(next(self.model.parameters()).device)
         model.class_names, model.caption_vocabulary = self.model.class_names, self.model.caption_vocabulary
         return model

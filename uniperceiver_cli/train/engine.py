@@ -324,9 +324,15 @@ def _last_good(run_dir: Path) -> str:
 
 
 def _check_weights(model: torch.nn.Module, step: int, run_dir: Path) -> None:
+    """Stop on a non-finite weight. Under expert parallelism the processes hold different experts, so they agree
+    first: every process stops, none waits for the others at the next collective."""
     names, params = zip(*model.named_parameters(), strict=True)
-    finite = torch.stack([torch.isfinite(p).all() for p in params]).tolist()  # one host sync
-    bad = [name for name, ok in zip(names, finite, strict=True) if not ok]
+    finite = torch.stack([torch.isfinite(p).all() for p in params])
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        finite = finite.to(torch.int32)
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    bad = [name for name, ok in zip(names, finite.tolist(), strict=True) if not ok]  # one host sync
     if bad:
         raise TrainingStopped(f"step {step}: {len(bad)} weight tensor(s) are not finite ({', '.join(bad[:3])}); "
                               f"training stopped. {_last_good(run_dir)}")
