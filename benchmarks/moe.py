@@ -5,9 +5,9 @@ A step is what the loop does for an image-classification batch: encode the class
 images, the cross-entropy of the logits (+ the router losses for token and context routing, weights 0.01 and
 0.001), backward, AdamW; forward + backward and the AdamW step are timed apart (AdamW's time follows the
 parameter count, which expert parallelism divides for the experts). Random images at 64 x 64 (ToyWorld's
-size), batches of 32 and 128, 10 classes; randomly initialised weights. Each figure is the median of ``--steps`` steps
-after 3 warm-up steps, one process on ``--threads`` threads, all variants of a pair measured back to back in
-this process.
+size; ``--image-size 224`` for the papers' 197 tokens per image), batches of 32 and 128, 10 classes; randomly
+initialised weights. Each figure is the median of ``--steps`` steps after 3 warm-up steps, one process on
+``--threads`` threads, all variants of a pair measured back to back in this process.
 
 Parameter memory per process is counted from the model: the parameters outside the experts, plus the
 experts' share at ``engine.expert_parallel`` N (num_experts / N of them), in fp32, and with AdamW's
@@ -15,6 +15,7 @@ gradient and two moments (x4).
 
     python benchmarks/moe.py                      # tiny and small pairs, every routing level
     python benchmarks/moe.py --pairs tiny --steps 20
+    python benchmarks/moe.py --pairs small --batches 32 --image-size 224 --routings attribute
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ def main() -> None:
     parser.add_argument("--pairs", nargs="+", default=["tiny", "small"], help="dense presets X with an X-moe")
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--image-size", type=int, default=64, help="64: ToyWorld's 17 tokens per image; 224: 197")
+    parser.add_argument("--routings", nargs="+", default=sorted({r for r, _ in ROUTINGS}),
+                        help="which routing levels to time")
     parser.add_argument("--batches", nargs="+", type=int, default=[32, 128],
                         help="images per step: the merge's cost is per call, the linears' per token")
     args = parser.parse_args()
@@ -81,16 +85,17 @@ def main() -> None:
     rows = []
     for batch in args.batches:
         gen = torch.Generator().manual_seed(0)
-        images = torch.randn(batch, 3, 64, 64, generator=gen)
+        size = args.image_size
+        images = torch.randn(batch, 3, size, size, generator=gen)
         labels = torch.randint(0, len(CLASSES), (batch,), generator=gen)
         for dense in args.pairs:
             torch.manual_seed(0)
-            variants = [(dense, "-", UniPerceiver(get_config(dense, image_size=64)))]
-            for routing, capacity in ROUTINGS:
+            variants = [(dense, "-", UniPerceiver(get_config(dense, image_size=size)))]
+            for routing, capacity in (r for r in ROUTINGS if r[0] in args.routings):
                 torch.manual_seed(0)
                 moe = {"routing": routing, "capacity_factor": capacity}
                 label = routing if capacity is None else f"{routing}, capacity {capacity}"
-                config = get_config(f"{dense}-moe", image_size=64, moe=moe)
+                config = get_config(f"{dense}-moe", image_size=size, moe=moe)
                 variants.append((f"{dense}-moe", label, UniPerceiver(config)))
             base = None
             for preset, routing, model in variants:

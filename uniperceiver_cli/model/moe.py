@@ -195,7 +195,8 @@ def merge_experts(weight: torch.Tensor, bias: torch.Tensor, ids: torch.Tensor, g
 
 # ---------------------------------------------------------------------------------------- token dispatch
 def expert_capacity(tokens: int, config: MoEConfig) -> int:
-    """Choices each expert takes per call: ceil(capacity_factor * k * T / E), at most T; T when dropless."""
+    """Choices each expert takes per call: ceil(capacity_factor * k * T / E), at most T; T when dropless (its
+    upper bound: :func:`dropless_capacity` gives the depth a call needs)."""
     if config.capacity_factor is None:
         return tokens
     return min(tokens, math.ceil(config.capacity_factor * config.top_k * tokens / config.num_experts))
@@ -247,6 +248,16 @@ def expert_parallel_compute(buffer: torch.Tensor, weight: torch.Tensor, bias: to
     out = expert_compute(local, weight, bias)  # (count, n * C, out)
     out = out.view(shard.count, n, c, -1).transpose(0, 1).reshape(e, c, -1)
     return _AllToAll.apply(shard.group, out)
+
+
+def dropless_capacity(ids: torch.Tensor, valid: torch.Tensor | None, num_experts: int) -> int:
+    """The most choices any expert got in a call, so no choice is dropped and the (E, C) buffer is no deeper than
+    needed (C = T would run every expert on every token). ids (T, k); one host sync, as DeepSpeed's dropless
+    gate has."""
+    choices = F.one_hot(ids, num_experts)  # (T, k, E)
+    if valid is not None:
+        choices = choices * valid[:, None, None]
+    return max(1, int(choices.sum((0, 1)).max()))
 
 
 def common_capacity(capacity: int, shard: ExpertShard | None, device: torch.device) -> int:
@@ -452,7 +463,10 @@ class FeatureGate(nn.Module):
             token_ids, token_gates = ids, gates = route(logits, self.config, training=self.training)
             item_valid = None if valid is None else valid.flatten()
         token_valid = None if valid is None else valid.flatten()
-        capacity = common_capacity(expert_capacity(b * s, self.config), self.shard, x.device)
+        capacity = expert_capacity(b * s, self.config)
+        if self.config.capacity_factor is None:  # dropless: as deep as the fullest expert needs, no deeper
+            capacity = dropless_capacity(token_ids, token_valid, self.config.num_experts)
+        capacity = common_capacity(capacity, self.shard, x.device)
         plan = plan_dispatch(token_ids, token_gates, token_valid, self.config.num_experts, capacity)
         if self.log is not None:
             self.log.record(logits, ids, item_valid, token_ids, token_valid, plan)
