@@ -18,7 +18,7 @@ import random
 import shutil
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,7 @@ from uniperceiver_cli.model.uniperceiver import UniPerceiver
 from uniperceiver_cli.train.losses import router_loss
 from uniperceiver_cli.train.optim import freeze_for_prompt_tuning
 from uniperceiver_cli.train.protocol import DEEPSPEED_DIR, STATE_FILE, Context, Engine
-from uniperceiver_cli.train.recipe import Recipe
+from uniperceiver_cli.train.recipe import Recipe, TrainSpec
 from uniperceiver_cli.train.single_engine import SingleEngine
 from uniperceiver_cli.train.tasks import TrainTask
 
@@ -97,9 +97,10 @@ def seed_everything(seed: int) -> None:
 
 
 class RunLog:
-    """metrics.jsonl, TensorBoard events and the console progress line (main process only)."""
+    """metrics.jsonl, TensorBoard events and the console progress (main process only): a progress bar on a
+    terminal; where stderr is not one (a SLURM output file, ``| tee``), one plain line per logged step."""
 
-    def __init__(self, run_dir: Path, total: int, enabled: bool) -> None:
+    def __init__(self, run_dir: Path, total: int, enabled: bool, start: int = 0) -> None:
         self.enabled = enabled
         if not enabled:
             return
@@ -108,11 +109,14 @@ class RunLog:
 
         self.file = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
         self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-        self.progress = Progress(TextColumn("[bold]step"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[loss]}  {task.fields[rate]} samples/s"),
-                                 TimeRemainingColumn(), console=err_console)
-        self.progress.start()
-        self.bar = self.progress.add_task("train", total=total, loss="", rate="")
+        self.total, self.start, self.began = total, start, time.monotonic()
+        self.progress = None
+        if err_console.is_terminal:
+            self.progress = Progress(TextColumn("[bold]step"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[loss]}  {task.fields[rate]} samples/s"),
+                                     TimeRemainingColumn(), console=err_console)
+            self.progress.start()
+            self.bar = self.progress.add_task("train", total=total, completed=start, loss="", rate="")
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -124,15 +128,34 @@ class RunLog:
             if isinstance(value, (int, float)) and key != "step":
                 self.writer.add_scalar(key, value, record["step"])
 
-    def advance(self, step: int, loss: str, rate: str) -> None:
-        if self.enabled:
-            self.progress.update(self.bar, completed=step, loss=loss, rate=rate)
+    def advance(self, record: dict[str, Any]) -> None:
+        """Show a logged step: its task losses and samples/s, with the elapsed time and an estimate of the rest."""
+        if not self.enabled:
+            return
+        step, rate = record["step"], record["samples_per_s"]
+        losses = {k.removesuffix("/loss"): v for k, v in record.items() if k.endswith("/loss")}
+        if self.progress is not None:
+            mean = sum(losses.values()) / max(1, len(losses))
+            self.progress.update(self.bar, completed=step, loss=f"mean loss of {len(losses)} task(s) {mean:.3f}",
+                                 rate=f"{rate:.0f}")
+            return
+        elapsed = time.monotonic() - self.began
+        left = elapsed / max(1, step - self.start) * (self.total - step)
+        tasks = " ".join(f"{name} {value:.4f}" for name, value in losses.items())
+        err_console.print(f"step {step}/{self.total}  loss {tasks}  {rate:.0f} samples/s  elapsed {_clock(elapsed)}  "
+                          f"eta {_clock(left)}", markup=False, highlight=False, soft_wrap=True)
 
     def close(self) -> None:
         if self.enabled:
-            self.progress.stop()
+            if self.progress is not None:
+                self.progress.stop()
             self.file.close()
             self.writer.close()
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
 
 
 def _checkpoints(run_dir: Path) -> list[Path]:
@@ -150,6 +173,16 @@ def find_resume(run_dir: Path, resume: str | None) -> Path | None:
     if not path.exists():
         raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
     return path
+
+
+def compute_threads(spec: TrainSpec, tasks: int, environ: Mapping[str, str] = os.environ) -> int | None:
+    """``train.threads`` as a count: ``auto`` is the cores this process may use (its CPU affinity, shared with
+    the other processes of its node) less the data-loader workers (``num_workers`` per task), at least one."""
+    if spec.threads != "auto":
+        return spec.threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    per_node = int(environ.get("LOCAL_WORLD_SIZE") or environ.get("SLURM_NTASKS_PER_NODE") or 1)
+    return max(1, cores // max(1, per_node) - spec.num_workers * tasks)
 
 
 @contextlib.contextmanager
@@ -232,7 +265,7 @@ def train(recipe: Recipe, run_dir: Path, *, resume: str | None = None, ctx: Cont
             no ``final/`` is written.
     """
     ctx = ctx or Context()
-    with _torch_threads(recipe.train.threads), run_lock(run_dir, ctx):
+    with _torch_threads(compute_threads(recipe.train, len(recipe.tasks))), run_lock(run_dir, ctx):
         return _train(recipe, run_dir, resume=resume, ctx=ctx, stop_after=stop_after)
 
 
@@ -354,7 +387,7 @@ def _train(recipe: Recipe, run_dir: Path, *, resume: str | None, ctx: Context,
     run = _setup(recipe, run_dir, resume, ctx)
     spec = recipe.train
     end = spec.steps if stop_after is None else min(spec.steps, run.step + stop_after)
-    log = RunLog(run_dir, spec.steps, ctx.main)
+    log = RunLog(run_dir, spec.steps, ctx.main, start=run.step)
     try:
         _loop(run, end, log)
         if end < spec.steps:  # stopped early (stop_after), as if interrupted: leave a checkpoint to resume from
@@ -434,9 +467,7 @@ def _loop(run: _Run, end: int, log: RunLog) -> None:
             record = {"step": step, "lr": engine.lr(), **window.record(ctx),
                       **{f"{n}/skipped": sum(c.values()) for n, c in _skipped(run.loaders, ctx).items()}}
             log.write(record)
-            losses = [v for k, v in record.items() if k.endswith("/loss")]
-            log.advance(step, f"mean loss of {len(losses)} task(s) {sum(losses) / max(1, len(losses)):.3f}",
-                        f"{record['samples_per_s']:.0f}")
+            log.advance(record)
         if checkpointing:
             _save_checkpoint(run)
         if run.recipe.evaluation.every and step % run.recipe.evaluation.every == 0 and step != spec.steps:

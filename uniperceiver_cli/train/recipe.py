@@ -158,7 +158,9 @@ class TrainSpec:
     checkpoint_every: NonNegativeInt = 0  # 0: only the final bundle
     keep_checkpoints: Count = 2
     num_workers: NonNegativeInt = 0  # data-loader worker processes per task
-    threads: Count | None = None  # torch compute threads in each training process (None: torch's default)
+    # torch compute threads in each training process: a count, auto (the process's cores less the loader
+    # workers, at least one) or None (torch's default)
+    threads: Count | Literal["auto"] | None = "auto"
     # Token and context routing: weights of the load-balancing loss and the router z-loss added to each task loss.
     moe_balance_weight: NonNegative = 0.01
     moe_z_weight: NonNegative = 0.001
