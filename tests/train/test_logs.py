@@ -36,7 +36,8 @@ def test_threads_auto_is_the_cores_left_after_the_loader_workers(monkeypatch: py
     assert spec.threads == "auto"  # the default
     assert compute_threads(spec, tasks=2, environ={}) == 6  # 8 cores, 2 tasks x 1 worker
     assert compute_threads(spec, tasks=5, environ={"LOCAL_WORLD_SIZE": "2"}) == 1  # 4 cores each, 5 workers: 1
-    assert compute_threads(spec, tasks=2, environ={"SLURM_NTASKS_PER_NODE": "4"}) == 1  # at least one
+    assert compute_threads(spec, tasks=2, environ={"LOCAL_WORLD_SIZE": "8"}) == 1  # at least one
+    assert compute_threads(spec, tasks=2, environ={"LOCAL_WORLD_SIZE": "2(x3)"}) == 6  # unreadable: not shared
     assert compute_threads(validate(_recipe(Path("."), num_workers=0)).train, tasks=2, environ={}) == 8
     assert compute_threads(validate(_recipe(Path("."), threads=3)).train, tasks=2, environ={}) == 3
     assert compute_threads(validate(_recipe(Path("."), threads=None)).train, tasks=2, environ={}) is None

@@ -176,13 +176,15 @@ def find_resume(run_dir: Path, resume: str | None) -> Path | None:
 
 
 def compute_threads(spec: TrainSpec, tasks: int, environ: Mapping[str, str] = os.environ) -> int | None:
-    """``train.threads`` as a count: ``auto`` is the cores this process may use (its CPU affinity, shared with
-    the other processes of its node) less the data-loader workers (``num_workers`` per task), at least one."""
+    """``train.threads`` as a count: ``auto`` is the cores this process may use less the data-loader workers
+    (``num_workers`` per task), at least one. The cores are its CPU affinity: under ``srun`` that is its task's own
+    (``--cpus-per-task``); processes that share one (``torchrun``, which sets ``LOCAL_WORLD_SIZE``) split it."""
     if spec.threads != "auto":
         return spec.threads
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    per_node = int(environ.get("LOCAL_WORLD_SIZE") or environ.get("SLURM_NTASKS_PER_NODE") or 1)
-    return max(1, cores // max(1, per_node) - spec.num_workers * tasks)
+    sharing = environ.get("LOCAL_WORLD_SIZE", "")
+    per_node = int(sharing) if sharing.isdigit() and int(sharing) > 0 else 1
+    return max(1, cores // per_node - spec.num_workers * tasks)
 
 
 @contextlib.contextmanager
