@@ -28,6 +28,7 @@ import numpy as np
 
 from uniperceiver_cli.model.class_rows import classifier_rows
 from uniperceiver_cli.model.config import EOT_ID, SPE_ID, VOCAB_SIZE
+from uniperceiver_cli.text_files import prompted
 
 MANIFEST = "uniperceiver-onnx.json"
 FORMAT = "uniperceiver-onnx"
@@ -213,13 +214,7 @@ class OnnxModel:
 
     def label_features(self, names: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
         """Class features (C, D): each name in every template, averaged and renormalised (bare names without)."""
-        if not names:
-            raise ValueError("no class names given")
-        templates = list(templates) if templates else ["{}"]
-        for template in templates:
-            if "{}" not in template:
-                raise ValueError(f"template {template!r} has no '{{}}' for the class name")
-        feats = np.stack([self.encode_text([t.format(n) for n in names]) for t in templates])
+        feats = np.stack([self.encode_text(texts) for texts in prompted(names, templates)])
         return _normalize(feats.mean(axis=0))
 
     # ------------------------------------------------------------------ tasks

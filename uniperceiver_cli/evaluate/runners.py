@@ -28,6 +28,7 @@ from uniperceiver_cli.model.config import SOT_ID, SPE_ID
 from uniperceiver_cli.model.decoding import beam_search
 from uniperceiver_cli.model.tokenizer import get_tokenizer
 from uniperceiver_cli.model.uniperceiver import UniPerceiver
+from uniperceiver_cli.text_files import prompted
 
 if TYPE_CHECKING:
     from uniperceiver_cli.data.loader import Batch
@@ -62,13 +63,7 @@ def _evaluating(model: UniPerceiver) -> torch.device:
 def label_features(model: UniPerceiver, names: Sequence[str], templates: Sequence[str] | None = None) -> torch.Tensor:
     """Zero-shot class features (C, D): each name in every template ("a photo of a {}."), averaged over
     templates and renormalised. Without templates the bare names are encoded, as the reference does."""
-    if not names:
-        raise ValueError("no class names given")
-    templates = list(templates) if templates else ["{}"]
-    for template in templates:
-        if "{}" not in template:
-            raise ValueError(f"template {template!r} has no '{{}}' for the class name")
-    feats = torch.stack([model.encode_text([t.format(n) for n in names]) for t in templates])
+    feats = torch.stack([model.encode_text(texts) for texts in prompted(names, templates)])
     return F.normalize(feats.float().mean(dim=0), dim=-1)
 
 

@@ -129,6 +129,11 @@ class ExpertShard:
     src: int
     total: int  # the experts of a layer, over the group
 
+    @property
+    def rank(self) -> int:
+        """This process's place in the group: the index of its share of the experts."""
+        return self.first // self.count
+
 
 def _shared(noise: torch.Tensor, shard: ExpertShard | None) -> torch.Tensor:
     """Under expert parallelism every process of the group must route alike: they all take ``src``'s noise."""
@@ -196,7 +201,7 @@ def merge_experts(weight: torch.Tensor, bias: torch.Tensor, ids: torch.Tensor, g
 # ---------------------------------------------------------------------------------------- token dispatch
 def expert_capacity(tokens: int, config: MoEConfig) -> int:
     """Choices each expert takes per call: ceil(capacity_factor * k * T / E), at most T; T when dropless (its
-    upper bound: :func:`dropless_capacity` gives the depth a call needs)."""
+    upper bound: :func:`dropless_load` gives the depth a call needs)."""
     if config.capacity_factor is None:
         return tokens
     return min(tokens, math.ceil(config.capacity_factor * config.top_k * tokens / config.num_experts))
@@ -250,23 +255,25 @@ def expert_parallel_compute(buffer: torch.Tensor, weight: torch.Tensor, bias: to
     return _AllToAll.apply(shard.group, out)
 
 
-def dropless_capacity(ids: torch.Tensor, valid: torch.Tensor | None, num_experts: int) -> int:
-    """The most choices any expert got in a call, so no choice is dropped and the (E, C) buffer is no deeper than
-    needed (C = T would run every expert on every token). ids (T, k); one host sync, as DeepSpeed's dropless
-    gate has."""
+def dropless_load(ids: torch.Tensor, valid: torch.Tensor | None, num_experts: int) -> torch.Tensor:
+    """The most choices any expert got in a call (at least 1), as a device scalar: the depth of a dropless
+    (E, C) buffer, so no choice is dropped and none is deeper than needed (C = T would run every expert on every
+    token). ids (T, k)."""
     choices = F.one_hot(ids, num_experts)  # (T, k, E)
     if valid is not None:
         choices = choices * valid[:, None, None]
-    return max(1, int(choices.sum((0, 1)).max()))
+    return choices.sum((0, 1)).max().clamp(min=1)
 
 
-def common_capacity(capacity: int, shard: ExpertShard | None, device: torch.device) -> int:
-    """The capacity every process of an expert-parallel group uses (the all-to-all needs equal blocks): the
-    largest of theirs. One host sync per routed call under expert parallelism, as in DeepSpeed's dropless gate."""
-    if shard is None:
+def agreed_capacity(capacity: int | torch.Tensor, shard: ExpertShard | None, device: torch.device) -> int:
+    """The capacity as a number, the same on every process of an expert-parallel group (the all-to-all needs
+    equal blocks): the largest of theirs. A fixed capacity needs no host sync outside expert parallelism; a
+    dropless one (a device scalar) and any under expert parallelism need one, as in DeepSpeed's dropless gate."""
+    if shard is None and isinstance(capacity, int):
         return capacity
-    largest = torch.tensor(capacity, device=device)
-    torch.distributed.all_reduce(largest, op=torch.distributed.ReduceOp.MAX, group=shard.group)
+    largest = torch.as_tensor(capacity, device=device)
+    if shard is not None:
+        torch.distributed.all_reduce(largest, op=torch.distributed.ReduceOp.MAX, group=shard.group)
     return int(largest)
 
 
@@ -465,8 +472,8 @@ class FeatureGate(nn.Module):
         token_valid = None if valid is None else valid.flatten()
         capacity = expert_capacity(b * s, self.config)
         if self.config.capacity_factor is None:  # dropless: as deep as the fullest expert needs, no deeper
-            capacity = dropless_capacity(token_ids, token_valid, self.config.num_experts)
-        capacity = common_capacity(capacity, self.shard, x.device)
+            capacity = dropless_load(token_ids, token_valid, self.config.num_experts)
+        capacity = agreed_capacity(capacity, self.shard, x.device)
         plan = plan_dispatch(token_ids, token_gates, token_valid, self.config.num_experts, capacity)
         if self.log is not None:
             self.log.record(logits, ids, item_valid, token_ids, token_valid, plan)

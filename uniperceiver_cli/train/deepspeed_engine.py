@@ -423,8 +423,7 @@ class DeepSpeedEngine:
 
             folder = Path(directory) / EXPERTS_DIR
             folder.mkdir(exist_ok=True)
-            rank = self.shard.first // self.shard.count
-            save_file(_local_experts(self.model), folder / expert_shard_file(rank, self.expert_parallel),
+            save_file(_local_experts(self.model), folder / expert_shard_file(self.shard.rank, self.expert_parallel),
                       metadata={"first": str(self.shard.first), "count": str(self.shard.count),
                                 "num_experts": str(self.shard.count * self.expert_parallel)})
 
@@ -453,7 +452,7 @@ class DeepSpeedEngine:
                 raise ValueError(f"{folder} holds expert shards ({', '.join(written[:2])}, ...): the checkpoint was "
                                  f"written with engine.expert_parallel > 1; resume with the same setting")
             return
-        path = folder / expert_shard_file(self.shard.first // self.shard.count, self.expert_parallel)
+        path = folder / expert_shard_file(self.shard.rank, self.expert_parallel)
         if not path.is_file():
             held = ", ".join(written) or "no expert shards"
             raise FileNotFoundError(f"{path} is missing: the checkpoint holds {held}; resume with the "
@@ -464,7 +463,7 @@ class DeepSpeedEngine:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        path = folder / expert_shard_file(self.shard.first // self.shard.count, self.expert_parallel)
+        path = folder / expert_shard_file(self.shard.rank, self.expert_parallel)
         try:
             tensors = load_file(path)
         except (SafetensorError, OSError) as e:
