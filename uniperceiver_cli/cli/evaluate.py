@@ -36,6 +36,8 @@ def evaluate(
     max_text_len: int = typer.Option(SPEC["max_text_len"], min=2, help="Retrieval: cut captions to this many tokens."),
     captions_per_item: int | None = typer.Option(None, min=1, help="Retrieval: use only each item's first N."),
     num_frames: int = typer.Option(SPEC["num_frames"], min=1, help="Frames per video clip."),
+    frame_stride: float = typer.Option(SPEC["frame_stride"], min=0.01, help="Source frames between "
+                                       "sampled frames at 30 fps, scaled by the video's fps (ToyWorld: 3.75)."),
     views: int = typer.Option(SPEC["views"], min=1, help="Spatial views per video, 1 or 3 (softmax averaged)."),
     clips: int = typer.Option(SPEC["clips"], min=1, help="Temporal clips per video (the reference's K400: 4)."),
     limit: int | None = typer.Option(None, min=1, help="Evaluate about this many samples only."),
@@ -65,7 +67,8 @@ def evaluate(
             batch_size=batch_size, label_set=label_set, labels=labels and str(labels), templates=template_list,
             max_samples=limit, beam_size=beam_size, max_len=max_len, vocabulary=vocabulary.value,
             vocabulary_from=[str(f) for f in vocabulary_from or []], max_text_len=max_text_len,
-            captions_per_item=captions_per_item, num_frames=num_frames, views=views, clips=clips)
+            captions_per_item=captions_per_item, num_frames=num_frames, frame_stride=frame_stride, views=views,
+            clips=clips)
         dev = pick_device(device)
         net = load_any_model(model, preset, dev)
         evaluation = evaluate_task(net, spec, num_workers=workers, precision=precision, len_penalty=len_penalty)
@@ -74,9 +77,10 @@ def evaluate(
             result.notes.append("skipped while loading: " + ", ".join(f"{k}: {v}" for k, v in skipped.items()))
         out = out or Path("eval") / f"{manifest.dataset}-{manifest.split}-{task}"
         settings = {"batch_size": batch_size, "beam_size": beam_size, "max_len": max_len, "len_penalty": len_penalty,
-                    "views": views, "clips": clips, "num_frames": num_frames, "label_set": label_set,
-                    "templates": template_list, "vocabulary": vocabulary.value, "vocabulary_from": spec.vocabulary_from,
-                    "labels": evaluation.labels, "precision": precision, "device": str(dev), "limit": limit}
+                    "views": views, "clips": clips, "num_frames": num_frames, "frame_stride": frame_stride,
+                    "label_set": label_set, "templates": template_list, "vocabulary": vocabulary.value,
+                    "vocabulary_from": spec.vocabulary_from, "labels": evaluation.labels, "precision": precision,
+                    "device": str(dev), "limit": limit}
         path = evaluation.write(out, model_identity(model), settings)
     print_results(result, f"{manifest.dataset}/{manifest.split} - {task}")
     typer.echo(f"wrote {path}")

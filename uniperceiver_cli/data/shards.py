@@ -268,6 +268,19 @@ def write_shards(directory: str | Path, items: Sequence[Any], make_sample: Calla
     return manifest
 
 
+def read_metas(directory: str | Path) -> dict[str, dict[str, Any]]:
+    """Each sample's meta (its ``.json`` member) by key, for a converted split's shards; members are read, never
+    extracted."""
+    directory = Path(directory)
+    metas = {}
+    for path in Manifest.load(directory).shard_paths(directory):
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if member.isfile() and member.name.endswith(".json"):
+                    metas[member.name[:-len(".json")]] = json.loads(tar.extractfile(member).read())
+    return metas
+
+
 def _rate(bar: Progress, task_id: int) -> str:
     speed = bar.tasks[task_id].speed
     return f"{speed:,.0f}/s" if speed else ""

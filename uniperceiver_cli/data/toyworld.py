@@ -243,17 +243,22 @@ def _image_scene(rng: np.random.Generator, shape: str) -> tuple[list[Thing], str
     return [main, other], position, relation
 
 
-def _image_captions(rng: np.random.Generator, things: list[Thing], position: str, relation: str | None) -> list[str]:
-    """2-5 captions from distinct templates; every one names the main thing's shape and colour."""
+def _image_templates(things: list[Thing], position: str, relation: str | None) -> tuple[tuple[str, ...], dict]:
+    """The caption templates of a scene and the fields that fill them."""
     main = things[0]
     fields = {"full": main.full, "a_full": _a(main.full), "a_plain": _a(main.plain), "size": main.size,
               "shape": main.shape, "colour": main.colour, "where": WHERE[position]}
-    templates = SINGLE_TEMPLATES
-    if relation is not None:
-        other = things[1]
-        fields |= {"other": other.full, "a_other": _a(other.full), "a_other_plain": _a(other.plain),
-                   "relation": relation, "inverse": INVERSE[relation]}
-        templates = PAIR_TEMPLATES
+    if relation is None:
+        return SINGLE_TEMPLATES, fields
+    other = things[1]
+    fields |= {"other": other.full, "a_other": _a(other.full), "a_other_plain": _a(other.plain),
+               "relation": relation, "inverse": INVERSE[relation]}
+    return PAIR_TEMPLATES, fields
+
+
+def _image_captions(rng: np.random.Generator, things: list[Thing], position: str, relation: str | None) -> list[str]:
+    """2-5 captions from distinct templates; every one names the main thing's shape and colour."""
+    templates, fields = _image_templates(things, position, relation)
     count = int(rng.integers(2, 6))
     return [templates[i].format(**fields) for i in rng.permutation(len(templates))[:count]]
 
@@ -305,6 +310,10 @@ def _trajectory(rng: np.random.Generator, motion: str, start: Thing, num_frames:
     return frames
 
 
+def _video_fields(thing: Thing, motion: str) -> dict[str, str]:
+    return {"a_plain": _a(thing.plain), "a_full": _a(thing.full), "plain": thing.plain, "moving": MOVING[motion]}
+
+
 def video_sample(index: int, *, split: str, seed: int, image_size: int, num_frames: int) -> Sample:
     """Video ``index`` of ``split``: MP4 of one moving thing, label = motion (cycling), captions."""
     rng = _rng(seed, f"videos/{split}", index)
@@ -316,7 +325,7 @@ def video_sample(index: int, *, split: str, seed: int, image_size: int, num_fram
                   float(rng.uniform(-15, 15)))
     background = _background(rng, image_size)
     video = _mp4([_draw(background, [thing]) for thing in _trajectory(rng, motion, start, num_frames)])
-    fields = {"a_plain": _a(start.plain), "a_full": _a(start.full), "plain": start.plain, "moving": MOVING[motion]}
+    fields = _video_fields(start, motion)
     count = int(rng.integers(2, 5))
     captions = [VIDEO_TEMPLATES[i].format(**fields) for i in rng.permutation(len(VIDEO_TEMPLATES))[:count]]
     key = f"{DATASET}-vid-{split}-{index:06d}"
@@ -390,6 +399,48 @@ def text_sample(index: int, *, split: str, seed: int) -> Sample:
     sentences = [_pick(rng, SENTENCES)(rng) for _ in range(int(rng.integers(2, 7)))]
     key = f"{DATASET}-txt-{split}-{index:06d}"
     return Sample(key, text=" ".join(s[0].upper() + s[1:] + "." for s in sentences))
+
+
+# --- what is true of a sample ------------------------------------------------------------------------------------
+
+
+def true_captions(meta: dict[str, Any]) -> set[str]:
+    """Every caption ToyWorld could write for the scene of a sample's ``meta`` (its .json member): a caption is
+    true of an image or clip when it is in this set, as of a look-alike sample (same objects, colours, sizes,
+    position, relation or motion), even where it is another sample's caption. Image-text retrieval counts such a
+    top caption as a hit beside the strict R@1, which asks for the image's own caption."""
+    if "motion" in meta:
+        thing = Thing(meta["shape"], meta["colour"], meta["size"], 0.5, 0.5, 0.1)
+        return {t.format(**_video_fields(thing, meta["motion"])) for t in VIDEO_TEMPLATES}
+    things = [Thing(o["shape"], o["colour"], o["size"], 0.5, 0.5, 0.1) for o in meta["objects"]]
+    templates, fields = _image_templates(things, meta["position"], meta["relation"])
+    return {t.format(**fields) for t in templates}
+
+
+
+def true_caption_recall(best: dict[str, str], metas: dict[str, dict[str, Any]]) -> float:
+    """Retrieval R@1 in percent where a hit is a top caption true of the item (``best``: key -> top caption, as in a
+    retrieval's predictions.jsonl; ``metas``: key -> meta, ``shards.read_metas``)."""
+    if not best:
+        raise ValueError("no retrieval predictions to score")
+    return 100.0 * sum(best[key] in true_captions(metas[key]) for key in best) / len(best)
+
+
+def strict_recall_ceiling(metas: dict[str, dict[str, Any]], captions_per_item: int = 1) -> float:
+    """The strict R@1 in percent of a model that ranks every caption true of an item above the others, in random
+    order among them, against each item's first ``captions_per_item`` captions. A caption that is word for word
+    another item's too always ties with a wrong candidate, and a tie counts against the query
+    (``metrics.retrieval_recall``)."""
+    owners: dict[str, set[str]] = {}
+    for key, meta in metas.items():
+        for caption in meta["captions"][:captions_per_item]:
+            owners.setdefault(caption, set()).add(key)
+    total = 0.0
+    for key, meta in metas.items():
+        true = true_captions(meta) & owners.keys()
+        own = sum(owners[c] == {key} for c in dict.fromkeys(meta["captions"][:captions_per_item]))
+        total += own / len(true)  # one of the item's own (untied) captions comes first
+    return 100.0 * total / len(metas)
 
 
 # --- the data set ------------------------------------------------------------------------------------------------
