@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install test lint demo
+.PHONY: install test lint demo claims
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,3 +27,10 @@ demo: install
 	$(BIN)/uniperceiver prepare-data toyworld --out data/toyworld --workers 2 && \
 	$(BIN)/uniperceiver pretrain --recipe toyworld-tiny --run-dir runs/toyworld-tiny && \
 	$(BIN)/python benchmarks/demo_targets.py runs/toyworld-tiny --seconds $$(( $$(date +%s) - start ))
+
+# The papers' claims at ToyWorld scale: tuning, dense against MoE, routing levels (about an hour on 2 cores;
+# reuses `make demo`'s run when it is current). Writes docs/claims.md and its plots in docs/claims/.
+claims: install
+	$(BIN)/pip install --quiet -e ".[test,claims]"
+	$(BIN)/uniperceiver prepare-data toyworld --out data/toyworld --workers 2
+	$(BIN)/python benchmarks/claims.py

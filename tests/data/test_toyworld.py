@@ -9,8 +9,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from uniperceiver_cli.data.shards import Manifest
-from uniperceiver_cli.data.toyworld import COLOURS, MOTIONS, SHAPES, SPLIT_COUNTS, generate
+from uniperceiver_cli.data.shards import Manifest, read_metas
+from uniperceiver_cli.data.toyworld import (
+    COLOURS,
+    MOTIONS,
+    SHAPES,
+    SINGLE_TEMPLATES,
+    SPLIT_COUNTS,
+    generate,
+    strict_recall_ceiling,
+    true_caption_recall,
+    true_captions,
+)
 
 SIDE, FRAMES = 64, 8
 
@@ -161,3 +171,51 @@ def test_rejects_other_settings_and_bad_arguments(world) -> None:
         _generate(out, size="huge")
     with pytest.raises(ValueError, match="image_size"):
         _generate(out, image_size=33)
+
+
+def _image_meta(key: str, first: str, objects: list[tuple[str, str, str]], position: str,
+                relation: str | None = None) -> dict:
+    return {"id": key, "captions": [first], "position": position, "relation": relation,
+            "objects": [{"shape": s, "colour": c, "size": z} for s, c, z in objects]}
+
+
+def test_read_metas_and_true_captions_hold_every_written_caption(world) -> None:
+    out, _ = world
+    for split in ("images/test", "videos/test"):
+        metas = read_metas(out / split)
+        assert sorted(metas) == sorted(_samples(out / split))
+        for meta in metas.values():  # a sample's own captions are true of it, and all name its shape and colour
+            truth = true_captions(meta)
+            assert set(meta["captions"]) <= truth
+            assert all(meta["shape"] in c and meta["colour"] in c for c in truth)
+
+
+def test_true_captions_by_hand() -> None:
+    single = _image_meta("a", "a picture of a small red circle", [("circle", "red", "small")], "left")
+    assert "a red circle on the left" in true_captions(single)  # the plain template: true at either size
+    assert "a small red circle on the right" not in true_captions(single)
+    assert len(true_captions(single)) == len(SINGLE_TEMPLATES)
+    pair = _image_meta("b", "x", [("star", "blue", "large"), ("cross", "white", "small")], "left", "to the left of")
+    assert "a small white cross to the right of a large blue star" in true_captions(pair)
+    assert "a large blue star to the right of a small white cross" not in true_captions(pair)
+    clip = {"motion": "moving left", "shape": "heart", "colour": "green", "size": "large", "captions": []}
+    assert true_captions(clip) == {
+        "a green heart moving to the left", "a large green heart moving to the left",
+        "the green heart is moving to the left", "a video of a green heart moving to the left",
+        "a large green heart that is moving to the left"}
+
+
+def test_true_caption_recall_and_the_strict_ceiling_by_hand() -> None:
+    # a: its caption is true of it alone; b and c: identical scenes and captions (a tie: never a strict hit);
+    # d: a large red circle on the left, of which a's caption "a red circle on the left" is true as well.
+    metas = {"a": _image_meta("a", "a red circle on the left", [("circle", "red", "small")], "left"),
+             "b": _image_meta("b", "a picture of a large blue star", [("star", "blue", "large")], "top"),
+             "c": _image_meta("c", "a picture of a large blue star", [("star", "blue", "large")], "top"),
+             "d": _image_meta("d", "the large red circle is on the left", [("circle", "red", "large")], "left")}
+    # a: 1 true candidate, its own: 1. b, c: own caption tied: 0. d: 2 true candidates (a's, d's): 1/2.
+    assert strict_recall_ceiling(metas) == pytest.approx(100 * (1 + 0 + 0 + 0.5) / 4)
+    best = {"a": "a red circle on the left", "b": "a picture of a large blue star",
+            "c": "the large red circle is on the left", "d": "a red circle on the left"}
+    assert true_caption_recall(best, metas) == 75.0  # c's top caption is d's: false of c
+    with pytest.raises(ValueError, match="no retrieval predictions"):
+        true_caption_recall({}, metas)

@@ -31,8 +31,8 @@ def evaluate(
     vocabulary: Vocabulary = typer.Option(
         Vocabulary.trained, help="Captioning: decode over the tokens the model's caption task trained on (trained; all "
         "when the bundle records none) or all 49,411 (full)."),
-    vocabulary_from: list[Path] | None = typer.Option(None, help="Captioning: decode only over the tokens of "
-                                                      "this split's texts (repeatable)."),
+    vocabulary_from: list[Path] | None = typer.Option(None, help="Captioning (and MLM): decode (score) only over "
+                                                      "the tokens of this split's texts (repeatable)."),
     max_text_len: int = typer.Option(SPEC["max_text_len"], min=2, help="Retrieval: cut captions to this many tokens."),
     captions_per_item: int | None = typer.Option(None, min=1, help="Retrieval: use only each item's first N."),
     num_frames: int = typer.Option(SPEC["num_frames"], min=1, help="Frames per video clip."),

@@ -203,18 +203,20 @@ def mask_tokens(ids: torch.Tensor, padding: torch.Tensor | None, probability: fl
 
 @torch.inference_mode()
 def run_mlm(model: UniPerceiver, batches: Iterable[Batch], *, probability: float = 0.15, seed: int = 0,
-            precision: str = "auto", task: str = "mlm") -> EvalResult:
-    """Masked-token accuracy with a seeded 15% token masking (every masked token becomes <|spe|>)."""
+            vocab_ids: torch.Tensor | None = None, precision: str = "auto", task: str = "mlm") -> EvalResult:
+    """Masked-token accuracy with a seeded 15% token masking (every masked token becomes <|spe|>), over the whole
+    vocabulary or only ``vocab_ids`` (with end-of-text), e.g. the corpus tokens a model's MLM task trained on."""
     device = _evaluating(model)
     generator = torch.Generator().manual_seed(seed)
     predicted, labels, count = [], [], 0
     with autocast(device, precision):
-        vocabulary = model.vocabulary_features()
+        vocabulary, row_ids = model.caption_targets(vocab_ids)
         for batch in batches:
             ids, padding = batch["text_ids"], batch["text_padding"]
             masked, chosen = mask_tokens(ids, padding, probability, generator)
             out = model.mlm_logits(masked.to(device), padding.to(device), chosen.to(device), vocabulary)
-            predicted.append(out.argmax(dim=-1).cpu())
+            best = out.argmax(dim=-1).cpu()
+            predicted.append(best if row_ids is None else row_ids[best])
             labels.append(ids[chosen])
             count += ids.shape[0]
     target = torch.cat(labels)

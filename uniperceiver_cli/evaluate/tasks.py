@@ -76,7 +76,8 @@ def _evaluate(model: UniPerceiver, spec: Any, data_root: Path, *, num_workers: i
                                         len_penalty=len_penalty, vocab_ids=vocab_ids, precision=precision,
                                         task=spec.name)
     else:
-        result = runners.run_mlm(model, batches, precision=precision, task=spec.name)
+        vocab_ids = vocabulary_of([data_root / f for f in spec.vocabulary_from]) if spec.vocabulary_from else None
+        result = runners.run_mlm(model, batches, vocab_ids=vocab_ids, precision=precision, task=spec.name)
     data = {"path": str(directory), "dataset": manifest.dataset, "split": manifest.split,
             "skipped": dict(loader.skipped)}
     return Evaluation(spec, result, data, names)

@@ -204,7 +204,8 @@ class EvalTaskSpec:
     beam_size: Count = 2
     max_len: Count = 21
     # Captioning: decode over the tokens the model's caption task trained on (as recorded on the model; all when
-    # it trained on all) or over all of them; vocabulary_from names data folders whose texts' tokens to use.
+    # it trained on all) or over all of them; vocabulary_from names data folders whose texts' tokens to use (MLM:
+    # score the masked tokens over those tokens only; without it, over the whole vocabulary).
     vocabulary: Literal["trained", "full"] = "trained"
     vocabulary_from: list[str] = field(default_factory=list)  # not with vocabulary: full (checked below)
     max_text_len: Count = 50

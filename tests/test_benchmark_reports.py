@@ -1,0 +1,95 @@
+"""The reports of `make demo` (benchmarks/demo_targets.py) and `make claims` (benchmarks/claims.py) on made-up
+runs: the rows, the targets met and missed, the true-caption R@1, the claims' arithmetic and commands."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from uniperceiver_cli.data.shards import read_metas
+from uniperceiver_cli.data.toyworld import generate
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+demo_targets, claims = _load("demo_targets"), _load("claims")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("toyworld")
+    generate(out, size="tiny", image_size=32, num_frames=4, min_shards=2, progress=False)
+    return out
+
+
+def _run(tmp_path: Path, world: Path, results: dict, best: dict[str, str]) -> Path:
+    run = tmp_path / "run"
+    final = run / "eval" / "final"
+    (final / "image_text_retrieval").mkdir(parents=True)
+    tasks = [{"name": "image_text_retrieval", "type": "image_retrieval", "data": "images/test", "captions_per_item": 1}]
+    (run / "config.yaml").write_text(yaml.safe_dump({"data_root": str(world), "evaluation": {"tasks": tasks}}))
+    (final / "summary.json").write_text(json.dumps({"step": 1, "results": results}))
+    (final / "image_text_retrieval" / "predictions.jsonl").write_text(
+        "".join(json.dumps({"key": k, "best_text": t}) + "\n" for k, t in best.items()))
+    return run
+
+
+def test_demo_rows_mark_targets_and_count_true_captions(tmp_path: Path, world: Path) -> None:
+    metas = read_metas(world / "images" / "test")
+    keys = sorted(metas)
+    # The first half's top caption is its own (true); the second half's is the next image's, whose main shape
+    # differs (shapes cycle with the index), so it is false of it.
+    best = {k: metas[k if i < len(keys) // 2 else keys[(i + 1) % len(keys)]]["captions"][0]
+            for i, k in enumerate(keys)}
+    results = {"shape_classification": {"acc@1": 85.0}, "image_text_retrieval": {"i2t_R@1": 14.9},
+               "motion_classification": {"acc@1": 70.5}}
+    rows = {(task, metric): row for task, metric, *row in demo_targets.rows(_run(tmp_path, world, results, best))}
+    assert rows["shape_classification", "acc@1"] == [85.0, 85.0, None, "12.5", "yes"]  # the target itself is met
+    value, target, ceiling, _, met = rows["image_text_retrieval", "i2t_R@1"]
+    assert (value, target, met) == (14.9, 15.0, "NO") and 0 < ceiling <= 100
+    assert rows["image_text_retrieval", "i2t_R@1, true caption"][0] == 50.0
+    assert rows["image_captioning", "BLEU-4"][0] is None and rows["image_captioning", "BLEU-4"][-1] == "NO"
+    assert rows["video_captioning", "BLEU-4"][-1] == "reported"  # no target: reported only
+    assert ("video_text_retrieval", "i2t_R@1, true caption") not in rows  # not evaluated: no truth row
+
+
+def test_claims_arithmetic() -> None:
+    assert claims.recovered(22.6, 59.5, 63.3) == pytest.approx(90.66, abs=0.01)  # the paper's MSVD captioning
+    assert claims.recovered(10.0, 10.0, 10.0) is None and claims.recovered(None, 1.0, 2.0) is None
+    assert claims.spread([80.0, 84.0]) == 2.0
+    assert claims.verdict(1.0, 2.0, 1.1) == "within the seeds' spread: not resolved"
+    assert claims.verdict(3.0, 2.0, 1.1) == "MoE better: agrees"
+    assert claims.verdict(-3.0, 2.0, 0.8) == "MoE worse: **contradicts the paper**"
+    assert claims.verdict(-3.0, 2.0, -0.3) == "MoE worse; the paper: about equal"
+    assert claims.verdict(-3.0, 2.0, None) == "MoE worse"
+
+
+def test_claims_plan_runs_valid_commands_in_order(tmp_path: Path) -> None:
+    plan = claims.plan(tmp_path, scale=0.01, limit=8)
+    keys = [job.key for job in plan.jobs]
+    assert keys[:5] == ["demo", "prompt-tune-video-caption", "prompt-tune-video-retrieval", "finetune-video-caption",
+                        "finetune-video-retrieval"]
+    assert keys[5:8] == ["dense-seed1", "moe-seed0", "moe-seed1"]
+    assert keys[8:14] == ["routing-dense", "routing-token", "routing-context", "routing-modality", "routing-task",
+                          "routing-task-colour_classification"]
+    jobs = {job.key: job for job in plan.jobs}
+    assert jobs["moe-seed1"].recipe["train"]["seed"] == 1 and jobs["moe-seed1"].recipe["train"]["steps"] == 62
+    assert jobs["routing-token"].recipe["model"]["overrides"]["moe"] == {"routing": "token"}
+    assert jobs["prompt-tune-video-caption"].recipe["init"] == str(tmp_path / "demo")
+    assert jobs["prompt-tune-video-caption"].needs == tmp_path / "demo"
+    borrowed = jobs["routing-task-video_captioning"].argv
+    assert borrowed[:3] == ["evaluate", "--model", str(tmp_path / "routing-task")]
+    for option, value in (("--routing-task", "image_captioning"), ("--frame-stride", "3.75"), ("--limit", "8")):
+        assert borrowed[borrowed.index(option) + 1] == value
+    assert not any(job.finished() for job in plan.jobs)  # nothing has run in tmp_path
