@@ -44,8 +44,8 @@ def retrieval_truth(run: Path, task: str) -> dict[str, float] | None:
     predictions = run / "eval" / "final" / task / "predictions.jsonl"
     if spec is None or not predictions.is_file():
         return None
-    metas = read_metas(Path(config["data_root"]) / spec["data"])
     best = {row["key"]: row["best_text"] for row in map(json.loads, predictions.read_text().splitlines())}
+    metas = {k: v for k, v in read_metas(Path(config["data_root"]) / spec["data"]).items() if k in best}
     return {"true_R@1": toyworld.true_caption_recall(best, metas),
             "ceiling": toyworld.strict_recall_ceiling(metas, spec.get("captions_per_item") or 10**9)}
 

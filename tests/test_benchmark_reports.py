@@ -78,10 +78,10 @@ def test_claims_arithmetic() -> None:
 def test_claims_plan_runs_valid_commands_in_order(tmp_path: Path) -> None:
     plan = claims.plan(tmp_path, scale=0.01, limit=8)
     keys = [job.key for job in plan.jobs]
-    assert keys[:5] == ["demo", "prompt-tune-video-caption", "prompt-tune-video-retrieval", "finetune-video-caption",
-                        "finetune-video-retrieval"]
-    assert keys[5:8] == ["dense-seed1", "moe-seed0", "moe-seed1"]
-    assert keys[8:14] == ["routing-dense", "routing-token", "routing-context", "routing-modality", "routing-task",
+    assert keys[:6] == ["demo", "zero-shot-video-caption", "prompt-tune-video-caption", "prompt-tune-video-retrieval",
+                        "finetune-video-caption", "finetune-video-retrieval"]
+    assert keys[6:9] == ["dense-seed1", "moe-seed0", "moe-seed1"]
+    assert keys[9:15] == ["routing-dense", "routing-token", "routing-context", "routing-modality", "routing-task",
                           "routing-task-colour_classification"]
     jobs = {job.key: job for job in plan.jobs}
     assert jobs["moe-seed1"].recipe["train"]["seed"] == 1 and jobs["moe-seed1"].recipe["train"]["steps"] == 62
@@ -93,3 +93,59 @@ def test_claims_plan_runs_valid_commands_in_order(tmp_path: Path) -> None:
     for option, value in (("--routing-task", "image_captioning"), ("--frame-stride", "3.75"), ("--limit", "8")):
         assert borrowed[borrowed.index(option) + 1] == value
     assert not any(job.finished() for job in plan.jobs)  # nothing has run in tmp_path
+
+
+def _fake(run: Path, results: dict, errors: dict | None = None, predictions: dict | None = None) -> None:
+    """A finished run as the report reads it: its summary, training losses and retrieval predictions."""
+    final = run / "eval" / "final"
+    final.mkdir(parents=True)
+    summary = {"step": 3, "results": results, **({"errors": errors} if errors else {})}
+    (final / "summary.json").write_text(json.dumps(summary))
+    losses = [{"step": s, **{f"{t}/loss": 3.0 - s / 100 for t in claims.TRAINED}} for s in (50, 100, 150)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in losses))
+    for task, best in (predictions or {}).items():
+        (final / task).mkdir()
+        (final / task / "predictions.jsonl").write_text(
+            "".join(json.dumps({"key": k, "best_text": t}) + "\n" for k, t in best.items()))
+
+
+def test_claims_page_from_made_up_runs(tmp_path: Path, world: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(claims, "DATA", world)
+    runs = tmp_path / "runs"
+    plan = claims.plan(runs, scale=0.01, limit=8)
+    own = {split: {k: m["captions"][0] for k, m in read_metas(world / split / "test").items()}
+           for split in ("images", "videos")}
+    predictions = {"image_text_retrieval": own["images"], "video_text_retrieval": own["videos"]}
+    shape = {"demo": 80.0, "dense-seed1": 82.0, "moe-seed0": 86.0, "moe-seed1": 88.0}
+    tuning = {"demo": 10.0, "prompt-tune-video-retrieval": 19.0, "finetune-video-retrieval": 20.0,
+              "prompt-tune-video-caption": 40.0, "finetune-video-caption": 44.0}
+    for job in plan.jobs:
+        if job.argv[0] == "evaluate":  # zero-shot captions over the tuned tokens; task routing's borrowed experts
+            job.folder.mkdir(parents=True)
+            (job.folder / "results.json").write_text(json.dumps({"metrics": {"BLEU-4": 4.0, "acc@1": 33.0,
+                                                                             "i2t_R@1": 7.0}}))
+            continue
+        results = {task: {metric: 50.0} for task, metric, *_ in claims.TASKS}
+        results["shape_classification"]["acc@1"] = shape.get(job.key, 50.0)
+        results["video_captioning"]["BLEU-4"] = tuning.get(job.key, 5.0)
+        results["video_text_retrieval"] |= {"i2t_R@1": tuning.get(job.key, 50.0), "t2i_R@1": 5.0}
+        errors = None
+        if job.key == "routing-task":
+            errors = {task: f"task routing cannot serve task {task!r}" for task in claims.BORROWED}
+            results = {task: m for task, m in results.items() if task not in claims.BORROWED}
+        _fake(job.folder, results, errors, predictions)
+    (runs / "times.json").write_text(json.dumps({job.key: 60.0 for job in plan.jobs}))
+
+    page = claims.report(plan, tmp_path / "docs" / "claims.md")
+    assert (tmp_path / "docs" / "claims.md").read_text() == page
+    # zero-shot 4 (over the tuned tokens), prompt-tuned 40, fine-tuned 44: 36 of 40 points recovered
+    assert "| video captioning BLEU-4 | 4.0 | 40.0 | 44.0 | 90% |" in page
+    assert "| video-text v2t R@1 | 10.0 | 19.0 | 20.0 | 90% |" in page
+    assert "| video-text v2t R@1, true caption | 100.0 | 100.0 | 100.0 | - | - |" in page  # own captions: true
+    assert "| shape acc@1 | 81.0 ± 1.0 (80.0, 82.0) | 87.0 ± 1.0 (86.0, 88.0) | +6.0 |" in page
+    assert "MoE better: agrees" in page
+    assert "refused; 33.0 with shape_classification's experts" in page
+    assert "task routing cannot serve task 'colour_classification'" in page
+    assert "Wall time of the runs below: 18 minutes" in page  # 18 runs of 60 s
+    for name in ("tuning", "curves-moe", "curves-routing"):
+        assert (tmp_path / "docs" / "claims" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"

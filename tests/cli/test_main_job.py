@@ -40,9 +40,23 @@ def test_prepare_pretrain_tune_evaluate(tmp_path):
     assert results["settings"]["labels"][:2] == ["red", "green"]
     _ok(["evaluate", "--model", base / "fine" / "final", "--data", data / "videos" / "test", "--task",
          "video_classification", "--label-set", "motion", "--views", "3", "--clips", "2", "--num-frames", "4",
-         "--out", tmp_path / "video"])  # the reference's multi-view protocol: 3 crops x 2 clips per video
+         "--frame-stride", "3.75", "--out", tmp_path / "video"])  # the multi-view protocol: 3 crops x 2 clips
     video = json.loads((tmp_path / "video" / "results.json").read_text())
     assert video["num_samples"] == 12 and video["settings"]["clips"] == 2
+    assert video["settings"]["frame_stride"] == 3.75
+
+    # The tuning recipes of `make claims`, from the pre-trained model: video captioning and retrieval.
+    tiny = ["train.steps=2", "train.warmup_steps=1", "model.overrides.image_size=32", "model.overrides.layers=2",
+            "model.overrides.max_frames=4", "tasks.0.num_frames=4", "tasks.0.batch_size=4",
+            "evaluation.tasks.0.num_frames=4", "evaluation.tasks.0.max_samples=4", f"data_root={data}"]
+    for stage, kind, metric in (("prompt-tune", "caption", "BLEU-4"), ("finetune", "retrieval", "i2t_R@1")):
+        run = base / f"{stage}-{kind}"
+        subset = ["tasks.0.subset=0.5"] if stage == "prompt-tune" else []  # 1% of 24 tiny clips is none
+        _ok([stage, "--recipe", f"toyworld-tiny-{stage}-video-{kind}", "--run-dir", run, "--init", final, *tiny,
+             *subset])
+        task = "video_captioning" if kind == "caption" else "video_text_retrieval"
+        summary = json.loads((run / "eval" / "final" / "summary.json").read_text())
+        assert metric in summary["results"][task], summary
 
 
 def test_training_commands_refuse_mismatched_recipes(tmp_path):

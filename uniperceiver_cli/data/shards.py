@@ -276,8 +276,9 @@ def read_metas(directory: str | Path) -> dict[str, dict[str, Any]]:
     for path in Manifest.load(directory).shard_paths(directory):
         with tarfile.open(path) as tar:
             for member in tar:
-                if member.isfile() and member.name.endswith(".json"):
-                    metas[member.name[:-len(".json")]] = json.loads(tar.extractfile(member).read())
+                key, _, ext = member.name.partition(".")  # the loader's rule: the key ends at the first dot
+                if member.isfile() and ext == "json":
+                    metas[key] = json.loads(tar.extractfile(member).read())
     return metas
 
 

@@ -417,7 +417,6 @@ def true_captions(meta: dict[str, Any]) -> set[str]:
     return {t.format(**fields) for t in templates}
 
 
-
 def true_caption_recall(best: dict[str, str], metas: dict[str, dict[str, Any]]) -> float:
     """Retrieval R@1 in percent where a hit is a top caption true of the item (``best``: key -> top caption, as in a
     retrieval's predictions.jsonl; ``metas``: key -> meta, ``shards.read_metas``)."""
@@ -430,7 +429,10 @@ def strict_recall_ceiling(metas: dict[str, dict[str, Any]], captions_per_item: i
     """The strict R@1 in percent of a model that ranks every caption true of an item above the others, in random
     order among them, against each item's first ``captions_per_item`` captions. A caption that is word for word
     another item's too always ties with a wrong candidate, and a tie counts against the query
-    (``metrics.retrieval_recall``)."""
+    (``metrics.retrieval_recall``). A model that prefers each item's own wording can beat it; no model beats the
+    share of items with a caption no other item has."""
+    if not metas:
+        raise ValueError("no items to rank captions for")
     owners: dict[str, set[str]] = {}
     for key, meta in metas.items():
         for caption in meta["captions"][:captions_per_item]:
