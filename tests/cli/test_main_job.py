@@ -49,14 +49,15 @@ def test_prepare_pretrain_tune_evaluate(tmp_path):
     tiny = ["train.steps=2", "train.warmup_steps=1", "model.overrides.image_size=32", "model.overrides.layers=2",
             "model.overrides.max_frames=4", "tasks.0.num_frames=4", "tasks.0.batch_size=4",
             "evaluation.tasks.0.num_frames=4", "evaluation.tasks.0.max_samples=4", f"data_root={data}"]
-    for stage, kind, metric in (("prompt-tune", "caption", "BLEU-4"), ("finetune", "retrieval", "i2t_R@1")):
-        run = base / f"{stage}-{kind}"
-        subset = ["tasks.0.subset=0.5"] if stage == "prompt-tune" else []  # 1% of 24 tiny clips is none
-        _ok([stage, "--recipe", f"toyworld-tiny-{stage}-video-{kind}", "--run-dir", run, "--init", final, *tiny,
-             *subset])
-        task = "video_captioning" if kind == "caption" else "video_text_retrieval"
-        summary = json.loads((run / "eval" / "final" / "summary.json").read_text())
-        assert metric in summary["results"][task], summary
+    for stage in ("prompt-tune", "finetune"):
+        for kind, metric in (("caption", "BLEU-4"), ("retrieval", "i2t_R@1")):
+            run = base / f"{stage}-{kind}"
+            subset = ["tasks.0.subset=0.5"] if stage == "prompt-tune" else []  # 1% of 24 tiny clips is none
+            _ok([stage, "--recipe", f"toyworld-tiny-{stage}-video-{kind}", "--run-dir", run, "--init", final,
+                 *tiny, *subset])
+            task = "video_captioning" if kind == "caption" else "video_text_retrieval"
+            summary = json.loads((run / "eval" / "final" / "summary.json").read_text())
+            assert metric in summary["results"][task], summary
 
 
 def test_training_commands_refuse_mismatched_recipes(tmp_path):

@@ -97,21 +97,20 @@ def test_mlm_masking_and_runner(model):
     assert result.metrics["masked_tokens"] >= 2 and 0 <= result.metrics["masked_acc"] <= 100
 
 
-def test_mlm_over_a_restricted_vocabulary_maps_rows_back_to_token_ids(model):
+def test_mlm_over_a_restricted_vocabulary_maps_rows_back_to_token_ids(model, monkeypatch):
     ids = torch.tensor([[320, 1929, 269, 49407], [320, 49407, 0, 0]])
     padding = ids == 0
     batch = [{"text_ids": ids, "text_padding": padding, "keys": ["a", "b"]}]
-    # probability 0: one masked token per row, the first (320 in both). Candidates: 320 and end-of-text (row 0
-    # and row 1 of the sorted ids), so a row is right exactly when the 320 row scores higher.
-    masked, chosen = mask_tokens(ids, padding, 0.0, torch.Generator().manual_seed(0))
     vocabulary, row_ids = model.caption_targets(torch.tensor([320]))
-    assert row_ids.tolist() == [320, 49407]
-    with torch.inference_mode():
-        logits = model.mlm_logits(masked, padding, chosen, vocabulary)
-    expected = 100.0 * (logits.argmax(dim=-1) == 0).float().mean().item()
-    result = run_mlm(model, batch, probability=0.0, vocab_ids=torch.tensor([320]))
-    assert result.metrics["masked_acc"] == expected
-    assert result.metrics["masked_tokens"] == 2
+    assert row_ids.tolist() == [320, 49407]  # the candidates: token 320 (row 0) and end-of-text (row 1)
+    # probability 0 masks one token per row, the first: 320 in both. Scores that pick row 0 are right only once
+    # row 0 is read as token 320; scores that pick row 1 (end-of-text) are wrong.
+    for row, accuracy in ((0, 100.0), (1, 0.0)):
+        scores = torch.zeros(2, 2)
+        scores[:, row] = 1.0
+        monkeypatch.setattr(model, "mlm_logits", lambda *args, scores=scores: scores)
+        result = run_mlm(model, batch, probability=0.0, vocab_ids=torch.tensor([320]))
+        assert result.metrics["masked_acc"] == accuracy and result.metrics["masked_tokens"] == 2
 
 
 def test_limited_stops_after_enough_samples():
