@@ -31,6 +31,6 @@ demo: install
 # The papers' claims at ToyWorld scale: tuning, dense against MoE, routing levels (72 minutes on 2 cores;
 # reuses `make demo`'s run when it is current). Writes docs/claims.md and its plots in docs/claims/.
 claims: install
-	$(BIN)/pip install --quiet -e ".[test,claims]"
+	$(BIN)/pip install --quiet -e ".[claims]"
 	$(BIN)/uniperceiver prepare-data toyworld --out data/toyworld --workers 2
 	$(BIN)/python benchmarks/claims.py

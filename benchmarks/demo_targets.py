@@ -5,7 +5,8 @@
 Image-text retrieval is reported twice: the strict R@1 (the image's own caption ranks first; the target), with
 the ceiling a model reaches that ranks every caption true of an image first, and R@1 where the top caption is true
 of the image, as ToyWorld decides from each image's scene (``toyworld.true_captions``). The demo's wall time is a
-benchmark figure against the 10-minute goal, not a target: two 2-core machines differ by 2x.
+benchmark figure against the 10-minute goal, not a target: two 2-core machines differ by up to 2x (a 64-image
+shape step: 36 ms on one, 65 ms on another).
 """
 
 from __future__ import annotations

@@ -151,7 +151,10 @@ def test_claims_page_from_made_up_runs(tmp_path: Path, world: Path, monkeypatch:
     assert "| shape acc@1 | 81.0 ± 1.0 (80.0, 82.0) | 87.0 ± 1.0 (86.0, 88.0) | +6.0 |" in page
     assert "MoE better: agrees" in page
     assert "refused; 33.0 with shape_classification's experts" in page
-    assert "On the trained tasks, attribute routing ranks 1 of 5 (attribute 58.0, token 50.0" in page
+    # trained-task means: attribute (90 + 4 x 50) / 5 = 58 against 50; the seeds' range of such a mean: 0.4
+    assert "On the trained tasks (attribute 58.0, token 50.0" in page
+    assert "attribute leads token by 8.0, more than the seeds' range (0.4): agrees with the paper." in page
+    assert "attribute ties token (0.00 apart)" in page  # zero-shot means: (50 + 5 + 50) / 3 for both
     assert "task routing cannot serve task 'colour_classification'" in page
     assert "Wall time of the runs below: 20 minutes" in page  # 20 runs of 60 s
     for name in ("tuning", "curves-moe", "curves-routing"):
