@@ -269,9 +269,10 @@ def test_validate_check_files_names_missing_data(workdir: Path, toyworld: Path):
     errors = result.output.strip().splitlines()
     assert len(errors) == 3
     assert "mine.yaml: init: runs/none/final does not exist" in errors[0]
-    text = "tasks.3.data, evaluation.tasks.5.vocabulary_from.1: data/toyworld/text/train"  # every key naming it
+    text = ("tasks.3.data, evaluation.tasks.4.vocabulary_from.0, evaluation.tasks.6.vocabulary_from.1: "
+            "data/toyworld/text/train")  # every key naming it
     assert f"{text} holds no manifest.json" in result.output
-    missing = "evaluation.tasks.4.data, evaluation.tasks.5.data, evaluation.tasks.6.data: data/toyworld/videos/test"
+    missing = "evaluation.tasks.5.data, evaluation.tasks.6.data, evaluation.tasks.7.data: data/toyworld/videos/test"
     assert f"{missing} does not exist" in result.output
     shutil.copytree(toyworld, world, dirs_exist_ok=True)
     result = runner.invoke(app, ["validate", "--check-files", "toyworld-tiny"])
@@ -291,7 +292,7 @@ def test_check_files_checks_types_label_sets_and_labels(workdir: Path):
     data["evaluation"]["tasks"] += [
         {"name": "unnamed", "type": "image_classification", "data": "images/val"},
         {"name": "listed", "type": "image_classification", "data": "images/val", "labels": "names.txt"},
-        {"name": "mlm", "type": "text_mlm", "data": "text/val"},
+        {"name": "mlm_val", "type": "text_mlm", "data": "text/val"},
     ]
     (world / "names.txt").write_text("".join(f"{name}\n" for name in SHAPES))
     data["engine"]["deepspeed_config"] = "ds.json"
@@ -299,12 +300,13 @@ def test_check_files_checks_types_label_sets_and_labels(workdir: Path):
     assert result.exit_code == 2
     assert _errors(result) == [
         "error: mine.yaml: engine.deepspeed_config: ds.json does not exist",
-        "error: mine.yaml: evaluation.tasks.9.data: data/toyworld/text/val/manifest.json is not a valid shard "
+        "error: mine.yaml: evaluation.tasks.4.data, evaluation.tasks.10.data: data/toyworld/text/val/manifest.json "
+        "is not a valid shard "
         "manifest: format is None, not 'uniperceiver-shards'",
         "error: mine.yaml: tasks.0.label_set: label set 'size' is not in toyworld-images/train; it has: shape, colour",
         "error: mine.yaml: tasks.3.type: data/toyworld/text/train serves text_mlm, not image_caption",
         "error: mine.yaml: evaluation.tasks.1.labels: data/toyworld/colours.txt does not exist",
-        "error: mine.yaml: evaluation.tasks.7: data/toyworld/images/val names no classes; set label_set or labels",
+        "error: mine.yaml: evaluation.tasks.8: data/toyworld/images/val names no classes; set label_set or labels",
     ]
 
 
