@@ -21,6 +21,7 @@ left unfinished is started over. Figures are from this machine, named on the pag
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -112,6 +113,7 @@ class Plan:
     runs: Path
     scale: float
     limit: int | None  # evaluate about this many samples per task (smoke runs); None: the whole test splits
+    demo: Path = DEMO  # the demo's run: `make demo`'s, or one the plan trains
     jobs: list[Job] = field(default_factory=list)
 
     def steps(self, count: int) -> int:
@@ -138,7 +140,9 @@ class Plan:
                              out / "results.json", out, needs=model))
 
 
+@functools.cache
 def _recipe(name: str) -> Recipe:
+    """A shipped recipe, read once (callers do not change it)."""
     return load_recipe(resolve_recipe(name))
 
 
@@ -154,7 +158,7 @@ def plan(runs: Path, scale: float = 1.0, limit: int | None = None) -> Plan:
     p = Plan(runs, scale, limit)
     # 1. The demo's model (`make demo`'s run when it is current), tuned on the two video tasks.
     current = scale == 1 and limit is None and demo_is_current()
-    demo = DEMO if current else p.train("demo", "pretrain", "toyworld-tiny", MOE_STEPS)
+    demo = p.demo = DEMO if current else p.train("demo", "pretrain", "toyworld-tiny", MOE_STEPS)
     # The zero-shot captions again, decoded over the tokens the tuned models decode over (their recipes').
     tuned = next(iter(_recipe("toyworld-tiny-prompt-tune-video-caption").evaluation.tasks))
     p.evaluate("zero-shot-video-caption", demo, p.runs / "zero-shot-video-caption", _evaluate_options(tuned))
@@ -201,7 +205,7 @@ def _evaluate_options(spec: EvalTaskSpec) -> list[str]:
     return options
 
 
-def run_jobs(p: Plan, times_path: Path) -> dict[str, float]:
+def run_jobs(p: Plan, times_path: Path) -> None:
     """Run the jobs not done yet, in order; each one's wall seconds are kept in ``times_path``."""
     times = json.loads(times_path.read_text()) if times_path.is_file() else {}
     logs = p.runs / "logs"
@@ -224,7 +228,6 @@ def run_jobs(p: Plan, times_path: Path) -> dict[str, float]:
         (job.folder / COMMAND).write_text(json.dumps(job.argv) + "\n")
         times_path.write_text(json.dumps(times, indent=2) + "\n")
         print(f"      done in {times[job.key]:.0f} s", flush=True)
-    return times
 
 
 # --- reading the runs --------------------------------------------------------------------------------------------
@@ -255,7 +258,13 @@ def true_recall(run: Path, task: str, folder: str) -> float | None:
     if not predictions.is_file():
         return None
     best = {row["key"]: row["best_text"] for row in map(json.loads, predictions.read_text().splitlines())}
-    return toyworld.true_caption_recall(best, read_metas(DATA / folder))
+    return toyworld.true_caption_recall(best, _metas(DATA / folder))
+
+
+@functools.cache
+def _metas(folder: Path) -> dict[str, dict]:
+    """A split's sample metas, read from its shards once per report."""
+    return read_metas(folder)
 
 
 def curves(run: Path, tasks: Sequence[str]) -> dict[str, tuple[list[int], list[float]]]:
@@ -460,11 +469,6 @@ def _task_means(run: Path) -> tuple[float | None, float | None]:
     return tuple(None if None in values else mean(values) for values in (seen, unseen))
 
 
-def _demo(p: Plan) -> Path:
-    """The demo's run: trained by the plan, or `make demo`'s."""
-    return p.jobs[0].folder if p.jobs[0].key == "demo" else DEMO
-
-
 def _routing_verdict(what: str, averages: dict[str, tuple[float | None, float | None]],
                      seeds: list[list[tuple[float | None, float | None]]], column: int) -> str:
     """Whether attribute routing has the best mean (``column`` 0: trained tasks, 1: zero-shot), against the noise of
@@ -493,7 +497,7 @@ def _routing_verdict(what: str, averages: dict[str, tuple[float | None, float | 
     return f"- On the {what} ({ranking}): {judged}"
 
 
-def routing_section(p: Plan, plots: Path, rel: str) -> list[str]:
+def routing_section(p: Plan, times: dict[str, float], plots: Path, rel: str) -> list[str]:
     runs = {"dense": p.runs / "routing-dense", **{r: p.runs / f"routing-{r}" for r in ROUTINGS}}
     rows = []
     for task, metric, label, *_ in TASKS:
@@ -506,7 +510,6 @@ def routing_section(p: Plan, plots: Path, rel: str) -> list[str]:
                 shown = f"refused; {_f(via)} with {BORROWED[task]}'s experts"
             row.append(shown)
         rows.append(row)
-    times = json.loads((p.runs / "times.json").read_text()) if (p.runs / "times.json").is_file() else {}
     averages = {name: _task_means(run) for name, run in runs.items()}
     means = [[name, _f(seen), _f(unseen), _f(times.get(f"routing-{name}"), 0)]
              for name, (seen, unseen) in averages.items()]
@@ -514,7 +517,7 @@ def routing_section(p: Plan, plots: Path, rel: str) -> list[str]:
     _plot_curves(runs, plots / "curves-routing.png", "routing levels")
     # The noise of such a mean: how far it moved between section 2's two seeds (dense or MoE, the larger).
     seeds = [[_task_means(run) for run in pair] for pair in
-             ([_demo(p), p.runs / "dense-seed1"], [p.runs / "moe-seed0", p.runs / "moe-seed1"])]
+             ([p.demo, p.runs / "dense-seed1"], [p.runs / "moe-seed0", p.runs / "moe-seed1"])]
     verdicts = [_routing_verdict(what, averages, seeds, column)
                 for column, what in ((0, "trained tasks"), (1, "zero-shot tasks"))]
     return [
@@ -597,7 +600,7 @@ def _machine() -> str:
 
 
 def report(p: Plan, out: Path) -> str:
-    demo = _demo(p)
+    demo = p.demo
     plots = out.parent / out.stem
     plots.mkdir(parents=True, exist_ok=True)
     rel = plots.name
@@ -612,7 +615,7 @@ def report(p: Plan, out: Path) -> str:
         "",
         *tuning_section(p, demo, plots, rel),
         *moe_section(p, demo, plots, rel),
-        *routing_section(p, plots, rel),
+        *routing_section(p, times, plots, rel),
         "## The runs", "",
         f"Wall time of the runs below: {sum(times.get(j.key, 0.0) for j in p.jobs) / 60:.0f} minutes"
         + (" (the demo's model was `make demo`'s, `runs/toyworld-tiny`: its training is not counted)"

@@ -48,7 +48,7 @@ def retrieval_truth(run: Path, task: str) -> dict[str, float] | None:
     best = {row["key"]: row["best_text"] for row in map(json.loads, predictions.read_text().splitlines())}
     metas = {k: v for k, v in read_metas(Path(config["data_root"]) / spec["data"]).items() if k in best}
     return {"true_R@1": toyworld.true_caption_recall(best, metas),
-            "ceiling": toyworld.strict_recall_ceiling(metas, spec.get("captions_per_item") or 10**9)}
+            "ceiling": toyworld.strict_recall_ceiling(metas, spec.get("captions_per_item"))}
 
 
 Row = tuple[str, str, float | None, float | None, float | None, str, str]

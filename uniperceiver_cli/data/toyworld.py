@@ -425,11 +425,11 @@ def true_caption_recall(best: dict[str, str], metas: dict[str, dict[str, Any]]) 
     return 100.0 * sum(best[key] in true_captions(metas[key]) for key in best) / len(best)
 
 
-def strict_recall_ceiling(metas: dict[str, dict[str, Any]], captions_per_item: int = 1) -> float:
+def strict_recall_ceiling(metas: dict[str, dict[str, Any]], captions_per_item: int | None = 1) -> float:
     """The strict R@1 in percent of a model that ranks every caption true of an item above the others, in random
-    order among them, against each item's first ``captions_per_item`` captions. A caption that is word for word
-    another item's too always ties with a wrong candidate, and a tie counts against the query
-    (``metrics.retrieval_recall``). A model that prefers each item's own wording can beat it; no model beats the
+    order among them, against each item's first ``captions_per_item`` captions (None: all of them). A caption
+    that is word for word another item's too always ties with a wrong candidate, and a tie counts against the
+    query (``metrics.retrieval_recall``). A model that prefers each item's own wording can beat it; no model beats the
     share of items with a caption no other item has."""
     if not metas:
         raise ValueError("no items to rank captions for")
