@@ -12,22 +12,23 @@ processes draw the same task is the caller's choice through ``rank``:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Generator, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 
 
 def mix_tasks(loaders: Mapping[str, Iterable[Any]], weights: Mapping[str, float], *, seed: int = 0,
-              rank: int | None = None) -> Iterator[tuple[str, Any]]:
+              rank: int | None = None) -> Generator[tuple[str, Any], None, str]:
     """Yield ``(task name, batch)`` with the task drawn by weight at every step.
 
     A loader's iterator is started on its task's first draw. Pass infinite loaders (``epochs=None``) for
-    training; the mix ends when a drawn task's loader is exhausted.
+    training; the mix ends when a drawn task's loader is exhausted, with that task's name as the generator's
+    return value (``StopIteration.value``). A task of weight 0 is never drawn.
 
     Args:
         loaders: task name -> iterable of batches.
-        weights: task name -> sampling weight (> 0); normalised to probabilities.
+        weights: task name -> sampling weight (>= 0, one at least > 0); normalised to probabilities.
         seed: seed of the task draws.
         rank: None for the same draws on every process, or this process's rank for independent draws.
 
@@ -35,12 +36,12 @@ def mix_tasks(loaders: Mapping[str, Iterable[Any]], weights: Mapping[str, float]
         The drawn task's name and its next batch.
 
     Raises:
-        ValueError: if the names of ``loaders`` and ``weights`` differ or a weight is not positive.
+        ValueError: if the names of ``loaders`` and ``weights`` differ, a weight is negative or none is positive.
     """
     if set(loaders) != set(weights):
         raise ValueError(f"loaders {sorted(loaders)} and weights {sorted(weights)} name different tasks")
-    if not loaders or any(w <= 0 for w in weights.values()):
-        raise ValueError(f"sampling weights must be positive, got {dict(weights)}")
+    if not any(w > 0 for w in weights.values()) or any(not w >= 0 for w in weights.values()):
+        raise ValueError(f"sampling weights must be >= 0 and one at least positive, got {dict(weights)}")
     names = list(loaders)
     probabilities = torch.tensor([float(weights[name]) for name in names], dtype=torch.float64)
     generator = torch.Generator().manual_seed(seed if rank is None else hash((seed, rank)) % 2**63)
@@ -52,5 +53,5 @@ def mix_tasks(loaders: Mapping[str, Iterable[Any]], weights: Mapping[str, float]
         try:
             batch = next(iterators[name])
         except StopIteration:
-            return
+            return name
         yield name, batch

@@ -163,9 +163,10 @@ def init_distributed(device: torch.device) -> Context:
 # ------------------------------------------------------------------------------------------------- config
 
 
-def deepspeed_config(recipe: Recipe, world_size: int) -> dict[str, Any]:
+def deepspeed_config(recipe: Recipe, world_size: int, run_dir: Path | None = None) -> dict[str, Any]:
     """The DeepSpeed config of a run: the recipe's JSON (``engine.deepspeed_config``, optional) with the keys
-    the recipe owns filled in from the recipe.
+    the recipe owns filled in from the recipe, and every path it names moved under ``run_dir/deepspeed``
+    (:func:`confine_paths`).
 
     The recipe owns the batch keys, accumulation, clipping, the ZeRO stage and precision. Any other key of the
     JSON (ZeRO bucket sizes, overlap_comm, offload, fp16 scaling details, logging) is kept. The optimizer and
@@ -173,7 +174,8 @@ def deepspeed_config(recipe: Recipe, world_size: int) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: if the JSON does not exist.
-        ValueError: if it is not a JSON object or has ``optimizer``/``scheduler`` sections.
+        ValueError: if it is not a JSON object, has ``optimizer``/``scheduler`` sections, turns on a monitor that
+            reports to a server (wandb, comet) or names a path outside the run directory.
     """
     config: dict[str, Any] = {}
     path = recipe.engine.deepspeed_config
@@ -194,7 +196,7 @@ def deepspeed_config(recipe: Recipe, world_size: int) -> dict[str, Any]:
         if isinstance(config.get("checkpoint"), dict) and config["checkpoint"].get("load_universal"):
             raise ValueError(f"engine.deepspeed_config: {path} sets checkpoint.load_universal, whose loader "
                              "unpickles files with weights_only=False (a planted file could run code); remove it")
-    config = copy.deepcopy(config)
+    config = confine_paths(copy.deepcopy(config), path or "the DeepSpeed config", run_dir)
     spec = recipe.train
     # The loop feeds its own batches (one task's batch per micro-step, each task with its own batch_size per
     # process) and never hands DeepSpeed a data loader, so DeepSpeed's batch size is nominal: 1 "sample" per
@@ -213,6 +215,43 @@ def deepspeed_config(recipe: Recipe, world_size: int) -> dict[str, Any]:
     config.pop("amp", None)
     config.setdefault("steps_per_print", 2**31 - 1)  # the loop logs; keep DeepSpeed's own step lines quiet
     return config
+
+
+PATH_KEY = re.compile(r"(path|file|dir|folder)s?$|^job_name$")  # keys whose values DeepSpeed opens as a path
+OUTPUT_DIR = "deepspeed"  # RUN_DIR/deepspeed: what DeepSpeed itself writes (monitors, profiler, NVMe offload)
+SERVER_MONITORS = ("wandb", "comet")
+
+
+def confine_paths(config: dict[str, Any], source: str, run_dir: Path | None) -> dict[str, Any]:
+    """``config`` with every path it names (a key ending in path, file, dir or folder: monitors' output_path, the
+    flops profiler's output_file, an NVMe offload path, ...) moved under ``run_dir/deepspeed``,
+    so a handed JSON cannot make a run read or write elsewhere. Such a value must be relative, without ``..``.
+    DeepSpeed's wandb and comet monitors send the run to a server and are refused. Without ``run_dir`` the
+    paths are only checked."""
+    for monitor in SERVER_MONITORS:
+        if isinstance(config.get(monitor), dict) and config[monitor].get("enabled"):
+            raise ValueError(f"engine.deepspeed_config: {source} enables DeepSpeed's {monitor} monitor, which sends "
+                             "the run to a server; remove it (the run's TensorBoard events are in the run directory)")
+    for section in ("tensorboard", "csv_monitor"):  # enabled without output_path, they write under ~ (home)
+        if isinstance(config.get(section), dict) and config[section].get("enabled"):
+            config[section].setdefault("output_path", "")
+    return _confined(config, source, run_dir, "")
+
+
+def _confined(value: Any, source: str, run_dir: Path | None, key: str) -> Any:
+    if isinstance(value, dict):
+        return {k: _confined(v, source, run_dir, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_confined(v, source, run_dir, key) for v in value]
+    if not isinstance(value, str) or not PATH_KEY.search(key.rsplit(".", 1)[-1].lower()):
+        return value
+    path = Path(value)
+    if path.is_absolute() or ".." in path.parts or value.startswith("~"):
+        raise ValueError(f"engine.deepspeed_config: {source} sets {key} to {value[:80]!r}, outside the run "
+                         "directory; give a path relative to it (it is placed under RUN_DIR/deepspeed)")
+    if run_dir is None or key.endswith("job_name"):  # a job name is a folder inside its output_path
+        return value
+    return str(run_dir / OUTPUT_DIR / path)
 
 
 # ------------------------------------------------------------------------------------------------- engine
@@ -326,12 +365,12 @@ class DeepSpeedEngine:
         engine: the ``deepspeed.DeepSpeedEngine``.
     """
 
-    def __init__(self, model: torch.nn.Module, recipe: Recipe, ctx: Context) -> None:
+    def __init__(self, model: torch.nn.Module, recipe: Recipe, ctx: Context, run_dir: Path) -> None:
         import deepspeed
 
         self.shard: ExpertShard | None = None
         self.expert_parallel = recipe.engine.expert_parallel
-        self.config = deepspeed_config(recipe, ctx.world_size)
+        self.config = deepspeed_config(recipe, ctx.world_size, run_dir)
         groups = None
         if self.expert_parallel > 1:
             if recipe.engine.zero_stage == 0 and recipe.train.precision != "fp32":

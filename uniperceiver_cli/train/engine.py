@@ -18,7 +18,7 @@ import random
 import shutil
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -338,7 +338,7 @@ class _Run:
     engine: Engine
     tasks: dict[str, TrainTask]
     loaders: dict[str, Any]
-    stream: Iterator[tuple[str, dict[str, Any]]]
+    stream: Generator[tuple[str, dict[str, Any]], None, str]
     generator: torch.Generator
     step: int  # steps done
     consumed: int  # micro-batches drawn from the stream
@@ -401,13 +401,12 @@ def _train(recipe: Recipe, run_dir: Path, *, resume: str | None, ctx: Context,
 
 
 def _setup(recipe: Recipe, run_dir: Path, resume: str | None, ctx: Context) -> _Run:
-    """The model, engine, tasks and data streams; from the run's checkpoint when resuming."""
-    if resume is None and (run_dir / "metrics.jsonl").exists():
+    """The model, engine, tasks and data streams; from the run's checkpoint when resuming. ``config.yaml`` is
+    written only once all of them are set up, so a recipe or override that does not fit the run changes nothing."""
+    if resume is None and took_a_step(run_dir):
         raise ValueError(f"{run_dir} already holds a run: pass --resume auto to continue it, or another --run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     spec = recipe.train
-    if ctx.main:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     seed_everything(spec.seed)
     model = build_model(recipe)
     tasks = {t.name: TrainTask.build(t, Path(recipe.data_root)) for t in recipe.tasks}
@@ -415,7 +414,7 @@ def _setup(recipe: Recipe, run_dir: Path, resume: str | None, ctx: Context) -> _
     if recipe.engine.kind == "deepspeed":
         from uniperceiver_cli.train.deepspeed_engine import DeepSpeedEngine
 
-        engine: Engine = DeepSpeedEngine(model, recipe, ctx)
+        engine: Engine = DeepSpeedEngine(model, recipe, ctx, run_dir)
     else:
         engine = SingleEngine(model, recipe, ctx)
     checkpoint = find_resume(run_dir, resume)
@@ -428,13 +427,40 @@ def _setup(recipe: Recipe, run_dir: Path, resume: str | None, ctx: Context) -> _
                                  rank=ctx.rank, world_size=ctx.world_size)
                for name, t in tasks.items()}
     stream = mix_tasks(loaders, {n: t.spec.sampling_weight for n, t in tasks.items()}, seed=spec.seed)
+    run = _Run(recipe, run_dir, ctx, engine, tasks, loaders, stream, torch.Generator().manual_seed(spec.seed + 1),
+               client["step"], client["consumed"])
     for _ in range(client["consumed"]):  # fast-forward the data to where the checkpoint left it
-        next(stream)
-    generator = torch.Generator().manual_seed(spec.seed + 1)
+        _draw(run)
     if checkpoint is not None:
         _set_rng_state(client["rng"])
-        generator.set_state(client["generator"])
-    return _Run(recipe, run_dir, ctx, engine, tasks, loaders, stream, generator, client["step"], client["consumed"])
+        run.generator.set_state(client["generator"])
+    if ctx.main:
+        config = run_dir / "config.yaml"
+        config.with_suffix(".yaml.tmp").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        os.replace(config.with_suffix(".yaml.tmp"), config)
+    return run
+
+
+def took_a_step(run_dir: Path) -> bool:
+    """Whether a run in ``run_dir`` logged a step or wrote a checkpoint or its final bundle; one that failed
+    before (a recipe error at its start) leaves nothing a new run must not overwrite."""
+    metrics = run_dir / "metrics.jsonl"
+    return (metrics.is_file() and metrics.stat().st_size > 0) or bool(_checkpoints(run_dir)) \
+        or (run_dir / "final").exists()
+
+
+def _draw(run: _Run) -> tuple[str, dict[str, Any]]:
+    """The next task and batch of the mix. A task whose data gives no batch at all (every shard unreadable or
+    empty) ends the run in one line with its skip counts."""
+    try:
+        return next(run.stream)
+    except StopIteration as stop:
+        name = stop.value
+        task = run.tasks[name]
+        counts = run.loaders[name].skipped
+        reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items())) or "nothing skipped"
+        raise ValueError(f"task {name}: no sample could be read from {task.directory} on this process "
+                         f"({len(task.manifest.shards)} shard(s) in the split; skipped: {reasons})") from None
 
 
 def _loop(run: _Run, end: int, log: RunLog) -> None:
@@ -446,7 +472,7 @@ def _loop(run: _Run, end: int, log: RunLog) -> None:
         run.step += 1
         step = run.step
         for _ in range(spec.accumulation):
-            name, batch = next(run.stream)
+            name, batch = _draw(run)
             run.consumed += 1
             with autocast(ctx.device, spec.precision), engine.model.router_log() as routed:
                 loss, metrics = run.tasks[name].loss(engine.model, batch, run.generator)
@@ -490,7 +516,8 @@ def _finish(run: _Run) -> Path:
             reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items()))
             err_console.print(f"[yellow]skipped while training:[/yellow] {name}: {sum(counts.values())} sample(s) "
                               f"({escape(reasons)})", highlight=False, soft_wrap=True)
-        save_bundle(model, final)
+        with _writing(final):
+            save_bundle(model, final)
         if run.recipe.evaluation.tasks:
             _evaluate(model, run.recipe, run.run_dir / "eval" / "final", None, run.recipe.train.steps)
     return final
@@ -498,17 +525,29 @@ def _finish(run: _Run) -> Path:
 
 def _save_checkpoint(run: _Run) -> None:
     """Write ``checkpoints/step-N`` (weights checked finite first) under a temporary name and rename it; keep the
-    last ``keep_checkpoints``."""
+    last ``keep_checkpoints``. A write that fails on any process (a full disk, a file-size limit) removes the
+    partial folder and stops every process in one line; the checkpoints already written stay."""
     _check_weights(run.engine.model, run.step, run.run_dir)
     ctx, engine = run.ctx, run.engine
     folder = run.run_dir / "checkpoints"
     target, tmp = folder / f"step-{run.step:07d}", folder / f".tmp-step-{run.step:07d}"
     if ctx.main:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        with _writing(target):
+            tmp.mkdir(parents=True)
     engine.barrier()
     client = {"step": run.step, "consumed": run.consumed, "rng": _rng_state(), "generator": run.generator.get_state()}
-    engine.save(tmp, client)
+    failure = ""
+    try:
+        with _writing(target):
+            engine.save(tmp, client)
+    except CheckpointWriteError as e:
+        failure = str(e)
+    if _on_any_process(bool(failure), ctx):
+        if ctx.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        failure = failure or f"another process could not write its part of {target}"
+        raise CheckpointWriteError(f"{failure}; training stopped. {_last_good(run.run_dir)}")
     engine.barrier()
     if ctx.main:
         shutil.rmtree(target, ignore_errors=True)
@@ -516,6 +555,35 @@ def _save_checkpoint(run: _Run) -> None:
         for old in _checkpoints(run.run_dir)[:-run.recipe.train.keep_checkpoints]:  # keep >= 1 (checked)
             shutil.rmtree(old)
     engine.barrier()
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint or bundle could not be written; the message is one line naming the folder and the OS error."""
+
+
+@contextlib.contextmanager
+def _writing(folder: Path) -> Iterator[None]:
+    """Turn a failed write into :class:`CheckpointWriteError`: torch's and safetensors' writers raise their own
+    errors (``RuntimeError: unexpected pos``, ``SafetensorError``), with the OSError, where they keep it, as the
+    context."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - whatever the writer raises, the run stops in one line
+        cause: BaseException | None = e
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        reason = (f"[Errno {cause.errno}] {cause.strerror}" if isinstance(cause, OSError) and cause.strerror
+                  else " ".join(str(cause or e).split())[:200])
+        raise CheckpointWriteError(f"cannot write {folder}: {reason}") from None
+
+
+def _on_any_process(flag: bool, ctx: Context) -> bool:
+    """Whether ``flag`` holds on any process (one all-reduce when there are several)."""
+    if ctx.world_size == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=ctx.device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def _evaluate(model: UniPerceiver, recipe: Recipe, out: Path, log: RunLog | None, step: int) -> dict[str, Any]:

@@ -90,7 +90,8 @@ class SingleEngine:
     def save(self, directory: Path, client: dict[str, Any]) -> None:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), **client}
-        torch.save(state, directory / STATE_FILE)
+        with open(directory / STATE_FILE, "wb") as file:  # a failed write keeps its OSError as the error's context
+            torch.save(state, file)
 
     def load(self, directory: Path) -> dict[str, Any]:
         path = directory / STATE_FILE
