@@ -79,7 +79,7 @@ def test_corpus_seeks_past_the_images_and_reads_the_texts(tmp_path, monkeypatch)
             read.append(super().readinto(buffer))
             return read[-1]
 
-    monkeypatch.setattr(loader, "gopen", lambda url: io.BufferedReader(Counting(url)))
+    monkeypatch.setattr(loader, "open_shard", lambda shard, timeout: io.BufferedReader(Counting(shard.url)))
     ids, padding = get_tokenizer().encode_batch(words)
     assert corpus_tokens(tmp_path, Manifest.load(tmp_path)).tolist() == sorted(set(ids[~padding].tolist()) | {49407})
     assert 0 < sum(read) < 64 << 10

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from uniperceiver_cli.data.loader import Shard, read_shards, sample_json, sample_text
-from uniperceiver_cli.data.shards import Manifest, Skip
+from uniperceiver_cli.data.shards import Manifest, Skip, shard_path
 from uniperceiver_cli.model.config import EOT_ID
 from uniperceiver_cli.model.tokenizer import get_tokenizer
 
@@ -31,7 +31,8 @@ def corpus_tokens(directory: Path, manifest: Manifest) -> torch.Tensor:
 def _corpus_tokens(directory: Path, stamp: int, shards: tuple[str, ...]) -> torch.Tensor:
     texts: set[str] = set()  # captions repeat (ToyWorld: 144k captions, 27k distinct): tokenize each once
     # Damage is counted by the loaders that read these shards for training and evaluation, not here.
-    for sample in read_shards([Shard(str(directory / shard)) for shard in shards], Counter(), TEXT_MEMBERS):
+    paths = [shard_path(directory, shard) for shard in shards]  # each checked to lie in the folder
+    for sample in read_shards([Shard(str(path)) for path in paths], Counter(), TEXT_MEMBERS):
         try:  # no txt: "", whose one token is end-of-text
             texts.update([sample_text(sample)], sample_json(sample).get("captions", []))
         except Skip:  # text or json that does not decode: the loaders skip the sample too

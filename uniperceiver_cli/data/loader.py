@@ -3,6 +3,11 @@
 ``make_loader(source, task=..., ...)`` reads a shard folder (``manifest.json`` + ``shard-*.tar``) or a list
 of shard URLs and yields collated batch dicts. What runs where:
 
+- **Opening**: a folder's shards are local files, opened with ``open`` (a folder named ``pipe:...`` is still a
+  folder). URLs and pipes (``http://``, ``pipe:``, any ``scheme:``, :func:`is_remote`) are opened only with
+  ``UNIPERCEIVER_STREAMING=1`` (:data:`STREAMING_ENV`): http(s) with urllib under a timeout, the others with
+  webdataset's ``gopen`` (``pipe:`` runs its command in the shell).
+
 - **Shards** are split across processes x data-loader workers ("readers", reader ``rank * num_workers +
   worker``): epoch ``e``'s shard order (shuffled with ``(seed, e)`` in training, the listed order in
   evaluation; the same on every process) is dealt out as ``order[reader::readers]``, so one epoch reads every
@@ -25,6 +30,7 @@ process's global RNGs.
 from __future__ import annotations
 
 import bz2
+import contextlib
 import io
 import json
 import lzma
@@ -32,6 +38,7 @@ import os
 import random
 import re
 import tarfile
+import urllib.request
 import zlib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -40,6 +47,7 @@ from functools import partial
 from itertools import count
 from pathlib import Path
 from typing import Any, BinaryIO, TypedDict
+from urllib.parse import urlparse
 
 import torch
 import webdataset as wds
@@ -49,7 +57,7 @@ from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
-from uniperceiver_cli.data.shards import IMAGE_EXTS, VIDEO_EXTS, Manifest, Skip
+from uniperceiver_cli.data.shards import IMAGE_EXTS, VIDEO_EXTS, Manifest, Skip, shard_path
 from uniperceiver_cli.data.transforms import build_image_transform
 from uniperceiver_cli.data.video import STRIDE, eval_clip, train_clip
 from uniperceiver_cli.model.preprocess import VIDEO_NUM_CROPS
@@ -59,6 +67,10 @@ from uniperceiver_cli.task_types import TASKS, TaskType
 SKIPPED = "__skipped__"  # per-batch skip counts travelling from the workers to the main process
 UNREADABLE_SHARD = "unreadable shard"
 UNREADABLE_MEMBER = "unreadable member"
+STREAMING_ENV = "UNIPERCEIVER_STREAMING"  # "1": shard URLs and pipes may be opened
+STREAM_TIMEOUT_ENV = "UNIPERCEIVER_STREAM_TIMEOUT"  # seconds, overrides make_loader's stream_timeout
+STREAM_TIMEOUT = 60.0  # seconds an http(s) shard may stall (connecting or between reads)
+SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:")  # a URL scheme; one letter would be a Windows drive
 
 
 class Batch(TypedDict, total=False):
@@ -76,10 +88,35 @@ class Batch(TypedDict, total=False):
 
 @dataclass(frozen=True)
 class Shard:
-    """One tar to read, and how many samples it should hold when known (from the manifest)."""
+    """One tar to read, how many samples it should hold when known (from the manifest), and whether ``url`` is a
+    URL or pipe (:func:`is_remote`) rather than a local file."""
 
     url: str
     samples: int | None = None
+    remote: bool = False
+
+
+def is_remote(source: str) -> bool:
+    """Whether a shard source is a URL or pipe (``pipe:``, ``http://``, ``s3://``, any ``scheme:``), not a local
+    path."""
+    return SCHEME.match(source) is not None
+
+
+def require_streaming(url: str) -> None:
+    """ValueError unless streaming was enabled (``UNIPERCEIVER_STREAMING=1``): a URL or pipe is opened only then."""
+    if os.environ.get(STREAMING_ENV) != "1":
+        raise ValueError(f"shard source {url} is a URL or pipe; set {STREAMING_ENV}=1 to stream shards from it")
+
+
+def open_shard(shard: Shard, timeout: float) -> BinaryIO:
+    """A local shard as a file; a remote one (streaming enabled) with urllib for http(s), else with ``gopen``.
+    ``timeout``: seconds an http(s) server may take to answer or to send the next bytes."""
+    if not shard.remote:
+        return open(shard.url, "rb")  # noqa: SIM115 - closed by read_shards
+    require_streaming(shard.url)
+    if urlparse(shard.url).scheme.lower() in ("http", "https"):
+        return urllib.request.urlopen(shard.url, timeout=timeout)  # noqa: S310 - the user asked for this URL
+    return gopen(shard.url)
 
 
 # ---------------------------------------------------------------------------------------------------- samples
@@ -438,12 +475,14 @@ def _groups(members: Iterator[tuple[str | None, bytes | None] | None], url: str,
         yield group
 
 
-def _listing(url: str) -> dict[str, frozenset[str]] | None:
+def _listing(shard: Shard) -> dict[str, frozenset[str]] | None:
     """Key -> member extensions of every sample of a shard, in order, from the stats file that prepare-data
-    writes next to it; None where there is none (a tar from elsewhere, or stats written before they listed
-    members)."""
+    writes next to it; None where there is none (a remote shard, a tar from elsewhere, or stats written before
+    they listed members)."""
+    if shard.remote:
+        return None
     try:
-        stats = json.loads(Path(url).with_suffix(".json").read_text())
+        stats = json.loads(Path(shard.url).with_suffix(".json").read_text())
         return {key: frozenset(ext.lower() for ext in exts)
                 for key, exts in zip(stats["keys"], stats["members"], strict=True)}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -490,11 +529,13 @@ def _undamaged(groups: Iterable[_Group], damage: Counter[str]) -> Iterator[dict[
             yield group.sample
 
 
-def read_shards(shards: Iterable[Shard], skipped: Counter[str],
-                members: frozenset[str] | None = None) -> Iterator[dict[str, Any]]:
+def read_shards(shards: Iterable[Shard], skipped: Counter[str], members: frozenset[str] | None = None,
+                timeout: float = STREAM_TIMEOUT) -> Iterator[dict[str, Any]]:
     """Raw samples (``__key__``, ``__url__``, extension -> bytes) of each shard in turn, read past damage;
     the damage is counted into ``skipped`` once the shard is done. With ``members``, only these extensions' data
-    is read: the others map to ``b""`` (and are seeked past in a local plain tar).
+    is read: the others map to ``b""`` (and are seeked past in a local plain tar). A shard that cannot be opened
+    or read on (a 404, a dropped connection, an http(s) stream stalled for ``timeout`` seconds, a pipe that
+    fails) counts as ``"unreadable shard"``.
 
     A shard with a stats file that lists its samples' keys and members (:func:`_listing`) is checked against
     it, so exactly the samples that lost a member are left out; one without is read by a cautious rule
@@ -504,8 +545,8 @@ def read_shards(shards: Iterable[Shard], skipped: Counter[str],
         read = 0
         stream = None
         try:
-            listing = _listing(shard.url)
-            stream = gopen(shard.url)
+            listing = _listing(shard)
+            stream = open_shard(shard, timeout)
             groups = _groups(_tar_members(stream, members), shard.url, damage)
             for sample in _listed(groups, listing, damage) if listing is not None else _undamaged(groups, damage):
                 read += 1
@@ -516,8 +557,16 @@ def read_shards(shards: Iterable[Shard], skipped: Counter[str],
             damage[UNREADABLE_SHARD] = 1
         finally:
             if stream is not None:
-                stream.close()
+                _close(stream, damage)
             skipped.update(damage)
+
+
+def _close(stream: BinaryIO, damage: Counter[str]) -> None:
+    """Close a shard's stream; one that fails to close (a pipe's command exits with an error) is unreadable."""
+    try:
+        stream.close()
+    except Exception:  # noqa: BLE001 - whatever the stream raises, the shard is counted, never fatal
+        damage[UNREADABLE_SHARD] = 1
 
 
 def _count_skip(skipped: Counter[str], error: Exception) -> bool:
@@ -542,11 +591,13 @@ class ShardStream(IterableDataset):
 
     def __init__(self, shards: Sequence[Shard], decoder: SampleDecoder, collate: Collate, *, batch_size: int,
                  train: bool, seed: int, epochs: int | None, shuffle_buffer: int,
-                 subset: frozenset[tuple[str, str]] | None, rank: int, world_size: int) -> None:
+                 subset: frozenset[tuple[str, str]] | None, rank: int, world_size: int,
+                 stream_timeout: float) -> None:
         super().__init__()
         self.shards, self.decoder, self.collate = list(shards), decoder, collate
         self.batch_size, self.train, self.seed, self.epochs = batch_size, train, seed, epochs
         self.shuffle_buffer, self.subset, self.rank, self.world_size = shuffle_buffer, subset, rank, world_size
+        self.stream_timeout = stream_timeout
         self.first_epoch = 0  # set by ShardLoader: the k-th iteration continues where the previous one ended
 
     def epoch_order(self, epoch: int) -> list[Shard]:
@@ -571,7 +622,8 @@ class ShardStream(IterableDataset):
         for epoch in count(first) if self.epochs is None else range(first, first + self.epochs):
             order = self.epoch_order(epoch)
             seen = 0
-            for sample in read_shards(order[reader::readers] if split_shards else order, shard_skips):
+            mine = order[reader::readers] if split_shards else order
+            for sample in read_shards(mine, shard_skips, timeout=self.stream_timeout):
                 if self.subset is not None and (Path(sample["__url__"]).name, sample["__key__"]) not in self.subset:
                     continue
                 seen += 1
@@ -670,17 +722,27 @@ def choose_subset(shard_urls: Sequence[str], fraction: float, seed: int, *,
 
 
 def _shards(source: str | Path | Sequence[str]) -> list[Shard]:
+    """A folder's shards (local files, checked to lie in it), or the URLs or paths of a pattern or list."""
     if isinstance(source, (str, Path)) and Path(source).is_dir():
         directory = Path(source)
         manifest = Manifest.load(directory)
-        shards = [Shard(str(directory / s.file), s.samples) for s in manifest.shards]
+        shards = [Shard(str(shard_path(directory, s.file)), s.samples) for s in manifest.shards]
         missing = [s.url for s in shards if not Path(s.url).is_file()]
         if missing:
             raise FileNotFoundError(f"{len(missing)} shard(s) named in {directory / 'manifest.json'} are missing, "
                                     f"e.g. {missing[0]}")
         return shards
     urls = expand_urls(str(source)) if isinstance(source, (str, Path)) else [str(url) for url in source]
-    return [Shard(url) for url in urls]
+    return [Shard(url, remote=is_remote(url)) for url in urls]
+
+
+def _stream_timeout(seconds: float) -> float:
+    """``seconds``, or ``UNIPERCEIVER_STREAM_TIMEOUT`` where it is set; ValueError unless it is positive."""
+    value = os.environ.get(STREAM_TIMEOUT_ENV) or str(seconds)
+    with contextlib.suppress(ValueError):
+        if float(value) > 0:
+            return float(value)
+    raise ValueError(f"stream timeout ({STREAM_TIMEOUT_ENV} or stream_timeout) must be > 0 seconds, got {value!r}")
 
 
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -714,12 +776,13 @@ def make_loader(
     frame_stride: float = STRIDE,
     rank: int | None = None,
     world_size: int | None = None,
+    stream_timeout: float = STREAM_TIMEOUT,
 ) -> ShardLoader:
     """A streaming loader of task batches from WebDataset shards.
 
     Args:
         source: a shard folder with ``manifest.json``, a webdataset URL pattern (``"dir/shard-{000000..000007}.tar"``)
-            or a list of shard URLs.
+            or a list of shard URLs. URLs and pipes (:func:`is_remote`) need ``UNIPERCEIVER_STREAMING=1``.
         task: one of :data:`uniperceiver_cli.task_types.TASKS`.
         batch_size: samples per batch (the last batch of each worker may be smaller).
         train: training (shuffled shards and samples, random augmentation, random caption) or evaluation
@@ -746,12 +809,15 @@ def make_loader(
             by the video's frame rate).
         rank: this process's index; default from ``RANK`` / ``WORLD_SIZE`` or ``torch.distributed``.
         world_size: number of processes sharing the data.
+        stream_timeout: seconds an http(s) shard may take to answer or to send its next bytes before it is
+            skipped as unreadable; ``UNIPERCEIVER_STREAM_TIMEOUT`` overrides it.
 
     Returns:
         A :class:`ShardLoader` of :class:`Batch` dicts.
 
     Raises:
-        ValueError: on an unknown task, bad sizes or a bad subset.
+        ValueError: on an unknown task, bad sizes, a bad subset or stream timeout, a URL or pipe without
+            ``UNIPERCEIVER_STREAMING=1``, or a manifest naming a shard outside its folder.
         FileNotFoundError: if a shard folder lacks its manifest or shards.
     """
     if task not in TASKS:
@@ -762,7 +828,11 @@ def make_loader(
     if min(batch_size, num_frames, num_clips, shuffle_buffer) < 1 or num_workers < 0:
         raise ValueError("batch_size, num_frames, num_clips and shuffle_buffer must be >= 1, num_workers >= 0")
     rank, world_size = _rank_and_world(rank, world_size)
+    timeout = _stream_timeout(stream_timeout)
     shards = _shards(source)
+    for shard in shards:
+        if shard.remote:
+            require_streaming(shard.url)
     chosen = None
     if subset is not None:
         chosen = choose_subset([s.url for s in shards], subset, seed, balanced=kind.family == "classification")
@@ -772,5 +842,6 @@ def make_loader(
                             frame_stride)
     collate = Collate(kind, train, max_text_len or (128 if kind.family == "mlm" else 30))  # passages, captions
     stream = ShardStream(shards, decoder, collate, batch_size=batch_size, train=train, seed=seed, epochs=epochs,
-                         shuffle_buffer=shuffle_buffer, subset=chosen, rank=rank, world_size=world_size)
+                         shuffle_buffer=shuffle_buffer, subset=chosen, rank=rank, world_size=world_size,
+                         stream_timeout=timeout)
     return ShardLoader(stream, num_workers)

@@ -19,6 +19,7 @@ import io
 import json
 import math
 import os
+import re
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -35,6 +36,7 @@ MANIFEST = "manifest.json"
 IMAGE_EXTS = ("jpg", "png")
 VIDEO_EXTS = ("mp4", "avi", "webm", "mkv", "mov")
 MAX_SKIP_EXAMPLES = 100
+SHARD_NAME = re.compile(r"shard-[0-9]{6,}\.tar")  # what write_shards names a shard: a file in the split's folder
 
 
 class Skip(Exception):  # noqa: N818 - a control-flow signal, not an error
@@ -121,6 +123,9 @@ class Manifest:
             if data.get("format") != FORMAT:
                 raise ValueError(f"format is {data.get('format')!r}, not {FORMAT!r}")
             data["shards"] = [ShardInfo(**s) for s in data["shards"]]
+            for shard in data["shards"]:
+                if not isinstance(shard.file, str) or not SHARD_NAME.fullmatch(shard.file):
+                    raise ValueError(f"shard {shard.file!r} is not a shard-NNNNNN.tar file of its folder")
             return cls(**data)
         except (json.JSONDecodeError, TypeError, KeyError, ValueError) as e:
             raise ValueError(f"{path} is not a valid shard manifest: {e}") from e
@@ -138,7 +143,16 @@ class Manifest:
         return list(self.classes)
 
     def shard_paths(self, directory: Path) -> list[str]:
-        return [str(directory / s.file) for s in self.shards]
+        return [str(shard_path(directory, s.file)) for s in self.shards]
+
+
+def shard_path(directory: Path, name: str) -> Path:
+    """The path of shard ``name`` of the split in ``directory``. ValueError where it resolves outside the folder (a
+    symlink to elsewhere): a manifest reads only its own folder's files."""
+    path = directory / name
+    if not path.resolve().is_relative_to(directory.resolve()):
+        raise ValueError(f"{directory / MANIFEST}: shard {name!r} resolves to {path.resolve()}, outside {directory}")
+    return path
 
 
 def plan_shards(num_items: int, min_shards: int = 8, max_per_shard: int = 1000) -> list[range]:
