@@ -131,6 +131,18 @@ def test_a_manifest_reads_only_its_own_folder(tmp_path: Path, entry: str) -> Non
         assert repr(name) in str(error.value) and "\n" not in str(error.value), what
 
 
+def test_a_stats_file_that_links_out_of_its_folder_is_not_read(tmp_path: Path) -> None:
+    split = _texts(tmp_path / "split", _passages(2), shards=1)
+    stats = split / "shard-000000.json"
+    outside = tmp_path / "outside.json"
+    outside.write_text(stats.read_text())
+    stats.unlink()
+    stats.symlink_to(outside)
+    with pytest.raises(ValueError, match="outside"):  # the subset draws from the stats files
+        _loader(split, subset=0.5)
+    assert _read(split) == (_keys(2), {})  # read without the listing, by the cautious rule
+
+
 # ---------------------------------------------------------------------------------------------------- streaming
 
 # What the test server does with each shard: serve it, drop the connection halfway, 404, or stall halfway or before

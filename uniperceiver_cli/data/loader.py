@@ -482,7 +482,7 @@ def _listing(shard: Shard) -> dict[str, frozenset[str]] | None:
     if shard.remote:
         return None
     try:
-        stats = json.loads(Path(shard.url).with_suffix(".json").read_text())
+        stats = json.loads(_stats_path(shard.url).read_text())
         return {key: frozenset(ext.lower() for ext in exts)
                 for key, exts in zip(stats["keys"], stats["members"], strict=True)}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -679,8 +679,14 @@ class ShardLoader:
 # ---------------------------------------------------------------------------------------------------- subset
 
 
-def _sidecar(url: str) -> dict[str, Any]:
+def _stats_path(url: str) -> Path:
+    """The stats file next to a local shard; ValueError where it resolves outside the shard's folder."""
     path = Path(url).with_suffix(".json")
+    return shard_path(path.parent, path.name)
+
+
+def _sidecar(url: str) -> dict[str, Any]:
+    path = _stats_path(url)
     if not path.is_file():
         raise ValueError(f"subset needs the shard's stats file {path} (written next to each tar by prepare-data)")
     return json.loads(path.read_text())
