@@ -171,3 +171,12 @@ def test_resume_refuses_a_planted_state_before_writing_the_config(data_root: Pat
     with pytest.raises(CheckpointError):
         loop.train(validate(_data(data_root, steps=8)), run, resume="auto")
     assert (run / "config.yaml").read_bytes() == config  # steps: 4, as the run was
+
+
+def test_a_model_larger_than_memory_is_refused_before_it_is_allocated(data_root: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    code, out = _pretrain("--recipe", str(_write_recipe(tmp_path, _data(data_root))), "--run-dir", str(run),
+                          "model.overrides.width=16384", "model.overrides.layers=1000")
+    assert code == 2, out
+    assert "the model (1,083,4" in out and "needs 4036.0 GiB for its fp32 weights alone; this machine has" in out, out
+    assert not (run / "config.yaml").exists()

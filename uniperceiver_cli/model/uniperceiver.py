@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
@@ -41,9 +42,30 @@ def two_stream_mask(prefix: int, words: int, queries: int, device: torch.device 
     return mask
 
 
+def host_memory() -> int | None:
+    """This machine's physical memory in bytes, where the system says."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_fits(config: ModelConfig) -> None:
+    """Refuse, before anything is allocated, a model whose fp32 weights alone exceed this machine's memory (a
+    config with a typo'd width or layer count). Building on the meta device allocates nothing and is not checked."""
+    if torch.get_default_device().type == "meta":
+        return
+    need, have = 4 * config.num_parameters(), host_memory()
+    if have is not None and need > have:
+        raise ValueError(f"the model ({config.num_parameters():,} parameters: width {config.width}, {config.layers} "
+                         f"layers) needs {need / 2**30:.1f} GiB for its fp32 weights alone; this machine has "
+                         f"{have / 2**30:.1f} GiB")
+
+
 class UniPerceiver(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        _check_fits(config)
         self.config = config
         self.text_embed = TextEmbedding(config)
         self.visual_embed = VisualEmbedding(config)
