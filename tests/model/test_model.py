@@ -237,10 +237,58 @@ def test_model_moves_to_another_dtype():
     ({"moe": {"location": "even"}}, "moe.location must be"),
     ({"prompt": {"deep_prompt_length": -1}}, "deep_prompt_length must be an integer >= 0, got -1"),
     ({"prompt": {"classifier_classes": 2.5}}, "classifier_classes must be an integer >= 0"),
+    ({"width": 10**400}, "width must be at most 65536, got an integer of about 400 digits"),
+    ({"layers": 1025}, "layers must be at most 1024, got 1025"),
+    ({"heads": 512}, "heads must be at most 256, got 512"),
+    ({"mlp_dim": 65537}, "mlp_dim must be at most 65536"),
+    ({"vocab_size": 10**7 + 1}, "vocab_size must be at most 10000000"),
+    ({"max_text_len": 65537}, "max_text_len must be at most 65536"),
+    ({"image_size": 16384}, "image_size must be at most 8192"),
+    ({"max_frames": 4097}, "max_frames must be at most 4096"),
+    ({"layer_scale_init": 1e300}, r"layer_scale_init must be a finite number in \[0.0, 1000.0\], got 1e\+300"),
+    ({"pos_scale": 1e4}, "pos_scale must be a finite number in"),
+    ({"moe": {"num_experts": 4097}}, "num_experts must be at most 4096"),
+    ({"moe": {"attribute_length": 1025}}, "attribute_length must be at most 1024"),
+    ({"moe": {"capacity_factor": 1e300}}, r"capacity_factor must be a finite number in \(0.0, 4096\]"),
+    ({"moe": {"noise_std": 1e300}}, "noise_std must be a finite number in"),
+    ({"moe": {"routing": "task", "tasks": [f"t{i}" for i in range(4097)]}}, "moe.tasks must name at most 4096 tasks"),
+    ({"prompt": {"deep_prompt_length": 4097}}, "deep_prompt_length must be at most 4096"),
+    ({"prompt": {"classifier_classes": 10**8}}, "classifier_classes must be at most 10000000"),
 ])
 def test_config_values_out_of_range_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
         get_config("tiny-moe", **overrides)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"moe": {"location": "x" * 10_000}}, {"moe": {"routing": "task", "tasks": ["t"] * 10_000}},
+    {"layer_scale_init": "y" * 10_000}, {"z" * 10_000: 1},
+])
+def test_a_config_error_shows_at_most_80_characters_of_a_value(overrides):
+    with pytest.raises(ValueError) as error:
+        get_config("tiny-moe", **overrides)
+    assert len(str(error.value)) < 200 and "..." in str(error.value)
+
+
+VARIANTS = [
+    *([preset, {}] for preset in PRESETS),
+    *(["tiny-moe", {"moe": {"routing": routing, "location": "all"}}] for routing in ("modality", "token", "context")),
+    ["tiny-moe", {"layers": 5, "moe": {"routing": "task", "tasks": ["a", "b", "c"], "location": "four"}}],
+    *(["tiny-moe", {"moe": {"routing": routing, "folded": True}}] for routing in ("attribute", "modality")),
+    ["tiny-moe", {"moe": {"routing": "task", "tasks": ["a", "b", "c"], "folded": True}}],
+    ["tiny", {"prompt": {"deep_prompt_length": 3, "separate_target_prompts": True, "spe_bias": True,
+                         "classifier_classes": 7}, "mlp_dim": 100, "max_frames": 3, "max_text_len": 40,
+              "vocab_size": 500, "patch_size": 8, "image_size": 32}],
+    ["base-moe", {"prompt": {"deep_prompt_length": 10}, "moe": {"attribute_length": 5}}],
+]
+
+
+@pytest.mark.parametrize(("preset", "overrides"), VARIANTS, ids=[f"{p}-{i}" for i, (p, _) in enumerate(VARIANTS)])
+def test_num_parameters_is_the_built_models_count(preset, overrides):
+    config = get_config(preset, **overrides)
+    with torch.device("meta"):
+        model = UniPerceiver(config)
+    assert config.num_parameters() == sum(p.numel() for p in model.parameters())
 
 
 def test_parameter_roles_of_the_tiny_preset():

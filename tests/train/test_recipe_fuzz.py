@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import math
 import random
+import re
 import string
 import typing
 from pathlib import Path
@@ -192,9 +193,9 @@ def _rule_cases(rng: random.Random) -> list[Case]:
 
 def _syntax_error(rng: random.Random) -> str:
     """The shipped recipe with one random mistake that YAML cannot parse."""
-    mistakes = ["  broken: [unclosed", "\tname: tab", 'description: "unterminated', "bad: *undefined_alias",
-                "- item: in a mapping", "key: value: another", "? [complex]\n: : :", "@reserved: 1", "`tick: 1",
-                "dup: &a 1\nagain: &a", "x: {a: 1", "]", "}{", "flow: [a, b]]", "%TAG ! bad"]
+    mistakes = ["  broken: [unclosed", "\tname: tab", 'description: "unterminated', "- item: in a mapping",
+                "key: value: another", "? [complex]\n: : :", "@reserved: 1", "`tick: 1", "x: {a: 1", "]", "}{",
+                "flow: [a, b]]", "%TAG ! bad"]  # anchors and aliases: the alias cases below
     lines = TOY_TEXT.splitlines()
     while True:
         at = rng.randrange(1, len(lines))
@@ -234,6 +235,18 @@ def _file_cases(rng: random.Random) -> list[Case]:
     cases.append(Case("nested-value", _dump(_set(_base(), "train.steps", _nest(depth))), "train.steps"))
     cases.append(Case("date", TOY_TEXT.replace("description:", "description: 2024-13-45 #").encode(),
                       "is not valid YAML (month must be in 1..12)", keyed=False))
+    lines = TOY_TEXT.splitlines()
+    keyed = [n for n, line in enumerate(lines) if re.fullmatch(r" *[a-z_]+: .*", line)]  # "key: value" lines
+    for i in range(4):  # an anchor or an alias beside any key, any key given twice
+        at = rng.choice(keyed)
+        indent = " " * (len(lines[at]) - len(lines[at].lstrip()))
+        extra = rng.choice([f"{indent}anchored: &x{i} [1, 2]", f"{indent}aliased: *x{i}"])
+        cases.append(Case(f"alias-{i}", "\n".join([*lines[:at], extra, *lines[at:]]).encode(),
+                          f"line {at + 1}: anchors and aliases (&name, *name) are not allowed", keyed=False))
+        at = rng.choice(keyed)
+        cases.append(Case(f"repeated-key-{i}", "\n".join([*lines[:at + 1], lines[at], *lines[at + 1:]]).encode(),
+                          f"line {at + 2}: key {lines[at].split(':')[0].strip()!r} is given twice", keyed=False))
+    cases.append(Case("too-large", (TOY_TEXT + "#" * 2**20).encode(), "is over 1048576 bytes", keyed=False))
     return cases
 
 

@@ -7,6 +7,7 @@ import os
 import shutil
 import warnings
 from pathlib import Path
+from typing import Literal
 
 import typer
 import yaml
@@ -16,6 +17,7 @@ from rich.table import Table
 import uniperceiver_cli
 from uniperceiver_cli.cli.common import report, user_errors
 from uniperceiver_cli.data.shards import MANIFEST, Manifest
+from uniperceiver_cli.model.config import get_config, shorten
 from uniperceiver_cli.task_types import TASKS
 from uniperceiver_cli.train.recipe import EvalTaskSpec, Recipe, TaskSpec, load_recipe
 
@@ -48,6 +50,14 @@ def load_checked(name_or_path: str, overrides: list[str] | None = None) -> Recip
     return load_recipe(resolve_recipe(name_or_path), overrides)
 
 
+def _is(path: Path, kind: Literal["folder", "file"]) -> bool:
+    """Whether ``path`` is a "folder" or a "file"; False also where the system cannot tell (a name too long)."""
+    try:
+        return path.is_dir() if kind == "folder" else path.is_file()
+    except OSError:
+        return False
+
+
 def file_problems(recipe: Recipe) -> list[str]:
     """One line per problem with the files a recipe names, each naming its key path: a missing ``init`` or one
     that does not fit the recipe's model, a missing DeepSpeed config, a data folder (training, evaluation or
@@ -57,8 +67,8 @@ def file_problems(recipe: Recipe) -> list[str]:
     if recipe.init and (problem := init_problem(recipe)):
         problems.append(problem)
     deepspeed = recipe.engine.deepspeed_config
-    if deepspeed and not Path(deepspeed).is_file():
-        problems.append(f"engine.deepspeed_config: {deepspeed} does not exist")
+    if deepspeed and not _is(Path(deepspeed), "file"):
+        problems.append(f"engine.deepspeed_config: {shorten(deepspeed)} does not exist")
     root = Path(recipe.data_root)
     tasks = [(f"{prefix}.{i}", task) for prefix, specs in (("tasks", recipe.tasks),
                                                             ("evaluation.tasks", recipe.evaluation.tasks))
@@ -71,10 +81,11 @@ def file_problems(recipe: Recipe) -> list[str]:
                 keys.setdefault(root / folder, []).append(f"{key}.vocabulary_from.{j}")
     manifests: dict[Path, Manifest] = {}
     for folder, names in keys.items():
-        if not folder.is_dir():
-            problems.append(f"{', '.join(names)}: {folder} does not exist (see `uniperceiver prepare-data --help`)")
-        elif not (folder / MANIFEST).is_file():
-            problems.append(f"{', '.join(names)}: {folder} holds no {MANIFEST} (not a converted split)")
+        if not _is(folder, "folder"):
+            problems.append(f"{', '.join(names)}: {shorten(str(folder))} does not exist "
+                            "(see `uniperceiver prepare-data --help`)")
+        elif not _is(folder / MANIFEST, "file"):
+            problems.append(f"{', '.join(names)}: {shorten(str(folder))} holds no {MANIFEST} (not a converted split)")
         else:
             try:
                 manifests[folder] = Manifest.load(folder)
@@ -82,8 +93,8 @@ def file_problems(recipe: Recipe) -> list[str]:
                 problems.append(f"{', '.join(names)}: {e}")
     for key, task in tasks:
         labels = task.labels if isinstance(task, EvalTaskSpec) else None
-        if labels and not (root / labels).is_file():
-            problems.append(f"{key}.labels: {root / labels} does not exist")
+        if labels and not _is(root / labels, "file"):
+            problems.append(f"{key}.labels: {shorten(str(root / labels))} does not exist")
         manifest = manifests.get(root / task.data)
         if manifest is not None and (problem := task_problem(key, task, manifest, root / task.data)):
             problems.append(problem)
@@ -108,8 +119,8 @@ def task_problem(key: str, task: TaskSpec | EvalTaskSpec, manifest: Manifest, sp
 
 def init_problem(recipe: Recipe) -> str | None:
     """Why ``init`` cannot start the recipe's model, if it cannot: checked exactly as training loads it."""
-    if not Path(recipe.init).exists():
-        return f"init: {recipe.init} does not exist"
+    if not (_is(Path(recipe.init), "folder") or _is(Path(recipe.init), "file")):
+        return f"init: {shorten(recipe.init)} does not exist"
     # torch and the model only here: the other recipe commands start without them.
     import torch
 
@@ -192,6 +203,7 @@ def validate(
             report(f"{name}: {problem}")
         failed = failed or bool(problems)
         if not problems:
-            typer.echo(f"ok {name}")
+            parameters = get_config(recipe.model.preset, **recipe.model.overrides).num_parameters()
+            typer.echo(f"ok {name} (model: {parameters:,} parameters)")
     if failed:
         raise typer.Exit(2)

@@ -24,16 +24,44 @@ VIDEO_MEAN = (0.5, 0.5, 0.5)
 VIDEO_STD = (0.5, 0.5, 0.5)
 
 
+# The largest value of every count and size: generous for any real model (LARGE is 1024 wide with 24 layers and
+# an MLP of 4096), small enough that a typo (10**400, a width of 10**7) is refused before anything is built.
+LIMITS = {
+    "width": 65536, "layers": 1024, "heads": 256, "mlp_dim": 65536, "vocab_size": 10**7, "max_text_len": 65536,
+    "image_size": 8192, "patch_size": 8192, "max_frames": 4096,
+    "num_experts": 4096, "top_k": 4096, "attribute_length": 1024, "tasks": 4096,
+    "deep_prompt_length": 4096, "classifier_classes": 10**7,
+}
+MAX_SHOWN = 80  # characters of a value an error message shows
+
+
+def shorten(text: str, limit: int = MAX_SHOWN) -> str:
+    """``text`` cut to ``limit`` characters ("..." marks a cut), for error messages that must stay one short line."""
+    return text if len(text) <= limit else f"{text[:limit - 3]}..."
+
+
+def shown(value: object) -> str:
+    """``repr(value)`` for an error message, cut to :data:`MAX_SHOWN` characters; a huge integer by its length
+    (Python refuses to write one of over 4300 digits)."""
+    if isinstance(value, int) and value.bit_length() > 4 * MAX_SHOWN:
+        return f"an integer of about {round(value.bit_length() * math.log10(2))} digits"
+    return shorten(repr(value))
+
+
 def _refuse_unknown(given: dict[str, Any], kind: type, label: str) -> None:
-    unknown = sorted(set(given) - {f.name for f in dataclasses.fields(kind)})
+    unknown = sorted(set(given) - {f.name for f in dataclasses.fields(kind)}, key=str)
     if unknown:
-        raise ValueError(f"unknown {label} field(s): {', '.join(unknown)}")
+        raise ValueError(f"unknown {label} field(s): {shorten(', '.join(map(str, unknown)))}")
 
 
 def _check_int(owner: object, name: str, low: int) -> None:
+    """``name`` is an integer in [low, LIMITS[name]]."""
     value = getattr(owner, name)
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        kind = "a positive integer" if low == 1 else f"an integer >= {low}"
+        raise ValueError(f"{name} must be {kind}, got {shown(value)}")
+    if value > LIMITS[name]:
+        raise ValueError(f"{name} must be at most {LIMITS[name]}, got {shown(value)}")
 
 
 def _check_float(owner: object, name: str, low: float, high: float = math.inf, *, open_low: bool = False,
@@ -43,10 +71,14 @@ def _check_float(owner: object, name: str, low: float, high: float = math.inf, *
     number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not number or value < low or (open_low and value == low) or value > high or (open_high and value == high):
         interval = f"{'(' if open_low else '['}{low}, {high}{')' if open_high or high == math.inf else ']'}"
-        raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}")
+        raise ValueError(f"{name} must be a finite number in {interval}, got {shown(value)}")
 
 
 ROUTINGS = ("attribute", "modality", "task", "token", "context")
+# Sizes that ModelConfig.num_parameters needs from modules that import torch (its test builds every kind of model):
+_TEMPERATURES = 6  # model/heads.py TEMPERATURES
+_ATTRIBUTE_ROWS = 6  # model/moe.py ATTRIBUTES
+_MODALITIES = 2  # model/moe.py MODALITIES
 
 
 @dataclass
@@ -81,23 +113,25 @@ class MoEConfig:
         if self.top_k > self.num_experts:
             raise ValueError(f"moe.top_k {self.top_k} is larger than moe.num_experts {self.num_experts}")
         if self.location not in ("odd", "four", "all"):
-            raise ValueError(f"moe.location must be 'odd', 'four' or 'all', got {self.location!r}")
+            raise ValueError(f"moe.location must be 'odd', 'four' or 'all', got {shown(self.location)}")
         if self.routing not in ROUTINGS:
-            raise ValueError(f"moe.routing must be one of {', '.join(map(repr, ROUTINGS))}, got {self.routing!r}")
+            raise ValueError(f"moe.routing must be one of {', '.join(map(repr, ROUTINGS))}, got {shown(self.routing)}")
         if self.noise_policy not in ("vmoe", "gumbel", "none"):
-            raise ValueError(f"moe.noise_policy must be 'vmoe', 'gumbel' or 'none', got {self.noise_policy!r}")
-        _check_float(self, "noise_std", 0.0)
-        if self.capacity_factor is not None:
-            _check_float(self, "capacity_factor", 0.0, open_low=True)
+            raise ValueError(f"moe.noise_policy must be 'vmoe', 'gumbel' or 'none', got {shown(self.noise_policy)}")
+        _check_float(self, "noise_std", 0.0, 1e3)
+        if self.capacity_factor is not None:  # beyond num_experts / top_k every expert can take every token
+            _check_float(self, "capacity_factor", 0.0, LIMITS["num_experts"], open_low=True)
         tasks = self.tasks
         if not isinstance(tasks, (list, tuple)) or not all(isinstance(t, str) and t for t in tasks) \
                 or len(set(tasks)) != len(tasks):
-            raise ValueError(f"moe.tasks must be a list of distinct task names, got {tasks!r}")
+            raise ValueError(f"moe.tasks must be a list of distinct task names, got {shown(tasks)}")
+        if len(tasks) > LIMITS["tasks"]:
+            raise ValueError(f"moe.tasks must name at most {LIMITS['tasks']} tasks, got {len(tasks)}")
         self.tasks = list(tasks)
         if tasks and self.routing != "task":
             raise ValueError(f"moe.tasks names the tasks of routing 'task', and moe.routing is {self.routing!r}")
         if not isinstance(self.folded, bool):
-            raise ValueError(f"moe.folded must be true or false, got {self.folded!r}")
+            raise ValueError(f"moe.folded must be true or false, got {shown(self.folded)}")
         if self.folded and self.routing in ("token", "context"):
             raise ValueError(f"moe.routing {self.routing!r} routes by token features: its experts cannot be folded")
 
@@ -168,11 +202,9 @@ class ModelConfig:
             self.prompt = PromptConfig(**self.prompt)
         for name in ("width", "layers", "heads", "mlp_dim", "vocab_size", "max_text_len", "image_size", "patch_size",
                      "max_frames"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        _check_float(self, "pos_scale", 0.0, open_low=True)
-        _check_float(self, "layer_scale_init", 0.0)
+            _check_int(self, name, 1)
+        _check_float(self, "pos_scale", 0.0, 1e3, open_low=True)
+        _check_float(self, "layer_scale_init", 0.0, 1e3)
         _check_float(self, "drop_path", 0.0, 1.0, open_high=True)
         _check_float(self, "temperature_init", 0.0, open_low=True)
         if self.width % self.heads:
@@ -194,6 +226,31 @@ class ModelConfig:
     @property
     def logit_scale_init(self) -> float:
         return math.log(1 / self.temperature_init)
+
+    def num_parameters(self) -> int:
+        """The parameter elements of the model this config builds, counted from the shapes alone (no allocation):
+        what ``UniPerceiver(config).num_parameters()`` gives."""
+        d, h, moe, prompt = self.width, self.mlp_dim, self.moe, self.prompt
+        text = (self.vocab_size + self.max_text_len + 1 + prompt.spe_bias) * d  # words, positions, type, <|spe|>
+        visual = 3 * self.patch_size**2 * d + d + self.max_frames * d  # patch conv, temporal table
+        head = 2 * d + d * d + d + _TEMPERATURES  # ln_post, proj, one temperature per task family
+        if prompt.classifier_classes:
+            head += (d + 1) * prompt.classifier_classes + 1  # fc_prompt, similarity_weight
+        attention = (d * 3 * d + 3 * d) + (d * d + d)  # qkv, out
+        mlp = (d * h + h) + (h * d + d)  # fc1, fc2
+        prompts = prompt.deep_prompt_length * d * (2 if prompt.separate_target_prompts else 1)
+        blocks = self.layers * (4 * d + 2 * d + attention + mlp + prompts)  # 2 norms, 2 gammas
+        if moe is not None:  # each MoE layer: more copies of the four linears, and a gate for attention and MLP
+            if moe.folded:  # one merged linear per attribute row, modality or task; the gate has no parameters
+                experts, gate = {"modality": _MODALITIES, "task": len(moe.tasks)}.get(moe.routing, _ATTRIBUTE_ROWS), 0
+            else:
+                experts = moe.num_experts
+                gate = {"attribute": moe.attribute_length * d + d + 2 * d + d * experts,  # tag_proj, tag_norm, router
+                        "modality": _MODALITIES * experts, "task": len(moe.tasks) * experts,
+                        }.get(moe.routing, d * experts)  # token and context routing: a router
+            routed = sum(moe.is_moe_layer(i) for i in range(self.layers))
+            blocks += routed * ((experts - 1) * (attention + mlp) + 2 * gate)
+        return text + visual + 2 * d + blocks + head  # 2 * d: the shared embedding norm
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -241,7 +298,7 @@ def get_config(preset: str | ModelConfig = "base", **overrides: Any) -> ModelCon
         config = dataclasses.replace(preset)
     else:
         if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+            raise ValueError(f"unknown preset {shown(preset)}; choose one of: {', '.join(PRESETS)}")
         config = ModelConfig(**PRESETS[preset])
     _refuse_unknown(overrides, ModelConfig, "model config")
     if "moe" in overrides:

@@ -25,10 +25,11 @@ from pydantic import (
 )
 from pydantic.dataclasses import dataclass
 
-from uniperceiver_cli.model.config import get_config
+from uniperceiver_cli.model.config import LIMITS, get_config, shorten, shown
 from uniperceiver_cli.task_types import TASKS
 
 STRICT = ConfigDict(extra="forbid")
+MAX_RECIPE_BYTES = 2**20  # a recipe is a few kilobytes (the largest shipped one, 7 KB)
 
 TaskType = Literal[tuple(TASKS)]
 
@@ -42,7 +43,7 @@ class Range(NamedTuple):
     open. A violation reads ``must be in [0, 1] (got 2.0)``."""
 
     low: int
-    high: int | None = None
+    high: int | None = None  # None: unbounded (floats only: every count and size has a bound)
     low_open: bool = False
     high_open: bool = False
 
@@ -58,7 +59,7 @@ class Range(NamedTuple):
         above = value > self.low if self.low_open else value >= self.low
         below = self.high is None or (value < self.high if self.high_open else value <= self.high)
         if not (finite and above and below):
-            raise ValueError(f"must be {'' if finite else 'a finite number '}{self} (got {value!r})")
+            raise ValueError(f"must be {'' if finite else 'a finite number '}{self} (got {shown(value)})")
         return value
 
 
@@ -70,10 +71,20 @@ def number(value: Any) -> Any:
 
 
 NUMBER = BeforeValidator(number)
-Count = Annotated[int, NUMBER, AfterValidator(Range(1))]
-NonNegativeInt = Annotated[int, NUMBER, AfterValidator(Range(0))]
+# Every count has a bound, far beyond any real run, so that a typo (10**400) is refused before anything is built.
+MAX_COUNT = 10**9  # steps, intervals, samples
+Count = Annotated[int, NUMBER, AfterValidator(Range(1, MAX_COUNT))]
+NonNegativeInt = Annotated[int, NUMBER, AfterValidator(Range(0, MAX_COUNT))]
+BatchSize = Annotated[int, NUMBER, AfterValidator(Range(1, 10**6))]
+Few = Annotated[int, NUMBER, AfterValidator(Range(1, 4096))]  # accumulation, threads, beams, clips, expert groups
+Workers = Annotated[int, NUMBER, AfterValidator(Range(0, 1024))]
+Negatives = Annotated[int, NUMBER, AfterValidator(Range(0, LIMITS["vocab_size"]))]
+TextLength = Annotated[int, NUMBER, AfterValidator(Range(1, LIMITS["max_text_len"]))]  # also <= the model's
+Frames = Annotated[int, NUMBER, AfterValidator(Range(1, LIMITS["max_frames"]))]  # also <= the model's
 Seed = Annotated[int, NUMBER, AfterValidator(Range(0, 2**32 - 1))]  # numpy takes 32-bit seeds
 Positive = Annotated[float, NUMBER, AfterValidator(Range(0, low_open=True))]
+Stride = Annotated[float, NUMBER, AfterValidator(Range(0, 10**6, low_open=True))]
+Weight = Annotated[float, NUMBER, AfterValidator(Range(0, MAX_COUNT))]  # sampling weights: their sum stays finite
 NonNegative = Annotated[float, NUMBER, AfterValidator(Range(0))]
 Probability = Annotated[float, NUMBER, AfterValidator(Range(0, 1))]
 Fraction = Annotated[float, NUMBER, AfterValidator(Range(0, 1, low_open=True))]
@@ -86,18 +97,31 @@ PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 def plain_name(value: str) -> str:
     if not PLAIN_NAME.fullmatch(value) or ".." in value:
         raise ValueError("must be a plain name: at most 128 letters, digits, '_', '-' and '.', not starting with '.' "
-                         f"or '-', no '..' (got {value!r})")
+                         f"or '-', no '..' (got {shown(value)})")
     return value
 
 
 def template(value: str) -> str:
     if "{}" not in value:
-        raise ValueError(f"must hold {{}} where the class name goes (got {value!r})")
+        raise ValueError(f"must hold {{}} where the class name goes (got {shown(value)})")
+    return value
+
+
+# A URL scheme or webdataset's "pipe:" (two or more characters before the colon, so not a drive letter such as C:).
+REMOTE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:")
+
+
+def local_path(value: str) -> str:
+    """Refuse a pipe or URL: the data loader would run or fetch it. Checked as the path is joined (``./pipe:x`` is
+    ``pipe:x``)."""
+    if REMOTE.match(str(Path(value))):
+        raise ValueError(f"{shown(value)} is a pipe or URL, not a local path; recipes read local folders and files")
     return value
 
 
 Name = Annotated[str, AfterValidator(plain_name)]
 Template = Annotated[str, AfterValidator(template)]
+LocalPath = Annotated[str, AfterValidator(local_path)]
 
 
 @dataclass(config=STRICT)
@@ -122,21 +146,21 @@ class MixupSpec:
 class TaskSpec:
     name: Name
     type: TaskType
-    data: str  # a converted split folder, relative to the recipe's data_root
-    batch_size: Count = 32
-    sampling_weight: NonNegative = 1.0  # 0: never drawn (another task must have a positive weight)
+    data: LocalPath  # a converted split folder, relative to the recipe's data_root
+    batch_size: BatchSize = 32
+    sampling_weight: Weight = 1.0  # 0: never drawn (another task must have a positive weight)
     loss_weight: NonNegative = 1.0
     label_smoothing: Probability = 0.0
     mixup: MixupSpec | None = None
     label_set: str | None = None  # which of the split's label sets to train on (default: its classes)
-    max_text_len: Count = 30
-    num_frames: Count = 8
-    frame_stride: Positive = 32  # video: source frames between sampled frames at 30 fps (scaled by the video's fps)
+    max_text_len: TextLength = 30
+    num_frames: Frames = 8
+    frame_stride: Stride = 32  # video: source frames between sampled frames at 30 fps (scaled by the video's fps)
     augment: bool = True  # the reference's random augmentation; False for synthetic data (ToyWorld)
     # Captioning / MLM target set: the whole vocabulary (faithful), the tokens of the task's corpus, or
     # the batch's own tokens plus `negatives` sampled ids.
     vocabulary: Literal["full", "corpus", "sampled"] = "full"
-    negatives: NonNegativeInt = 1024
+    negatives: Negatives = 1024
     mask_probability: Probability = 0.15  # text_mlm: whole-word masking rate (80% <|spe|>, 10% random, 10% kept)
     subset: Fraction | None = None  # a fraction of the data (prompt tuning's 1%), chosen once from the seed
 
@@ -146,21 +170,21 @@ class TrainSpec:
     steps: Count = 1000
     lr: Positive = 1e-3
     min_lr: NonNegative = 1e-6  # at most lr (checked below)
-    warmup_steps: NonNegativeInt = 0
+    warmup_steps: NonNegativeInt = 0  # more than steps is allowed: a shortened run stays in warm-up
     weight_decay: NonNegative = 0.05
     betas: tuple[Beta, Beta] = (0.9, 0.95)
     eps: Positive = 1e-6
     grad_clip: NonNegative = 0.1  # 0: no clipping
-    accumulation: Count = 1
+    accumulation: Few = 1
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     seed: Seed = 0
     log_every: Count = 10
     checkpoint_every: NonNegativeInt = 0  # 0: only the final bundle
     keep_checkpoints: Count = 2
-    num_workers: NonNegativeInt = 0  # data-loader worker processes per task
+    num_workers: Workers = 0  # data-loader worker processes per task
     # torch compute threads in each training process: a count, auto (the process's cores less the loader
     # workers, at least one) or None (torch's default)
-    threads: Count | Literal["auto"] | None = "auto"
+    threads: Few | Literal["auto"] | None = "auto"
     # Token and context routing: weights of the load-balancing loss and the router z-loss added to each task loss.
     moe_balance_weight: NonNegative = 0.01
     moe_z_weight: NonNegative = 0.001
@@ -181,7 +205,7 @@ class EngineSpec:
     zero_stage: Literal[0, 1, 2] = 0
     # Expert parallelism (deepspeed): each process holds num_experts / expert_parallel experts of every MoE
     # layer. It must divide the model's experts and the number of processes (checked when training starts).
-    expert_parallel: Count = 1
+    expert_parallel: Few = 1
 
     @field_validator("expert_parallel")
     @classmethod
@@ -195,25 +219,25 @@ class EngineSpec:
 class EvalTaskSpec:
     name: Name
     type: TaskType
-    data: str
-    batch_size: Count = 64
+    data: LocalPath
+    batch_size: BatchSize = 64
     label_set: str | None = None
-    labels: str | None = None  # a file of class names (default: the split's)
+    labels: LocalPath | None = None  # a file of class names (default: the split's)
     templates: list[Template] | None = None
     max_samples: Count | None = None
-    beam_size: Count = 2
-    max_len: Count = 21
+    beam_size: Few = 2
+    max_len: TextLength = 21
     # Captioning: decode over the tokens the model's caption task trained on (as recorded on the model; all when
     # it trained on all) or over all of them; vocabulary_from names data folders whose texts' tokens to use (MLM:
     # score the masked tokens over those tokens only; without it, over the whole vocabulary).
     vocabulary: Literal["trained", "full"] = "trained"
-    vocabulary_from: list[str] = field(default_factory=list)  # not with vocabulary: full (checked below)
-    max_text_len: Count = 50
+    vocabulary_from: list[LocalPath] = field(default_factory=list)  # not with vocabulary: full (checked below)
+    max_text_len: TextLength = 50
     captions_per_item: Count | None = None  # retrieval: score only each item's first captions (None: all)
-    num_frames: Count = 8
-    frame_stride: Positive = 32
+    num_frames: Frames = 8
+    frame_stride: Stride = 32
     views: Literal[1, 3] = 1  # spatial crops per video: the centre, or the start, centre and end
-    clips: Count = 1  # temporal clips per video; views x clips softmaxes are averaged
+    clips: Few = 1  # temporal clips per video; views x clips softmaxes are averaged
 
     @field_validator("vocabulary_from")
     @classmethod
@@ -237,7 +261,7 @@ class Recipe:
     description: str = ""
     model: ModelSpec = field(default_factory=ModelSpec)
     init: str | None = None  # a bundle, run, training checkpoint or official file to start from
-    data_root: str = "."
+    data_root: LocalPath = "."
     train: TrainSpec = field(default_factory=TrainSpec)
     engine: EngineSpec = field(default_factory=EngineSpec)
     evaluation: EvalSpec = field(default_factory=EvalSpec)
@@ -256,7 +280,7 @@ class Recipe:
 
 
 def _location(error: dict[str, Any]) -> str:
-    return ".".join(str(part) for part in error["loc"] if not str(part).startswith("function-")) or "<root>"
+    return shorten(".".join(str(part) for part in error["loc"] if not str(part).startswith("function-")) or "<root>")
 
 
 def _message(error: dict[str, Any]) -> str:
@@ -268,13 +292,43 @@ def _message(error: dict[str, Any]) -> str:
 
 
 def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
+    return shorten(" ".join(str(text).split()), 200)
+
+
+class _Refused(yaml.MarkedYAMLError):
+    """YAML that a recipe may not hold; reported as ``line N: problem``."""
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML's safe loader without anchors and aliases (1.6 KB of nested aliases expand to gigabytes) and without
+    repeated keys (which PyYAML would take silently, the last one winning)."""
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _Refused(problem="anchors and aliases (&name, *name) are not allowed: write the value out",
+                           problem_mark=event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):  # a list or mapping as a key is refused as unhashable
+                key, line = self.construct_object(key_node), key_node.start_mark.line + 1
+                if key in lines:
+                    raise _Refused(problem=f"key {shown(key)} is given twice (lines {lines[key]} and {line})",
+                                   problem_mark=key_node.start_mark)
+                lines[key] = line
+        return super().construct_mapping(node, deep)
 
 
 def read_yaml(text: str, source: str) -> Any:
-    """Parsed YAML; any problem is a one-line :class:`RecipeError` starting with ``source``."""
+    """Parsed YAML without anchors, aliases or repeated keys; any problem is a one-line :class:`RecipeError`
+    starting with ``source``."""
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader
+    except _Refused as e:
+        raise RecipeError(f"{source}: line {e.problem_mark.line + 1}: {e.problem}") from None
     except yaml.reader.ReaderError as e:  # a control character, such as a null byte
         line = text.count("\n", 0, e.position) + 1
         raise RecipeError(f"{source}: line {line} is not valid YAML (character #x{e.character:04x} is not allowed)"
@@ -306,7 +360,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     data = copy.deepcopy(data)
     for item in overrides:
         if "=" not in item:
-            raise RecipeError(f"override {item!r} is not of the form key.path=value")
+            raise RecipeError(f"override {shown(item)} is not of the form key.path=value")
         path, value = item.split("=", 1)
         keys = path.split(".")
         node: Any = data
@@ -367,12 +421,17 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not path.is_file():
         raise FileNotFoundError(f"recipe {path} does not exist")
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as file:
+            raw = file.read(MAX_RECIPE_BYTES + 1)  # no more, whatever the file holds
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{path}: is over {MAX_RECIPE_BYTES} bytes (1 MiB); a recipe is a few kilobytes")
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise RecipeError(f"{path}: is not a text file (byte {e.object[e.start]:#04x} at offset {e.start} is not "
                           "UTF-8)") from None
-    except OSError as e:
-        raise RecipeError(f"{path}: cannot be read ({e.strerror or e})") from None
     data = read_yaml(text, str(path))
     if data is None:
         raise RecipeError(f"{path}: is empty; a recipe is a YAML mapping")
