@@ -57,7 +57,7 @@ from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
-from uniperceiver_cli.data.shards import IMAGE_EXTS, VIDEO_EXTS, Manifest, Skip, shard_path
+from uniperceiver_cli.data.shards import IMAGE_EXTS, VIDEO_EXTS, Manifest, Skip, is_remote, shard_path
 from uniperceiver_cli.data.transforms import build_image_transform
 from uniperceiver_cli.data.video import STRIDE, eval_clip, train_clip
 from uniperceiver_cli.model.preprocess import VIDEO_NUM_CROPS
@@ -70,7 +70,6 @@ UNREADABLE_MEMBER = "unreadable member"
 STREAMING_ENV = "UNIPERCEIVER_STREAMING"  # "1": shard URLs and pipes may be opened
 STREAM_TIMEOUT_ENV = "UNIPERCEIVER_STREAM_TIMEOUT"  # seconds, overrides make_loader's stream_timeout
 STREAM_TIMEOUT = 60.0  # seconds an http(s) shard may stall (connecting or between reads)
-SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:")  # a URL scheme; one letter would be a Windows drive
 
 
 class Batch(TypedDict, total=False):
@@ -94,12 +93,6 @@ class Shard:
     url: str
     samples: int | None = None
     remote: bool = False
-
-
-def is_remote(source: str) -> bool:
-    """Whether a shard source is a URL or pipe (``pipe:``, ``http://``, ``s3://``, any ``scheme:``), not a local
-    path."""
-    return SCHEME.match(source) is not None
 
 
 def require_streaming(url: str) -> None:

@@ -146,6 +146,15 @@ class Manifest:
         return [str(shard_path(directory, s.file)) for s in self.shards]
 
 
+SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:")  # a URL scheme; one letter would be a Windows drive
+
+
+def is_remote(source: str) -> bool:
+    """Whether a shard source is a URL or pipe (``pipe:``, ``http://``, ``s3://``, any ``scheme:``), not a local
+    path."""
+    return SCHEME.match(source) is not None
+
+
 def shard_path(directory: Path, name: str) -> Path:
     """The path of shard ``name`` of the split in ``directory``. ValueError where it resolves outside the folder (a
     symlink to elsewhere): a manifest reads only its own folder's files."""

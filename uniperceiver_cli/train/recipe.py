@@ -25,6 +25,7 @@ from pydantic import (
 )
 from pydantic.dataclasses import dataclass
 
+from uniperceiver_cli.data.shards import is_remote
 from uniperceiver_cli.model.config import LIMITS, get_config, shorten, shown
 from uniperceiver_cli.task_types import TASKS
 
@@ -108,13 +109,10 @@ def template(value: str) -> str:
 
 
 # A URL scheme or webdataset's "pipe:" (two or more characters before the colon, so not a drive letter such as C:).
-REMOTE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:")
-
-
 def local_path(value: str) -> str:
     """Refuse a pipe or URL: the data loader would run or fetch it. Checked as the path is joined (``./pipe:x`` is
     ``pipe:x``)."""
-    if REMOTE.match(str(Path(value))):
+    if is_remote(str(Path(value))):
         raise ValueError(f"{shown(value)} is a pipe or URL, not a local path; recipes read local folders and files")
     return value
 
