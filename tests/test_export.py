@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ import uniperceiver_cli as up
 from tests.helpers import Planted, random_png
 from uniperceiver_cli.checkpoints import (
     CheckpointError,
+    CheckpointWarning,
     classify_container,
     find_source,
     load_model,
@@ -346,6 +348,50 @@ def test_existing_out_needs_force(single_run: Path, tmp_path: Path):
     _refused(single_run, single_run / "checkpoints", "is not a bundle", "--force")
     _refused(single_run, single_run / "final", "holds the source", "--force")
     _refused(single_run, single_run, "is not a bundle", "--force", "--step", "2")
+
+
+def _ended_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", ""])
+    process.wait()
+    return process.pid
+
+
+def _left_by_a_stopped_export(out: Path, kind: str, owner: str) -> Path:
+    """The staging folder ``.OUT.KIND-OWNER`` (KIND "export" or "replaced"), as an export killed midway leaves it."""
+    folder = out.parent / f".{out.name}.{kind}-{owner}"
+    save_bundle(up.create_model("tiny", image_size=32), folder)
+    return folder
+
+
+def test_a_bundle_left_aside_by_a_stopped_export_force_is_restored_on_load(tmp_path: Path):
+    out, owner = tmp_path / "b", f"{_ended_pid()}@{socket.gethostname()}"
+    previous = _left_by_a_stopped_export(out, "replaced", owner)  # killed between its two renames: no b/
+    _left_by_a_stopped_export(out, "export", owner)  # the new bundle, complete but not renamed in
+    expected = _tensors(previous)
+    with pytest.warns(CheckpointWarning) as caught:
+        load_model(out)
+    assert {str(w.message) for w in caught} == {
+        f"{out} was missing: an export --force stopped while replacing it had moved it to .b.replaced-{owner}; "
+        f"renamed it back", f"removed {tmp_path / f'.b.export-{owner}'}, left by an export that was stopped"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+    _assert_same(_tensors(out), expected)
+
+
+def test_an_export_removes_what_stopped_exports_left(tmp_path: Path):
+    save_bundle(up.create_model("tiny", image_size=32), tmp_path / "src")
+    out, host, ended = tmp_path / "b", socket.gethostname(), _ended_pid()
+    save_bundle(up.create_model("tiny", image_size=32), out)
+    ended_here = [_left_by_a_stopped_export(out, "export", f"{ended}@{host}"),
+                  _left_by_a_stopped_export(out, "export", str(ended)),  # named by earlier versions: no host
+                  _left_by_a_stopped_export(out, "replaced", f"{ended}@{host}")]  # b/ is there: the old bundle
+    running = [_left_by_a_stopped_export(out, "export", f"{os.getppid()}@{host}"),
+               _left_by_a_stopped_export(out, "export", f"{ended}@elsewhere.example")]  # cannot be told: kept
+    output = _ok(tmp_path / "src", "--out", out, "--force")
+    for folder in ended_here:
+        assert f"warning: removed {folder}, left by an export that was stopped" in output
+        assert not folder.exists()
+    assert all(folder.exists() for folder in running) and output.count("warning:") == 3
+    _assert_same(_tensors(out), _tensors(tmp_path / "src"))
 
 
 def test_a_relative_step_folder_finds_its_runs_config(single_run: Path, tmp_path: Path,

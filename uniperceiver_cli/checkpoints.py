@@ -13,6 +13,8 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import socket
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -20,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from uniperceiver_cli.model.config import (
@@ -56,7 +58,8 @@ class CheckpointError(ValueError):
 
 
 class CheckpointWarning(UserWarning):
-    """A checkpoint that loads but is suspect (non-finite weights); the message is one line."""
+    """A checkpoint that loads but is suspect (non-finite weights), or what an interrupted export left beside a
+    bundle and was put right; the message is one line."""
 
 
 @dataclass
@@ -129,6 +132,49 @@ def save_bundle(model: UniPerceiver, directory: str | Path, *, dtype: str | torc
     return directory
 
 
+def staging_folders(out: Path) -> tuple[Path, Path]:
+    """The folders beside ``out`` where ``uniperceiver export`` writes its new bundle (``.NAME.export-PID@HOST``) and
+    moves the bundle it replaces (``.NAME.replaced-PID@HOST``) until the new one is in place."""
+    owner = f"{os.getpid()}@{socket.gethostname()}"
+    return out.parent / f".{out.name}.export-{owner}", out.parent / f".{out.name}.replaced-{owner}"
+
+
+def _exporter_gone(pid: str, host: str | None) -> bool:
+    """Whether the export that named a staging folder has ended: it ran on this host (or recorded none, as earlier
+    versions did) and no process has its PID. One of another host cannot be told, so it is never taken for ended."""
+    if host not in (None, socket.gethostname()):
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # PermissionError: another user's process has that PID
+        return False
+    return False
+
+
+def recover_export(out: Path) -> None:
+    """Put right what an export to ``out`` stopped midway (killed) left beside it, each with a one-line
+    :class:`CheckpointWarning`: when ``out`` is missing, the bundle an ``export --force`` had moved aside is renamed
+    back (it was stopped between its two renames); the other staging folders of ended exports are removed. Those of
+    an export still running, or of another host, are left alone."""
+    try:
+        siblings = list(out.parent.iterdir()) if out.name else []
+    except OSError:  # a folder that does not exist or cannot be listed holds nothing to put right
+        return
+    pattern = re.compile(re.escape(f".{out.name}.") + r"(export|replaced)-(\d+)(?:@(.+))?")
+    left = [(folder, found) for folder in siblings if (found := pattern.fullmatch(folder.name))
+            and folder.is_dir() and not folder.is_symlink() and _exporter_gone(found.group(2), found.group(3))]
+    for folder, found in sorted(left, key=lambda item: item[0].stat().st_mtime, reverse=True):  # newest first
+        if found.group(1) == "replaced" and not out.exists():
+            os.replace(folder, out)
+            warnings.warn(f"{out} was missing: an export --force stopped while replacing it had moved it to "
+                          f"{folder.name}; renamed it back", CheckpointWarning, stacklevel=3)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+            warnings.warn(f"removed {folder}, left by an export that was stopped", CheckpointWarning, stacklevel=3)
+
+
 @dataclass
 class Targets:
     """What a bundle's weights were trained over (``config.json`` "targets"); None where not recorded."""
@@ -163,23 +209,53 @@ def _read_targets(meta: dict, config: ModelConfig, path: Path) -> Targets:
     return Targets(names, None if vocabulary is None else torch.tensor(vocabulary, dtype=torch.long))
 
 
-def _read_bundle(directory: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Targets]:
-    config_path = directory / BUNDLE_CONFIG
+MAX_SIDE_FILE = 8 << 20  # bytes: the most a config.json, config.yaml or DeepSpeed "latest" file is read up to
+
+
+def _read_small_file(path: Path) -> bytes:
+    """The bytes of a file that sits beside weights (a bundle's ``config.json``, a run's ``config.yaml``), read up to
+    :data:`MAX_SIDE_FILE`: a larger one (or a link to an endless device) is refused with one line, unparsed."""
     try:
-        meta = json.loads(config_path.read_text(encoding="utf-8"))
+        with path.open("rb") as f:
+            data = f.read(MAX_SIDE_FILE + 1)
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+    if len(data) > MAX_SIDE_FILE:
+        raise CheckpointError(f"{path} is larger than {MAX_SIDE_FILE >> 20} MB, too large for a config; not read")
+    return data
+
+
+def _read_bundle(directory: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Targets, Any]:
+    """A bundle's config, weights, targets and provenance record (None where it has none)."""
+    config_path = directory / BUNDLE_CONFIG
+    if not config_path.is_file():
+        raise CheckpointError(f"{directory} is not a model bundle: {BUNDLE_CONFIG} is missing")
+    data = _read_small_file(config_path)
+    try:
+        meta = json.loads(data)
         config = ModelConfig.from_dict(meta["model"])
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{directory} is not a model bundle: {BUNDLE_CONFIG} is missing") from e
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"cannot read {config_path}: {e}") from e
+    except (KeyError, TypeError, ValueError, RecursionError) as e:  # ValueError: JSON and unicode errors too
+        raise CheckpointError(f"cannot read {config_path}: {' '.join(str(e).split())}") from e
     targets = _read_targets(meta, config, config_path)
-    return config, _read_safetensors(directory / BUNDLE_WEIGHTS), targets
+    return config, _read_safetensors(directory / BUNDLE_WEIGHTS), targets, meta.get("provenance")
+
+
+# The model's state is floating point only (its buffers are not saved); the dtypes its weights may come in.
+_FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file. Their dtypes are checked in the header before any data is read: one that
+    is not floating point (such as F32 data relabelled I32, the same bytes) would load as meaningless weights."""
     if not path.exists():
         raise CheckpointError(f"checkpoint file {path} does not exist")
     try:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not iterable
+                dtype = f.get_slice(name).get_dtype()
+                if dtype not in _FLOAT_DTYPES:
+                    raise CheckpointError(f"{path}: tensor {name} is {dtype}, not a floating-point dtype a weight "
+                                          f"takes ({', '.join(_FLOAT_DTYPES)})")
         return load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"cannot read checkpoint {path}: truncated or corrupt ({e})") from e
@@ -448,7 +524,7 @@ def _deepspeed_folder(path: Path) -> Path:
     if (folder / DEEPSPEED_MODEL).is_file():
         return folder
     latest = folder / "latest"
-    tags = [latest.read_text(encoding="utf-8", errors="replace").strip()] if latest.is_file() else []
+    tags = [_read_small_file(latest).decode("utf-8", errors="replace").strip()] if latest.is_file() else []
     for tag in [*tags, DEEPSPEED_TAG]:
         if tag not in ("", ".", "..") and "/" not in tag and (folder / tag / DEEPSPEED_MODEL).is_file():
             return folder / tag
@@ -496,10 +572,13 @@ def find_source(path: str | Path, *, kind: str | None = None, step: int | None =
     - a DeepSpeed checkpoint of this toolkit, ZeRO 0 to 2, any number of processes (the step folder, its
       ``deepspeed/`` folder, the tag folder or ``mp_rank_00_model_states.pt``); only the module states are read;
     - an official "torch" or "ds" file.
+
+    What an export to ``path`` stopped midway left beside it is put right first (:func:`recover_export`).
     """
     path = Path(path)
     if kind is not None and kind not in KIND_LABELS:
         raise CheckpointError(f"unknown source kind {kind!r}; choose one of: {', '.join(KIND_LABELS)}")
+    recover_export(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
     if (step is not None or latest) and kind not in (None, "run"):
@@ -614,15 +693,19 @@ def _stack_experts(state: dict[str, torch.Tensor], file: Path) -> tuple[dict[str
 
 
 def _run_recipe(run_dir: Path | None) -> dict[str, Any]:
-    """The run's resolved recipe (``config.yaml``), or {} when there is none."""
-    if run_dir is None or not (run_dir / "config.yaml").is_file():
+    """The run's resolved recipe (``config.yaml``), or {} when there is none. It is parsed as recipes are (no
+    aliases, no duplicate keys: :func:`uniperceiver_cli.train.recipe.read_yaml`), after its size is checked."""
+    path = run_dir / "config.yaml" if run_dir is not None else None
+    if path is None or not path.is_file():
         return {}
-    import yaml
+    from uniperceiver_cli.train.recipe import RecipeError, read_yaml
 
     try:
-        data = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
-    except (yaml.YAMLError, OSError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"cannot read {run_dir / 'config.yaml'}: {' '.join(str(e).split())}") from None
+        data = read_yaml(_read_small_file(path).decode("utf-8"), str(path))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+    except RecipeError as e:  # its message starts with the path
+        raise CheckpointError(str(e)) from None
     return data if isinstance(data, dict) else {}
 
 
@@ -644,11 +727,7 @@ def read_weights(source: Source, fold_video_type: bool | None = None) -> Weights
     recipe = _run_recipe(source.run_dir)
     name = recipe.get("name") if isinstance(recipe.get("name"), str) else None
     if source.kind == "bundle":
-        config, state, targets = _read_bundle(source.path)
-        try:
-            previous = json.loads((source.path / BUNDLE_CONFIG).read_text(encoding="utf-8")).get("provenance")
-        except (OSError, ValueError):
-            previous = None
+        config, state, targets, previous = _read_bundle(source.path)
         if name is None and isinstance(previous, dict):
             name = previous.get("recipe")
         return Weights(state, config, targets, recipe=name, provenance=previous)
@@ -869,12 +948,36 @@ def model_config(source: Source, weights: Weights, preset: str | ModelConfig | N
     return get_config(config, **overrides) if overrides else config
 
 
-def build_model(source: Source, weights: Weights, config: ModelConfig, strict: bool = True) -> UniPerceiver:
-    """The model of ``config`` holding the source's weights (strict: every key and shape must fit)."""
+def _check_fits(source: Source, weights: Weights, config: ModelConfig, strict: bool) -> None:
+    """Refuse, before any memory is allocated for it, a model ``config`` describes that the weights cannot fill: a
+    config (a bundle's ``config.json`` or a run's ``config.yaml`` is a file a user may be handed) with more layers
+    than the weights hold, or more parameters (counted on the ``meta`` device, which allocates nothing); with
+    ``strict`` any key or shape that does not fit, as :func:`load_checkpoint` reports it."""
+    held = len({key.split(".")[1] for key in weights.state if key.startswith("blocks.")})
+    if config.layers > held:
+        raise CheckpointError(f"checkpoint {source.path} does not fit the model: the config has {config.layers} "
+                              f"layers, the weights {held}")
     try:
-        model = UniPerceiver(config)
+        with torch.device("meta"):
+            shapes = UniPerceiver(config)
     except (ValueError, TypeError, RuntimeError) as e:  # torch's RuntimeError for impossible sizes
         raise CheckpointError(f"the config of {source.path} does not build a model: {' '.join(str(e).split())}") from e
+    report = check_state(shapes, weights.state)
+    report.unexpected = sorted(report.unexpected + weights.unknown)
+    if strict and not report.ok:
+        raise CheckpointError(f"checkpoint {source.path} does not fit the model: {report.summary()}")
+    needed = sum(t.numel() for t in shapes.state_dict().values())
+    have = sum(t.numel() for t in weights.state.values())
+    if needed > have:
+        raise CheckpointError(f"checkpoint {source.path} does not fit the model: the config describes {needed:,} "
+                              f"parameters, more than the {have:,} the weights hold")
+
+
+def build_model(source: Source, weights: Weights, config: ModelConfig, strict: bool = True) -> UniPerceiver:
+    """The model of ``config`` holding the source's weights (strict: every key and shape must fit). It is built only
+    once the config is known to fit the weights (never larger than they are, even when not ``strict``)."""
+    _check_fits(source, weights, config, strict)
+    model = UniPerceiver(config)
     _apply_official(model, weights.state, weights.unknown, weights.dropped, source.path, strict)
     weights.targets.apply(model)
     return model.eval()
@@ -886,7 +989,8 @@ def load_model(path: str | Path | Source, *, preset: str | None = None, strict: 
     """A model built from a checkpoint of any kind :func:`find_source` accepts (a bundle, a run directory,
     a training checkpoint of either engine, an official file). A bundle carries its config, a run its
     ``config.yaml``; otherwise the config is inferred from the weights' shapes (or given by ``preset`` and
-    field overrides)."""
+    field overrides). A config whose model the weights cannot fill is refused before the model is allocated
+    (:func:`build_model`)."""
     source = path if isinstance(path, Source) else find_source(path, kind=kind, step=step, latest=latest)
     weights = read_weights(source, fold_video_type)
     return build_model(source, weights, model_config(source, weights, preset, **overrides), strict)

@@ -4,7 +4,8 @@ into a bundle (``model.safetensors`` + ``config.json``), written atomically.
 The source is located and read by :func:`uniperceiver_cli.checkpoints.find_source`, the same way
 :func:`~uniperceiver_cli.checkpoints.load_model` reads it; every file goes through ``weights_only=True``. All the
 reading and checking happens before anything is written: the bundle goes into a temporary sibling folder that is
-renamed onto ``out`` once complete (an existing ``out`` is replaced only with ``force``, and only then).
+renamed onto ``out`` once complete (an existing ``out`` is replaced only with ``force``, and only then). What an
+export stopped midway left beside ``out`` is put right first (:func:`~uniperceiver_cli.checkpoints.recover_export`).
 
 ``fold`` folds an MoE model's experts per attribute row (:func:`uniperceiver_cli.model.folding.fold_experts`);
 ``onnx`` adds ``out/onnx/``, the graphs of :mod:`uniperceiver_cli.onnx_export`, each validated against PyTorch.
@@ -28,8 +29,10 @@ from uniperceiver_cli.checkpoints import (
     find_source,
     model_config,
     read_weights,
+    recover_export,
     save_bundle,
     source_provenance,
+    staging_folders,
 )
 
 if TYPE_CHECKING:
@@ -95,6 +98,7 @@ def export(src: str | Path | Source, out: str | Path, *, kind: str | None = None
         require_onnx()
     out = Path(out)
     source = src if isinstance(src, Source) else find_source(src, kind=kind, step=step, latest=latest)
+    recover_export(out)
     _check_out(out, source, force)
     weights = read_weights(source, fold_video_type)
     model = build_model(source, weights, model_config(source, weights, preset))
@@ -107,8 +111,7 @@ def export(src: str | Path | Source, out: str | Path, *, kind: str | None = None
         parameters = (before, model.num_parameters())
     provenance = {**source_provenance(source, weights), "dtype": dtype, **({"folded_experts": True} if fold else {})}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.export-{os.getpid()}"
-    old = out.parent / f".{out.name}.replaced-{os.getpid()}"
+    tmp, old = staging_folders(out)
     shutil.rmtree(tmp, ignore_errors=True)
     graphs = []
     try:

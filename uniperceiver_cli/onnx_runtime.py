@@ -35,6 +35,7 @@ FORMAT = "uniperceiver-onnx"
 FORMAT_VERSION = 1
 GRAPHS = ("image_encoder", "video_encoder", "text_encoder", "caption_prefix", "caption_step")
 TOKENIZER_FILE = "bpe_simple_vocab_16e6.txt.gz"
+MAX_MANIFEST = 8 << 20  # bytes: a larger manifest is refused unread
 
 
 class OnnxModelError(ValueError):
@@ -43,6 +44,15 @@ class OnnxModelError(ValueError):
 
 def is_onnx_folder(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
+
+
+def _inside(folder: Path, name: str) -> Path:
+    """``folder / name``, refused when it resolves outside ``folder`` (a link out of it): the folder is a thing a user
+    may be handed, and it is used only through its own files, as onnxruntime keeps a graph's external data."""
+    path = folder / name
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise OnnxModelError(f"{path} links outside {folder}; an ONNX folder's files must be inside it")
+    return path
 
 
 def _count(meta: dict, key: str, high: int) -> int:
@@ -76,13 +86,20 @@ class Manifest:
 
     @classmethod
     def read(cls, folder: Path) -> Manifest:
-        path = folder / MANIFEST
+        path = _inside(folder, MANIFEST)
         try:
-            meta = json.loads(path.read_text())
+            with path.open("rb") as f:
+                data = f.read(MAX_MANIFEST + 1)
         except FileNotFoundError:
             raise OnnxModelError(f"{folder} is not an exported ONNX folder (no {MANIFEST}; "
                                  f"write one with 'uniperceiver export SRC --out DIR --onnx')") from None
-        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        except OSError as e:
+            raise OnnxModelError(f"cannot read {path}: {e.strerror or e}") from None
+        if len(data) > MAX_MANIFEST:
+            raise OnnxModelError(f"{path} is larger than {MAX_MANIFEST >> 20} MB, more than a manifest holds; not read")
+        try:
+            meta = json.loads(data)
+        except (ValueError, RecursionError) as e:  # ValueError: JSON and unicode errors
             raise OnnxModelError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise OnnxModelError(f"{path} is not a {FORMAT} manifest")
@@ -128,8 +145,8 @@ class OnnxModel:
     def __init__(self, folder: str | Path, threads: int | None = None) -> None:
         self.folder = Path(folder)
         self.manifest = Manifest.read(self.folder)
-        missing = [g for g in GRAPHS if not (self.folder / f"{g}.onnx").is_file()]
-        if missing or not (self.folder / TOKENIZER_FILE).is_file():
+        missing = [g for g in GRAPHS if not _inside(self.folder, f"{g}.onnx").is_file()]
+        if missing or not _inside(self.folder, TOKENIZER_FILE).is_file():
             raise OnnxModelError(f"{self.folder} lacks {', '.join(f'{g}.onnx' for g in missing) or TOKENIZER_FILE}")
         self.threads = threads
         self._sessions: dict[str, Any] = {}

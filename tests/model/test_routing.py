@@ -191,7 +191,7 @@ def test_task_routing_serves_only_its_tasks():
 @pytest.mark.parametrize(("moe", "message"), [
     ({"routing": "expert"}, "moe.routing must be one of 'attribute', 'modality', 'task', 'token', 'context', "
                             "got 'expert'"),
-    ({"routing": "token", "capacity_factor": 0}, r"capacity_factor must be a finite number in \(0.0, inf\), got 0"),
+    ({"routing": "token", "capacity_factor": 0}, r"capacity_factor must be a finite number in \(0.0, 4096\], got 0"),
     ({"routing": "task", "tasks": ["a", "a"]}, r"moe.tasks must be a list of distinct task names, got \['a', 'a'\]"),
     ({"tasks": ["a"]}, "moe.tasks names the tasks of routing 'task', and moe.routing is 'attribute'"),
     ({"routing": "context", "folded": True}, "moe.routing 'context' routes by token features: its experts cannot "
