@@ -392,6 +392,9 @@ def test_an_export_removes_what_stopped_exports_left(tmp_path: Path):
         assert not folder.exists()
     assert all(folder.exists() for folder in running) and output.count("warning:") == 3
     _assert_same(_tensors(out), _tensors(tmp_path / "src"))
+    planted = _left_by_a_stopped_export(out, "export", "9" * 30)  # no PID is that large: not taken for ended
+    _ok(tmp_path / "src", "--out", out, "--force")
+    assert planted.exists()
 
 
 def test_a_relative_step_folder_finds_its_runs_config(single_run: Path, tmp_path: Path,

@@ -102,6 +102,15 @@ def test_float_weights_relabelled_as_integers_are_refused(tmp_path):
             in _one_line(error)
 
 
+def test_float_weights_pickled_as_integers_are_refused(tmp_path):
+    model = up.create_model("tiny", image_size=SIZE)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["head.proj.weight"] = state["head.proj.weight"].view(torch.int32)  # the same bytes, relabelled
+    torch.save({"model": state}, tmp_path / "relabelled.pth")
+    with pytest.raises(CheckpointError, match="tensor head.proj.weight is torch.int32, not a floating-point dtype"):
+        load_checkpoint(model, tmp_path / "relabelled.pth")
+
+
 def test_a_relabelled_expert_shard_is_refused(tmp_path):
     key = "blocks.0.mlp.fc1.weight"
     file = tmp_path / "step-0000002" / "deepspeed" / "state" / "mp_rank_00_model_states.pt"

@@ -148,7 +148,7 @@ def _exporter_gone(pid: str, host: str | None) -> bool:
         os.kill(int(pid), 0)
     except ProcessLookupError:
         return True
-    except OSError:  # PermissionError: another user's process has that PID
+    except (OSError, OverflowError):  # PermissionError: another user's process has that PID; no PID is that large
         return False
     return False
 
@@ -165,14 +165,24 @@ def recover_export(out: Path) -> None:
     pattern = re.compile(re.escape(f".{out.name}.") + r"(export|replaced)-(\d+)(?:@(.+))?")
     left = [(folder, found) for folder in siblings if (found := pattern.fullmatch(folder.name))
             and folder.is_dir() and not folder.is_symlink() and _exporter_gone(found.group(2), found.group(3))]
-    for folder, found in sorted(left, key=lambda item: item[0].stat().st_mtime, reverse=True):  # newest first
-        if found.group(1) == "replaced" and not out.exists():
-            os.replace(folder, out)
-            warnings.warn(f"{out} was missing: an export --force stopped while replacing it had moved it to "
-                          f"{folder.name}; renamed it back", CheckpointWarning, stacklevel=3)
-        else:
-            shutil.rmtree(folder, ignore_errors=True)
-            warnings.warn(f"removed {folder}, left by an export that was stopped", CheckpointWarning, stacklevel=3)
+    for folder, found in sorted(left, key=_mtime, reverse=True):  # newest first
+        try:
+            if found.group(1) == "replaced" and not out.exists():
+                os.replace(folder, out)
+                warnings.warn(f"{out} was missing: an export --force stopped while replacing it had moved it to "
+                              f"{folder.name}; renamed it back", CheckpointWarning, stacklevel=3)
+            else:
+                shutil.rmtree(folder)
+                warnings.warn(f"removed {folder}, left by an export that was stopped", CheckpointWarning, stacklevel=3)
+        except FileNotFoundError:  # another process (every rank loading the same init) put it right first
+            continue
+
+
+def _mtime(item: tuple[Path, Any]) -> float:
+    try:
+        return item[0].stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
 
 
 @dataclass
@@ -884,6 +894,11 @@ def _apply(model: torch.nn.Module, state: dict[str, torch.Tensor], report: LoadR
         raise CheckpointError(f"checkpoint {path} does not fit the model: {report.summary()}")
     bad = {m.split(":")[0] for m in report.mismatched}
     usable = {k: v for k, v in state.items() if k not in bad and k not in report.unexpected}
+    expected = model.state_dict()
+    relabelled = [k for k, v in usable.items() if expected[k].is_floating_point() and not v.is_floating_point()]
+    if relabelled:  # load_state_dict would convert integers into the float weights without a word
+        raise CheckpointError(f"checkpoint {path}: tensor {relabelled[0]} is {usable[relabelled[0]].dtype}, not a "
+                              f"floating-point dtype a weight takes ({len(relabelled)} such tensor(s))")
     _warn_non_finite(usable, path)
     model.load_state_dict(usable, strict=False)
     return report

@@ -209,3 +209,16 @@ def test_a_bad_stream_timeout_is_one_line_naming_the_setting(monkeypatch: pytest
     monkeypatch.setenv(STREAM_TIMEOUT_ENV, "soon")
     with pytest.raises(ValueError, match=f"{STREAM_TIMEOUT_ENV} or stream_timeout.*'soon'"):
         _loader("unused-{000000..000001}.tar")
+
+
+def test_a_manifest_nested_too_deeply_or_named_otherwise_is_one_line(tmp_path: Path) -> None:
+    split = _texts(tmp_path / "split", _passages(1), shards=1)
+    (split / "manifest.json").write_text("[" * 200_000)
+    with pytest.raises(ValueError, match="is not valid JSON \\(nested too deeply\\)"):
+        _loader(split)
+    other = tmp_path / "m{0..999999999}"  # a file holding a manifest is not a split folder, nor a pattern
+    other.write_text((tmp_path / "split" / "shard-000000.json").read_text())
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        Manifest.load(other)
+    with pytest.raises(FileNotFoundError, match="is not a shard folder"):
+        _loader(other)

@@ -332,6 +332,29 @@ def test_a_folder_named_like_a_pipe_is_refused(workdir: Path, data_root: str):
     assert not list(workdir.rglob("MARKER"))
 
 
+def test_check_files_names_a_shard_linked_out_of_its_folder_and_a_file_posing_as_a_split(workdir: Path):
+    split = workdir / "linked"
+    shutil.copytree(workdir / "data" / "toyworld" / "images" / "train", split)
+    shard = sorted(split.glob("shard-*.tar"))[0]
+    outside = workdir / "outside.tar"
+    shard.rename(outside)
+    shard.symlink_to(outside)
+    (workdir / "m::pipe:touch MARKER").write_text((split / "manifest.json").read_text())  # a file, not a folder
+    data = _toy()
+    data["data_root"] = "."
+    for task in data["tasks"] + data["evaluation"]["tasks"]:
+        task["data"] = f"data/toyworld/{task['data']}"
+    data["tasks"][0]["data"] = "linked"
+    data["tasks"][1]["data"] = "m::pipe:touch MARKER"
+    data["evaluation"]["tasks"] = []
+    result = runner.invoke(app, ["validate", "--check-files", _write(data)])
+    assert result.exit_code == 2
+    errors = " ".join(_errors(result))
+    assert f"tasks.0.data: linked/manifest.json: shard '{shard.name}' resolves to {outside}, outside" in errors, errors
+    assert "tasks.1.data: m::pipe:touch MARKER does not exist" in errors, errors
+    assert not list(workdir.rglob("MARKER"))
+
+
 def test_check_files_loads_init_into_the_recipes_model(workdir: Path):
     save_bundle(create_model("tiny"), workdir / "tiny")
     data = _toy()

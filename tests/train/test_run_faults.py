@@ -180,3 +180,26 @@ def test_a_model_larger_than_memory_is_refused_before_it_is_allocated(data_root:
     assert code == 2, out
     assert "the model (1,083,4" in out and "needs 4036.0 GiB for its fp32 weights alone; this machine has" in out, out
     assert not (run / "config.yaml").exists()
+
+
+def test_a_patch_grid_that_would_fill_memory_is_refused():
+    from uniperceiver_cli.model.config import get_config
+
+    with pytest.raises(ValueError, match="gives 67108864 patches per frame; at most 65536"):
+        get_config("tiny", image_size=8192, patch_size=1)
+
+
+def test_a_failed_final_bundle_write_is_one_line_and_leaves_no_partial_file(data_root: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, limit[1]))
+    try:
+        code, out = _pretrain("--recipe", str(_write_recipe(tmp_path, _data(data_root, checkpoint_every=0))),
+                              "--run-dir", str(run))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert code == 2, out
+    assert f"error: cannot write {run / 'final'}: " in out and "File too large (os error 27); No checkpoint" in out, out
+    assert not list((run / "final").glob("*.tmp")) and not (run / "final" / "model.safetensors").exists()

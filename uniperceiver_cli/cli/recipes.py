@@ -17,7 +17,7 @@ from rich.table import Table
 import uniperceiver_cli
 from uniperceiver_cli.cli.common import report, user_errors
 from uniperceiver_cli.data.shards import MANIFEST, Manifest
-from uniperceiver_cli.model.config import get_config, shorten
+from uniperceiver_cli.model.config import shorten
 from uniperceiver_cli.task_types import TASKS
 from uniperceiver_cli.train.recipe import EvalTaskSpec, Recipe, TaskSpec, load_recipe
 
@@ -89,6 +89,7 @@ def file_problems(recipe: Recipe) -> list[str]:
         else:
             try:
                 manifests[folder] = Manifest.load(folder)
+                manifests[folder].shard_paths(folder)  # each shard lies in the folder (no link out of it)
             except ValueError as e:
                 problems.append(f"{', '.join(names)}: {e}")
     for key, task in tasks:
@@ -203,7 +204,7 @@ def validate(
             report(f"{name}: {problem}")
         failed = failed or bool(problems)
         if not problems:
-            parameters = get_config(recipe.model.preset, **recipe.model.overrides).num_parameters()
+            parameters = recipe.model_config().num_parameters()
             typer.echo(f"ok {name} (model: {parameters:,} parameters)")
     if failed:
         raise typer.Exit(2)

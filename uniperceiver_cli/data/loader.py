@@ -34,6 +34,7 @@ import contextlib
 import io
 import json
 import lzma
+import math
 import os
 import random
 import re
@@ -63,6 +64,7 @@ from uniperceiver_cli.data.video import STRIDE, eval_clip, train_clip
 from uniperceiver_cli.model.preprocess import VIDEO_NUM_CROPS
 from uniperceiver_cli.model.tokenizer import get_tokenizer
 from uniperceiver_cli.task_types import TASKS, TaskType
+from uniperceiver_cli.text_files import read_json
 
 SKIPPED = "__skipped__"  # per-batch skip counts travelling from the workers to the main process
 UNREADABLE_SHARD = "unreadable shard"
@@ -475,7 +477,7 @@ def _listing(shard: Shard) -> dict[str, frozenset[str]] | None:
     if shard.remote:
         return None
     try:
-        stats = json.loads(_stats_path(shard.url).read_text())
+        stats = read_json(_stats_path(shard.url), "shard stats file")
         return {key: frozenset(ext.lower() for ext in exts)
                 for key, exts in zip(stats["keys"], stats["members"], strict=True)}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -675,14 +677,16 @@ class ShardLoader:
 def _stats_path(url: str) -> Path:
     """The stats file next to a local shard; ValueError where it resolves outside the shard's folder."""
     path = Path(url).with_suffix(".json")
-    return shard_path(path.parent, path.name)
+    if not path.resolve().is_relative_to(path.parent.resolve()):
+        raise ValueError(f"stats file {path} resolves to {path.resolve()}, outside its split folder")
+    return path
 
 
 def _sidecar(url: str) -> dict[str, Any]:
     path = _stats_path(url)
     if not path.is_file():
         raise ValueError(f"subset needs the shard's stats file {path} (written next to each tar by prepare-data)")
-    return json.loads(path.read_text())
+    return read_json(path, "shard stats file")
 
 
 def choose_subset(shard_urls: Sequence[str], fraction: float, seed: int, *,
@@ -721,7 +725,10 @@ def choose_subset(shard_urls: Sequence[str], fraction: float, seed: int, *,
 
 
 def _shards(source: str | Path | Sequence[str]) -> list[Shard]:
-    """A folder's shards (local files, checked to lie in it), or the URLs or paths of a pattern or list."""
+    """A folder's shards (local files, checked to lie in it), or the URLs or paths of a pattern or list (a string or
+    list, never a ``Path``: a recipe's folder is a ``Path`` and is never expanded as a pattern)."""
+    if isinstance(source, Path) and not source.is_dir():
+        raise FileNotFoundError(f"{source} is not a shard folder (a folder with manifest.json)")
     if isinstance(source, (str, Path)) and Path(source).is_dir():
         directory = Path(source)
         manifest = Manifest.load(directory)
@@ -739,9 +746,10 @@ def _stream_timeout(seconds: float) -> float:
     """``seconds``, or ``UNIPERCEIVER_STREAM_TIMEOUT`` where it is set; ValueError unless it is positive."""
     value = os.environ.get(STREAM_TIMEOUT_ENV) or str(seconds)
     with contextlib.suppress(ValueError):
-        if float(value) > 0:
+        if 0 < float(value) < math.inf:
             return float(value)
-    raise ValueError(f"stream timeout ({STREAM_TIMEOUT_ENV} or stream_timeout) must be > 0 seconds, got {value!r}")
+    raise ValueError(f"stream timeout ({STREAM_TIMEOUT_ENV} or stream_timeout) must be a finite number of seconds > 0, "
+                     f"got {value[:80]!r}")
 
 
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:

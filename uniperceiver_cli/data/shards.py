@@ -31,6 +31,8 @@ from typing import Any
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from uniperceiver_cli.text_files import read_json
+
 FORMAT = "uniperceiver-shards"
 MANIFEST = "manifest.json"
 IMAGE_EXTS = ("jpg", "png")
@@ -111,13 +113,15 @@ class Manifest:
 
     @classmethod
     def load(cls, path: str | Path) -> Manifest:
+        """The manifest of a split folder (or the folder's ``manifest.json`` itself); ValueError in one line on one
+        that is not valid."""
         path = Path(path)
         if path.is_dir():
             path = path / MANIFEST
-        if not path.exists():
+        if path.name != MANIFEST or not path.is_file():
             raise FileNotFoundError(f"no {MANIFEST} at {path.parent}: run `uniperceiver prepare-data` first")
+        data = read_json(path, "shard manifest")
         try:
-            data = json.loads(path.read_text())
             if not isinstance(data, dict):
                 raise ValueError("not a JSON object")
             if data.get("format") != FORMAT:
@@ -125,10 +129,10 @@ class Manifest:
             data["shards"] = [ShardInfo(**s) for s in data["shards"]]
             for shard in data["shards"]:
                 if not isinstance(shard.file, str) or not SHARD_NAME.fullmatch(shard.file):
-                    raise ValueError(f"shard {shard.file!r} is not a shard-NNNNNN.tar file of its folder")
+                    raise ValueError(f"shard {str(shard.file)[:80]!r} is not a shard-NNNNNN.tar file of its folder")
             return cls(**data)
-        except (json.JSONDecodeError, TypeError, KeyError, ValueError) as e:
-            raise ValueError(f"{path} is not a valid shard manifest: {e}") from e
+        except (TypeError, KeyError, ValueError) as e:
+            raise ValueError(f"{path} is not a valid shard manifest: {' '.join(str(e).split())[:200]}") from None
 
     def label_names(self, label_set: str | None = None) -> list[str]:
         """Class names, index = label: those of ``label_set`` (``extra["label_sets"]``), else ``classes``."""

@@ -32,6 +32,7 @@ LIMITS = {
     "num_experts": 4096, "top_k": 4096, "attribute_length": 1024, "tasks": 4096,
     "deep_prompt_length": 4096, "classifier_classes": 10**7,
 }
+MAX_PATCHES = 65536  # patches per frame: a 4096-pixel image in 16-pixel patches
 MAX_SHOWN = 80  # characters of a value an error message shows
 
 
@@ -213,6 +214,9 @@ class ModelConfig:
             raise ValueError(f"width {self.width} must be divisible by 4 for the 2-D sin-cos table")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.grid_size**2 > MAX_PATCHES:  # the sin-cos table and every attention call grow with it
+            raise ValueError(f"image_size {self.image_size} / patch_size {self.patch_size} gives {self.grid_size**2} "
+                             f"patches per frame; at most {MAX_PATCHES}")
 
     @property
     def folded(self) -> bool:

@@ -50,12 +50,13 @@ def host_memory() -> int | None:
         return None
 
 
-def _check_fits(config: ModelConfig) -> None:
-    """Refuse, before anything is allocated, a model whose fp32 weights alone exceed this machine's memory (a
-    config with a typo'd width or layer count). Building on the meta device allocates nothing and is not checked."""
+def _check_memory(config: ModelConfig) -> None:
+    """Refuse, before anything is allocated, a model whose fp32 weights and sin-cos table alone exceed this machine's
+    memory (a config with a typo'd width or layer count). Building on the meta device allocates nothing and is not
+    checked."""
     if torch.get_default_device().type == "meta":
         return
-    need, have = 4 * config.num_parameters(), host_memory()
+    need, have = 4 * (config.num_parameters() + config.grid_size**2 * config.width), host_memory()
     if have is not None and need > have:
         raise ValueError(f"the model ({config.num_parameters():,} parameters: width {config.width}, {config.layers} "
                          f"layers) needs {need / 2**30:.1f} GiB for its fp32 weights alone; this machine has "
@@ -65,7 +66,7 @@ def _check_fits(config: ModelConfig) -> None:
 class UniPerceiver(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        _check_fits(config)
+        _check_memory(config)
         self.config = config
         self.text_embed = TextEmbedding(config)
         self.visual_embed = VisualEmbedding(config)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import os
 import re
 import shutil
@@ -43,6 +42,7 @@ import torch
 
 from uniperceiver_cli.checkpoints import deepspeed_records, torch_load
 from uniperceiver_cli.model.moe import ExpertLinear, ExpertShard, gather_experts, shard_experts
+from uniperceiver_cli.text_files import read_json
 from uniperceiver_cli.train.optim import build_optimizer, build_scheduler, param_groups
 from uniperceiver_cli.train.protocol import (
     CLIENT_KEY,
@@ -183,10 +183,7 @@ def deepspeed_config(recipe: Recipe, world_size: int, run_dir: Path | None = Non
         file = Path(path)
         if not file.is_file():
             raise FileNotFoundError(f"engine.deepspeed_config: {path} does not exist")
-        try:
-            config = json.loads(file.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"engine.deepspeed_config: {path} is not valid JSON ({e})") from None
+        config = read_json(file, "engine.deepspeed_config:", limit=1 << 20)
         if not isinstance(config, dict):
             raise ValueError(f"engine.deepspeed_config: {path} is not a JSON object")
         clash = [key for key in ("optimizer", "scheduler") if key in config]

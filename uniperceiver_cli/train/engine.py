@@ -8,7 +8,6 @@ of it, clips and steps. Single-process runs use plain PyTorch; ``engine: deepspe
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import fcntl
 import json
@@ -35,7 +34,6 @@ from uniperceiver_cli.data.mixing import mix_tasks
 from uniperceiver_cli.evaluate.report import print_results
 from uniperceiver_cli.evaluate.runners import autocast
 from uniperceiver_cli.evaluate.tasks import evaluate_task
-from uniperceiver_cli.model.config import get_config
 from uniperceiver_cli.model.moe import RouterStats
 from uniperceiver_cli.model.uniperceiver import UniPerceiver
 from uniperceiver_cli.train.losses import router_loss
@@ -55,9 +53,7 @@ def build_model(recipe: Recipe) -> UniPerceiver:
     start fresh; any other missing, unexpected or mis-shaped key is an error. A folded model is refused: it is
     for inference (the experts and gates training updates are merged away). Task routing routes the recipe's
     tasks (``moe.tasks``, recorded in the bundle)."""
-    config = get_config(recipe.model.preset, **recipe.model.overrides)
-    if config.moe is not None:
-        config = dataclasses.replace(config, moe=config.moe.routing_tasks([t.name for t in recipe.tasks]))
+    config = recipe.model_config()
     if config.folded:
         raise ValueError("the recipe's model has folded experts (moe.folded), and a folded model is for inference "
                          "only; train the unfolded model")
@@ -516,8 +512,13 @@ def _finish(run: _Run) -> Path:
             reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items()))
             err_console.print(f"[yellow]skipped while training:[/yellow] {name}: {sum(counts.values())} sample(s) "
                               f"({escape(reasons)})", highlight=False, soft_wrap=True)
-        with _writing(final):
-            save_bundle(model, final)
+        try:
+            with _writing(final):
+                save_bundle(model, final)
+        except CheckpointWriteError as e:
+            for partial in final.glob("*.tmp"):
+                partial.unlink(missing_ok=True)
+            raise CheckpointWriteError(f"{e}; {_last_good(run.run_dir)}") from None
         if run.recipe.evaluation.tasks:
             _evaluate(model, run.recipe, run.run_dir / "eval" / "final", None, run.recipe.train.steps)
     return final
@@ -531,23 +532,25 @@ def _save_checkpoint(run: _Run) -> None:
     ctx, engine = run.ctx, run.engine
     folder = run.run_dir / "checkpoints"
     target, tmp = folder / f"step-{run.step:07d}", folder / f".tmp-step-{run.step:07d}"
-    if ctx.main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        with _writing(target):
-            tmp.mkdir(parents=True)
-    engine.barrier()
     client = {"step": run.step, "consumed": run.consumed, "rng": _rng_state(), "generator": run.generator.get_state()}
-    failure = ""
-    try:
-        with _writing(target):
-            engine.save(tmp, client)
-    except CheckpointWriteError as e:
-        failure = str(e)
-    if _on_any_process(bool(failure), ctx):
+
+    def prepare() -> None:
         if ctx.main:
             shutil.rmtree(tmp, ignore_errors=True)
-        failure = failure or f"another process could not write its part of {target}"
-        raise CheckpointWriteError(f"{failure}; training stopped. {_last_good(run.run_dir)}")
+            tmp.mkdir(parents=True)
+
+    for write in (prepare, lambda: engine.save(tmp, client)):  # every process agrees after each (and waits)
+        failure = ""
+        try:
+            with _writing(target):
+                write()
+        except CheckpointWriteError as e:
+            failure = str(e)
+        if _on_any_process(bool(failure), ctx):
+            if ctx.main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            failure = failure or f"another process could not write its part of {target}"
+            raise CheckpointWriteError(f"{failure}; training stopped. {_last_good(run.run_dir)}")
     engine.barrier()
     if ctx.main:
         shutil.rmtree(target, ignore_errors=True)
@@ -568,12 +571,16 @@ def _writing(folder: Path) -> Iterator[None]:
     context."""
     try:
         yield
-    except Exception as e:  # noqa: BLE001 - whatever the writer raises, the run stops in one line
+    except Exception as e:
         cause: BaseException | None = e
         while cause is not None and not isinstance(cause, OSError):
             cause = cause.__cause__ or cause.__context__
-        reason = (f"[Errno {cause.errno}] {cause.strerror}" if isinstance(cause, OSError) and cause.strerror
-                  else " ".join(str(cause or e).split())[:200])
+        if isinstance(cause, OSError) and cause.strerror:
+            reason = f"[Errno {cause.errno}] {cause.strerror}"
+        elif type(e).__name__ == "SafetensorError" or "unexpected pos" in str(e):  # their I/O errors, without one
+            reason = " ".join(str(e).split())[:200]
+        else:  # not a failed write: a bug must show as itself
+            raise
         raise CheckpointWriteError(f"cannot write {folder}: {reason}") from None
 
 

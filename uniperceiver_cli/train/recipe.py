@@ -7,6 +7,7 @@ naming the file and key path, e.g. ``recipe.yaml: train.steps: must be >= 1 (got
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import re
 from dataclasses import asdict, field
@@ -26,7 +27,7 @@ from pydantic import (
 from pydantic.dataclasses import dataclass
 
 from uniperceiver_cli.data.shards import is_remote
-from uniperceiver_cli.model.config import LIMITS, get_config, shorten, shown
+from uniperceiver_cli.model.config import LIMITS, ModelConfig, get_config, shorten, shown
 from uniperceiver_cli.task_types import TASKS
 
 STRICT = ConfigDict(extra="forbid")
@@ -276,6 +277,13 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def model_config(self) -> ModelConfig:
+        """The model this recipe trains: its preset and overrides; task routing routes the recipe's tasks."""
+        config = get_config(self.model.preset, **self.model.overrides)
+        if config.moe is not None:
+            config = dataclasses.replace(config, moe=config.moe.routing_tasks([t.name for t in self.tasks]))
+        return config
+
 
 def _location(error: dict[str, Any]) -> str:
     return shorten(".".join(str(part) for part in error["loc"] if not str(part).startswith("function-")) or "<root>")
@@ -391,7 +399,7 @@ def validate(data: Any, source: str = "recipe") -> Recipe:
         more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
         raise RecipeError(f"{source}: {_location(first)}: {_message(first)}{more}") from None
     try:
-        config = get_config(recipe.model.preset, **recipe.model.overrides)
+        config = recipe.model_config()
     except (TypeError, ValueError, ArithmeticError) as e:  # ArithmeticError: heads 0 divides by zero
         raise RecipeError(f"{source}: model: {e}") from None
     for key, tasks in (("tasks", recipe.tasks), ("evaluation.tasks", recipe.evaluation.tasks)):
