@@ -129,10 +129,10 @@ class Manifest:
             data["shards"] = [ShardInfo(**s) for s in data["shards"]]
             for shard in data["shards"]:
                 if not isinstance(shard.file, str) or not SHARD_NAME.fullmatch(shard.file):
-                    raise ValueError(f"shard {str(shard.file)[:80]!r} is not a shard-NNNNNN.tar file of its folder")
+                    raise ValueError(f"shard {str(shard.file)[:300]!r} is not a shard-NNNNNN.tar file of its folder")
             return cls(**data)
         except (TypeError, KeyError, ValueError) as e:
-            raise ValueError(f"{path} is not a valid shard manifest: {' '.join(str(e).split())[:200]}") from None
+            raise ValueError(f"{path} is not a valid shard manifest: {' '.join(str(e).split())[:1000]}") from None
 
     def label_names(self, label_set: str | None = None) -> list[str]:
         """Class names, index = label: those of ``label_set`` (``extra["label_sets"]``), else ``classes``."""
