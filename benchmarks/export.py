@@ -41,7 +41,7 @@ from uniperceiver_cli.model.config import get_config
 from uniperceiver_cli.model.decoding import beam_search
 from uniperceiver_cli.model.folding import fold_experts
 from uniperceiver_cli.model.uniperceiver import UniPerceiver
-from uniperceiver_cli.onnx_runtime import OnnxModel
+from uniperceiver_cli.onnx.runtime import OnnxModel
 
 CLASSES = 100
 CAPTION_TOKENS = 1000

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 from uniperceiver_cli.data.loader import make_loader
-from uniperceiver_cli.train.engine import build_model
-from uniperceiver_cli.train.protocol import Context
+from uniperceiver_cli.parallel.context import Context
+from uniperceiver_cli.train.engines.single import SingleEngine
+from uniperceiver_cli.train.loop import build_model
 from uniperceiver_cli.train.recipe import load_recipe
-from uniperceiver_cli.train.single_engine import SingleEngine
 from uniperceiver_cli.train.tasks import TrainTask
 
 

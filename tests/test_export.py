@@ -29,10 +29,10 @@ from uniperceiver_cli.checkpoints import (
 )
 from uniperceiver_cli.cli.app import app
 from uniperceiver_cli.data.shards import Manifest, Sample, write_shards
-from uniperceiver_cli.train import engine as loop
-from uniperceiver_cli.train.deepspeed_engine import safe_load
+from uniperceiver_cli.train import loop
+from uniperceiver_cli.train.engines.deepspeed import safe_load
+from uniperceiver_cli.train.engines.single import load_state_file
 from uniperceiver_cli.train.recipe import validate
-from uniperceiver_cli.train.single_engine import load_state_file
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["red", "green", "blue"]
@@ -66,8 +66,8 @@ def single_run(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 DEEPSPEED_SCRIPT = """
 import json, sys, torch
 from pathlib import Path
-from uniperceiver_cli.train import engine as loop
-from uniperceiver_cli.train.deepspeed_engine import init_distributed
+from uniperceiver_cli.train import loop
+from uniperceiver_cli.train.engines.deepspeed import init_distributed
 from uniperceiver_cli.train.recipe import validate
 
 ctx = init_distributed(torch.device("cpu"))

@@ -14,13 +14,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from uniperceiver_cli import onnx_export
 from uniperceiver_cli.checkpoints import CheckpointError, load_model
 from uniperceiver_cli.cli.app import app
 from uniperceiver_cli.export import export
 from uniperceiver_cli.model.config import get_config
 from uniperceiver_cli.model.uniperceiver import UniPerceiver
-from uniperceiver_cli.onnx_runtime import GRAPHS, MANIFEST, OnnxModel, OnnxModelError
+from uniperceiver_cli.onnx import export as onnx_export
+from uniperceiver_cli.onnx.runtime import GRAPHS, MANIFEST, OnnxModel, OnnxModelError
 
 REPO = Path(__file__).resolve().parents[1]
 FEATS = {"atol": 1e-5, "rtol": 0}
@@ -102,7 +102,7 @@ def test_runtime_runs_without_torch(exported, tmp_path: Path):
 import json, sys
 sys.modules["torch"] = None
 import numpy as np
-from uniperceiver_cli.onnx_runtime import OnnxModel
+from uniperceiver_cli.onnx.runtime import OnnxModel
 model = OnnxModel({str(done.out / "onnx")!r})
 images = np.load({str(tmp_path / "images.npy")!r})
 print(json.dumps({{"probs": model.classify(images, {names!r}).tolist(), "captions": model.caption(images, max_len=6),

@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 import uniperceiver_cli as up
 from uniperceiver_cli import checkpoints
 from uniperceiver_cli.checkpoints import MAX_SIDE_FILE, CheckpointError, load_checkpoint, load_model, save_bundle
-from uniperceiver_cli.onnx_runtime import GRAPHS, MANIFEST, TOKENIZER_FILE, OnnxModel, OnnxModelError
-from uniperceiver_cli.train.protocol import EXPERTS_DIR, expert_shard_file
+from uniperceiver_cli.checkpoints.runs import EXPERTS_DIR, expert_shard_file
+from uniperceiver_cli.onnx.runtime import GRAPHS, MANIFEST, TOKENIZER_FILE, OnnxModel, OnnxModelError
 
 SIZE = 32
 

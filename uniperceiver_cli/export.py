@@ -8,7 +8,7 @@ renamed onto ``out`` once complete (an existing ``out`` is replaced only with ``
 export stopped midway left beside ``out`` is put right first (:func:`~uniperceiver_cli.checkpoints.recover_export`).
 
 ``fold`` folds an MoE model's experts per attribute row (:func:`uniperceiver_cli.model.folding.fold_experts`);
-``onnx`` adds ``out/onnx/``, the graphs of :mod:`uniperceiver_cli.onnx_export`, each validated against PyTorch.
+``onnx`` adds ``out/onnx/``, the graphs of :mod:`uniperceiver_cli.onnx.export`, each validated against PyTorch.
 """
 
 from __future__ import annotations
@@ -36,14 +36,14 @@ from uniperceiver_cli.checkpoints import (
 )
 
 if TYPE_CHECKING:
-    from uniperceiver_cli.onnx_export import GraphReport
+    from uniperceiver_cli.onnx.export import GraphReport
 
 ONNX_DIR = "onnx"
 BUNDLE_FILES = {BUNDLE_WEIGHTS, BUNDLE_CONFIG, BUNDLE_WEIGHTS + ".tmp", BUNDLE_CONFIG + ".tmp", ONNX_DIR}
 
 
 def _onnx_files() -> set[str]:
-    from uniperceiver_cli.onnx_runtime import GRAPHS, MANIFEST, TOKENIZER_FILE
+    from uniperceiver_cli.onnx.runtime import GRAPHS, MANIFEST, TOKENIZER_FILE
 
     return {MANIFEST, TOKENIZER_FILE, *(f"{g}.onnx" for g in GRAPHS)}
 
@@ -93,7 +93,7 @@ def export(src: str | Path | Source, out: str | Path, *, kind: str | None = None
     if caption_vocabulary not in ("trained", "full"):
         raise CheckpointError(f"unknown caption vocabulary {caption_vocabulary!r}; choose trained or full")
     if onnx:
-        from uniperceiver_cli.onnx_export import require_onnx
+        from uniperceiver_cli.onnx.export import require_onnx
 
         require_onnx()
     out = Path(out)
@@ -116,7 +116,7 @@ def export(src: str | Path | Source, out: str | Path, *, kind: str | None = None
     graphs = []
     try:
         if onnx:
-            from uniperceiver_cli.onnx_export import write_onnx
+            from uniperceiver_cli.onnx.export import write_onnx
 
             ids = model.caption_vocabulary if caption_vocabulary == "trained" else None
             graphs = write_onnx(model, tmp / ONNX_DIR, ids, provenance)

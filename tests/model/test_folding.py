@@ -13,7 +13,7 @@ from uniperceiver_cli.cli.app import app
 from uniperceiver_cli.model.decoding import beam_search
 from uniperceiver_cli.model.folding import dense_view, fold_experts
 from uniperceiver_cli.model.moe import ATTRIBUTES, ExpertLinear, FoldedGate, Routing
-from uniperceiver_cli.train.engine import build_model
+from uniperceiver_cli.train.loop import build_model
 from uniperceiver_cli.train.recipe import validate
 
 CLOSE = {"atol": 1e-5, "rtol": 0}

@@ -23,7 +23,7 @@ from uniperceiver_cli.model.moe import (
     plan_dispatch,
     router_losses,
 )
-from uniperceiver_cli.train.engine import train
+from uniperceiver_cli.train.loop import train
 from uniperceiver_cli.train.recipe import validate
 
 LEVELS = ["attribute", "modality", "task", "token", "context"]

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from uniperceiver_cli.data.toyworld import generate
-from uniperceiver_cli.train.engine import Context, SingleEngine, build_model, train
+from uniperceiver_cli.train.loop import Context, SingleEngine, build_model, train
 from uniperceiver_cli.train.optim import build_optimizer, build_scheduler
 from uniperceiver_cli.train.recipe import validate
 from uniperceiver_cli.train.tasks import TrainTask

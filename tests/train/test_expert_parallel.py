@@ -15,11 +15,11 @@ from tests.helpers import random_png
 from tests.train.test_deepspeed import _launch, _metrics, _unshuffled
 from tests.train.test_deepspeed import data_root as data_root  # noqa: F401 - the shared fixture
 from uniperceiver_cli.checkpoints import find_source, load_model
+from uniperceiver_cli.checkpoints.runs import EXPERTS_DIR
 from uniperceiver_cli.cli.app import app
 from uniperceiver_cli.data.shards import Manifest, Sample, write_shards
 from uniperceiver_cli.export import export
-from uniperceiver_cli.train import engine as loop
-from uniperceiver_cli.train.protocol import EXPERTS_DIR
+from uniperceiver_cli.train import loop
 from uniperceiver_cli.train.recipe import validate
 
 pytest.importorskip("deepspeed")
@@ -139,7 +139,7 @@ def test_a_checkpoint_resumes_only_with_its_expert_parallelism(tmp_path: Path):
     from types import SimpleNamespace
 
     from uniperceiver_cli.model.moe import ExpertShard
-    from uniperceiver_cli.train.deepspeed_engine import DeepSpeedEngine
+    from uniperceiver_cli.train.engines.deepspeed import DeepSpeedEngine
 
     folder = tmp_path / EXPERTS_DIR
     folder.mkdir()

@@ -14,7 +14,7 @@ import yaml
 
 from tests.helpers import random_png
 from uniperceiver_cli.data.shards import Manifest, Sample, write_shards
-from uniperceiver_cli.train.engine import compute_threads
+from uniperceiver_cli.train.loop import compute_threads
 from uniperceiver_cli.train.recipe import validate
 
 REPO = Path(__file__).resolve().parents[2]

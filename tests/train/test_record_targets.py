@@ -7,7 +7,7 @@ import pytest
 import uniperceiver_cli as up
 from uniperceiver_cli.data.corpus import vocabulary_of
 from uniperceiver_cli.data.toyworld import SHAPES, generate
-from uniperceiver_cli.train.engine import train
+from uniperceiver_cli.train.loop import train
 from uniperceiver_cli.train.recipe import validate
 from uniperceiver_cli.train.tasks import TrainTask
 

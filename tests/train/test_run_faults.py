@@ -16,8 +16,8 @@ from tests.helpers import random_png
 from uniperceiver_cli.checkpoints import CheckpointError
 from uniperceiver_cli.cli.app import app
 from uniperceiver_cli.data.shards import Manifest, Sample, write_shards
-from uniperceiver_cli.train import engine as loop
-from uniperceiver_cli.train.deepspeed_engine import deepspeed_config
+from uniperceiver_cli.train import loop
+from uniperceiver_cli.train.engines.deepspeed import deepspeed_config
 from uniperceiver_cli.train.recipe import validate
 
 CLASSES = ["red", "green", "blue"]

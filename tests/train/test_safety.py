@@ -22,9 +22,9 @@ from tests.helpers import Planted, random_png
 from uniperceiver_cli.checkpoints import CheckpointError
 from uniperceiver_cli.cli.app import app
 from uniperceiver_cli.data.shards import Manifest, Sample, write_shards
-from uniperceiver_cli.train import engine as loop
+from uniperceiver_cli.train import loop
+from uniperceiver_cli.train.engines.single import load_state_file
 from uniperceiver_cli.train.recipe import validate
-from uniperceiver_cli.train.single_engine import load_state_file
 from uniperceiver_cli.train.tasks import TrainTask
 
 REPO = Path(__file__).resolve().parents[2]
@@ -113,10 +113,10 @@ DEEPSPEED_SCRIPT = """
 import json, sys, torch
 from pathlib import Path
 from uniperceiver_cli.checkpoints import CheckpointError
-from uniperceiver_cli.train import engine as loop
-from uniperceiver_cli.train.deepspeed_engine import init_distributed
+from uniperceiver_cli.train import loop
+from uniperceiver_cli.train.engines.deepspeed import init_distributed
 from uniperceiver_cli.train.recipe import validate
-from uniperceiver_cli.train.single_engine import load_state_file
+from uniperceiver_cli.train.engines.single import load_state_file
 from tests.helpers import Planted
 
 recipe, run, marker = validate(json.loads(sys.argv[1])), Path(sys.argv[2]), Path(sys.argv[3])
@@ -161,7 +161,7 @@ def test_deepspeed_resume_refuses_planted_files(data_root: Path, tmp_path: Path,
 
 
 def test_deepspeed_config_refuses_the_universal_loader(tmp_path: Path):
-    from uniperceiver_cli.train.deepspeed_engine import deepspeed_config
+    from uniperceiver_cli.train.engines.deepspeed import deepspeed_config
 
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"checkpoint": {"load_universal": True}}))

@@ -67,7 +67,7 @@ def predict(
 ) -> None:
     """Zero-shot labels (--labels/--label), best-matching texts (--texts) or captions (--caption) for files.
     --model DIR/onnx runs an exported model on onnxruntime, without importing PyTorch."""
-    from uniperceiver_cli.onnx_runtime import is_onnx_folder
+    from uniperceiver_cli.onnx.runtime import is_onnx_folder
     from uniperceiver_cli.text_files import read_lines
 
     with user_errors(), one_line_warnings():
@@ -145,7 +145,7 @@ def _onnx_task(folder: Path, names: list[str], templates: list[str] | None, cand
     import numpy as np
 
     from uniperceiver_cli.model.pixels import image_array, load_image, read_video_frames, video_views
-    from uniperceiver_cli.onnx_runtime import OnnxModel, softmax
+    from uniperceiver_cli.onnx.runtime import OnnxModel, softmax
 
     net = OnnxModel(folder)
     size = net.manifest.image_size

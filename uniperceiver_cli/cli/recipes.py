@@ -125,7 +125,7 @@ def init_problem(recipe: Recipe) -> str | None:
     # torch and the model only here: the other recipe commands start without them.
     import torch
 
-    from uniperceiver_cli.train.engine import build_model
+    from uniperceiver_cli.train.loop import build_model
 
     # On the meta device the model has shapes but no storage: even a LARGE model is checked key by key and
     # shape by shape in a moment, without allocating its weights. Copying into it is a no-op torch warns about.

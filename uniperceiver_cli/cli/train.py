@@ -13,8 +13,8 @@ from uniperceiver_cli.cli.common import err_console, one_line_warnings, pick_dev
 def _run(stage: str, recipe: str, overrides: list[str] | None, run_dir: Path | None, resume: str | None,
          init: str | None, deepspeed: Path | None, device: str) -> None:
     from uniperceiver_cli.cli.recipes import resolve_recipe
-    from uniperceiver_cli.train.engine import train
-    from uniperceiver_cli.train.protocol import Context
+    from uniperceiver_cli.parallel.context import Context
+    from uniperceiver_cli.train.loop import train
     from uniperceiver_cli.train.recipe import load_recipe
 
     with user_errors(), one_line_warnings():
@@ -30,7 +30,7 @@ def _run(stage: str, recipe: str, overrides: list[str] | None, run_dir: Path | N
             raise ValueError(f"{stage} starts from a checkpoint: set init in the recipe or pass --init PATH")
         ctx = Context(device=pick_device(device))
         if spec.engine.kind == "deepspeed":
-            from uniperceiver_cli.train.deepspeed_engine import init_distributed
+            from uniperceiver_cli.train.engines.deepspeed import init_distributed
 
             ctx = init_distributed(ctx.device)
         elif int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -21,10 +21,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from uniperceiver_cli.checkpoints.runs import (
+    CLIENT_KEY,
+    DEEPSPEED_DIR,
+    DEEPSPEED_TAG,
+    EXPERTS_DIR,
+    STATE_FILE,
+    expert_shard_file,
+)
 from uniperceiver_cli.model.config import (
     EOT_ID,
     IMAGENET_MEAN,
@@ -38,19 +47,16 @@ from uniperceiver_cli.model.config import (
 )
 from uniperceiver_cli.model.heads import TEMPERATURES
 from uniperceiver_cli.model.uniperceiver import UniPerceiver
-from uniperceiver_cli.train.protocol import (
-    CLIENT_KEY,
-    DEEPSPEED_DIR,
-    DEEPSPEED_TAG,
-    EXPERTS_DIR,
-    STATE_FILE,
-    STATE_GLOBALS,
-    expert_shard_file,
-)
 
 BUNDLE_WEIGHTS = "model.safetensors"
 BUNDLE_CONFIG = "config.json"
 BUNDLE_FORMAT = "uniperceiver-bundle"
+
+
+_multiarray = getattr(np, "_core", None) or np.core
+# Checkpoints of older versions hold numpy's RNG state as an array: accept numpy's plain array rebuild
+# (no code of the file's choosing runs; object arrays' items go through the same restricted unpickler).
+STATE_GLOBALS = (_multiarray.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32)))
 
 
 class CheckpointError(ValueError):

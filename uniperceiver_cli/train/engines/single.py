@@ -7,16 +7,12 @@ from typing import Any
 
 import torch
 
-from uniperceiver_cli.checkpoints import CheckpointError, torch_load
+from uniperceiver_cli.checkpoints import STATE_GLOBALS, CheckpointError, torch_load
+from uniperceiver_cli.checkpoints.runs import STATE_FILE
 from uniperceiver_cli.model.uniperceiver import UniPerceiver
+from uniperceiver_cli.parallel.context import Context
+from uniperceiver_cli.train.engines.protocol import FP16_GROWTH_INTERVAL, FP16_INITIAL_SCALE_POWER
 from uniperceiver_cli.train.optim import build_optimizer, build_scheduler
-from uniperceiver_cli.train.protocol import (
-    FP16_GROWTH_INTERVAL,
-    FP16_INITIAL_SCALE_POWER,
-    STATE_FILE,
-    STATE_GLOBALS,
-    Context,
-)
 from uniperceiver_cli.train.recipe import Recipe
 
 

@@ -3,10 +3,10 @@
 Launchers. :func:`init_distributed` reads the environment that ``deepspeed``, ``torchrun`` and SLURM ``srun``
 leave behind (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``, or ``SLURM_PROCID``/
 ``SLURM_NTASKS``/``SLURM_LOCALID``/``SLURM_JOB_NODELIST``), starts ``torch.distributed`` through DeepSpeed
-(nccl on GPUs, gloo on CPUs) and returns this process's :class:`~uniperceiver_cli.train.protocol.Context`.
+(nccl on GPUs, gloo on CPUs) and returns this process's :class:`~uniperceiver_cli.parallel.context.Context`.
 Started without any launcher it runs as a world of one.
 
-Engine. :class:`DeepSpeedEngine` offers what :class:`~uniperceiver_cli.train.engine.SingleEngine` offers. The
+Engine. :class:`DeepSpeedEngine` offers what :class:`~uniperceiver_cli.train.loop.SingleEngine` offers. The
 recipe builds the optimizer and schedule (:mod:`uniperceiver_cli.train.optim`) and DeepSpeed steps them. How the
 loop's calls map onto DeepSpeed:
 
@@ -40,21 +40,13 @@ from typing import Any
 
 import torch
 
-from uniperceiver_cli.checkpoints import deepspeed_records, torch_load
+from uniperceiver_cli.checkpoints import STATE_GLOBALS, deepspeed_records, torch_load
+from uniperceiver_cli.checkpoints.runs import CLIENT_KEY, DEEPSPEED_DIR, DEEPSPEED_TAG, EXPERTS_DIR, expert_shard_file
 from uniperceiver_cli.model.moe import ExpertLinear, ExpertShard, gather_experts, shard_experts
+from uniperceiver_cli.parallel.context import Context
 from uniperceiver_cli.text_files import read_json
+from uniperceiver_cli.train.engines.protocol import FP16_GROWTH_INTERVAL, FP16_INITIAL_SCALE_POWER
 from uniperceiver_cli.train.optim import build_optimizer, build_scheduler, param_groups
-from uniperceiver_cli.train.protocol import (
-    CLIENT_KEY,
-    DEEPSPEED_DIR,
-    DEEPSPEED_TAG,
-    EXPERTS_DIR,
-    FP16_GROWTH_INTERVAL,
-    FP16_INITIAL_SCALE_POWER,
-    STATE_GLOBALS,
-    Context,
-    expert_shard_file,
-)
 from uniperceiver_cli.train.recipe import Recipe
 
 DEFAULT_PORT = 29500

@@ -1,6 +1,6 @@
 """ONNX graphs of a model (``uniperceiver export --onnx``), each checked against PyTorch with onnxruntime.
 
-The graphs are the ones :mod:`uniperceiver_cli.onnx_runtime` runs (its docstring lists them). Each is traced with
+The graphs are the ones :mod:`uniperceiver_cli.onnx.runtime` runs (its docstring lists them). Each is traced with
 ``torch.onnx.export(dynamo=True)`` from a small wrapper around the model's own methods, with the batch, frame,
 text-length and cache axes dynamic. An MoE model's graphs are traced from its dense view for the graph's one
 attribute row (:func:`uniperceiver_cli.model.folding.dense_view`), so a graph carries a dense model's weights.
@@ -34,7 +34,7 @@ from uniperceiver_cli.model.decoding import CAPTION_TEXT, CAPTION_VISUAL
 from uniperceiver_cli.model.heads import TEMPERATURES
 from uniperceiver_cli.model.tokenizer import bpe_path
 from uniperceiver_cli.model.uniperceiver import TEXT_TARGET, VISUAL, UniPerceiver
-from uniperceiver_cli.onnx_runtime import FORMAT, FORMAT_VERSION, MANIFEST, TOKENIZER_FILE
+from uniperceiver_cli.onnx.runtime import FORMAT, FORMAT_VERSION, MANIFEST, TOKENIZER_FILE
 
 TOLERANCE = 1e-4  # fp32: onnxruntime against PyTorch, max abs error of any output
 OPSET = 18

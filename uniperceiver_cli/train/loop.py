@@ -2,7 +2,7 @@
 
 Each step draws one task by its sampling weight (the reference's scheme), runs ``accumulation`` micro-batches
 of it, clips and steps. Single-process runs use plain PyTorch; ``engine: deepspeed`` runs the same loop under
-``deepspeed.initialize`` (see :mod:`uniperceiver_cli.train.deepspeed_engine`).
+``deepspeed.initialize`` (see :mod:`uniperceiver_cli.train.engines.deepspeed`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from uniperceiver_cli.checkpoints import CheckpointError, load_checkpoint, save_bundle
+from uniperceiver_cli.checkpoints.runs import DEEPSPEED_DIR, STATE_FILE
 from uniperceiver_cli.data.loader import make_loader
 from uniperceiver_cli.data.mixing import mix_tasks
 from uniperceiver_cli.evaluate.report import print_results
@@ -36,11 +37,12 @@ from uniperceiver_cli.evaluate.runners import autocast
 from uniperceiver_cli.evaluate.tasks import evaluate_task
 from uniperceiver_cli.model.moe import RouterStats
 from uniperceiver_cli.model.uniperceiver import UniPerceiver
+from uniperceiver_cli.parallel.context import Context
+from uniperceiver_cli.train.engines.protocol import Engine
+from uniperceiver_cli.train.engines.single import SingleEngine
 from uniperceiver_cli.train.losses import router_loss
 from uniperceiver_cli.train.optim import freeze_for_prompt_tuning
-from uniperceiver_cli.train.protocol import DEEPSPEED_DIR, STATE_FILE, Context, Engine
 from uniperceiver_cli.train.recipe import Recipe, TrainSpec
-from uniperceiver_cli.train.single_engine import SingleEngine
 from uniperceiver_cli.train.tasks import TrainTask
 
 err_console = Console(stderr=True)
@@ -408,7 +410,7 @@ def _setup(recipe: Recipe, run_dir: Path, resume: str | None, ctx: Context) -> _
     tasks = {t.name: TrainTask.build(t, Path(recipe.data_root)) for t in recipe.tasks}
     TrainTask.record_targets(model, tasks.values())  # class names, caption vocabulary: for evaluations, the bundle
     if recipe.engine.kind == "deepspeed":
-        from uniperceiver_cli.train.deepspeed_engine import DeepSpeedEngine
+        from uniperceiver_cli.train.engines.deepspeed import DeepSpeedEngine
 
         engine: Engine = DeepSpeedEngine(model, recipe, ctx, run_dir)
     else:

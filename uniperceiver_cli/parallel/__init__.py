@@ -1,0 +1,2 @@
+"""Processes and their collectives: where a process runs and how it is launched (:mod:`.context`), and expert
+parallelism (:mod:`.experts`). The model reaches collectives only through the expert group protocol."""
