@@ -38,9 +38,9 @@ from typing import Any
 
 import yaml
 
-from uniperceiver_cli.cli.recipes import resolve_recipe
 from uniperceiver_cli.data import toyworld
 from uniperceiver_cli.data.shards import Manifest, read_metas
+from uniperceiver_cli.train.catalogue import resolve_recipe
 from uniperceiver_cli.train.recipe import EvalTaskSpec, Recipe, load_recipe
 
 DEMO = Path("runs/toyworld-tiny")

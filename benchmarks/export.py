@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from uniperceiver_cli.checkpoints import save_bundle
+from uniperceiver_cli.checkpoints.bundle import save_bundle
 from uniperceiver_cli.export import export
 from uniperceiver_cli.model.config import get_config
 from uniperceiver_cli.model.decoding import beam_search

@@ -8,13 +8,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import uniperceiver_cli as up
-from uniperceiver_cli.checkpoints import (
-    CheckpointError,
-    CheckpointWarning,
-    load_checkpoint,
-    load_model,
-    save_bundle,
-)
+from uniperceiver_cli.checkpoints.bundle import save_bundle
+from uniperceiver_cli.checkpoints.errors import CheckpointError, CheckpointWarning
+from uniperceiver_cli.checkpoints.loading import load_checkpoint, load_model
 
 SIZE = 32
 
@@ -262,7 +258,7 @@ def test_official_unknown_key_is_reported(tmp_path, reference_dir):
 def test_our_state_files_load_as_they_are_and_are_never_official(tmp_path):
     """A state dict in our names (a single-engine state.pt, a bare torch.save) loads without renaming into
     load_model and load_checkpoint; read_official refuses it instead of mapping it as the reference's."""
-    from uniperceiver_cli.checkpoints import read_official
+    from uniperceiver_cli.checkpoints.sources import read_official
 
     torch.manual_seed(0)
     model = up.create_model("tiny")

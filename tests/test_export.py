@@ -17,16 +17,10 @@ from typer.testing import CliRunner
 
 import uniperceiver_cli as up
 from tests.helpers import Planted, random_png
-from uniperceiver_cli.checkpoints import (
-    CheckpointError,
-    CheckpointWarning,
-    classify_container,
-    find_source,
-    load_model,
-    read_official,
-    save_bundle,
-    sha256_of,
-)
+from uniperceiver_cli.checkpoints.bundle import save_bundle
+from uniperceiver_cli.checkpoints.errors import CheckpointError, CheckpointWarning
+from uniperceiver_cli.checkpoints.loading import load_model
+from uniperceiver_cli.checkpoints.sources import classify_container, find_source, read_official, sha256_of
 from uniperceiver_cli.cli.app import app
 from uniperceiver_cli.data.shards import Manifest, Sample, write_shards
 from uniperceiver_cli.train import loop
@@ -67,7 +61,7 @@ DEEPSPEED_SCRIPT = """
 import json, sys, torch
 from pathlib import Path
 from uniperceiver_cli.train import loop
-from uniperceiver_cli.train.engines.deepspeed import init_distributed
+from uniperceiver_cli.parallel.context import init_distributed
 from uniperceiver_cli.train.recipe import validate
 
 ctx = init_distributed(torch.device("cpu"))
@@ -329,6 +323,7 @@ def test_shapes_that_fit_no_config(single_run: Path, tmp_path: Path):
     run = tmp_path / "run"
     shutil.copytree(single_run, run)
     (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("preset: tiny", "preset: small"))
+    (run / "model.json").unlink()  # a run written before model.json: its config comes from config.yaml
     _refused(run, out, "does not fit the model", "--step", "2")
 
 
@@ -416,7 +411,7 @@ def test_a_malformed_run_config_is_one_line(single_run: Path, tmp_path: Path):
 
 
 def test_evaluate_takes_a_run_directory(single_run: Path, data_root: Path, tmp_path: Path):
-    from uniperceiver_cli.evaluate.report import model_identity
+    from uniperceiver_cli.checkpoints.sources import model_identity
 
     identity = model_identity(single_run)
     assert identity["sha256"] == sha256_of(single_run / "final" / "model.safetensors")

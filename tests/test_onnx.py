@@ -14,7 +14,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from uniperceiver_cli.checkpoints import CheckpointError, load_model
+from uniperceiver_cli.checkpoints.errors import CheckpointError
+from uniperceiver_cli.checkpoints.loading import load_model
 from uniperceiver_cli.cli.app import app
 from uniperceiver_cli.export import export
 from uniperceiver_cli.model.config import get_config

@@ -11,9 +11,11 @@ import torch
 from safetensors.torch import save_file
 
 import uniperceiver_cli as up
-from uniperceiver_cli import checkpoints
-from uniperceiver_cli.checkpoints import MAX_SIDE_FILE, CheckpointError, load_checkpoint, load_model, save_bundle
-from uniperceiver_cli.checkpoints.runs import EXPERTS_DIR, expert_shard_file
+from uniperceiver_cli.checkpoints import loading, sources
+from uniperceiver_cli.checkpoints.bundle import save_bundle
+from uniperceiver_cli.checkpoints.errors import CheckpointError
+from uniperceiver_cli.checkpoints.loading import load_checkpoint, load_model
+from uniperceiver_cli.checkpoints.runs import EXPERTS_DIR, MAX_SIDE_FILE, expert_shard_file
 from uniperceiver_cli.onnx.runtime import GRAPHS, MANIFEST, TOKENIZER_FILE, OnnxModel, OnnxModelError
 
 SIZE = 32
@@ -36,14 +38,14 @@ def _bundle(path: Path, **model: object) -> Path:
 @pytest.fixture
 def built_only_on_meta(monkeypatch: pytest.MonkeyPatch) -> None:
     """Fail the test if a model is allocated anywhere but on the meta device (which allocates nothing)."""
-    real = checkpoints.UniPerceiver
+    real = loading.UniPerceiver
 
     def build(config):  # noqa: ANN001, ANN202
         if torch.empty(0).device.type != "meta":
             raise AssertionError(f"a model of {config.layers} layers, width {config.width} was allocated")
         return real(config)
 
-    monkeypatch.setattr(checkpoints, "UniPerceiver", build)
+    monkeypatch.setattr(loading, "UniPerceiver", build)
 
 
 # ------------------------------------------------------------------------------------- a config larger than its weights
@@ -119,10 +121,10 @@ def test_a_relabelled_expert_shard_is_refused(tmp_path):
     for shard in shards:
         save_file({key: torch.ones(2, 8, 4)}, str(shard))
     state = {key: torch.zeros(2, 8, 4)}
-    assert checkpoints._stack_experts(state, file)[0][key].shape == (4, 8, 4)
+    assert sources._stack_experts(state, file)[0][key].shape == (4, 8, 4)
     _relabel(shards[1], key, "I32")
     with pytest.raises(CheckpointError) as error:
-        checkpoints._stack_experts(state, file)
+        sources._stack_experts(state, file)
     assert f"{shards[1]}: tensor {key} is I32" in _one_line(error)
 
 

@@ -13,19 +13,21 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from uniperceiver_cli.version import __version__
+
 if TYPE_CHECKING:
-    from uniperceiver_cli.checkpoints import CheckpointError, load_checkpoint, load_model, save_bundle
+    from uniperceiver_cli.checkpoints.bundle import save_bundle
+    from uniperceiver_cli.checkpoints.errors import CheckpointError
+    from uniperceiver_cli.checkpoints.loading import load_checkpoint, load_model
     from uniperceiver_cli.model.config import PRESETS, ModelConfig, MoEConfig, PromptConfig, get_config
     from uniperceiver_cli.model.tokenizer import Tokenizer, get_tokenizer
     from uniperceiver_cli.model.uniperceiver import UniPerceiver
 
-__version__ = "0.1.0"
-
 # The public names and the module each comes from. They are imported on first use (PEP 562) because
 # these modules pull in torch and timm (seconds), which `uniperceiver --help` or `recipes ls` never need.
 _LAZY = {
-    "CheckpointError": "uniperceiver_cli.checkpoints", "load_checkpoint": "uniperceiver_cli.checkpoints",
-    "load_model": "uniperceiver_cli.checkpoints", "save_bundle": "uniperceiver_cli.checkpoints",
+    "CheckpointError": "uniperceiver_cli.checkpoints.errors", "save_bundle": "uniperceiver_cli.checkpoints.bundle",
+    "load_checkpoint": "uniperceiver_cli.checkpoints.loading", "load_model": "uniperceiver_cli.checkpoints.loading",
     "PRESETS": "uniperceiver_cli.model.config", "ModelConfig": "uniperceiver_cli.model.config",
     "MoEConfig": "uniperceiver_cli.model.config", "PromptConfig": "uniperceiver_cli.model.config",
     "get_config": "uniperceiver_cli.model.config",

@@ -1,11 +1,10 @@
 """``uniperceiver export``: any checkpoint (a bundle, a run, either engine's training checkpoint, an official file)
 into a bundle (``model.safetensors`` + ``config.json``), written atomically.
 
-The source is located and read by :func:`uniperceiver_cli.checkpoints.find_source`, the same way
-:func:`~uniperceiver_cli.checkpoints.load_model` reads it; every file goes through ``weights_only=True``. All the
-reading and checking happens before anything is written: the bundle goes into a temporary sibling folder that is
-renamed onto ``out`` once complete (an existing ``out`` is replaced only with ``force``, and only then). What an
-export stopped midway left beside ``out`` is put right first (:func:`~uniperceiver_cli.checkpoints.recover_export`).
+The source is located and read as :func:`~uniperceiver_cli.checkpoints.loading.load_model` does (every file with
+``weights_only=True``), all of it before anything is written: the bundle goes into a temporary sibling folder that
+is renamed onto ``out`` once complete (an existing ``out`` is replaced only with ``force``, and only then). What an
+export stopped midway left beside ``out`` is put right first (:func:`.checkpoints.bundle.recover_export`).
 
 ``fold`` folds an MoE model's experts per attribute row (:func:`uniperceiver_cli.model.folding.fold_experts`);
 ``onnx`` adds ``out/onnx/``, the graphs of :mod:`uniperceiver_cli.onnx.export`, each validated against PyTorch.
@@ -19,21 +18,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from uniperceiver_cli.checkpoints import (
+from uniperceiver_cli.checkpoints.bundle import (
     BUNDLE_CONFIG,
     BUNDLE_WEIGHTS,
     DTYPES,
-    CheckpointError,
-    Source,
-    build_model,
-    find_source,
-    model_config,
-    read_weights,
     recover_export,
     save_bundle,
-    source_provenance,
     staging_folders,
 )
+from uniperceiver_cli.checkpoints.errors import CheckpointError
+from uniperceiver_cli.checkpoints.loading import build_model, model_config, read_weights, source_provenance
+from uniperceiver_cli.checkpoints.sources import Source, find_source
 
 if TYPE_CHECKING:
     from uniperceiver_cli.onnx.export import GraphReport

@@ -1,12 +1,84 @@
-"""Texts a user hands in: small files read with a size limit, JSON files parsed in one line's error, files with one
-entry per line (class names, prompt templates, candidate texts), and class names put into prompt templates."""
+"""Texts a user hands in: values cut short for one-line messages, YAML without aliases or repeated keys, small files
+read with a size limit, JSON files parsed in one line's error, files with one entry per line (class names, prompt
+templates, candidate texts), and class names put into prompt templates. Imports nothing of the package."""
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import yaml
+
+MAX_SHOWN = 80  # characters of a value an error message shows
+
+
+def shorten(text: str, limit: int = MAX_SHOWN) -> str:
+    """``text`` cut to ``limit`` characters ("..." marks a cut), for error messages that must stay one short line."""
+    return text if len(text) <= limit else f"{text[:limit - 3]}..."
+
+
+def shown(value: object) -> str:
+    """``repr(value)`` for an error message, cut to :data:`MAX_SHOWN` characters; a huge integer by its length
+    (Python refuses to write one of over 4300 digits)."""
+    if isinstance(value, int) and value.bit_length() > 4 * MAX_SHOWN:
+        return f"an integer of about {round(value.bit_length() * math.log10(2))} digits"
+    return shorten(repr(value))
+
+
+def _one_line(text: object) -> str:
+    return shorten(" ".join(str(text).split()), 200)
+
+
+class _Refused(yaml.MarkedYAMLError):
+    """YAML that a recipe may not hold; reported as ``line N: problem``."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader without anchors and aliases (1.6 KB of nested aliases expand to gigabytes) and without
+    repeated keys (which PyYAML would take silently, the last one winning)."""
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _Refused(problem="anchors and aliases (&name, *name) are not allowed: write the value out",
+                           problem_mark=event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):  # a list or mapping as a key is refused as unhashable
+                key, line = self.construct_object(key_node), key_node.start_mark.line + 1
+                if key in lines:
+                    raise _Refused(problem=f"key {shown(key)} is given twice (lines {lines[key]} and {line})",
+                                   problem_mark=key_node.start_mark)
+                lines[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(text: str, source: str, error: type[ValueError] = ValueError) -> Any:
+    """Parsed YAML without anchors, aliases or repeated keys; any problem is a one-line ``error`` starting with
+    ``source``."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # a SafeLoader
+    except _Refused as e:
+        raise error(f"{source}: line {e.problem_mark.line + 1}: {e.problem}") from None
+    except yaml.reader.ReaderError as e:  # a control character, such as a null byte
+        line = text.count("\n", 0, e.position) + 1
+        raise error(f"{source}: line {line} is not valid YAML (character #x{e.character:04x} is not allowed)"
+                          ) from None
+    except yaml.MarkedYAMLError as e:
+        where = f" line {e.problem_mark.line + 1}" if e.problem_mark is not None else ""
+        problem = "; ".join(part for part in (e.context, e.problem) if part)  # "while parsing ...", what was found
+        raise error(f"{source}:{where} is not valid YAML ({_one_line(problem or e)})") from None
+    except (yaml.YAMLError, ValueError) as e:  # ValueError: a tagged or date-like scalar that does not convert
+        raise error(f"{source}: is not valid YAML ({_one_line(e)})") from None
+    except RecursionError:
+        raise error(f"{source}: is nested too deeply to be a recipe") from None
+
 
 MAX_TEXT_FILE = 64 << 20  # a manifest of 100k shards, 21,842 class names: a few MB
 

@@ -25,7 +25,7 @@ def test_the_package_imports_its_api_on_first_use():
 
     import uniperceiver_cli as up
     from uniperceiver_cli import load_model
-    from uniperceiver_cli.checkpoints import load_model as defined
+    from uniperceiver_cli.checkpoints.loading import load_model as defined
 
     assert load_model is defined
     for name in up.__all__:

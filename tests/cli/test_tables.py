@@ -7,10 +7,10 @@ from typer.testing import CliRunner
 
 from uniperceiver_cli.cli.app import app
 from uniperceiver_cli.cli.prepare_data import _report
-from uniperceiver_cli.cli.recipes import shipped_names
 from uniperceiver_cli.data.shards import Manifest
 from uniperceiver_cli.evaluate.report import print_results
 from uniperceiver_cli.evaluate.runners import EvalResult
+from uniperceiver_cli.train.catalogue import shipped_names
 
 runner = CliRunner()
 

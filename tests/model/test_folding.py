@@ -8,7 +8,9 @@ import torch
 from typer.testing import CliRunner
 
 import uniperceiver_cli as up
-from uniperceiver_cli.checkpoints import CheckpointError, load_model, save_bundle
+from uniperceiver_cli.checkpoints.bundle import save_bundle
+from uniperceiver_cli.checkpoints.errors import CheckpointError
+from uniperceiver_cli.checkpoints.loading import load_model
 from uniperceiver_cli.cli.app import app
 from uniperceiver_cli.model.decoding import beam_search
 from uniperceiver_cli.model.folding import dense_view, fold_experts

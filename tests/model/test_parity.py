@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from uniperceiver_cli.checkpoints import load_model
+from uniperceiver_cli.checkpoints.loading import load_model
 from uniperceiver_cli.model.decoding import beam_search
 from uniperceiver_cli.model.embeddings import sincos_2d
 from uniperceiver_cli.model.moe import Routing

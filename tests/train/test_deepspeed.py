@@ -36,8 +36,9 @@ from safetensors.torch import load_file
 
 from tests.helpers import random_png
 from uniperceiver_cli.data.shards import Manifest, Sample, write_shards
+from uniperceiver_cli.parallel.context import first_host, launcher_env
 from uniperceiver_cli.train import loop
-from uniperceiver_cli.train.engines.deepspeed import deepspeed_config, first_host, launcher_env
+from uniperceiver_cli.train.engines.deepspeed import deepspeed_config
 from uniperceiver_cli.train.recipe import validate
 
 pytest.importorskip("deepspeed")
@@ -84,7 +85,7 @@ def _unshuffled(make_loader):  # noqa: ANN001, ANN202
 
 def rank_main(recipe_json: str, run_dir: str, resume: str, stop_after: str) -> None:
     """One process of a DeepSpeed run (``python -c``): what ``uniperceiver pretrain`` does under a launcher."""
-    from uniperceiver_cli.train.engines.deepspeed import init_distributed
+    from uniperceiver_cli.parallel.context import init_distributed
 
     loop.make_loader = _unshuffled(loop.make_loader)
     ctx = init_distributed(torch.device("cpu"))

@@ -14,8 +14,9 @@ from typer.testing import CliRunner
 from tests.helpers import random_png
 from tests.train.test_deepspeed import _launch, _metrics, _unshuffled
 from tests.train.test_deepspeed import data_root as data_root  # noqa: F401 - the shared fixture
-from uniperceiver_cli.checkpoints import find_source, load_model
+from uniperceiver_cli.checkpoints.loading import load_model
 from uniperceiver_cli.checkpoints.runs import EXPERTS_DIR
+from uniperceiver_cli.checkpoints.sources import find_source
 from uniperceiver_cli.cli.app import app
 from uniperceiver_cli.data.shards import Manifest, Sample, write_shards
 from uniperceiver_cli.export import export
@@ -138,7 +139,7 @@ def test_expert_and_data_parallel_four_processes_equal_one(four_shards: Path, tm
 def test_a_checkpoint_resumes_only_with_its_expert_parallelism(tmp_path: Path):
     from types import SimpleNamespace
 
-    from uniperceiver_cli.model.moe import ExpertShard
+    from uniperceiver_cli.parallel.experts import ExpertShard
     from uniperceiver_cli.train.engines.deepspeed import DeepSpeedEngine
 
     folder = tmp_path / EXPERTS_DIR

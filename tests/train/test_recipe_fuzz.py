@@ -19,7 +19,7 @@ from pydantic import AfterValidator, TypeAdapter, ValidationError
 from typer.testing import CliRunner
 
 from uniperceiver_cli.cli.app import app
-from uniperceiver_cli.cli.recipes import RECIPES_DIR
+from uniperceiver_cli.train.catalogue import RECIPES_DIR
 from uniperceiver_cli.train.recipe import (
     EngineSpec,
     EvalSpec,

@@ -10,7 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 from uniperceiver_cli.cli.app import app
-from uniperceiver_cli.cli.recipes import RECIPES_DIR
+from uniperceiver_cli.train.catalogue import RECIPES_DIR
 from uniperceiver_cli.train.recipe import MAX_RECIPE_BYTES, RecipeError, local_path, read_yaml
 
 runner = CliRunner()

@@ -16,9 +16,10 @@ from pydantic import AfterValidator
 from typer.testing import CliRunner
 
 from uniperceiver_cli import create_model, save_bundle
-from uniperceiver_cli.cli import recipes
-from uniperceiver_cli.cli.recipes import RECIPES_DIR, app, load_checked, resolve_recipe, shipped_names
+from uniperceiver_cli.cli.recipes import app
 from uniperceiver_cli.data.toyworld import SHAPES, generate
+from uniperceiver_cli.train import catalogue
+from uniperceiver_cli.train.catalogue import RECIPES_DIR, load_checked, resolve_recipe, shipped_names
 from uniperceiver_cli.train.recipe import (
     EngineSpec,
     EvalSpec,
@@ -76,11 +77,11 @@ def test_resolve_names_paths_and_unknown(tmp_path: Path):
 def test_recipes_folder_from_the_environment(monkeypatch, tmp_path: Path):
     monkeypatch.setenv("UNIPERCEIVER_RECIPES", str(tmp_path))
     try:
-        assert tmp_path == importlib.reload(recipes).RECIPES_DIR
+        assert tmp_path == importlib.reload(catalogue).RECIPES_DIR
     finally:
         monkeypatch.delenv("UNIPERCEIVER_RECIPES")
-        importlib.reload(recipes)
-    assert recipes.RECIPES_DIR == RECIPES_DIR
+        importlib.reload(catalogue)
+    assert catalogue.RECIPES_DIR == RECIPES_DIR
 
 
 def test_ls_lists_every_recipe():

@@ -13,7 +13,8 @@ import yaml
 from typer.testing import CliRunner
 
 from tests.helpers import random_png
-from uniperceiver_cli.checkpoints import CheckpointError
+from uniperceiver_cli.checkpoints.errors import CheckpointError
+from uniperceiver_cli.checkpoints.runs import STATE_FILE
 from uniperceiver_cli.cli.app import app
 from uniperceiver_cli.data.shards import Manifest, Sample, write_shards
 from uniperceiver_cli.train import loop
@@ -167,7 +168,7 @@ def test_resume_refuses_a_planted_state_before_writing_the_config(data_root: Pat
     run = tmp_path / "run"
     loop.train(validate(_data(data_root)), run, stop_after=2)
     config = (run / "config.yaml").read_bytes()
-    (run / "checkpoints" / "step-0000002" / loop.STATE_FILE).write_bytes(b"PK\x03\x04 truncated")
+    (run / "checkpoints" / "step-0000002" / STATE_FILE).write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(CheckpointError):
         loop.train(validate(_data(data_root, steps=8)), run, resume="auto")
     assert (run / "config.yaml").read_bytes() == config  # steps: 4, as the run was

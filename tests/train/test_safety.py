@@ -19,10 +19,11 @@ import yaml
 from typer.testing import CliRunner
 
 from tests.helpers import Planted, random_png
-from uniperceiver_cli.checkpoints import CheckpointError
+from uniperceiver_cli.checkpoints.errors import CheckpointError
+from uniperceiver_cli.checkpoints.runs import STATE_FILE, step_folders
 from uniperceiver_cli.cli.app import app
 from uniperceiver_cli.data.shards import Manifest, Sample, write_shards
-from uniperceiver_cli.train import loop
+from uniperceiver_cli.train import checkpointing, loop, run_log
 from uniperceiver_cli.train.engines.single import load_state_file
 from uniperceiver_cli.train.recipe import validate
 from uniperceiver_cli.train.tasks import TrainTask
@@ -66,7 +67,7 @@ def _records(run: Path) -> list[dict]:
 def test_resume_refuses_a_planted_state_file(data_root: Path, tmp_path: Path):
     run = tmp_path / "run"
     loop.train(_recipe(data_root), run, stop_after=2)
-    state = run / "checkpoints" / "step-0000002" / loop.STATE_FILE
+    state = run / "checkpoints" / "step-0000002" / STATE_FILE
     assert load_state_file(state)["step"] == 2  # a real state loads with weights_only=True
     marker = tmp_path / "pwned"
     torch.save({"step": Planted(marker)}, state)
@@ -82,7 +83,7 @@ def test_a_state_written_by_an_older_version_still_resumes(data_root: Path, tmp_
     """Older states hold numpy's RNG state as a tuple with an array: numpy's plain arrays are accepted."""
     run = tmp_path / "run"
     loop.train(_recipe(data_root), run, stop_after=2)
-    path = run / "checkpoints" / "step-0000002" / loop.STATE_FILE
+    path = run / "checkpoints" / "step-0000002" / STATE_FILE
     state = load_state_file(path)
     np.random.seed(7)
     state["rng"]["numpy"] = np.random.get_state()
@@ -98,7 +99,7 @@ def test_cli_resume_with_a_planted_state_is_one_line(data_root: Path, tmp_path: 
     run = tmp_path / "run"
     loop.train(_recipe(data_root), run, stop_after=2)
     marker = tmp_path / "pwned"
-    torch.save(Planted(marker), run / "checkpoints" / "step-0000002" / loop.STATE_FILE)
+    torch.save(Planted(marker), run / "checkpoints" / "step-0000002" / STATE_FILE)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(_data(data_root)))
     result = CliRunner().invoke(app, ["pretrain", "--recipe", str(recipe), "--run-dir", str(run), "--resume", "auto",
@@ -112,9 +113,9 @@ def test_cli_resume_with_a_planted_state_is_one_line(data_root: Path, tmp_path: 
 DEEPSPEED_SCRIPT = """
 import json, sys, torch
 from pathlib import Path
-from uniperceiver_cli.checkpoints import CheckpointError
+from uniperceiver_cli.checkpoints.errors import CheckpointError
 from uniperceiver_cli.train import loop
-from uniperceiver_cli.train.engines.deepspeed import init_distributed
+from uniperceiver_cli.parallel.context import init_distributed
 from uniperceiver_cli.train.recipe import validate
 from uniperceiver_cli.train.engines.single import load_state_file
 from tests.helpers import Planted
@@ -177,7 +178,7 @@ def test_deepspeed_config_refuses_the_universal_loader(tmp_path: Path):
 def test_a_second_run_into_a_busy_run_dir_is_refused(data_root: Path, tmp_path: Path):
     run = tmp_path / "run"
     run.mkdir()
-    holder = os.open(run / loop.LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    holder = os.open(run / checkpointing.LOCK_FILE, os.O_RDWR | os.O_CREAT)
     os.write(holder, b"4242\n")
     fcntl.flock(holder, fcntl.LOCK_EX)  # another live run holds the folder
     try:
@@ -187,7 +188,7 @@ def test_a_second_run_into_a_busy_run_dir_is_refused(data_root: Path, tmp_path: 
                                           "cpu"])
         assert result.exit_code == 2, result.output
         assert result.output.count("\n") == 1 and "in use by another run (process 4242)" in result.output
-        assert sorted(p.name for p in run.iterdir()) == [loop.LOCK_FILE]  # nothing of the run was written
+        assert sorted(p.name for p in run.iterdir()) == [checkpointing.LOCK_FILE]  # nothing of the run was written
     finally:
         os.close(holder)
     loop.train(_recipe(data_root, steps=2), run)  # released: the folder is usable again
@@ -207,11 +208,11 @@ def test_a_killed_run_leaves_no_lock_that_blocks_resume(data_root: Path, tmp_pat
         while not list((run / "checkpoints").glob("step-*")) if (run / "checkpoints").exists() else True:
             assert proc.poll() is None and time.monotonic() < deadline, "the run did not reach a checkpoint"
             time.sleep(0.2)
-        assert (run / loop.LOCK_FILE).read_text().strip() == str(proc.pid)
+        assert (run / checkpointing.LOCK_FILE).read_text().strip() == str(proc.pid)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    last = int(loop._checkpoints(run)[-1].name.split("-")[1])
+    last = int(step_folders(run)[-1].name.split("-")[1])
     final = loop.train(_recipe(data_root, steps=last + 2, checkpoint_every=1), run, resume="auto")
     assert _records(run)[-1]["step"] == last + 2 and (final / "model.safetensors").is_file()
 
@@ -231,7 +232,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(data
 
     monkeypatch.setattr(TrainTask, "loss", loss_going_nan)
     run = tmp_path / "run"
-    with pytest.raises(loop.TrainingStopped) as stopped:
+    with pytest.raises(checkpointing.TrainingStopped) as stopped:
         loop.train(_recipe(data_root, log_every=5), run)
     message = str(stopped.value)
     assert "\n" not in message and message.startswith("step 3: the cls loss is nan; training stopped")
@@ -251,7 +252,7 @@ def test_non_finite_weights_are_never_saved(data_root: Path, tmp_path: Path, mon
 
     monkeypatch.setattr(loop.SingleEngine, "step", step_breaking_a_weight)
     stopped = r"^step 2: 1 weight tensor\(s\) are not finite \(head.logit_scale.downstream\)"
-    with pytest.raises(loop.TrainingStopped, match=stopped):
+    with pytest.raises(checkpointing.TrainingStopped, match=stopped):
         loop.train(_recipe(data_root), tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "final").exists()
 
@@ -279,9 +280,9 @@ def test_a_run_dir_that_cannot_be_made_is_one_line(data_root: Path, tmp_path: Pa
 
 
 def test_metrics_are_standard_json_and_skip_overflowing_norms(tmp_path: Path):
-    assert loop._finite_mean([torch.tensor(1.0), torch.tensor(float("inf")), torch.tensor(3.0)]).item() == 2.0
-    assert loop._finite_mean([torch.tensor(float("inf"))]).isnan()
-    log = loop.RunLog(tmp_path, total=1, enabled=True)
+    assert run_log._finite_mean([torch.tensor(1.0), torch.tensor(float("inf")), torch.tensor(3.0)]).item() == 2.0
+    assert run_log._finite_mean([torch.tensor(float("inf"))]).isnan()
+    log = run_log.RunLog(tmp_path, total=1, enabled=True)
     log.write({"step": 1, "grad_norm": float("nan"), "cls/loss": 0.5})
     log.close()
     assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "grad_norm": None, "cls/loss": 0.5}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from uniperceiver_cli import __version__
 from uniperceiver_cli.cli import evaluate, export, predict, prepare_data, presets, recipes, train
+from uniperceiver_cli.version import __version__
 
 app = typer.Typer(
     name="uniperceiver",

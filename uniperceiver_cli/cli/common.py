@@ -48,15 +48,17 @@ def pick_device(name: str) -> torch.device:
 
 def load_any_model(model: Path | None, preset: str | None, device: torch.device):  # noqa: ANN201
     """A bundle or official checkpoint, or a freshly initialised preset when no checkpoint is given."""
-    import uniperceiver_cli as up
+    from uniperceiver_cli.checkpoints.loading import load_model
+    from uniperceiver_cli.model.config import get_config
+    from uniperceiver_cli.model.uniperceiver import UniPerceiver
 
     if model is None:
         if preset is None:
             raise ValueError("give --model PATH (a bundle, run, training checkpoint or official file) or --preset NAME")
-        return up.create_model(preset).eval().to(device)
+        return UniPerceiver(get_config(preset)).eval().to(device)
     if not model.exists():
         raise FileNotFoundError(f"model {model} does not exist")
-    return up.load_model(model, preset=preset).to(device)
+    return load_model(model, preset=preset).to(device)
 
 
 class Vocabulary(str, Enum):

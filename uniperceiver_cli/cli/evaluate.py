@@ -48,7 +48,8 @@ def evaluate(
                                             "task whose experts to use (default: the task type's name)."),
 ) -> None:
     """Evaluate a model on one task of a converted split; writes results.json and predictions.jsonl."""
-    from uniperceiver_cli.evaluate.report import model_identity, print_results
+    from uniperceiver_cli.checkpoints.sources import model_identity
+    from uniperceiver_cli.evaluate.report import print_results
     from uniperceiver_cli.evaluate.tasks import evaluate_task
     from uniperceiver_cli.text_files import read_lines
 

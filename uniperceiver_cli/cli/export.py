@@ -50,7 +50,7 @@ def export(
             raise ValueError("give --step N or --latest, not both")
         if vocabulary is not Vocabulary.trained and not onnx:
             raise ValueError("--vocabulary chooses the ONNX caption graph's target set: it needs --onnx")
-        from uniperceiver_cli.checkpoints import find_source
+        from uniperceiver_cli.checkpoints.sources import find_source
         from uniperceiver_cli.export import export as run_export
 
         source = find_source(src, kind=source_kind.value if source_kind else None, step=step, latest=latest)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -20,14 +18,7 @@ from uniperceiver_cli.cli.common import (
     pick_device,
     user_errors,
 )
-
-if TYPE_CHECKING:
-    import torch
-
-    from uniperceiver_cli.model.uniperceiver import UniPerceiver
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-VIDEO_SUFFIXES = {".mp4", ".avi", ".webm", ".mkv", ".mov"}
+from uniperceiver_cli.predict import IMAGE_SUFFIXES, VIDEO_SUFFIXES, onnx_answerer, torch_answerer
 
 
 def _collect(paths: list[Path]) -> list[Path]:
@@ -83,10 +74,12 @@ def predict(
                 raise ValueError("--preset does not apply to an exported ONNX folder: the graphs fix the model")
             if device not in ("auto", "cpu"):
                 raise ValueError(f"--device {device}: the ONNX runtime here runs on the CPU")
-            answer, read = _onnx_task(model, names, template_list, candidates, vocabulary, beam_size, max_len)
+            answer, read = onnx_answerer(model, names, template_list, candidates, vocabulary.value, beam_size,
+                                         max_len)
         else:
-            answer, read = _torch_task(model, preset, device, names, template_list, candidates, vocabulary,
-                                       beam_size, max_len, routing_task)
+            dev = pick_device(device)
+            answer, read = torch_answerer(load_any_model(model, preset, dev), dev, names, template_list, candidates,
+                                          vocabulary.value, beam_size, max_len, routing_task)
         results, failures = [], 0
         for path in paths:
             try:
@@ -99,145 +92,6 @@ def predict(
     _show(results, as_json)
     if failures:
         raise typer.Exit(1)
-
-
-def _torch_task(model: Path | None, preset: str | None, device: str, names: list[str], templates: list[str] | None,
-                candidates: list[str], vocabulary: Vocabulary, beam_size: int, max_len: int,
-                routing_task: str | None):  # noqa: ANN202
-    """The answer to give for one file's inputs, and how to read a file, with the PyTorch model (a task-routed one
-    as ``routing_task``)."""
-    import torch
-
-    from uniperceiver_cli.evaluate.runners import label_features
-    from uniperceiver_cli.evaluate.tasks import caption_vocabulary
-    from uniperceiver_cli.model.pixels import read_video_frames
-    from uniperceiver_cli.model.preprocess import image_transform, load_image, video_views
-
-    dev = pick_device(device)
-    net = load_any_model(model, preset, dev)
-    transform = image_transform(net.config, task="classification" if names else "caption")
-    with torch.inference_mode(), net.routing_task(routing_task):
-        if names:
-            rows = net.classifier_rows(names)  # before encoding: a name the classifier lacks is refused
-            answer = Labels(names, label_features(net, names, templates), rows)
-        elif candidates:
-            answer = Texts(candidates, net.encode_text(candidates))
-        else:
-            answer = Captions(*net.caption_targets(caption_vocabulary(net, vocabulary)), beam_size, max_len)
-
-    def read(path: Path, num_frames: int) -> torch.Tensor:
-        if path.suffix.lower() in VIDEO_SUFFIXES:
-            frames = torch.from_numpy(read_video_frames(path, num_frames))
-            return video_views(frames, net.config.image_size).to(dev)
-        return transform(load_image(path))[None].to(dev)
-
-    @torch.inference_mode()
-    def respond(inputs: torch.Tensor, top_k: int) -> dict:
-        with net.routing_task(routing_task):
-            return answer(net, inputs, top_k)
-
-    return respond, read
-
-
-def _onnx_task(folder: Path, names: list[str], templates: list[str] | None, candidates: list[str],
-               vocabulary: Vocabulary, beam_size: int, max_len: int):  # noqa: ANN202
-    """As :func:`_torch_task`, on onnxruntime with numpy preprocessing (no PyTorch)."""
-    import numpy as np
-
-    from uniperceiver_cli.model.pixels import image_array, load_image, read_video_frames, video_views
-    from uniperceiver_cli.onnx.runtime import OnnxModel, softmax
-
-    net = OnnxModel(folder)
-    size = net.manifest.image_size
-    if not names and not candidates and vocabulary is Vocabulary.full and net.manifest.caption_token_ids is not None:
-        raise ValueError(f"{folder}'s caption graph scores the {len(net.manifest.caption_token_ids)} tokens it was "
-                         f"exported with; export again with --vocabulary full to decode over all of them")
-    if names:
-        rows = net.classifier_rows(names)
-        features = net.label_features(names, templates)
-
-        def answer(inputs: np.ndarray, top_k: int) -> dict:
-            probs = softmax(net.classification_logits(inputs, features, rows)).mean(0)
-            return _top(probs, names, top_k, "prob")
-    elif candidates:
-        features = net.encode_text(candidates)
-
-        def answer(inputs: np.ndarray, top_k: int) -> dict:
-            feats = net.encode_visual(inputs).mean(0)
-            return _top(features @ (feats / max(float(np.linalg.norm(feats)), 1e-12)), candidates, top_k,
-                        "similarity")
-    else:
-        # As with the bundle: "trained" decodes over the recorded caption set (a graph exported with the whole
-        # vocabulary is masked to it), "full" over every token.
-        only = net.manifest.trained_caption_token_ids if vocabulary is Vocabulary.trained else None
-
-        def answer(inputs: np.ndarray, top_k: int) -> dict:
-            one = inputs[len(inputs) // 2:len(inputs) // 2 + 1]  # a video's centre view, or the image
-            return {"caption": net.caption(one, beam_size=beam_size, max_len=max_len, only=only)[0]}
-
-    def read(path: Path, num_frames: int) -> np.ndarray:
-        if path.suffix.lower() in VIDEO_SUFFIXES:
-            return video_views(read_video_frames(path, num_frames), size)
-        return image_array(load_image(path), size, "classification" if names else "caption")[None]
-
-    return answer, read
-
-
-@dataclass
-class Labels:
-    """Zero-shot labels: the class names, their features and their classifier-prompt rows."""
-
-    names: list[str]
-    features: torch.Tensor
-    rows: torch.Tensor | None
-
-    def __call__(self, net: UniPerceiver, inputs: torch.Tensor, top_k: int) -> dict:
-        """A video arrives as its spatial views (V, T, 3, S, S); the softmax is averaged over them."""
-        scores = net.classification_logits(inputs, self.features, self.rows).float().softmax(-1).mean(0)
-        return _top(scores, self.names, top_k, "prob")
-
-
-@dataclass
-class Texts:
-    """Best-matching texts by cosine similarity; a video's views are averaged."""
-
-    texts: list[str]
-    features: torch.Tensor
-
-    def __call__(self, net: UniPerceiver, inputs: torch.Tensor, top_k: int) -> dict:
-        import torch
-
-        feats = net.encode_video(inputs) if inputs.dim() == 5 else net.encode_image(inputs)
-        scores = torch.nn.functional.normalize(feats.float().mean(0), dim=-1) @ self.features.float().t()
-        return _top(scores, self.texts, top_k, "similarity")
-
-
-@dataclass
-class Captions:
-    """Beam-search captions over a target set (features and each row's token id, None: the whole vocabulary)."""
-
-    vocabulary: torch.Tensor
-    token_ids: torch.Tensor | None
-    beam_size: int
-    max_len: int
-
-    def __call__(self, net: UniPerceiver, inputs: torch.Tensor, top_k: int) -> dict:
-        from uniperceiver_cli.model.decoding import beam_search
-        from uniperceiver_cli.model.tokenizer import get_tokenizer
-
-        one = inputs[len(inputs) // 2:len(inputs) // 2 + 1]  # a video's centre view, or the image
-        tokens = beam_search(net, one, beam_size=self.beam_size, max_len=self.max_len, vocabulary=self.vocabulary,
-                             token_ids=self.token_ids, use_cache=net.decodes_with_cache).tokens
-        return {"caption": get_tokenizer().decode_batch(tokens.cpu(), errors="ignore")[0]}
-
-
-def _top(scores: Any, entries: list[str], top_k: int, key: str) -> dict:
-    """The ``top_k`` best of ``entries`` by ``scores`` (a numpy array or a tensor, one score per entry)."""
-    import numpy as np
-
-    scores = np.asarray(scores.float().cpu() if hasattr(scores, "cpu") else scores, dtype=np.float64)
-    order = np.argsort(-scores, kind="stable")[:top_k]
-    return {"top": [{"text": entries[int(i)], key: round(float(scores[i]), 6)} for i in order]}
 
 
 def _show(results: list[dict], as_json: bool) -> None:

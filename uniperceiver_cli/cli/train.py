@@ -12,10 +12,9 @@ from uniperceiver_cli.cli.common import err_console, one_line_warnings, pick_dev
 
 def _run(stage: str, recipe: str, overrides: list[str] | None, run_dir: Path | None, resume: str | None,
          init: str | None, deepspeed: Path | None, device: str) -> None:
-    from uniperceiver_cli.cli.recipes import resolve_recipe
     from uniperceiver_cli.parallel.context import Context
+    from uniperceiver_cli.train.catalogue import load_checked
     from uniperceiver_cli.train.loop import train
-    from uniperceiver_cli.train.recipe import load_recipe
 
     with user_errors(), one_line_warnings():
         extra = list(overrides or [])
@@ -23,14 +22,14 @@ def _run(stage: str, recipe: str, overrides: list[str] | None, run_dir: Path | N
             extra.append(f"init={init}")
         if deepspeed is not None:
             extra += ["engine.kind=deepspeed", f"engine.deepspeed_config={deepspeed}"]
-        spec = load_recipe(resolve_recipe(recipe), extra)
+        spec = load_checked(recipe, extra)
         if spec.stage != stage:
             raise ValueError(f"recipe {spec.name} is a {spec.stage} recipe; run `uniperceiver {spec.stage}`")
         if stage != "pretrain" and not spec.init:
             raise ValueError(f"{stage} starts from a checkpoint: set init in the recipe or pass --init PATH")
         ctx = Context(device=pick_device(device))
         if spec.engine.kind == "deepspeed":
-            from uniperceiver_cli.train.engines.deepspeed import init_distributed
+            from uniperceiver_cli.parallel.context import init_distributed
 
             ctx = init_distributed(ctx.device)
         elif int(os.environ.get("WORLD_SIZE", "1")) > 1:

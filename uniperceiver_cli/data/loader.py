@@ -87,6 +87,11 @@ class Batch(TypedDict, total=False):
     captions: list[list[str]]  # caption and retrieval: every caption of each sample
 
 
+def visual_input(batch: Batch, device: torch.device) -> torch.Tensor:
+    """A batch's images or videos on ``device`` (a hand-made batch has no task type)."""
+    return (batch["videos"] if "videos" in batch else batch["images"]).to(device, non_blocking=True)
+
+
 @dataclass(frozen=True)
 class Shard:
     """One tar to read, how many samples it should hold when known (from the manifest), and whether ``url`` is a
@@ -477,7 +482,7 @@ def _listing(shard: Shard) -> dict[str, frozenset[str]] | None:
     if shard.remote:
         return None
     try:
-        stats = read_json(_stats_path(shard.url), "shard stats file")
+        stats = shard_stats(shard.url)
         return {key: frozenset(ext.lower() for ext in exts)
                 for key, exts in zip(stats["keys"], stats["members"], strict=True)}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -674,18 +679,14 @@ class ShardLoader:
 # ---------------------------------------------------------------------------------------------------- subset
 
 
-def _stats_path(url: str) -> Path:
-    """The stats file next to a local shard; ValueError where it resolves outside the shard's folder."""
+def shard_stats(url: str) -> dict[str, Any]:
+    """The stats file prepare-data writes next to a local shard (samples, keys, members, labels). ValueError where
+    there is none or it resolves outside the shard's folder."""
     path = Path(url).with_suffix(".json")
     if not path.resolve().is_relative_to(path.parent.resolve()):
         raise ValueError(f"stats file {path} resolves to {path.resolve()}, outside its split folder")
-    return path
-
-
-def _sidecar(url: str) -> dict[str, Any]:
-    path = _stats_path(url)
     if not path.is_file():
-        raise ValueError(f"subset needs the shard's stats file {path} (written next to each tar by prepare-data)")
+        raise ValueError(f"no stats file {path} (written next to each tar by prepare-data)")
     return read_json(path, "shard stats file")
 
 
@@ -700,7 +701,10 @@ def choose_subset(shard_urls: Sequence[str], fraction: float, seed: int, *,
     entries: list[tuple[str, str]] = []
     labels: list[int | None] = []
     for url in shard_urls:
-        stats = _sidecar(url)
+        try:
+            stats = shard_stats(url)
+        except ValueError as e:
+            raise ValueError(f"subset needs the shard's stats file: {e}") from None
         entries += [(Path(url).name, key) for key in stats["keys"]]
         labels += stats["labels"]
     rng = random.Random(seed)

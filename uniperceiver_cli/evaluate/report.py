@@ -11,17 +11,7 @@ from rich.cells import cell_len
 from rich.console import Console
 from rich.table import Table
 
-from uniperceiver_cli.checkpoints import find_source, sha256_of
 from uniperceiver_cli.evaluate.runners import EvalResult
-
-
-def model_identity(path: str | Path | None) -> dict[str, Any]:
-    """The checkpoint's path and the sha256 of its weights file (a bundle's model.safetensors, a run's or a
-    training checkpoint's weights file)."""
-    if path is None:
-        return {"path": None, "sha256": None, "note": "freshly initialised model"}
-    path = Path(path)
-    return {"path": str(path.resolve()), "sha256": sha256_of(find_source(path).weights if path.is_dir() else path)}
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -1,13 +1,12 @@
 """Evaluation runners: batches in, metrics and per-sample predictions out.
 
 Each runner takes any iterable of loader batches (``uniperceiver_cli.data.loader``), so the training
-engine can call the same code every N steps. Target sets (class names, the vocabulary) are encoded once
+loop can call the same code every N steps. Target sets (class names, the vocabulary) are encoded once
 per evaluation.
 """
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from uniperceiver_cli.data.loader import visual_input
 from uniperceiver_cli.evaluate.metrics import (
     SPICE_NOTE,
     average_views,
@@ -26,6 +26,7 @@ from uniperceiver_cli.evaluate.metrics import (
 )
 from uniperceiver_cli.model.config import SOT_ID, SPE_ID
 from uniperceiver_cli.model.decoding import beam_search
+from uniperceiver_cli.model.precision import autocast
 from uniperceiver_cli.model.tokenizer import get_tokenizer
 from uniperceiver_cli.model.uniperceiver import UniPerceiver
 from uniperceiver_cli.text_files import prompted
@@ -43,21 +44,9 @@ class EvalResult:
     notes: list[str] = field(default_factory=list)
 
 
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Mixed precision for training and evaluation: bf16 or fp16 autocast, or none (fp32); "auto" is bf16 on a
-    GPU and fp32 on a CPU."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
 def _evaluating(model: UniPerceiver) -> torch.device:
     model.eval()
-    return model.head.proj.weight.device
+    return model.device
 
 
 def label_features(model: UniPerceiver, names: Sequence[str], templates: Sequence[str] | None = None) -> torch.Tensor:
@@ -72,9 +61,8 @@ def _preview(names: Sequence[str], limit: int = 5) -> str:
 
 
 def _visual(batch: Batch, device: torch.device) -> tuple[torch.Tensor, int]:
-    """A batch's images or videos on ``device`` (a hand-made batch has no task type), and its views per sample."""
-    inputs = batch["videos"] if "videos" in batch else batch["images"]
-    return inputs.to(device, non_blocking=True), int(batch.get("num_views", 1))
+    """A batch's images or videos on ``device``, and its views per sample."""
+    return visual_input(batch, device), int(batch.get("num_views", 1))
 
 
 @torch.inference_mode()

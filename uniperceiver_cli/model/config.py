@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from uniperceiver_cli.text_files import shorten, shown
+
 SOT_ID = 49406
 EOT_ID = 49407
 MASK_ID = 49408
@@ -33,22 +35,6 @@ LIMITS = {
     "deep_prompt_length": 4096, "classifier_classes": 10**7,
 }
 MAX_PATCHES = 65536  # patches per frame: a 4096-pixel image in 16-pixel patches
-MAX_SHOWN = 80  # characters of a value an error message shows
-
-
-def shorten(text: str, limit: int = MAX_SHOWN) -> str:
-    """``text`` cut to ``limit`` characters ("..." marks a cut), for error messages that must stay one short line."""
-    return text if len(text) <= limit else f"{text[:limit - 3]}..."
-
-
-def shown(value: object) -> str:
-    """``repr(value)`` for an error message, cut to :data:`MAX_SHOWN` characters; a huge integer by its length
-    (Python refuses to write one of over 4300 digits)."""
-    if isinstance(value, int) and value.bit_length() > 4 * MAX_SHOWN:
-        return f"an integer of about {round(value.bit_length() * math.log10(2))} digits"
-    return shorten(repr(value))
-
-
 def _refuse_unknown(given: dict[str, Any], kind: type, label: str) -> None:
     unknown = sorted(set(given) - {f.name for f in dataclasses.fields(kind)}, key=str)
     if unknown:
@@ -201,6 +187,9 @@ class ModelConfig:
             self.moe = MoEConfig(**self.moe)
         if isinstance(self.prompt, dict):
             self.prompt = PromptConfig(**self.prompt)
+        if not isinstance(self.moe, (MoEConfig, type(None))) or not isinstance(self.prompt, PromptConfig):
+            raise ValueError(f"moe must be a mapping or null and prompt a mapping, got {shown(self.moe)} and "
+                             f"{shown(self.prompt)}")
         for name in ("width", "layers", "heads", "mlp_dim", "vocab_size", "max_text_len", "image_size", "patch_size",
                      "max_frames"):
             _check_int(self, name, 1)
@@ -310,3 +299,11 @@ def get_config(preset: str | ModelConfig = "base", **overrides: Any) -> ModelCon
     if "prompt" in overrides:
         overrides["prompt"] = _merge_nested(config.prompt, overrides["prompt"], PromptConfig)
     return dataclasses.replace(config, **overrides)
+
+
+def trained_config(preset: str, overrides: dict[str, Any], task_names: list[str]) -> ModelConfig:
+    """The model a recipe trains: its preset and overrides; task routing routes the recipe's tasks."""
+    config = get_config(preset, **overrides)
+    if config.moe is not None:
+        config = dataclasses.replace(config, moe=config.moe.routing_tasks(task_names))
+    return config

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -117,33 +117,30 @@ class Dispatch:
 Decision = Segments | Dispatch
 
 
-@dataclass(frozen=True)
-class ExpertShard:
-    """Expert parallelism: this process holds experts [first, first + count) of the ``total`` of every MoE layer;
-    the others are on the other processes of ``group`` (DeepSpeed's expert-parallel group), whose first process
-    is global rank ``src``."""
+class ExpertGroup(Protocol):
+    """Expert parallelism as the model sees it (:class:`~uniperceiver_cli.parallel.experts.ExpertShard` runs it):
+    this process holds experts [first, first + count) of the ``total`` of every MoE layer, the group's other processes
+    the rest. ``share``: the group's first process's tensor, on every one (gate noise: they route alike); ``sum``: the
+    sum over the group; ``exchange``: all-to-all, block r of an (n x m, ...) tensor to process r and block r back from
+    it (both autograd-aware); ``largest``: the group's maximum, without gradient."""
 
     first: int
     count: int
-    group: Any  # a torch.distributed ProcessGroup
-    src: int
-    total: int  # the experts of a layer, over the group
+    total: int
 
-    @property
-    def rank(self) -> int:
-        """This process's place in the group: the index of its share of the experts."""
-        return self.first // self.count
+    def share(self, tensor: torch.Tensor) -> torch.Tensor: ...
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
+    def exchange(self, buffer: torch.Tensor) -> torch.Tensor: ...
+    def largest(self, value: torch.Tensor) -> torch.Tensor: ...
 
 
-def _shared(noise: torch.Tensor, shard: ExpertShard | None) -> torch.Tensor:
-    """Under expert parallelism every process of the group must route alike: they all take ``src``'s noise."""
-    if shard is not None:
-        torch.distributed.broadcast(noise, src=shard.src, group=shard.group)
-    return noise
+def _shared(noise: torch.Tensor, group: ExpertGroup | None) -> torch.Tensor:
+    """Under expert parallelism every process of the group must route alike: they all take the first one's noise."""
+    return noise if group is None else group.share(noise)
 
 
 def route(logits: torch.Tensor, config: MoEConfig, training: bool,
-          shard: ExpertShard | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+          group: ExpertGroup | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k routing of (R, E) logits; noise only in training.
 
     'vmoe' adds N(0, (noise_std / E)^2) and takes gates from the noisy softmax; 'gumbel' selects on
@@ -153,10 +150,10 @@ def route(logits: torch.Tensor, config: MoEConfig, training: bool,
     """
     select = probs_from = logits
     if training and config.noise_policy == "vmoe":
-        noise = _shared(torch.randn_like(logits), shard)
+        noise = _shared(torch.randn_like(logits), group)
         select = probs_from = logits + noise * (config.noise_std / config.num_experts)
     elif training and config.noise_policy == "gumbel":
-        u = _shared(torch.rand_like(logits), shard).clamp(1e-9, 1 - 1e-9)
+        u = _shared(torch.rand_like(logits), group).clamp(1e-9, 1 - 1e-9)
         select = logits - torch.log(-torch.log(u))
     probs = probs_from.softmax(dim=-1)
     ids = select.topk(config.top_k, dim=-1).indices
@@ -167,33 +164,31 @@ def route(logits: torch.Tensor, config: MoEConfig, training: bool,
 
 
 def merge_experts(weight: torch.Tensor, bias: torch.Tensor, ids: torch.Tensor, gates: torch.Tensor,
-                  shard: ExpertShard | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  group: ExpertGroup | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Linear combination of the chosen experts: W_r = sum_k g_rk W[ids_rk] (and likewise the bias).
 
     weight (E, out, in), bias (E, out), ids and gates (R, k) -> (R, out, in), (R, out).
 
-    Under expert parallelism (``shard``) ``weight`` holds only this process's experts: each process merges the
+    Under expert parallelism (``group``) ``weight`` holds only this process's experts: each process merges the
     chosen experts it holds (the others with gate 0) and the partial merges are summed over the group. Every
     process of the group routes the same rows (one task per step), so all get the whole W_r: the weights move,
     not the tokens, and each segment still runs one linear. The sum's backward sums the gradient of W_r over the
     group, which is what the experts' owners need (DeepSpeed then reduces expert gradients over the
     expert-data-parallel group and divides by the world size, as for every other gradient).
     """
-    experts = weight.shape[0] if shard is None else shard.total
+    experts = weight.shape[0] if group is None else group.total
     # The gates as a dense (R, E) matrix: the merge is one small matmul over the experts, whose backward writes
     # each expert's gradient once (indexing the chosen experts would scatter into a zeroed (E, out, in) per call).
     # In the weights' dtype, not autocast's: the merged linear is then cast like any other weight.
     g = torch.zeros(ids.shape[0], experts, dtype=weight.dtype, device=weight.device)
     g = g.scatter_add(1, ids, gates.to(weight.dtype))
-    if shard is not None:
-        g = g[:, shard.first:shard.first + shard.count]  # the experts held here
+    if group is not None:
+        g = g[:, group.first:group.first + group.count]  # the experts held here
     with torch.autocast(weight.device.type, enabled=False):
         merged_w = (g @ weight.flatten(1)).view(-1, *weight.shape[1:])
         merged_b = g @ bias
-    if shard is not None:
-        from torch.distributed.nn.functional import all_reduce
-
-        flat = all_reduce(torch.cat([merged_w.flatten(1), merged_b], dim=1), group=shard.group)
+    if group is not None:
+        flat = group.sum(torch.cat([merged_w.flatten(1), merged_b], dim=1))
         merged_w, merged_b = flat[:, :-merged_b.shape[1]].view_as(merged_w), flat[:, -merged_b.shape[1]:]
     return merged_w, merged_b
 
@@ -240,19 +235,17 @@ def expert_compute(buffer: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
 
 def expert_parallel_compute(buffer: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                            shard: ExpertShard) -> torch.Tensor:
-    """:func:`expert_compute` when each process holds a share of the experts: DeepSpeed's all-to-all
-    (``sharded_moe._AllToAll``, autograd-aware) sends the slots of expert e to e's owner, which runs its experts
-    on the slots of every process of the group, and a second one sends the outputs back. buffer (E, C, in) with
-    the group's common capacity C -> (E, C, out)."""
-    from deepspeed.moe.sharded_moe import _AllToAll
-
-    n, (e, c, d) = torch.distributed.get_world_size(shard.group), buffer.shape
-    received = _AllToAll.apply(shard.group, buffer)  # (n * count, C, in): block r comes from process r
-    local = received.view(n, shard.count, c, d).transpose(0, 1).reshape(shard.count, n * c, d)
+                            group: ExpertGroup) -> torch.Tensor:
+    """:func:`expert_compute` when each process holds a share of the experts: an all-to-all (``group.exchange``,
+    autograd-aware) sends the slots of expert e to e's owner, which runs its experts on the slots of every process
+    of the group, and a second one sends the outputs back. buffer (E, C, in) with the group's common capacity C
+    -> (E, C, out)."""
+    n, (e, c, d) = group.total // group.count, buffer.shape
+    received = group.exchange(buffer)  # (n * count, C, in): block r comes from process r
+    local = received.view(n, group.count, c, d).transpose(0, 1).reshape(group.count, n * c, d)
     out = expert_compute(local, weight, bias)  # (count, n * C, out)
-    out = out.view(shard.count, n, c, -1).transpose(0, 1).reshape(e, c, -1)
-    return _AllToAll.apply(shard.group, out)
+    out = out.view(group.count, n, c, -1).transpose(0, 1).reshape(e, c, -1)
+    return group.exchange(out)
 
 
 def dropless_load(ids: torch.Tensor, valid: torch.Tensor | None, num_experts: int) -> torch.Tensor:
@@ -265,16 +258,14 @@ def dropless_load(ids: torch.Tensor, valid: torch.Tensor | None, num_experts: in
     return choices.sum((0, 1)).max().clamp(min=1)
 
 
-def agreed_capacity(capacity: int | torch.Tensor, shard: ExpertShard | None, device: torch.device) -> int:
+def agreed_capacity(capacity: int | torch.Tensor, group: ExpertGroup | None, device: torch.device) -> int:
     """The capacity as a number, the same on every process of an expert-parallel group (the all-to-all needs
     equal blocks): the largest of theirs. A fixed capacity needs no host sync outside expert parallelism; a
     dropless one (a device scalar) and any under expert parallelism need one, as in DeepSpeed's dropless gate."""
-    if shard is None and isinstance(capacity, int):
+    if group is None and isinstance(capacity, int):
         return capacity
     largest = torch.as_tensor(capacity, device=device)
-    if shard is not None:
-        torch.distributed.all_reduce(largest, op=torch.distributed.ReduceOp.MAX, group=shard.group)
-    return int(largest)
+    return int(largest if group is None else group.largest(largest))
 
 
 def combine(y: torch.Tensor, plan: Dispatch) -> torch.Tensor:
@@ -348,7 +339,7 @@ class _KeyedGate(nn.Module):
     """A data-independent gate: one decision per key of the call, its segments' attribute rows or its task."""
 
     by_task = False
-    shard: ExpertShard | None = None  # expert parallelism: the group whose processes route alike
+    group: ExpertGroup | None = None  # expert parallelism: the group whose processes route alike
 
     def decide(self, routing: Routing, x: torch.Tensor) -> Segments:
         """The decision for a call on x (B, S, D)."""
@@ -373,7 +364,7 @@ class AttributeGate(_KeyedGate):
         """Named attribute rows -> (expert ids (R, k), gate values (R, k))."""
         attributes = torch.stack([self.table[_ROW_INDEX[r]] for r in rows]).to(self.tag_proj.weight.dtype)
         logits = self.router(self.tag_norm(self.tag_proj(attributes)))
-        return route(logits.float(), self.config, training=self.training, shard=self.shard)
+        return route(logits.float(), self.config, training=self.training, group=self.group)
 
 
 class ModalityGate(_KeyedGate):
@@ -388,7 +379,7 @@ class ModalityGate(_KeyedGate):
     def forward(self, rows: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """Named attribute rows -> (expert ids (R, k), gate values (R, k)) by their modality alone."""
         modality = torch.stack([self.modality[_ROW_INDEX[r]] for r in rows])
-        return route(self.logits(modality).float(), self.config, training=self.training, shard=self.shard)
+        return route(self.logits(modality).float(), self.config, training=self.training, group=self.group)
 
 
 class TaskGate(_KeyedGate):
@@ -407,7 +398,7 @@ class TaskGate(_KeyedGate):
     def forward(self, tasks: tuple[str | None, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """Task names -> (expert ids (R, k), gate values (R, k)). Raises ValueError for a task not routed."""
         logits = torch.cat([self.logits.weight[i:i + 1] for i in (task_index(self.tasks, t) for t in tasks)])
-        return route(logits.float(), self.config, training=self.training, shard=self.shard)
+        return route(logits.float(), self.config, training=self.training, group=self.group)
 
 
 class FoldedGate(_KeyedGate):
@@ -451,7 +442,7 @@ class FeatureGate(nn.Module):
         self.per_sample = config.routing == "context"
         self.router = nn.Linear(width, config.num_experts, bias=False)
         self.log: RouterLog | None = None
-        self.shard: ExpertShard | None = None  # expert parallelism: the group that must agree on the capacity
+        self.group: ExpertGroup | None = None  # expert parallelism: the group that must agree on the capacity
 
     def decide(self, routing: Routing, x: torch.Tensor) -> Dispatch:
         """The decision for a call on x (B, S, D)."""
@@ -473,7 +464,7 @@ class FeatureGate(nn.Module):
         capacity = expert_capacity(b * s, self.config)
         if self.config.capacity_factor is None:  # dropless: as deep as the fullest expert needs, no deeper
             capacity = dropless_load(token_ids, token_valid, self.config.num_experts)
-        capacity = agreed_capacity(capacity, self.shard, x.device)
+        capacity = agreed_capacity(capacity, self.group, x.device)
         plan = plan_dispatch(token_ids, token_gates, token_valid, self.config.num_experts, capacity)
         if self.log is not None:
             self.log.record(logits, ids, item_valid, token_ids, token_valid, plan)
@@ -496,32 +487,16 @@ def make_gate(width: int, config: MoEConfig) -> nn.Module:
     return FeatureGate(width, config)
 
 
-def shard_experts(model: nn.Module, shard: ExpertShard) -> None:
+def shard_experts(model: nn.Module, group: ExpertGroup) -> None:
     """Keep only this process's experts in every :class:`ExpertLinear` of ``model`` (and route with the group)."""
     for module in model.modules():
         if isinstance(module, ExpertLinear):
-            part = slice(shard.first, shard.first + shard.count)
+            part = slice(group.first, group.first + group.count)
             module.weight = nn.Parameter(module.weight.detach()[part].clone())
             module.bias = nn.Parameter(module.bias.detach()[part].clone())
-            module.shard = shard
+            module.group = group
         elif isinstance(module, (_KeyedGate, FeatureGate)):
-            module.shard = shard
-
-
-def gather_experts(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every expert of every sharded :class:`ExpertLinear`, stacked from the group's processes in expert order, on
-    the host: ``{state-dict key: (E, ...)}``. A collective: every process of the group calls it; one layer's
-    experts at a time are on the device."""
-    full = {}
-    for name, module in model.named_modules():
-        if isinstance(module, ExpertLinear) and module.shard is not None:
-            size = torch.distributed.get_world_size(module.shard.group)
-            for key in ("weight", "bias"):
-                local = getattr(module, key).detach().contiguous()
-                parts = [torch.empty_like(local) for _ in range(size)]
-                torch.distributed.all_gather(parts, local, group=module.shard.group)
-                full[f"{name}.{key}"] = torch.cat(parts).cpu()
-    return full
+            module.group = group
 
 
 class ExpertLinear(nn.Module):
@@ -534,18 +509,18 @@ class ExpertLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_experts, out_features))
         bound = math.sqrt(6 / (in_features + out_features))
         nn.init.uniform_(self.weight, -bound, bound)
-        self.shard: ExpertShard | None = None  # expert parallelism: which experts this process holds
+        self.group: ExpertGroup | None = None  # expert parallelism: which experts this process holds
 
     def forward(self, x: torch.Tensor, decision: Decision) -> torch.Tensor:
         """x (B, S, in) -> (B, S, out)."""
         if isinstance(decision, Dispatch):
             buffer = dispatch(x.flatten(0, 1), decision)  # (E, C, in)
-            if self.shard is None:
+            if self.group is None:
                 y = expert_compute(buffer, self.weight, self.bias)
             else:  # each process routes its own tokens: they travel to the experts' owners and back
-                y = expert_parallel_compute(buffer, self.weight, self.bias, self.shard)
+                y = expert_parallel_compute(buffer, self.weight, self.bias, self.group)
             return combine(y, decision).view(*x.shape[:2], -1)
-        weight, bias = merge_experts(self.weight, self.bias, decision.ids, decision.gates, self.shard)
+        weight, bias = merge_experts(self.weight, self.bias, decision.ids, decision.gates, self.group)
         spans = decision.spans
         if len(spans) == 1:
             return F.linear(x, weight[0], bias[0])

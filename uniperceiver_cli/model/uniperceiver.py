@@ -42,6 +42,21 @@ def two_stream_mask(prefix: int, words: int, queries: int, device: torch.device 
     return mask
 
 
+@dataclasses.dataclass
+class Targets:
+    """What a model's weights were trained over (a bundle's ``config.json`` "targets"); None where not recorded."""
+
+    class_names: list[str] | None = None  # the class of each classifier-prompt (fc_prompt) row
+    caption_vocabulary: torch.Tensor | None = None  # the token ids caption training scored against
+
+    def apply(self, model: UniPerceiver) -> None:
+        """Set them on a model that holds these weights. Class names describe fc_prompt rows, so a model whose
+        classifier has another size (a non-strict load left it out) gets none."""
+        fits = self.class_names is not None and len(self.class_names) == model.config.prompt.classifier_classes
+        model.class_names = list(self.class_names) if fits else None
+        model.caption_vocabulary = self.caption_vocabulary
+
+
 def host_memory() -> int | None:
     """This machine's physical memory in bytes, where the system says."""
     try:
@@ -115,6 +130,10 @@ class UniPerceiver(nn.Module):
         ids = {id(p) for part in parts if part is not None
                for p in (part.parameters() if isinstance(part, nn.Module) else (part,))}
         return {name for name, p in self.named_parameters() if id(p) in ids}
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.proj.weight.device
 
     def no_weight_decay(self) -> set[str]:
         """What AdamW does not decay (reference 5.3): all but the weights of the linears and the patch conv outside
@@ -295,7 +314,7 @@ class UniPerceiver(nn.Module):
         """
         if not isinstance(texts, torch.Tensor):
             texts, padding = get_tokenizer().encode_batch(list(texts), max_len=max_len or self.config.max_text_len)
-        device = self.head.proj.weight.device
+        device = self.device
         texts = texts.to(device)
         padding = padding.to(device) if padding is not None else None
         feats = []
@@ -340,7 +359,7 @@ class UniPerceiver(nn.Module):
         """The classifier-prompt row of each class name, for ``classification_logits(..., rows=)``; None where rows
         go by position (see :func:`uniperceiver_cli.model.class_rows.classifier_rows`)."""
         rows = classifier_rows(self.class_names, self.config.prompt.classifier_classes, names)
-        return None if rows is None else torch.tensor(rows, device=self.head.proj.weight.device)
+        return None if rows is None else torch.tensor(rows, device=self.device)
 
     def classification_logits(self, inputs: torch.Tensor, targets: torch.Tensor,
                               rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -391,10 +410,11 @@ class UniPerceiver(nn.Module):
         return self.classification_logits(inputs, self.encode_text(labels), rows).softmax(dim=-1)
 
     @torch.inference_mode()
-    def caption(self, inputs: torch.Tensor, *, beam_size: int = 2, max_len: int = 21) -> list[str]:
-        """Captions for images (B, 3, H, W) or videos (B, T, 3, H, W), by cached beam search
-        (``beam_size=1`` is greedy decoding) over ``caption_vocabulary`` (None: the whole vocabulary)."""
-        vocabulary, token_ids = self.caption_targets(self.caption_vocabulary)
+    def caption(self, inputs: torch.Tensor, *, beam_size: int = 2, max_len: int = 21,
+                targets: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> list[str]:
+        """Captions for images (B, 3, H, W) or videos (B, T, 3, H, W), by cached beam search (``beam_size=1`` is
+        greedy decoding) over ``targets`` (:meth:`caption_targets`; by default ``caption_vocabulary``'s)."""
+        vocabulary, token_ids = targets or self.caption_targets(self.caption_vocabulary)
         result = beam_search(self, inputs, beam_size=beam_size, max_len=max_len, vocabulary=vocabulary,
                              token_ids=token_ids, use_cache=self.decodes_with_cache)
         return get_tokenizer().decode_batch(result.tokens, errors="ignore")

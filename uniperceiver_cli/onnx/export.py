@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from uniperceiver_cli.checkpoints import CheckpointError
+from uniperceiver_cli.checkpoints.errors import CheckpointError
 from uniperceiver_cli.model.config import EOT_ID, SPE_ID
 from uniperceiver_cli.model.decoding import CAPTION_TEXT, CAPTION_VISUAL
 from uniperceiver_cli.model.heads import TEMPERATURES

@@ -7,14 +7,12 @@ naming the file and key path, e.g. ``recipe.yaml: train.steps: must be >= 1 (got
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import re
 from dataclasses import asdict, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, NamedTuple
 
-import yaml
 from pydantic import (
     AfterValidator,
     BeforeValidator,
@@ -27,8 +25,10 @@ from pydantic import (
 from pydantic.dataclasses import dataclass
 
 from uniperceiver_cli.data.shards import is_remote
-from uniperceiver_cli.model.config import LIMITS, ModelConfig, get_config, shorten, shown
+from uniperceiver_cli.model.config import LIMITS, ModelConfig, trained_config
 from uniperceiver_cli.task_types import TASKS
+from uniperceiver_cli.text_files import read_yaml as _read_yaml
+from uniperceiver_cli.text_files import shorten, shown
 
 STRICT = ConfigDict(extra="forbid")
 MAX_RECIPE_BYTES = 2**20  # a recipe is a few kilobytes (the largest shipped one, 7 KB)
@@ -279,10 +279,7 @@ class Recipe:
 
     def model_config(self) -> ModelConfig:
         """The model this recipe trains: its preset and overrides; task routing routes the recipe's tasks."""
-        config = get_config(self.model.preset, **self.model.overrides)
-        if config.moe is not None:
-            config = dataclasses.replace(config, moe=config.moe.routing_tasks([t.name for t in self.tasks]))
-        return config
+        return trained_config(self.model.preset, self.model.overrides, [t.name for t in self.tasks])
 
 
 def _location(error: dict[str, Any]) -> str:
@@ -297,56 +294,10 @@ def _message(error: dict[str, Any]) -> str:
     return error["msg"]
 
 
-def _one_line(text: object) -> str:
-    return shorten(" ".join(str(text).split()), 200)
-
-
-class _Refused(yaml.MarkedYAMLError):
-    """YAML that a recipe may not hold; reported as ``line N: problem``."""
-
-
-class _RecipeLoader(yaml.SafeLoader):
-    """YAML's safe loader without anchors and aliases (1.6 KB of nested aliases expand to gigabytes) and without
-    repeated keys (which PyYAML would take silently, the last one winning)."""
-
-    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
-        event = self.peek_event()
-        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-            raise _Refused(problem="anchors and aliases (&name, *name) are not allowed: write the value out",
-                           problem_mark=event.start_mark)
-        return super().compose_node(parent, index)
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        lines: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if isinstance(key_node, yaml.ScalarNode):  # a list or mapping as a key is refused as unhashable
-                key, line = self.construct_object(key_node), key_node.start_mark.line + 1
-                if key in lines:
-                    raise _Refused(problem=f"key {shown(key)} is given twice (lines {lines[key]} and {line})",
-                                   problem_mark=key_node.start_mark)
-                lines[key] = line
-        return super().construct_mapping(node, deep)
-
-
 def read_yaml(text: str, source: str) -> Any:
     """Parsed YAML without anchors, aliases or repeated keys; any problem is a one-line :class:`RecipeError`
     starting with ``source``."""
-    try:
-        return yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader
-    except _Refused as e:
-        raise RecipeError(f"{source}: line {e.problem_mark.line + 1}: {e.problem}") from None
-    except yaml.reader.ReaderError as e:  # a control character, such as a null byte
-        line = text.count("\n", 0, e.position) + 1
-        raise RecipeError(f"{source}: line {line} is not valid YAML (character #x{e.character:04x} is not allowed)"
-                          ) from None
-    except yaml.MarkedYAMLError as e:
-        where = f" line {e.problem_mark.line + 1}" if e.problem_mark is not None else ""
-        problem = "; ".join(part for part in (e.context, e.problem) if part)  # "while parsing ...", what was found
-        raise RecipeError(f"{source}:{where} is not valid YAML ({_one_line(problem or e)})") from None
-    except (yaml.YAMLError, ValueError) as e:  # ValueError: a tagged or date-like scalar that does not convert
-        raise RecipeError(f"{source}: is not valid YAML ({_one_line(e)})") from None
-    except RecursionError:
-        raise RecipeError(f"{source}: is nested too deeply to be a recipe") from None
+    return _read_yaml(text, source, RecipeError)
 
 
 def parse_value(text: str, source: str = "override") -> Any:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from uniperceiver_cli.data.corpus import corpus_tokens
-from uniperceiver_cli.data.loader import Batch
+from uniperceiver_cli.data.loader import Batch, visual_input
 from uniperceiver_cli.data.shards import Manifest
 from uniperceiver_cli.model.config import EOT_ID
 from uniperceiver_cli.model.tokenizer import get_tokenizer
@@ -85,12 +85,12 @@ class TrainTask:
 
     def _loss(self, model: UniPerceiver, batch: Batch, generator: torch.Generator | None
               ) -> tuple[torch.Tensor, dict[str, float]]:
-        device = model.head.proj.weight.device
+        device = model.device
         family = self.kind.family
         if family == "classification":
             loss, metrics = self._classification(model, batch, device)
         elif family == "retrieval":
-            logits = model.retrieval_logits(self._visual(batch, device), batch["text_ids"].to(device),
+            logits = model.retrieval_logits(visual_input(batch, device), batch["text_ids"].to(device),
                                             batch["text_padding"].to(device))
             loss, metrics = retrieval_loss(logits, self.spec.label_smoothing), {}
         elif family == "caption":
@@ -99,11 +99,8 @@ class TrainTask:
             loss, metrics = self._mlm(model, batch, device, generator)
         return loss * self.spec.loss_weight, metrics
 
-    def _visual(self, batch: Batch, device: torch.device) -> torch.Tensor:
-        return batch["videos" if self.kind.modality == "video" else "images"].to(device, non_blocking=True)
-
     def _classification(self, model: UniPerceiver, batch: Batch, device: torch.device):  # noqa: ANN202
-        inputs, labels = self._visual(batch, device), batch["labels"].to(device)
+        inputs, labels = visual_input(batch, device), batch["labels"].to(device)
         target: torch.Tensor = labels
         if self.mixup is not None and inputs.dim() == 4 and inputs.shape[0] % 2 == 0:
             inputs, target = self.mixup(inputs, labels)
@@ -132,7 +129,7 @@ class TrainTask:
                  generator: torch.Generator | None):  # noqa: ANN202
         ids, padding = batch["text_ids"].to(device), batch["text_padding"].to(device)
         vocabulary, rows = self._targets(model, ids[~padding].unique(), device, generator)
-        logits = model.caption_logits(self._visual(batch, device), ids, padding, vocabulary)  # (B, n, K)
+        logits = model.caption_logits(visual_input(batch, device), ids, padding, vocabulary)  # (B, n, K)
         target = rows[ids].masked_fill(padding, -1)
         loss = cross_entropy(logits.flatten(0, 1), target.flatten(), self.spec.label_smoothing)
         valid = target != -1

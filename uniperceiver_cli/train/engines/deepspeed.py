@@ -1,12 +1,6 @@
 """``engine: deepspeed``: the one training loop under ``deepspeed.initialize`` (data parallel, ZeRO 0/1/2, bf16/fp16).
 
-Launchers. :func:`init_distributed` reads the environment that ``deepspeed``, ``torchrun`` and SLURM ``srun``
-leave behind (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``, or ``SLURM_PROCID``/
-``SLURM_NTASKS``/``SLURM_LOCALID``/``SLURM_JOB_NODELIST``), starts ``torch.distributed`` through DeepSpeed
-(nccl on GPUs, gloo on CPUs) and returns this process's :class:`~uniperceiver_cli.parallel.context.Context`.
-Started without any launcher it runs as a world of one.
-
-Engine. :class:`DeepSpeedEngine` offers what :class:`~uniperceiver_cli.train.loop.SingleEngine` offers. The
+:class:`DeepSpeedEngine` offers what :class:`~uniperceiver_cli.train.engines.single.SingleEngine` offers. The
 recipe builds the optimizer and schedule (:mod:`uniperceiver_cli.train.optim`) and DeepSpeed steps them. How the
 loop's calls map onto DeepSpeed:
 
@@ -29,128 +23,22 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 import re
-import shutil
-import socket
-import subprocess
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from uniperceiver_cli.checkpoints import STATE_GLOBALS, deepspeed_records, torch_load
 from uniperceiver_cli.checkpoints.runs import CLIENT_KEY, DEEPSPEED_DIR, DEEPSPEED_TAG, EXPERTS_DIR, expert_shard_file
-from uniperceiver_cli.model.moe import ExpertLinear, ExpertShard, gather_experts, shard_experts
+from uniperceiver_cli.checkpoints.safe_load import STATE_GLOBALS, deepspeed_records, torch_load
+from uniperceiver_cli.model.moe import ExpertLinear
+from uniperceiver_cli.parallel import experts
 from uniperceiver_cli.parallel.context import Context
 from uniperceiver_cli.text_files import read_json
 from uniperceiver_cli.train.engines.protocol import FP16_GROWTH_INTERVAL, FP16_INITIAL_SCALE_POWER
 from uniperceiver_cli.train.optim import build_optimizer, build_scheduler, param_groups
 from uniperceiver_cli.train.recipe import Recipe
-
-DEFAULT_PORT = 29500
-
-
-# ------------------------------------------------------------------------------------------------- launchers
-
-
-def first_host(nodelist: str) -> str:
-    """The first host of a SLURM node list (``node[07-09,12],gpu3`` -> ``node07``), without ``scontrol``."""
-    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
-    if match is None or not match.group(1):
-        raise ValueError(f"cannot read the SLURM node list {nodelist!r}")
-    prefix, ranges = match.groups()
-    return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
-
-
-def _scontrol_first_host(nodelist: str) -> str | None:
-    if shutil.which("scontrol") is None:
-        return None
-    try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                             timeout=30, check=True).stdout.split()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out[0] if out else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launcher_env(environ: Mapping[str, str]) -> dict[str, str]:
-    """The ``torch.distributed`` variables that this process still lacks, from whichever launcher started it.
-
-    - ``deepspeed`` and ``torchrun`` set ``RANK`` and ``WORLD_SIZE`` (and the rest): nothing to add.
-    - SLURM ``srun``: rank, world size and local rank from ``SLURM_PROCID``, ``SLURM_NTASKS`` and
-      ``SLURM_LOCALID``; ``MASTER_ADDR`` (unless set) is the first host of ``SLURM_JOB_NODELIST``, by
-      ``scontrol show hostnames`` when it is there; ``MASTER_PORT`` (unless set) is derived from the job id, so
-      two jobs sharing a node do not collide.
-    - No launcher: a world of one on this machine, on a free port.
-    """
-    env: dict[str, str] = {}
-    if "RANK" in environ and "WORLD_SIZE" in environ:
-        env["LOCAL_RANK"] = environ.get("LOCAL_RANK", "0")
-        env["MASTER_ADDR"] = environ.get("MASTER_ADDR", "127.0.0.1")
-        env["MASTER_PORT"] = environ.get("MASTER_PORT", str(DEFAULT_PORT))
-    elif "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
-        env["RANK"], env["WORLD_SIZE"] = environ["SLURM_PROCID"], environ["SLURM_NTASKS"]
-        env["LOCAL_RANK"] = environ.get("SLURM_LOCALID", "0")
-        if "MASTER_ADDR" in environ:
-            env["MASTER_ADDR"] = environ["MASTER_ADDR"]
-        else:
-            nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
-            if not nodelist:
-                raise RuntimeError("under SLURM without SLURM_JOB_NODELIST: set MASTER_ADDR to the first node's name")
-            env["MASTER_ADDR"] = _scontrol_first_host(nodelist) or first_host(nodelist)
-        job = environ.get("SLURM_JOB_ID", "")
-        port = str(DEFAULT_PORT + int(job) % 10000) if job.isdigit() else str(DEFAULT_PORT)
-        env["MASTER_PORT"] = environ.get("MASTER_PORT", port)
-    else:
-        env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": environ.get("MASTER_PORT", str(_free_port()))}
-    return {key: value for key, value in env.items() if environ.get(key) != value}
-
-
-def init_distributed(device: torch.device) -> Context:
-    """Start ``torch.distributed`` through DeepSpeed for whichever launcher started this process.
-
-    Args:
-        device: the device asked for (``--device``): CUDA if its type is ``cuda`` and CUDA is available, else
-            CPU. On CUDA each process takes ``cuda:LOCAL_RANK`` (modulo the GPUs it sees) and the backend is
-            nccl; on CPU it is gloo.
-
-    Returns:
-        This process's rank, the world size and its device.
-    """
-    os.environ.update(launcher_env(os.environ))
-    cuda = device.type == "cuda" and torch.cuda.is_available()
-    if not cuda:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported: it picks its accelerator then
-    import deepspeed
-
-    if not cuda:
-        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op when it starts (about 50 s on a
-        # first run). Only DeepSpeed-inference's tensor-parallel all-reduce uses it; training's collectives
-        # are gloo's. Marking the op incompatible skips the build (DeepSpeed caches this table in its module
-        # "so edits to it persist").
-        compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
-        if isinstance(compatible, dict):
-            compatible["deepspeed_shm_comm"] = False
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if cuda:
-        # All of the node's GPUs visible (deepspeed, torchrun, srun --gpus-per-node): cuda:LOCAL_RANK. One GPU
-        # per task (srun --gpus-per-task=1): cuda:0.
-        local_rank %= torch.cuda.device_count()
-        torch.cuda.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
-                               distributed_port=int(os.environ["MASTER_PORT"]), verbose=False)
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return Context(rank=rank, world_size=world, device=torch.device(f"cuda:{local_rank}" if cuda else "cpu"))
-
 
 # ------------------------------------------------------------------------------------------------- config
 
@@ -278,59 +166,6 @@ def _scalars_broadcast_here(model: torch.nn.Module) -> Iterator[None]:
 
 
 # ------------------------------------------------------------------------------------------------- experts
-def _expert_group(model: torch.nn.Module, size: int, ctx: Context) -> ExpertShard:
-    """DeepSpeed's expert-parallel groups for ``size``, and this process's share of the experts."""
-    from deepspeed.utils import groups
-
-    moe = getattr(model.config, "moe", None)
-    if moe is None:
-        raise ValueError(f"engine.expert_parallel {size} needs an MoE model; the recipe's model has no experts")
-    if moe.num_experts % size or ctx.world_size % size:
-        raise ValueError(f"engine.expert_parallel {size} must divide the model's {moe.num_experts} experts and the "
-                         f"{ctx.world_size} processes")
-    name = f"ep_size_{size}"
-    if name not in groups._get_expert_parallel_group_dict():
-        groups._create_expert_and_data_parallel(size)
-    group = groups._get_expert_parallel_group(name)
-    count = moe.num_experts // size
-    first = groups._get_expert_parallel_rank(name) * count
-    return ExpertShard(first, count, group, torch.distributed.get_global_rank(group, 0), moe.num_experts)
-
-
-def _register_experts(model: torch.nn.Module, shard: ExpertShard, size: int) -> None:
-    """Shard the experts and make DeepSpeed treat them as its own expert parameters.
-
-    DeepSpeed recognises expert parameters by ``allreduce = False`` and ``group_name``: it broadcasts them at
-    start-up within the expert-data-parallel group only, reduces their gradients over that group, and ZeRO
-    partitions their optimizer state over it. Its engine and ZeRO switch that on only for a model holding one of
-    its ``MoE`` modules, so the model gets an empty one that registers the group. It holds no experts: our
-    experts are the model's ``ExpertLinear`` slices, which :meth:`DeepSpeedEngine.save` writes itself (DeepSpeed
-    writes per-expert files only for its own expert modules and the module states only from rank 0).
-    """
-    from deepspeed.moe.layer import MoE
-
-    class ExpertRegistration(MoE):
-        def __init__(self) -> None:
-            torch.nn.Module.__init__(self)
-            self.num_experts, self.ep_size = model.config.moe.num_experts, size
-            self.expert_group_name = f"ep_size_{size}"
-            self.num_local_experts = 0  # no per-expert files of DeepSpeed's: see DeepSpeedEngine.save
-
-        def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
-            pass  # the groups exist already (_expert_group)
-
-        def forward(self, *args: Any, **kwargs: Any) -> None:
-            raise RuntimeError("the expert registration is not a layer")
-
-    shard_experts(model, shard)
-    for module in model.modules():
-        if isinstance(module, ExpertLinear):
-            for param in module.parameters():
-                param.allreduce = False
-                param.group_name = f"ep_size_{size}"
-    model.add_module("deepspeed_experts", ExpertRegistration())
-
-
 def _expert_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """The optimizer's groups with the experts in groups of their own, as DeepSpeed's ZeRO requires."""
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
@@ -338,12 +173,6 @@ def _expert_param_groups(model: torch.nn.Module, weight_decay: float) -> list[di
     named = [{**group, "name": name} for name, group in zip(("decay", "no_decay"), param_groups(model, weight_decay),
                                                                 strict=True)]
     return [group for group in split_params_into_different_moe_groups_for_optimizer(named) if group["params"]]
-
-
-def _local_experts(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {f"{name}.{key}": getattr(module, key).detach().cpu().contiguous()
-            for name, module in model.named_modules() if isinstance(module, ExpertLinear)
-            for key in ("weight", "bias")}
 
 
 class DeepSpeedEngine:
@@ -357,7 +186,7 @@ class DeepSpeedEngine:
     def __init__(self, model: torch.nn.Module, recipe: Recipe, ctx: Context, run_dir: Path) -> None:
         import deepspeed
 
-        self.shard: ExpertShard | None = None
+        self.shard: experts.ExpertShard | None = None
         self.expert_parallel = recipe.engine.expert_parallel
         self.config = deepspeed_config(recipe, ctx.world_size, run_dir)
         groups = None
@@ -369,8 +198,8 @@ class DeepSpeedEngine:
             if self.config["zero_optimization"].get("load_from_fp32_weights") is False:
                 raise ValueError("engine.expert_parallel needs zero_optimization.load_from_fp32_weights (the "
                                  "default): on resume each process's experts come from its own fp32 state")
-            self.shard = _expert_group(model, self.expert_parallel, ctx)
-            _register_experts(model, self.shard, self.expert_parallel)  # before the move: no device holds every expert
+            self.shard = experts.expert_group(model, self.expert_parallel, ctx)
+            experts.register_experts(model, self.shard, self.expert_parallel)  # on the host: no device holds them all
             groups = _expert_param_groups(model, recipe.train.weight_decay)
         model = model.to(ctx.device)
         optimizer = build_optimizer(model, recipe.train, groups)
@@ -413,22 +242,8 @@ class DeepSpeedEngine:
             if self.shard is None:
                 self.norm = torch.nn.utils.clip_grad_norm_(params, self.clip)
             else:
-                self.norm = self._clip_with_experts(params)
+                self.norm = experts.clip_with_experts(params, self.clip, self.shard)
         self.engine.step()
-
-    def _clip_with_experts(self, params: list[torch.nn.Parameter]) -> torch.Tensor:
-        """clip_grad_norm_ over the whole model when each process holds a share of the experts: the experts' part
-        of the squared norm is summed over the expert-parallel group (the other parameters are alike everywhere)."""
-        zero = torch.zeros((), device=params[0].device)
-        expert = [p.grad.detach().float().pow(2).sum() for p in params if getattr(p, "allreduce", True) is False]
-        dense = [p.grad.detach().float().pow(2).sum() for p in params if getattr(p, "allreduce", True)]
-        experts = torch.stack(expert or [zero]).sum()
-        torch.distributed.all_reduce(experts, group=self.shard.group)
-        norm = (torch.stack(dense or [zero]).sum() + experts).sqrt()
-        scale = (self.clip / (norm + 1e-6)).clamp(max=1.0)
-        for p in params:
-            p.grad.detach().mul_(scale.to(p.grad.dtype))
-        return norm
 
     def step(self) -> torch.Tensor | None:
         """DeepSpeed stepped in the last ``micro_step``; returns the global gradient norm when known."""
@@ -446,20 +261,15 @@ class DeepSpeedEngine:
         process calls it. ``client`` (the loop's state) travels inside it."""
         self.engine.save_checkpoint(str(Path(directory) / DEEPSPEED_DIR), tag=DEEPSPEED_TAG,
                                     client_state={CLIENT_KEY: client})
-        if self.shard is not None and self._writes_experts():
+        if self.shard is not None and experts.writes_experts(self.expert_parallel):
             from safetensors.torch import save_file
 
             folder = Path(directory) / EXPERTS_DIR
             folder.mkdir(exist_ok=True)
-            save_file(_local_experts(self.model), folder / expert_shard_file(self.shard.rank, self.expert_parallel),
+            save_file(experts.local_experts(self.model),
+                      folder / expert_shard_file(self.shard.rank, self.expert_parallel),
                       metadata={"first": str(self.shard.first), "count": str(self.shard.count),
                                 "num_experts": str(self.shard.count * self.expert_parallel)})
-
-    def _writes_experts(self) -> bool:
-        """One process per expert shard writes it: the first of its expert-data-parallel group."""
-        from deepspeed.utils import groups
-
-        return groups._get_expert_data_parallel_rank(f"ep_size_{self.expert_parallel}") == 0
 
     def load(self, directory: Path) -> dict[str, Any]:
         """Restore what :meth:`save` wrote; returns the loop's state. Every process calls it."""
@@ -496,7 +306,7 @@ class DeepSpeedEngine:
             tensors = load_file(path)
         except (SafetensorError, OSError) as e:
             raise ValueError(f"cannot read {path}: {e}") from None
-        local = _local_experts(self.model)
+        local = experts.local_experts(self.model)
         if tensors.keys() != local.keys() or any(tensors[k].shape != local[k].shape for k in local):
             raise ValueError(f"{path} does not hold this model's experts {self.shard.first}.."
                              f"{self.shard.first + self.shard.count - 1}")
@@ -511,13 +321,13 @@ class DeepSpeedEngine:
         process calls it; the main process gets a copy with every expert (the others None)."""
         if self.shard is None:
             return self.model
-        full = gather_experts(self.model)
+        full = experts.gather_experts(self.model)
         if torch.distributed.get_rank() != 0:
             return None
         from uniperceiver_cli.model.uniperceiver import UniPerceiver
 
         model = UniPerceiver(self.model.config)  # on the host, filled, then moved: one full copy on the device
         model.load_state_dict({**{k: v.cpu() for k, v in self.model.state_dict().items()}, **full})
-        model = model.to(next(self.model.parameters()).device)
+        model = model.to(self.model.device)
         model.class_names, model.caption_vocabulary = self.model.class_names, self.model.caption_vocabulary
         return model

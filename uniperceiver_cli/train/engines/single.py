@@ -7,8 +7,9 @@ from typing import Any
 
 import torch
 
-from uniperceiver_cli.checkpoints import STATE_GLOBALS, CheckpointError, torch_load
+from uniperceiver_cli.checkpoints.errors import CheckpointError
 from uniperceiver_cli.checkpoints.runs import STATE_FILE
+from uniperceiver_cli.checkpoints.safe_load import STATE_GLOBALS, torch_load
 from uniperceiver_cli.model.uniperceiver import UniPerceiver
 from uniperceiver_cli.parallel.context import Context
 from uniperceiver_cli.train.engines.protocol import FP16_GROWTH_INTERVAL, FP16_INITIAL_SCALE_POWER
