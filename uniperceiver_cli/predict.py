@@ -6,15 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from uniperceiver_cli.data.shards import VIDEO_EXTS
+from uniperceiver_cli.data.shards import VIDEO_SUFFIXES
 
 if TYPE_CHECKING:
     import torch
 
     from uniperceiver_cli.model.uniperceiver import UniPerceiver
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-VIDEO_SUFFIXES = {f".{ext}" for ext in VIDEO_EXTS}
 
 
 def torch_answerer(net: UniPerceiver, dev: torch.device, names: list[str], templates: list[str] | None,

@@ -88,7 +88,7 @@ def _our_config(state: dict[str, torch.Tensor], path: Path) -> ModelConfig:
             from None
     if preset_of(config.width, config.layers, config.mlp_dim, config.moe is not None) is not None:
         return config  # infer_config took that preset's head count and other fields
-    raise CheckpointError(f"{path} has no config.yaml next to its checkpoints/ and its shapes (width "
+    raise CheckpointError(f"{path} has no model.json or config.yaml next to its checkpoints/ and its shapes (width "
                           f"{config.width}, {config.layers} layers, MLP {config.mlp_dim}) match no preset; give "
                           f"--preset")
 

@@ -2,7 +2,7 @@
 
     RUN_DIR/config.yaml                     the resolved recipe (what ran)
     RUN_DIR/model.json                      the model config training built, as data (older runs lack it)
-    RUN_DIR/metrics.jsonl, tensorboard/     the run log
+    RUN_DIR/metrics.jsonl, tensorboard/     the run log; RUN_DIR/.lock, held by the run training into it
     RUN_DIR/checkpoints/step-NNNNNNN/       a training checkpoint: state.pt (single engine) or deepspeed/ (+ experts/)
     RUN_DIR/final/                          the final bundle
     RUN_DIR/eval/                           evaluations
@@ -21,6 +21,10 @@ from uniperceiver_cli.text_files import read_small, read_yaml
 
 CONFIG_FILE = "config.yaml"
 MODEL_CONFIG_FILE = "model.json"
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+EVAL_DIR = "eval"
+LOCK_FILE = ".lock"  # held (flock) by the process training into the run directory
 CHECKPOINTS_DIR = "checkpoints"
 FINAL_DIR = "final"
 STATE_FILE = "state.pt"  # the single engine's checkpoint inside checkpoints/step-N
@@ -43,6 +47,11 @@ def step_folder(run_dir: Path, step: int) -> Path:
 
 def step_of(folder: Path) -> int:
     return int(folder.name.split("-")[1])
+
+
+def writing_folder(folder: Path) -> Path:
+    """Where a checkpoint folder is written before it is renamed into place (never listed as a step folder)."""
+    return folder.with_name(f".tmp-{folder.name}")
 
 
 def step_folders(run_dir: Path) -> list[Path]:

@@ -252,10 +252,10 @@ def _run_choice(run_dir: Path, step: int | None, latest: bool) -> Path:
         if not folders:
             raise CheckpointError(f"run {run_dir} has no checkpoints")
         return folders[-1]
-    if not (run_dir / "final").is_dir():
+    if not (run_dir / runs.FINAL_DIR).is_dir():
         raise CheckpointError(f"run {run_dir} has no final/ bundle (not finished); pick a checkpoint with --step N "
                               f"(available: {available}) or --latest")
-    return run_dir / "final"
+    return run_dir / runs.FINAL_DIR
 
 
 def _file_source(file: Path, kind: str | None, given: Path | None, label: Path) -> Source:

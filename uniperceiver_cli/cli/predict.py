@@ -18,14 +18,15 @@ from uniperceiver_cli.cli.common import (
     pick_device,
     user_errors,
 )
-from uniperceiver_cli.predict import IMAGE_SUFFIXES, VIDEO_SUFFIXES, onnx_answerer, torch_answerer
+from uniperceiver_cli.data.shards import IMAGE_SUFFIXES, VIDEO_SUFFIXES
+from uniperceiver_cli.predict import onnx_answerer, torch_answerer
 
 
 def _collect(paths: list[Path]) -> list[Path]:
     files: list[Path] = []
     for path in paths:
         if path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES))
+            files.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES + VIDEO_SUFFIXES))
         elif path.exists():
             files.append(path)
         else:

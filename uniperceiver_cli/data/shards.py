@@ -37,6 +37,8 @@ FORMAT = "uniperceiver-shards"
 MANIFEST = "manifest.json"
 IMAGE_EXTS = ("jpg", "png")
 VIDEO_EXTS = ("mp4", "avi", "webm", "mkv", "mov")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")  # the image files read
+VIDEO_SUFFIXES = tuple(f".{ext}" for ext in VIDEO_EXTS)
 MAX_SKIP_EXAMPLES = 100
 SHARD_NAME = re.compile(r"shard-[0-9]{6,}\.tar")  # what write_shards names a shard: a file in the split's folder
 

@@ -48,9 +48,7 @@ def _rebuilt(model: UniPerceiver, config: ModelConfig, merged: dict[str, torch.T
     rebuilt = UniPerceiver(config).to(reference.device, reference.dtype)
     source = model.state_dict()
     rebuilt.load_state_dict({key: merged[key] if key in merged else source[key] for key in rebuilt.state_dict()})
-    rebuilt.class_names = None if model.class_names is None else list(model.class_names)
-    vocabulary = model.caption_vocabulary
-    rebuilt.caption_vocabulary = None if vocabulary is None else vocabulary.clone()
+    rebuilt.targets = model.targets
     return rebuilt.eval()
 
 

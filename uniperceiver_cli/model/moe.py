@@ -122,7 +122,8 @@ class ExpertGroup(Protocol):
     this process holds experts [first, first + count) of the ``total`` of every MoE layer, the group's other processes
     the rest. ``share``: the group's first process's tensor, on every one (gate noise: they route alike); ``sum``: the
     sum over the group; ``exchange``: all-to-all, block r of an (n x m, ...) tensor to process r and block r back from
-    it (both autograd-aware); ``largest``: the group's maximum, without gradient."""
+    it (both autograd-aware); ``largest``: the group's maximum, without gradient; ``gather``: every process's
+    experts stacked in expert order (for checkpoints and evaluation, outside the forward pass)."""
 
     first: int
     count: int
@@ -132,6 +133,7 @@ class ExpertGroup(Protocol):
     def sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
     def exchange(self, buffer: torch.Tensor) -> torch.Tensor: ...
     def largest(self, value: torch.Tensor) -> torch.Tensor: ...
+    def gather(self, local: torch.Tensor) -> torch.Tensor: ...
 
 
 def _shared(noise: torch.Tensor, group: ExpertGroup | None) -> torch.Tensor:

@@ -135,6 +135,15 @@ class UniPerceiver(nn.Module):
     def device(self) -> torch.device:
         return self.head.proj.weight.device
 
+    @property
+    def targets(self) -> Targets:
+        """What the weights were trained over, as one object: copied whole to a model of the same weights."""
+        return Targets(self.class_names, self.caption_vocabulary)
+
+    @targets.setter
+    def targets(self, value: Targets) -> None:
+        self.class_names, self.caption_vocabulary = value.class_names, value.caption_vocabulary
+
     def no_weight_decay(self) -> set[str]:
         """What AdamW does not decay (reference 5.3): all but the weights of the linears and the patch conv outside
         the MoE gates, so norms, biases, embedding tables, temperatures, layer scales, gates and prompts."""

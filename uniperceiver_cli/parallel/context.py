@@ -127,3 +127,13 @@ def init_distributed(device: torch.device) -> Context:
                                distributed_port=int(os.environ["MASTER_PORT"]), verbose=False)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     return Context(rank=rank, world_size=world, device=torch.device(f"cuda:{local_rank}" if cuda else "cpu"))
+
+
+def on_any_process(flag: bool | torch.Tensor, ctx: Context) -> bool:
+    """Whether ``flag`` (a bool, or a device tensor read here) holds on any process: one all-reduce when there are
+    several, and one host sync."""
+    if ctx.world_size == 1:
+        return bool(flag)
+    value = torch.as_tensor(flag, dtype=torch.float32, device=ctx.device).reshape(1)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())

@@ -19,14 +19,22 @@ from rich.console import Console
 from rich.markup import escape
 
 from uniperceiver_cli.checkpoints.bundle import save_bundle
-from uniperceiver_cli.checkpoints.runs import DEEPSPEED_DIR, FINAL_DIR, STATE_FILE, step_folder, step_folders
+from uniperceiver_cli.checkpoints.runs import (
+    DEEPSPEED_DIR,
+    FINAL_DIR,
+    LOCK_FILE,
+    METRICS_FILE,
+    STATE_FILE,
+    step_folder,
+    step_folders,
+    writing_folder,
+)
 from uniperceiver_cli.model.uniperceiver import UniPerceiver
-from uniperceiver_cli.parallel.context import Context
+from uniperceiver_cli.parallel.context import Context, on_any_process
 from uniperceiver_cli.train.engines.protocol import Engine
 
 err_console = Console(stderr=True)  # the run's warnings and progress
 
-LOCK_FILE = ".lock"  # held (flock) by the process training into a run directory
 
 
 class RunDirBusy(ValueError):
@@ -124,7 +132,7 @@ def find_resume(run_dir: Path, resume: str | None) -> Path | None:
 def took_a_step(run_dir: Path) -> bool:
     """Whether a run in ``run_dir`` logged a step or wrote a checkpoint or its final bundle; one that failed
     before (a recipe error at its start) leaves nothing a new run must not overwrite."""
-    metrics = run_dir / "metrics.jsonl"
+    metrics = run_dir / METRICS_FILE
     return (metrics.is_file() and metrics.stat().st_size > 0) or bool(step_folders(run_dir)) \
         or (run_dir / FINAL_DIR).exists()
 
@@ -159,7 +167,7 @@ def save_checkpoint(engine: Engine, ctx: Context, run_dir: Path, step: int, cons
     line; the checkpoints already written stay."""
     check_weights(engine.model, step, run_dir)
     target = step_folder(run_dir, step)
-    tmp = target.with_name(f".tmp-{target.name}")
+    tmp = writing_folder(target)
     client = {"step": step, "consumed": consumed, "rng": _rng_state(), "generator": generator.get_state()}
 
     def prepare() -> None:
@@ -218,12 +226,3 @@ def _writing(folder: Path) -> Iterator[None]:
         else:  # not a failed write: a bug must show as itself
             raise
         raise CheckpointWriteError(f"cannot write {folder}: {reason}") from None
-
-
-def on_any_process(flag: bool, ctx: Context) -> bool:
-    """Whether ``flag`` holds on any process (one all-reduce when there are several)."""
-    if ctx.world_size == 1:
-        return flag
-    value = torch.tensor([float(flag)], device=ctx.device)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return bool(value.item())

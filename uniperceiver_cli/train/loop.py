@@ -23,7 +23,7 @@ from rich.markup import escape
 
 from uniperceiver_cli.checkpoints.errors import CheckpointError
 from uniperceiver_cli.checkpoints.loading import load_checkpoint
-from uniperceiver_cli.checkpoints.runs import CONFIG_FILE, FINAL_DIR, write_model_config
+from uniperceiver_cli.checkpoints.runs import CONFIG_FILE, EVAL_DIR, FINAL_DIR, write_model_config
 from uniperceiver_cli.data.loader import make_loader
 from uniperceiver_cli.data.mixing import mix_tasks
 from uniperceiver_cli.evaluate.report import print_results
@@ -248,7 +248,7 @@ def _loop(run: _Run, end: int, log: RunLog) -> None:
         if run.recipe.evaluation.every and step % run.recipe.evaluation.every == 0 and step != spec.steps:
             model = engine.inference_model()
             if ctx.main:
-                _evaluate(model, run.recipe, run.run_dir / "eval" / f"step-{step}", log, step)
+                _evaluate(model, run.recipe, run.run_dir / EVAL_DIR / f"step-{step}", log, step)
             engine.model.train()
 
 
@@ -265,7 +265,7 @@ def _finish(run: _Run) -> Path:
                               f"({escape(reasons)})", highlight=False, soft_wrap=True)
         save_final(model, final, run.run_dir)
         if run.recipe.evaluation.tasks:
-            _evaluate(model, run.recipe, run.run_dir / "eval" / "final", None, run.recipe.train.steps)
+            _evaluate(model, run.recipe, run.run_dir / EVAL_DIR / FINAL_DIR, None, run.recipe.train.steps)
     return final
 
 

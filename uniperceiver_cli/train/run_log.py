@@ -12,9 +12,10 @@ from typing import Any
 
 import torch
 
+from uniperceiver_cli.checkpoints.runs import METRICS_FILE, TENSORBOARD_DIR
 from uniperceiver_cli.model.moe import RouterStats
-from uniperceiver_cli.parallel.context import Context
-from uniperceiver_cli.train.checkpointing import TrainingStopped, err_console, last_good, on_any_process
+from uniperceiver_cli.parallel.context import Context, on_any_process
+from uniperceiver_cli.train.checkpointing import TrainingStopped, err_console, last_good
 
 
 class RunLog:
@@ -28,8 +29,8 @@ class RunLog:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
         from torch.utils.tensorboard import SummaryWriter
 
-        self.file = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in close()
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        self.file = open(run_dir / METRICS_FILE, "a")  # noqa: SIM115 - closed in close()
+        self.writer = SummaryWriter(str(run_dir / TENSORBOARD_DIR))
         self.total, self.start, self.began = total, start, time.monotonic()
         self.progress = None
         if err_console.is_terminal:
@@ -110,7 +111,8 @@ class Window:
     def check(self, ctx: Context, run_dir: Path) -> None:
         """Stop the run at the first non-finite loss (or gradient norm) since the last check, on any process."""
         values = [loss for _, _, loss in self.losses] + [norm for _, norm in self.norms if self.check_norms]
-        if on_any_process(bool(values) and bool((~torch.isfinite(torch.stack(values).float())).any()), ctx):
+        bad = (~torch.isfinite(torch.stack(values).float())).any() if values else False
+        if on_any_process(bad, ctx):
             where = next((f"step {step}: the {task} loss is {loss.item()}" for step, task, loss in self.losses
                           if not torch.isfinite(loss)), None)
             where = where or next((f"step {step}: the gradient norm is {norm.item()}" for step, norm in self.norms

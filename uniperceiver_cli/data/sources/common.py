@@ -15,7 +15,15 @@ from typing import Any, NamedTuple
 
 from PIL import Image
 
-from uniperceiver_cli.data.shards import VIDEO_EXTS, Manifest, Sample, Skip, write_shards
+from uniperceiver_cli.data.shards import (
+    IMAGE_SUFFIXES,
+    VIDEO_EXTS,
+    VIDEO_SUFFIXES,
+    Manifest,
+    Sample,
+    Skip,
+    write_shards,
+)
 from uniperceiver_cli.task_types import task_names
 
 
@@ -101,8 +109,6 @@ def safe_key(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)
 
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-VIDEO_SUFFIXES = tuple(f".{ext}" for ext in VIDEO_EXTS)
 SPLIT_PREFIXES = ("train", "restval", "val", "test")
 
 

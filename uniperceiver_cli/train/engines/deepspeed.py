@@ -329,5 +329,5 @@ class DeepSpeedEngine:
         model = UniPerceiver(self.model.config)  # on the host, filled, then moved: one full copy on the device
         model.load_state_dict({**{k: v.cpu() for k, v in self.model.state_dict().items()}, **full})
         model = model.to(self.model.device)
-        model.class_names, model.caption_vocabulary = self.model.class_names, self.model.caption_vocabulary
+        model.targets = self.model.targets
         return model
