@@ -11,17 +11,15 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from tests.helpers import random_png
+from tests.helpers import image_split
 from uniperceiver_cli.checkpoints.errors import CheckpointError
 from uniperceiver_cli.checkpoints.loading import load_model
 from uniperceiver_cli.checkpoints.runs import MODEL_CONFIG_FILE
 from uniperceiver_cli.cli.app import app
-from uniperceiver_cli.data.shards import Manifest, Sample, write_shards
 from uniperceiver_cli.model.config import ModelConfig
 from uniperceiver_cli.train import loop
 from uniperceiver_cli.train.recipe import validate
 
-CLASSES = ["red", "green", "blue"]
 MODELS = {
     "dense": {"preset": "tiny", "overrides": {"image_size": 32, "layers": 1}},
     # task routing: training fills moe.tasks with the recipe's task names, so the config.yaml alone lacks them
@@ -32,10 +30,7 @@ MODELS = {
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("old-runs")
-    manifest = Manifest(dataset="t", split="train", modality="image", tasks=["image_classification"], source="test",
-                        classes=CLASSES)
-    samples = [Sample(f"s{i}", image=random_png(i), image_ext="png", label=i % 3) for i in range(8)]
-    write_shards(root / "split", samples, lambda s: s, manifest=manifest, min_shards=2, progress=False)
+    image_split(root / "split", 8)
     return root
 
 

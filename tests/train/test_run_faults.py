@@ -12,27 +12,21 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from tests.helpers import random_png
+from tests.helpers import image_split
 from uniperceiver_cli.checkpoints.errors import CheckpointError
 from uniperceiver_cli.checkpoints.runs import STATE_FILE
 from uniperceiver_cli.cli.app import app
-from uniperceiver_cli.data.shards import Manifest, Sample, write_shards
 from uniperceiver_cli.train import loop
 from uniperceiver_cli.train.engines.deepspeed import deepspeed_config
 from uniperceiver_cli.train.recipe import validate
-
-CLASSES = ["red", "green", "blue"]
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A readable split of 8 images in 2 shards, and a split whose 2 shards are not tars."""
     root = tmp_path_factory.mktemp("faults")
-    manifest = Manifest(dataset="t", split="train", modality="image", tasks=["image_classification"], source="test",
-                        classes=CLASSES)
-    samples = [Sample(f"s{i}", image=random_png(i), image_ext="png", label=i % 3) for i in range(8)]
-    write_shards(root / "split", samples, lambda s: s, manifest=manifest, min_shards=2, progress=False)
-    write_shards(root / "broken", samples, lambda s: s, manifest=manifest, min_shards=2, progress=False)
+    image_split(root / "split", 8)
+    image_split(root / "broken", 8)
     for tar in (root / "broken").glob("*.tar"):
         tar.write_bytes(b"not a tar at all" * 100)
         tar.with_suffix(".json").unlink()

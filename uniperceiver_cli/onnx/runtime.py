@@ -28,7 +28,7 @@ import numpy as np
 
 from uniperceiver_cli.model.class_rows import classifier_rows
 from uniperceiver_cli.model.config import EOT_ID, SPE_ID, VOCAB_SIZE
-from uniperceiver_cli.text_files import prompted
+from uniperceiver_cli.text_files import prompted, read_small
 
 MANIFEST = "uniperceiver-onnx.json"
 FORMAT = "uniperceiver-onnx"
@@ -88,15 +88,15 @@ class Manifest:
     def read(cls, folder: Path) -> Manifest:
         path = _inside(folder, MANIFEST)
         try:
-            with path.open("rb") as f:
-                data = f.read(MAX_MANIFEST + 1)
+            data = read_small(path, "manifest", MAX_MANIFEST)
         except FileNotFoundError:
             raise OnnxModelError(f"{folder} is not an exported ONNX folder (no {MANIFEST}; "
                                  f"write one with 'uniperceiver export SRC --out DIR --onnx')") from None
         except OSError as e:
             raise OnnxModelError(f"cannot read {path}: {e.strerror or e}") from None
-        if len(data) > MAX_MANIFEST:
-            raise OnnxModelError(f"{path} is larger than {MAX_MANIFEST >> 20} MB, more than a manifest holds; not read")
+        except ValueError:
+            raise OnnxModelError(f"{path} is larger than {MAX_MANIFEST >> 20} MB, more than a manifest holds; not read"
+                                 ) from None
         try:
             meta = json.loads(data)
         except (ValueError, RecursionError) as e:  # ValueError: JSON and unicode errors

@@ -27,8 +27,8 @@ from pydantic.dataclasses import dataclass
 from uniperceiver_cli.data.shards import is_remote
 from uniperceiver_cli.model.config import LIMITS, ModelConfig, trained_config
 from uniperceiver_cli.task_types import TASKS
+from uniperceiver_cli.text_files import read_small, shorten, shown
 from uniperceiver_cli.text_files import read_yaml as _read_yaml
-from uniperceiver_cli.text_files import shorten, shown
 
 STRICT = ConfigDict(extra="forbid")
 MAX_RECIPE_BYTES = 2**20  # a recipe is a few kilobytes (the largest shipped one, 7 KB)
@@ -378,12 +378,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not path.is_file():
         raise FileNotFoundError(f"recipe {path} does not exist")
     try:
-        with path.open("rb") as file:
-            raw = file.read(MAX_RECIPE_BYTES + 1)  # no more, whatever the file holds
+        raw = read_small(path, "recipe", MAX_RECIPE_BYTES)  # no more, whatever the file holds
     except OSError as e:
         raise RecipeError(f"{path}: cannot be read ({e.strerror or e})") from None
-    if len(raw) > MAX_RECIPE_BYTES:
-        raise RecipeError(f"{path}: is over {MAX_RECIPE_BYTES} bytes (1 MiB); a recipe is a few kilobytes")
+    except ValueError:
+        raise RecipeError(f"{path}: is over {MAX_RECIPE_BYTES} bytes (1 MiB); a recipe is a few kilobytes") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
