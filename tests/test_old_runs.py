@@ -1,9 +1,11 @@
 """A run written before runs recorded their model (``model.json``) still resumes, exports and loads: its model config
-comes from the recipe in its ``config.yaml``, and is the one training built."""
+comes from the recipe in its ``config.yaml``, and is the one training built. ``fixtures/old_runs/`` holds runs made by
+that code (``fixtures/make_old_runs.py`` says how)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,15 +18,10 @@ from uniperceiver_cli.checkpoints.errors import CheckpointError
 from uniperceiver_cli.checkpoints.loading import load_model
 from uniperceiver_cli.checkpoints.runs import MODEL_CONFIG_FILE
 from uniperceiver_cli.cli.app import app
-from uniperceiver_cli.model.config import ModelConfig
-from uniperceiver_cli.train import loop
 from uniperceiver_cli.train.recipe import validate
 
-MODELS = {
-    "dense": {"preset": "tiny", "overrides": {"image_size": 32, "layers": 1}},
-    # task routing: training fills moe.tasks with the recipe's task names, so the config.yaml alone lacks them
-    "task-routed": {"preset": "tiny-moe", "overrides": {"image_size": 32, "layers": 1, "moe": {"routing": "task"}}},
-}
+OLD_RUNS = Path(__file__).parent / "fixtures" / "old_runs"
+MODELS = ("dense", "task-routed")  # task routing: training fills moe.tasks with the recipe's task names
 
 
 @pytest.fixture(scope="module")
@@ -46,23 +43,23 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_a_run_without_model_json_resumes_exports_and_loads(data_root: Path, tmp_path: Path, model: str):
-    data = {"name": "old", "stage": "pretrain", "data_root": str(data_root),
-            "tasks": [{"name": "cls", "type": "image_classification", "data": "split", "batch_size": 4,
-                       "augment": False}],
-            "model": MODELS[model], "train": {"steps": 4, "log_every": 1, "checkpoint_every": 2}}
+def test_a_run_written_by_the_previous_version_resumes_exports_and_loads(data_root: Path, tmp_path: Path,
+                                                                         model: str):
+    run = tmp_path / "run"
+    shutil.copytree(OLD_RUNS / model, run)
+    assert not (run / MODEL_CONFIG_FILE).exists()
+    data = {**yaml.safe_load((run / "config.yaml").read_text()), "data_root": str(data_root)}
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(data))
-    run = tmp_path / "run"
-    loop.train(validate(data), run, stop_after=2)
-    recorded = (run / MODEL_CONFIG_FILE).read_text()
-    built = ModelConfig.from_dict(json.loads(recorded))
-    (run / MODEL_CONFIG_FILE).unlink()  # as a run of the previous version was left
+    built = validate(data).model_config()
+    old_weights = load_model(run, latest=True)  # the step-2 checkpoint the old code wrote
+    assert old_weights.config == built
 
     _run("pretrain", "--recipe", recipe, "--run-dir", run, "--resume", "auto")
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
              if "lr" in json.loads(line)]
     assert steps == [1, 2, 3, 4] and (run / "final").is_dir()
+    recorded = (run / MODEL_CONFIG_FILE).read_text()
     (run / MODEL_CONFIG_FILE).unlink()  # the resume recorded it; a finished old run has none
 
     _run("export", run, "--latest", "--out", tmp_path / "bundle")
@@ -73,16 +70,13 @@ def test_a_run_without_model_json_resumes_exports_and_loads(data_root: Path, tmp
     assert exported.config == derived.config == present.config == built
     assert _same_weights(exported, present) and _same_weights(derived, present)
     assert _same_weights(load_model(run), present)  # the final bundle holds the last checkpoint's weights
+    assert not _same_weights(old_weights, present)  # steps 3 and 4 trained
 
 
 @pytest.mark.parametrize("planted", ['{"moe": 5}', '{"prompt": []}', '[1, 2]', '{"width": 1e400}', "[" * 100_000])
-def test_a_planted_model_json_is_one_line(data_root: Path, tmp_path: Path, planted: str):
-    data = {"name": "old", "stage": "pretrain", "data_root": str(data_root),
-            "tasks": [{"name": "cls", "type": "image_classification", "data": "split", "batch_size": 4,
-                       "augment": False}],
-            "model": MODELS["dense"], "train": {"steps": 2, "log_every": 1, "checkpoint_every": 2}}
+def test_a_planted_model_json_is_one_line(tmp_path: Path, planted: str):
     run = tmp_path / "run"
-    loop.train(validate(data), run)
+    shutil.copytree(OLD_RUNS / "dense", run)
     (run / MODEL_CONFIG_FILE).write_text(planted)
     with pytest.raises(CheckpointError, match=f"^{run / MODEL_CONFIG_FILE} is not a valid model config"):
         load_model(run, latest=True)
