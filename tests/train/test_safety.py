@@ -6,6 +6,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from typer.testing import CliRunner
 
 from tests.helpers import Planted, random_png
 from uniperceiver_cli.checkpoints.errors import CheckpointError
-from uniperceiver_cli.checkpoints.runs import STATE_FILE, step_folders
+from uniperceiver_cli.checkpoints.runs import RNG_DIR, STATE_FILE, rng_file, step_folders
 from uniperceiver_cli.cli.app import app
 from uniperceiver_cli.data.shards import Manifest, Sample, write_shards
 from uniperceiver_cli.train import checkpointing, loop, run_log
@@ -85,14 +86,32 @@ def test_a_state_written_by_an_older_version_still_resumes(data_root: Path, tmp_
     loop.train(_recipe(data_root), run, stop_after=2)
     path = run / "checkpoints" / "step-0000002" / STATE_FILE
     state = load_state_file(path)
+    rng = path.parent / RNG_DIR
+    saved = load_state_file(rng / rng_file(0))
+    shutil.rmtree(rng)  # they kept rank 0's random state in state.pt
     np.random.seed(7)
-    state["rng"]["numpy"] = np.random.get_state()
+    state.update(rng={"torch": saved["torch"], "python": saved["python"], "numpy": np.random.get_state()},
+                 generator=saved["generator"])
     torch.save(state, path)
     loop.train(_recipe(data_root), run, resume="auto", stop_after=1)
     assert _records(run)[-1]["step"] == 3
     torch.save({"rng": Planted(tmp_path / "pwned")}, path)
     with pytest.raises(CheckpointError, match=r"unsafe \(it would call io.open, which a checkpoint may not\)$"):
         load_state_file(path)
+
+
+def test_a_planted_random_state_is_refused_without_running(data_root: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    loop.train(_recipe(data_root), run, stop_after=2)
+    marker = tmp_path / "pwned"
+    rng = run / "checkpoints" / "step-0000002" / RNG_DIR / rng_file(0)
+    torch.save({"torch": Planted(marker)}, rng)
+    with pytest.raises(CheckpointError, match=f"^cannot resume from {rng}: .*unsafe"):
+        loop.train(_recipe(data_root), run, resume="auto")
+    torch.save({"torch": torch.zeros(3)}, rng)
+    with pytest.raises(CheckpointError, match=f"^cannot resume from {rng}: not a random state"):
+        loop.train(_recipe(data_root), run, resume="auto")
+    assert not marker.exists()
 
 
 def test_cli_resume_with_a_planted_state_is_one_line(data_root: Path, tmp_path: Path):

@@ -3,7 +3,8 @@
     RUN_DIR/config.yaml                     the resolved recipe (what ran)
     RUN_DIR/model.json                      the model config training built, as data (older runs lack it)
     RUN_DIR/metrics.jsonl, tensorboard/     the run log; RUN_DIR/.lock, held by the run training into it
-    RUN_DIR/checkpoints/step-NNNNNNN/       a training checkpoint: state.pt (single engine) or deepspeed/ (+ experts/)
+    RUN_DIR/checkpoints/step-NNNNNNN/       a training checkpoint: state.pt (single engine) or deepspeed/ (+ experts/),
+                                            and rng/rank-NNNNN.pt, each process's random state
     RUN_DIR/final/                          the final bundle
     RUN_DIR/eval/                           evaluations
 """
@@ -30,15 +31,21 @@ FINAL_DIR = "final"
 STATE_FILE = "state.pt"  # the single engine's checkpoint inside checkpoints/step-N
 DEEPSPEED_DIR = "deepspeed"  # DeepSpeed's checkpoint folder inside checkpoints/step-N
 DEEPSPEED_TAG = "state"  # the tag of DeepSpeed's checkpoint inside that folder
-CLIENT_KEY = "uniperceiver"  # the loop's own state (step, data position, RNGs) inside DeepSpeed's checkpoint
+CLIENT_KEY = "uniperceiver"  # the loop's own state (step, data position) inside DeepSpeed's checkpoint
 # Expert parallelism: each expert-parallel rank's experts, beside DeepSpeed's folder inside checkpoints/step-N
 EXPERTS_DIR = "experts"
+RNG_DIR = "rng"  # each process's random state inside checkpoints/step-N (older checkpoints: rank 0's in the client)
 MAX_SIDE_FILE = 8 << 20  # bytes: the most a config.json, config.yaml, model.json or DeepSpeed "latest" is read up to
 
 
 def expert_shard_file(rank: int, size: int) -> str:
     """The file of expert-parallel rank ``rank`` of ``size`` inside :data:`EXPERTS_DIR`."""
     return f"rank-{rank:03d}-of-{size:03d}.safetensors"
+
+
+def rng_file(rank: int) -> str:
+    """The file of process ``rank``'s random state inside :data:`RNG_DIR`."""
+    return f"rank-{rank:05d}.pt"
 
 
 def step_folder(run_dir: Path, step: int) -> Path:

@@ -19,16 +19,20 @@ from rich.console import Console
 from rich.markup import escape
 
 from uniperceiver_cli.checkpoints.bundle import save_bundle
+from uniperceiver_cli.checkpoints.errors import CheckpointError
 from uniperceiver_cli.checkpoints.runs import (
     DEEPSPEED_DIR,
     FINAL_DIR,
     LOCK_FILE,
     METRICS_FILE,
+    RNG_DIR,
     STATE_FILE,
+    rng_file,
     step_folder,
     step_folders,
     writing_folder,
 )
+from uniperceiver_cli.checkpoints.safe_load import STATE_GLOBALS, torch_load
 from uniperceiver_cli.model.uniperceiver import UniPerceiver
 from uniperceiver_cli.parallel.context import Context, on_any_process
 from uniperceiver_cli.train.engines.protocol import Engine
@@ -94,27 +98,56 @@ def _lock(run_dir: Path) -> tuple[int | None, str]:
         return None, ""
 
 
-def _rng_state() -> dict[str, Any]:
-    """The global RNGs as tensors and plain values, so a checkpoint loads with ``weights_only=True``."""
-    _, keys, pos, has_gauss, gauss = np.random.get_state()
-    numpy = {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-             "gauss": float(gauss)}
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy}
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    numpy = state["numpy"]
-    if isinstance(numpy, dict):
-        numpy = ("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"], numpy["gauss"])
-    np.random.set_state(numpy)  # a tuple in checkpoints written by older versions
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of process ``rank``'s random numbers (drop path, gate noise, masking, augmentation): the recipe's
+    ``seed`` on rank 0, so one process draws as it always did, and an independent stream on every other rank."""
+    return seed if rank == 0 else int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
 
 
 def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # the CUDA generators too
     random.seed(seed)
     np.random.seed(seed % 2**32)
+
+
+def _rng_state(generator: torch.Generator, device: torch.device) -> dict[str, Any]:
+    """This process's RNGs as tensors and plain values, so the file loads with ``weights_only=True``: torch's CPU
+    generator, CUDA's for ``device`` when the run is on CUDA, Python's, numpy's and the loop's ``generator``."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy = {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+             "gauss": float(gauss)}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy,
+             "generator": generator.get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(checkpoint: Path, client: dict[str, Any], ctx: Context, generator: torch.Generator) -> None:
+    """Give this process the random state it had when ``checkpoint`` was written. Checkpoints of older versions
+    hold rank 0's only, in the loop's ``client`` state; every process takes that one, as it did then."""
+    path = checkpoint / RNG_DIR / rng_file(ctx.rank)
+    if path.is_file():
+        state = torch_load(path, "cannot resume from", STATE_GLOBALS)
+    elif "rng" in client:
+        state = {**client["rng"], "generator": client["generator"]}
+    else:
+        raise FileNotFoundError(f"{path} is missing: {checkpoint} was written by fewer processes; resume with the "
+                                "number of processes that wrote it")
+    try:
+        torch.set_rng_state(state["torch"])
+        random.setstate(state["python"])
+        numpy = state["numpy"]
+        if isinstance(numpy, dict):
+            numpy = ("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
+                     numpy["gauss"])
+        np.random.set_state(numpy)  # a tuple in checkpoints written by older versions
+        generator.set_state(state["generator"])
+        if "cuda" in state and ctx.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"], ctx.device)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"cannot resume from {path}: not a random state ({' '.join(str(e).split())[:200]})") \
+            from None
 
 
 def find_resume(run_dir: Path, resume: str | None) -> Path | None:
@@ -168,14 +201,19 @@ def save_checkpoint(engine: Engine, ctx: Context, run_dir: Path, step: int, cons
     check_weights(engine.model, step, run_dir)
     target = step_folder(run_dir, step)
     tmp = writing_folder(target)
-    client = {"step": step, "consumed": consumed, "rng": _rng_state(), "generator": generator.get_state()}
+    client = {"step": step, "consumed": consumed}
 
     def prepare() -> None:
         if ctx.main:
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            (tmp / RNG_DIR).mkdir(parents=True)
 
-    for write in (prepare, lambda: engine.save(tmp, client)):  # every process agrees after each (and waits)
+    def write_state() -> None:
+        engine.save(tmp, client)
+        with open(tmp / RNG_DIR / rng_file(ctx.rank), "wb") as file:
+            torch.save(_rng_state(generator, ctx.device), file)
+
+    for write in (prepare, write_state):  # every process agrees after each (and waits)
         failure = ""
         try:
             with _writing(target):

@@ -35,11 +35,12 @@ from uniperceiver_cli.train.checkpointing import (
     check_weights,
     err_console,
     find_resume,
+    rank_seed,
+    restore_rng,
     run_lock,
     save_checkpoint,
     save_final,
     seed_everything,
-    set_rng_state,
     took_a_step,
 )
 from uniperceiver_cli.train.engines.protocol import Engine
@@ -161,10 +162,12 @@ def _setup(recipe: Recipe, run_dir: Path, resume: str | None, ctx: Context) -> _
         raise ValueError(f"{run_dir} already holds a run: pass --resume auto to continue it, or another --run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     spec = recipe.train
-    seed_everything(spec.seed)
+    seed_everything(spec.seed)  # the same initial weights on every process
     model = build_model(recipe)
     tasks = {t.name: TrainTask.build(t, Path(recipe.data_root)) for t in recipe.tasks}
     TrainTask.record_targets(model, tasks.values())  # class names, caption vocabulary: for evaluations, the bundle
+    seed = rank_seed(spec.seed, ctx.rank)  # drop path, gate noise and masking differ per process
+    seed_everything(seed)
     if recipe.engine.kind == "deepspeed":
         from uniperceiver_cli.train.engines.deepspeed import DeepSpeedEngine
 
@@ -181,13 +184,12 @@ def _setup(recipe: Recipe, run_dir: Path, resume: str | None, ctx: Context) -> _
                                  rank=ctx.rank, world_size=ctx.world_size)
                for name, t in tasks.items()}
     stream = mix_tasks(loaders, {n: t.spec.sampling_weight for n, t in tasks.items()}, seed=spec.seed)
-    run = _Run(recipe, run_dir, ctx, engine, tasks, loaders, stream, torch.Generator().manual_seed(spec.seed + 1),
+    run = _Run(recipe, run_dir, ctx, engine, tasks, loaders, stream, torch.Generator().manual_seed(seed + 1),
                client["step"], client["consumed"])
     for _ in range(client["consumed"]):  # fast-forward the data to where the checkpoint left it
         _draw(run)
     if checkpoint is not None:
-        set_rng_state(client["rng"])
-        run.generator.set_state(client["generator"])
+        restore_rng(checkpoint, client, ctx, run.generator)
     if ctx.main:
         config = run_dir / CONFIG_FILE
         config.with_suffix(".yaml.tmp").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
