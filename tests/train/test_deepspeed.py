@@ -101,16 +101,19 @@ def _port() -> int:
 
 
 def _launch(recipe: dict, run_dir: Path, *, launcher: str, resume: str = "", stop_after: int | None = None,
-            timeout: float = 240, processes: int = 2) -> None:
-    """Start the processes as ``torchrun`` or ``srun`` would and wait for all; on failure stop the others."""
+            timeout: float = 240, processes: int = 2, node_dirs: bool = False, fails: bool = False) -> list[str]:
+    """Start the processes as ``torchrun`` or ``srun`` would and wait for all; on failure stop the others.
+    ``node_dirs``: each process gets a run directory of its own (nodes that share none). ``fails``: every
+    process must exit with an error; their logs are returned."""
     port = _port()
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK",
                                                                        "MASTER_"))}
     base.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     code = "import sys; from tests.train.test_deepspeed import rank_main; rank_main(*sys.argv[1:])"
-    args = [json.dumps(recipe), str(run_dir), resume, "" if stop_after is None else str(stop_after)]
     procs, logs = [], []
     for rank in range(processes):
+        folder = run_dir.with_name(f"{run_dir.name}-node{rank}") if node_dirs else run_dir
+        args = [json.dumps(recipe), str(folder), resume, "" if stop_after is None else str(stop_after)]
         env = dict(base)
         if launcher == "torchrun":
             env.update(RANK=str(rank), WORLD_SIZE=str(processes), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
@@ -126,7 +129,7 @@ def _launch(recipe: dict, run_dir: Path, *, launcher: str, resume: str = "", sto
     try:
         while any(p.poll() is None for p in procs):
             failed = [p for p in procs if p.poll() not in (None, 0)]
-            if failed or time.monotonic() > deadline:
+            if (failed and not fails) or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
     finally:
@@ -136,10 +139,11 @@ def _launch(recipe: dict, run_dir: Path, *, launcher: str, resume: str = "", sto
                 p.wait()
         for log in logs:
             log.close()
+    texts = [(run_dir.parent / f"{run_dir.name}-rank{rank}.log").read_text() for rank in range(processes)]
     for rank, p in enumerate(procs):
-        if p.returncode != 0:
-            text = (run_dir.parent / f"{run_dir.name}-rank{rank}.log").read_text()
-            pytest.fail(f"rank {rank} exited with {p.returncode}:\n{text[-4000:]}")
+        if (p.returncode != 0) != fails:
+            pytest.fail(f"rank {rank} exited with {p.returncode}:\n{texts[rank][-4000:]}")
+    return texts
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -250,6 +254,24 @@ def test_two_processes_with_mlm_resume_exactly_and_draw_apart(tmp_path: Path):
     assert sum("mlm/loss" in r for r in timeless[0]) >= 2 and sum("shape/loss" in r for r in timeless[0]) >= 2
     a, b = load_file(tmp_path / "full" / "final" / "model.safetensors"), load_file(part / "final" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nodes_without_a_shared_run_directory_are_refused_and_an_incomplete_checkpoint_is_one_line(
+        data_root: Path, tmp_path: Path):
+    """Two "nodes" on localhost, each with its own run directory: both processes stop at the start with the same
+    line, before training. A checkpoint missing one process's part stops both processes instead of leaving one
+    waiting in a collective."""
+    recipe = _recipe(data_root, batch_size=B, kind="deepspeed", checkpoint_every=2)
+    logs = _launch(recipe, tmp_path / "ds", launcher="torchrun", node_dirs=True, fails=True, timeout=120)
+    for log in logs:
+        assert "ValueError: " in log and "is not shared by every process of the run" in log, log[-2000:]
+    assert not list(tmp_path.glob("ds-node*/metrics.jsonl"))
+    run = tmp_path / "shared"
+    _launch(recipe, run, launcher="torchrun", stop_after=2)
+    (run / "checkpoints" / "step-0000002" / "rng" / "rank-00001.pt").unlink()
+    logs = _launch(recipe, run, launcher="torchrun", resume="auto", fails=True, timeout=120)
+    for log in logs:
+        assert "FileNotFoundError: " in log and "step-0000002 is incomplete: the part of a process is missing" in log
 
 
 # ------------------------------------------------------------------------------------------------- units

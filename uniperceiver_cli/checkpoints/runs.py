@@ -3,6 +3,7 @@
     RUN_DIR/config.yaml                     the resolved recipe (what ran)
     RUN_DIR/model.json                      the model config training built, as data (older runs lack it)
     RUN_DIR/metrics.jsonl, tensorboard/     the run log; RUN_DIR/.lock, held by the run training into it
+    RUN_DIR/.shared                         a token of the run's start: every process must read it back
     RUN_DIR/checkpoints/step-NNNNNNN/       a training checkpoint: state.pt (single engine) or deepspeed/ (+ experts/),
                                             and rng/rank-NNNNN.pt, each process's random state
     RUN_DIR/final/                          the final bundle
@@ -26,6 +27,7 @@ METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 EVAL_DIR = "eval"
 LOCK_FILE = ".lock"  # held (flock) by the process training into the run directory
+SHARED_FILE = ".shared"  # written by the main process at each start; the others read it back: same folder?
 CHECKPOINTS_DIR = "checkpoints"
 FINAL_DIR = "final"
 STATE_FILE = "state.pt"  # the single engine's checkpoint inside checkpoints/step-N

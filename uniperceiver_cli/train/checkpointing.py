@@ -8,6 +8,7 @@ import errno
 import fcntl
 import os
 import random
+import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ from uniperceiver_cli.checkpoints.runs import (
     LOCK_FILE,
     METRICS_FILE,
     RNG_DIR,
+    SHARED_FILE,
     STATE_FILE,
     rng_file,
     step_folder,
@@ -72,6 +74,35 @@ def run_lock(run_dir: Path, ctx: Context) -> Iterator[None]:
         if fd is not None:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+
+
+def check_shared(run_dir: Path, ctx: Context) -> None:
+    """Refuse a run whose processes do not share ``run_dir`` (nodes each with a folder of their own): the main
+    process writes a token there and every process must read it back. Unshared, each node would hold only its
+    own processes' checkpoint parts, and a resume would wait forever for the missing ones."""
+    if ctx.world_size == 1:
+        return
+    token = torch.tensor([secrets.randbits(62)], dtype=torch.int64, device=ctx.device)
+    if ctx.main:
+        (run_dir / SHARED_FILE).write_text(f"{int(token)}\n")
+    torch.distributed.broadcast(token, src=0)  # after the main process wrote it
+    try:
+        seen = (run_dir / SHARED_FILE).read_text().strip()
+    except OSError:
+        seen = ""
+    if on_any_process(seen != str(int(token)), ctx):
+        raise ValueError(f"{run_dir} is not shared by every process of the run (another node sees another folder "
+                         "there); give a run directory on a file system that every node mounts")
+
+
+def check_complete(checkpoint: Path, ctx: Context) -> None:
+    """Before any process loads ``checkpoint``: every process finds its own random state in it (a missing part
+    would leave the others waiting in a collective). Checkpoints of older versions have none to find."""
+    missing = (checkpoint / RNG_DIR).is_dir() and not (checkpoint / RNG_DIR / rng_file(ctx.rank)).is_file()
+    if on_any_process(missing, ctx):
+        raise FileNotFoundError(f"{checkpoint} is incomplete: the part of a process is missing "
+                                f"({RNG_DIR}/{rng_file(ctx.rank) if missing else 'rank-R.pt'} of {ctx.world_size}); "
+                                "resume from another checkpoint or with the processes that wrote it")
 
 
 def _lock(run_dir: Path) -> tuple[int | None, str]:

@@ -32,6 +32,8 @@ from uniperceiver_cli.model.precision import autocast
 from uniperceiver_cli.model.uniperceiver import UniPerceiver
 from uniperceiver_cli.parallel.context import Context
 from uniperceiver_cli.train.checkpointing import (
+    check_complete,
+    check_shared,
     check_weights,
     err_console,
     find_resume,
@@ -161,6 +163,7 @@ def _setup(recipe: Recipe, run_dir: Path, resume: str | None, ctx: Context) -> _
     if resume is None and took_a_step(run_dir):
         raise ValueError(f"{run_dir} already holds a run: pass --resume auto to continue it, or another --run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
+    check_shared(run_dir, ctx)
     spec = recipe.train
     seed_everything(spec.seed)  # the same initial weights on every process
     model = build_model(recipe)
@@ -175,6 +178,8 @@ def _setup(recipe: Recipe, run_dir: Path, resume: str | None, ctx: Context) -> _
     else:
         engine = SingleEngine(model, recipe, ctx)
     checkpoint = find_resume(run_dir, resume)
+    if checkpoint is not None:
+        check_complete(checkpoint, ctx)
     client = engine.load(checkpoint) if checkpoint is not None else {"step": 0, "consumed": 0}
     loaders = {name: make_loader(t.directory, task=t.spec.type, batch_size=t.spec.batch_size, train=True,
                                  image_size=model.config.image_size, num_frames=t.spec.num_frames,
