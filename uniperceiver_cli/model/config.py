@@ -142,11 +142,7 @@ class MoEConfig:
         return dataclasses.replace(self, tasks=list(self.tasks or names))
 
     def is_moe_layer(self, index: int) -> bool:
-        if self.location == "odd":
-            return index % 2 == 0
-        if self.location == "four":
-            return index % 4 == 0
-        return True  # "all" (__post_init__ admits no other)
+        return index % {"odd": 2, "four": 4, "all": 1}[self.location] == 0
 
 
 @dataclass
@@ -259,18 +255,14 @@ _MOE_BASE = {"num_experts": 8, "top_k": 2, "location": "odd"}
 PRESETS: dict[str, dict[str, Any]] = {
     # The reference's parity-fixture size: 64 wide, 3 layers, 2 heads of 32.
     "tiny": {"width": 64, "layers": 3, "heads": 2, "mlp_dim": 256, "drop_path": 0.0},
-    "tiny-moe": {
-        "width": 64, "layers": 3, "heads": 2, "mlp_dim": 256, "drop_path": 0.0,
-        "moe": {"num_experts": 4, "top_k": 2, "location": "odd"},
-    },
+    "tiny-moe": {"width": 64, "layers": 3, "heads": 2, "mlp_dim": 256, "drop_path": 0.0,
+                 "moe": {"num_experts": 4, "top_k": 2, "location": "odd"}},
     "small": {"width": 384, "layers": 12, "heads": 6, "mlp_dim": 1536},
     "small-moe": {"width": 384, "layers": 12, "heads": 6, "mlp_dim": 1536, "moe": _MOE_BASE},
     "base": {"width": 768, "layers": 12, "heads": 12, "mlp_dim": 3072},
     "large": {"width": 1024, "layers": 24, "heads": 16, "mlp_dim": 4096, "drop_path": 0.2},
     "base-moe": {"width": 768, "layers": 12, "heads": 12, "mlp_dim": 3072, "moe": _MOE_BASE},
-    "large-moe": {
-        "width": 1024, "layers": 24, "heads": 16, "mlp_dim": 4096, "drop_path": 0.2, "moe": _MOE_BASE,
-    },
+    "large-moe": {"width": 1024, "layers": 24, "heads": 16, "mlp_dim": 4096, "drop_path": 0.2, "moe": _MOE_BASE},
 }
 
 
@@ -294,10 +286,9 @@ def get_config(preset: str | ModelConfig = "base", **overrides: Any) -> ModelCon
             raise ValueError(f"unknown preset {shown(preset)}; choose one of: {', '.join(PRESETS)}")
         config = ModelConfig(**PRESETS[preset])
     _refuse_unknown(overrides, ModelConfig, "model config")
-    if "moe" in overrides:
-        overrides["moe"] = _merge_nested(config.moe, overrides["moe"], MoEConfig)
-    if "prompt" in overrides:
-        overrides["prompt"] = _merge_nested(config.prompt, overrides["prompt"], PromptConfig)
+    for name, kind in (("moe", MoEConfig), ("prompt", PromptConfig)):
+        if name in overrides:
+            overrides[name] = _merge_nested(getattr(config, name), overrides[name], kind)
     return dataclasses.replace(config, **overrides)
 
 

@@ -38,9 +38,7 @@ class _Stepper:
     def __init__(self, model: UniPerceiver, video: torch.Tensor, use_cache: bool) -> None:
         self.model, self.use_cache = model, use_cache
         self.prefix = model.visual_prefix(video)  # (B, P, D)
-        self.cache: list[KV] | None = None
-        if use_cache:
-            self.cache = model.encode(self.prefix, routing=CAPTION_VISUAL)[1]
+        self.cache: list[KV] | None = model.encode(self.prefix, routing=CAPTION_VISUAL)[1] if use_cache else None
 
     def reorder(self, rows: torch.Tensor) -> None:
         if self.cache is not None:
@@ -94,16 +92,14 @@ def beam_search(model: UniPerceiver, inputs: torch.Tensor, *, beam_size: int = 2
     elif token_ids.shape != (v,):
         raise ValueError(f"token_ids has shape {tuple(token_ids.shape)}, expected ({v},): one id per vocabulary row")
     token_ids = token_ids.to(device)
-    eos_rows = (token_ids == eos_id).nonzero()
-    if len(eos_rows) != 1:
+    is_eos = token_ids == eos_id
+    if int(is_eos.sum()) != 1:
         raise ValueError(f"eos_id {eos_id} is not exactly one row of the {v}-entry vocabulary")
-    eos_row = int(eos_rows[0])
     stepper = _Stepper(model, video, use_cache)
     words = torch.zeros(b, 0, dtype=torch.long, device=device)
     logprobs = torch.zeros(b, 0, device=device)
     scores = torch.zeros(b, device=device)
-    eos_only = torch.full((v,), float("-inf"), device=device)
-    eos_only[eos_row] = 0.0
+    eos_only = torch.where(is_eos, 0.0, float("-inf"))  # the log-probabilities of a beam that has ended
     result = Captions(words, logprobs, scores)
     for t in range(max_len):
         hidden = stepper.query(words)

@@ -65,8 +65,7 @@ class VisualEmbedding(nn.Module):
         self.grid = config.grid_size
         self.patch = nn.Conv2d(3, config.width, config.patch_size, stride=config.patch_size)
         self.temporal = nn.Embedding(config.max_frames, config.width)
-        spatial = sincos_2d(config.grid_size, config.width, config.pos_scale)
-        self.register_buffer("spatial", spatial, persistent=False)
+        self.register_buffer("spatial", sincos_2d(config.grid_size, config.width, config.pos_scale), persistent=False)
 
     def forward(self, video: torch.Tensor, temporal_offset: int = 0) -> torch.Tensor:
         """video (B, T, 3, H, W) -> (B, T * N, D), N patches per frame."""

@@ -412,10 +412,7 @@ class FoldedGate(_KeyedGate):
         self.by_task, self.tasks = config.routing == "task", list(config.tasks)
         # The entry of each key, kept on the model's device like AttributeGate's table: of each attribute row (its
         # own, or its modality's), or of each task in moe.tasks order. (keys, 1)
-        if self.by_task:
-            entries = range(len(self.tasks))
-        else:
-            entries = _ROW_MODALITY if config.routing == "modality" else range(len(ATTRIBUTES))
+        entries = _ROW_MODALITY if config.routing == "modality" else range(folded_entries(config))
         self.register_buffer("ids", torch.tensor(list(entries))[:, None], persistent=False)
 
     def forward(self, keys: tuple[str | None, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -523,7 +520,6 @@ class ExpertLinear(nn.Module):
                 y = expert_parallel_compute(buffer, self.weight, self.bias, self.group)
             return combine(y, decision).view(*x.shape[:2], -1)
         weight, bias = merge_experts(self.weight, self.bias, decision.ids, decision.gates, self.group)
-        spans = decision.spans
-        if len(spans) == 1:
+        if len(decision.spans) == 1:
             return F.linear(x, weight[0], bias[0])
-        return torch.cat([F.linear(x[:, a:b], weight[r], bias[r]) for r, (a, b) in enumerate(spans)], dim=1)
+        return torch.cat([F.linear(x[:, a:b], weight[r], bias[r]) for r, (a, b) in enumerate(decision.spans)], dim=1)

@@ -23,12 +23,6 @@ VIDEO_NUM_CROPS = (1, 3)
 def load_image(path: str | Path) -> Image.Image:
     """Read an image file as PIL RGB.
 
-    Args:
-        path: the image file.
-
-    Returns:
-        The decoded image, converted to RGB.
-
     Raises:
         FileNotFoundError: if the file does not exist.
         ValueError: if the file cannot be read or decoded.
@@ -58,15 +52,9 @@ def image_resize_side(size: int, task: str) -> int:
 
 
 def image_array(image: Image.Image, size: int, task: str = "classification") -> np.ndarray:
-    """The eval preprocessing of one image, bit-identical to ``preprocess.image_transform``.
-
-    Args:
-        image: a PIL image; other modes than RGB are converted to RGB first, as ``load_image`` does.
-        size: output side ``S`` (``ModelConfig.image_size``).
-        task: ``"classification"``, ``"caption"`` or ``"retrieval"``, as in ``image_transform``.
-
-    Returns:
-        float32 ``(3, S, S)`` normalised with ImageNet mean/std.
+    """The eval preprocessing of one image for ``task`` (one of ``IMAGE_TASKS``), bit-identical to
+    ``preprocess.image_transform``: a PIL image (converted to RGB first, as ``load_image`` does) -> float32
+    ``(3, S, S)``, ``S`` = ``size``, normalised with ImageNet mean/std.
 
     Raises:
         ValueError: if ``task`` is not one of the valid choices.
@@ -151,15 +139,8 @@ def _bilinear(video: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def video_views(frames: np.ndarray, size: int, num_crops: int = 3) -> np.ndarray:
-    """The reference's test-time spatial views of uint8 RGB videos, as ``preprocess.video_views``.
-
-    Args:
-        frames: uint8 frames ``(T, H, W, 3)`` (one video) or ``(N, T, H, W, 3)``.
-        size: output side ``S``; the short side is resized to it.
-        num_crops: 3 (start, centre and end of the long axis) or 1 (the centre).
-
-    Returns:
-        float32 ``(N * num_crops, T, 3, S, S)``, row ``video * num_crops + view``, normalised with mean/std 0.5.
+    """The reference's test-time spatial views of uint8 RGB videos, as ``preprocess.video_views``: frames
+    ``(T, H, W, 3)`` or ``(N, T, H, W, 3)`` -> float32 ``(N * num_crops, T, 3, S, S)``, ``S`` = ``size``.
 
     Raises:
         ValueError: on a wrong dtype or shape, or an unsupported ``num_crops``.
@@ -213,8 +194,7 @@ def read_video_frames(path: str | Path, num_frames: int) -> np.ndarray:
         total = len(reader)
         if total == 0:
             raise ValueError("the video has no frames")
-        frames = reader.get_batch(frame_indices(total, num_frames).tolist()).asnumpy()
+        return reader.get_batch(frame_indices(total, num_frames).tolist()).asnumpy()
     except Exception as e:  # noqa: BLE001 - decord raises its own error types for bad files
         raise ValueError(f"cannot read video '{path}': {str(e).splitlines()[0] if str(e) else type(e).__name__}") \
             from e
-    return frames

@@ -15,6 +15,7 @@ holds the size and crop rules both use.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -39,32 +40,21 @@ __all__ = [
 ]
 
 
-def image_transform(
-    config: ModelConfig, task: str = "classification"
-) -> Callable[[Image.Image], torch.Tensor]:
-    """The reference's eval transform of one RGB image for a task.
-
-    Args:
-        config: model config; ``config.image_size`` is the output side ``S``.
-        task: ``"classification"`` (ImageNet eval: resize the shorter side to ``int(256 / 224 * S)``) or
-            ``"caption"`` / ``"retrieval"`` (COCO eval: resize the shorter side to ``S``). Both then
-            centre-crop ``S`` x ``S``.
-
-    Returns:
-        A callable mapping a PIL RGB image to a float tensor ``[3, S, S]`` normalised with ImageNet mean/std.
+def image_transform(config: ModelConfig, task: str = "classification") -> Callable[[Image.Image], torch.Tensor]:
+    """The reference's eval transform of one RGB image, ``S`` = ``config.image_size``: the shorter side resized to
+    ``int(256 / 224 * S)`` (``task`` "classification") or ``S`` ("caption", "retrieval"), then the centre ``S`` x ``S``
+    crop. A PIL RGB image -> float tensor ``[3, S, S]`` normalised with ImageNet mean/std.
 
     Raises:
         ValueError: if ``task`` is not one of the valid choices.
     """
     size = config.image_size
-    return transforms.Compose(
-        [
-            transforms.Resize(image_resize_side(size, task), interpolation=transforms.InterpolationMode.BICUBIC),
-            transforms.CenterCrop(size),
-            transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ]
-    )
+    return transforms.Compose([
+        transforms.Resize(image_resize_side(size, task), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
 
 
 def short_side_resize(video: torch.Tensor, size: int) -> torch.Tensor:
@@ -90,16 +80,10 @@ def normalize_video(video: torch.Tensor) -> torch.Tensor:
 
 
 def video_views(frames: torch.Tensor, size: int, num_crops: int = 3) -> torch.Tensor:
-    """The reference's test-time spatial views of uint8 RGB videos.
-
-    Args:
-        frames: uint8 frames ``[T, H, W, 3]`` (one video) or ``[N, T, H, W, 3]``.
-        size: output side ``S``; the short side is resized to it.
-        num_crops: 3 (start, centre and end of the long axis) or 1 (the centre).
-
-    Returns:
-        Float tensor ``[N * num_crops, T, 3, S, S]``, row ``video * num_crops + view``, normalised with
-        mean/std 0.5.
+    """The reference's test-time spatial views of uint8 RGB frames ``[T, H, W, 3]`` (one video) or
+    ``[N, T, H, W, 3]``: the short side resized to ``size`` ``S``, then ``num_crops`` square crops, 3 (start, centre
+    and end of the long axis) or 1 (the centre). Returns a float tensor ``[N * num_crops, T, 3, S, S]``, row
+    ``video * num_crops + view``, normalised with mean/std 0.5.
 
     Raises:
         ValueError: on a wrong dtype or shape, or an unsupported ``num_crops``.
@@ -120,21 +104,10 @@ def video_views(frames: torch.Tensor, size: int, num_crops: int = 3) -> torch.Te
 
 
 def video_transform(config: ModelConfig, num_crops: int = 3) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The video test transform tied to ``config.image_size``.
-
-    Args:
-        config: model config; ``config.image_size`` is the output side.
-        num_crops: spatial views per video, 1 or 3.
-
-    Returns:
-        A callable mapping uint8 frames to views, as :func:`video_views`.
+    """:func:`video_views` of uint8 frames at side ``config.image_size``, ``num_crops`` (1 or 3) views per video.
 
     Raises:
         ValueError: if ``num_crops`` is not 1 or 3.
     """
     crop_indices(num_crops)  # refuse a wrong count here, not at the first video
-
-    def transform(frames: torch.Tensor) -> torch.Tensor:
-        return video_views(frames, config.image_size, num_crops)
-
-    return transform
+    return functools.partial(video_views, size=config.image_size, num_crops=num_crops)

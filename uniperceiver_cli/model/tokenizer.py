@@ -84,12 +84,10 @@ def _build_backend(path: str | Path | None) -> _Backend:
 
     backend = _Backend(BPE(vocab, merges, end_of_word_suffix="</w>", fuse_unk=False))
     # The pattern gets (?i) because the reference compiles it with IGNORECASE (it matters for e.g. "'ſ").
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex("(?i)" + _PATTERN), behavior="removed", invert=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex("(?i)" + _PATTERN), behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
     backend.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in _TEXT_SPECIALS])
     return backend
 
@@ -182,15 +180,10 @@ class Tokenizer:
                 rows[i] = self._encode_glued(text)
         return [_truncate(row, max_len) for row in rows]
 
-    def encode_batch(
-        self, texts: Sequence[str], *, add_eot: bool = True, max_len: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encodes several texts like ``encode`` and right-pads them to the longest.
-
-        Args:
-            texts: Raw texts.
-            add_eot: As in ``encode``.
-            max_len: As in ``encode``, applied to each text before padding.
+    def encode_batch(self, texts: Sequence[str], *, add_eot: bool = True,
+                     max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encodes several texts like ``encode`` (``max_len`` applies to each text before padding) and right-pads
+        them to the longest.
 
         Returns:
             ``ids`` (B, L) int64, padded with 0, and ``padding`` (B, L) bool, True at the padded positions.
@@ -241,16 +234,8 @@ class Tokenizer:
 
     def decode_batch(self, ids: Sequence[Sequence[int]] | np.ndarray | torch.Tensor, *, stop_at_eot: bool = True,
                      errors: str = "replace") -> list[str]:
-        """Decodes several id sequences like ``decode``.
-
-        Args:
-            ids: A sequence of id sequences, or a 2-D array or tensor (B, L) whose rows end in EOT or padding.
-            stop_at_eot: As in ``decode``; it also drops a row's padding after its EOT.
-            errors: As in ``decode``.
-
-        Returns:
-            One text per row.
-        """
+        """Decodes several id sequences like ``decode``, one text per row: a sequence of id sequences, or a 2-D
+        array or tensor (B, L) whose rows end in EOT or padding (``stop_at_eot`` also drops that padding)."""
         if hasattr(ids, "ndim") and ids.ndim != 2:
             raise ValueError(f"expected a 2-D tensor or array of ids, got shape {tuple(ids.shape)}")
         return [self.decode(row, stop_at_eot=stop_at_eot, errors=errors) for row in ids]

@@ -242,7 +242,6 @@ class UniPerceiver(nn.Module):
         Returns:
             The last layer's output (B, S, D) and every layer's keys/values, prompts and past included.
         """
-        b, s, _ = x.shape
         past_len = past[0][0].shape[2] if past is not None else 0
         allowed = None
         if padding is not None:
@@ -323,14 +322,12 @@ class UniPerceiver(nn.Module):
         """
         if not isinstance(texts, torch.Tensor):
             texts, padding = get_tokenizer().encode_batch(list(texts), max_len=max_len or self.config.max_text_len)
-        device = self.device
-        texts = texts.to(device)
-        padding = padding.to(device) if padding is not None else None
+        texts = texts.to(self.device)
+        padding = padding.to(self.device) if padding is not None else None
         feats = []
         for start in range(0, texts.shape[0], chunk_size):
             part = slice(start, start + chunk_size)
-            out = self.encode_text_tokens(texts[part], None if padding is None else padding[part],
-                                          routing=routing)
+            out = self.encode_text_tokens(texts[part], None if padding is None else padding[part], routing=routing)
             feats.append(self.features(out))
         return torch.cat(feats)
 
