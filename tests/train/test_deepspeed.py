@@ -209,14 +209,62 @@ def test_zero2_accumulation_resume_two_processes_equal_one(data_root: Path, tmp_
 
 @pytest.mark.parametrize(("zero", "accumulation"), [(0, 2), (1, 1)], ids=["zero0-accumulation2", "zero1"])
 def test_bf16_follows_fp32(data_root: Path, tmp_path: Path, single, zero: int, accumulation: int):  # noqa: ANN001
-    """DeepSpeed bf16 (bf16 weights, fp32 master weights in the optimizer) stays within bf16 rounding of fp32
-    training. Catches e.g. DeepSpeed's extra optimizer step at start-up under ZeRO 0 (12% off at step 2)."""
+    """bf16 (autocast over fp32 weights) stays within bf16 rounding of fp32 training."""
     recipe = _recipe(data_root, batch_size=B, kind="deepspeed", zero=zero, accumulation=accumulation)
     recipe["train"]["precision"] = "bf16"
     _launch(recipe, tmp_path / "ds", launcher="torchrun")
     fp32, bf16 = _metrics(single(accumulation)), _metrics(tmp_path / "ds")
     assert [r["cls/loss"] for r in bf16] == pytest.approx([r["cls/loss"] for r in fp32], rel=0.05)
-    assert load_file(tmp_path / "ds" / "final" / "model.safetensors")["head.proj.weight"].dtype == torch.bfloat16
+    assert load_file(tmp_path / "ds" / "final" / "model.safetensors")["head.proj.weight"].dtype == torch.float32
+
+
+DTYPES_SCRIPT = """
+import json, sys, torch
+from pathlib import Path
+from uniperceiver_cli.model.precision import autocast
+from uniperceiver_cli.parallel.context import init_distributed
+from uniperceiver_cli.train.engines.deepspeed import DeepSpeedEngine
+from uniperceiver_cli.train.loop import build_model
+from uniperceiver_cli.train.recipe import validate
+
+ctx = init_distributed(torch.device("cpu"))
+recipe = validate(json.loads(sys.argv[1]))
+engine = DeepSpeedEngine(build_model(recipe), recipe, ctx, Path(sys.argv[2]))
+model = engine.model
+tokens = torch.randint(0, 1000, (2, 6))
+with autocast(ctx.device, recipe.train.precision):
+    features = model.encode_text(tokens)
+    loss = features.float().pow(2).mean() + sum(s.float() for s in model.head.logit_scale.values())
+engine.backward(loss)
+optimizer = engine.engine.optimizer
+zero = getattr(optimizer, "gradient_accumulation_dtype", None)  # ZeRO 1/2 accumulate into buffers of this dtype
+grads = [str(zero)] if zero else sorted({str(p.grad.dtype) for p in model.parameters() if p.grad is not None})
+norms = sorted({str(p.dtype) for n, p in model.named_parameters() if "norm" in n or "gamma" in n or "scale" in n})
+engine.micro_step()
+inner = getattr(optimizer, "optimizer", optimizer)  # ZeRO wraps the recipe's AdamW
+states = sorted({str(v.dtype) for s in inner.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0}
+                | {str(p.dtype) for g in inner.param_groups for p in g["params"]})
+params = sorted({str(p.dtype) for p in model.parameters()})
+print("RESULT " + json.dumps({"compute": str(features.dtype), "params": params, "grads": grads, "norms": norms,
+                              "states": states}))
+"""
+
+
+@pytest.mark.parametrize("zero", [0, 1])
+def test_bf16_keeps_fp32_weights_gradients_and_optimizer_state(tmp_path: Path, zero: int):
+    """bf16 computes in bf16 (autocast) over fp32 weights: LayerNorms, LayerScale and logit scales, gradients
+    (accumulated and all-reduced) and AdamW's moments stay fp32."""
+    recipe = _recipe(tmp_path, batch_size=B, kind="deepspeed", zero=zero)
+    recipe["train"]["precision"] = "bf16"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+                                                                      "MASTER_"))}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-c", DTYPES_SCRIPT, json.dumps(recipe), str(tmp_path / "run")], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert result["compute"] == "torch.bfloat16"
+    assert result["params"] == result["grads"] == result["norms"] == result["states"] == ["torch.float32"]
 
 
 def _toyworld_recipe(root: Path, steps: int) -> dict:
@@ -309,7 +357,7 @@ def test_config_merges_the_users_json_with_the_recipe(tmp_path: Path):
     assert config["bf16"] == {"enabled": False} and config["wall_clock_breakdown"] is True
     recipe["train"]["precision"] = "bf16"
     config = deepspeed_config(validate(recipe), world_size=8)
-    assert config["bf16"]["enabled"] and not config["fp16"]["enabled"]
+    assert not config["bf16"]["enabled"] and not config["fp16"]["enabled"]  # bf16: the loop's autocast
     path.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
     with pytest.raises(ValueError, match="optimizer"):
         deepspeed_config(validate(recipe), world_size=1)

@@ -1,4 +1,5 @@
-"""``engine: deepspeed``: the one training loop under ``deepspeed.initialize`` (data parallel, ZeRO 0/1/2, bf16/fp16).
+"""``engine: deepspeed``: the one training loop under ``deepspeed.initialize`` (data parallel, ZeRO 0/1/2, fp16;
+bf16 is the loop's autocast over fp32 weights).
 
 :class:`DeepSpeedEngine` offers what :class:`~uniperceiver_cli.train.engines.single.SingleEngine` offers. The
 recipe builds the optimizer and schedule (:mod:`uniperceiver_cli.train.optim`) and DeepSpeed steps them. How the
@@ -14,9 +15,8 @@ loop's calls map onto DeepSpeed:
   ``forward``. For ZeRO 0/1/2 that is enough: the gradient reduction is driven by ``engine.backward`` (ZeRO 0:
   an all-reduce at the boundary; ZeRO 1/2: the optimizer's gradient hooks and the backward epilogue), not by
   ``engine.forward``. Checked numerically (``tests/train/test_deepspeed.py``: two gloo processes equal one
-  process at the same global batch) and, for bf16 with ZeRO 0/1 and accumulation, against the same training
-  routed through ``engine.forward`` (identical weights). ZeRO 3 (partitioned weights, gathered around each
-  submodule's forward) would not fit these direct calls; recipes cannot ask for it.
+  process at the same global batch). ZeRO 3 (partitioned weights, gathered around each submodule's forward)
+  would not fit these direct calls; recipes cannot ask for it.
 """
 
 from __future__ import annotations
@@ -88,7 +88,10 @@ def deepspeed_config(recipe: Recipe, world_size: int, run_dir: Path | None = Non
     fp16 = {"initial_scale_power": FP16_INITIAL_SCALE_POWER, "loss_scale_window": FP16_GROWTH_INTERVAL,
             **config.get("fp16", {})}
     config["fp16"] = {**fp16, "enabled": spec.precision == "fp16"}
-    config["bf16"] = {**config.get("bf16", {}), "enabled": spec.precision == "bf16"}
+    # bf16 is the loop's autocast: DeepSpeed's bf16 mode would keep the weights (LayerNorms, LayerScale, logit
+    # scales) in bf16 and accumulate and reduce the gradients in bf16. Off, the weights, gradients, their
+    # all-reduce and the optimizer state stay fp32, as under the reference's autocast.
+    config["bf16"] = {**config.get("bf16", {}), "enabled": False}
     config.pop("amp", None)
     config.setdefault("steps_per_print", 2**31 - 1)  # the loop logs; keep DeepSpeed's own step lines quiet
     return config
@@ -191,10 +194,9 @@ class DeepSpeedEngine:
         self.config = deepspeed_config(recipe, ctx.world_size, run_dir)
         groups = None
         if self.expert_parallel > 1:
-            if recipe.engine.zero_stage == 0 and recipe.train.precision != "fp32":
-                raise ValueError(f"engine.expert_parallel with {recipe.train.precision} needs engine.zero_stage 1 or "
-                                 f"2 (DeepSpeed's {recipe.train.precision} optimizer at ZeRO 0 is not checked with "
-                                 f"sharded experts)")
+            if recipe.engine.zero_stage == 0 and recipe.train.precision == "fp16":
+                raise ValueError("engine.expert_parallel with fp16 needs engine.zero_stage 1 or 2 (DeepSpeed's fp16 "
+                                 "optimizer at ZeRO 0 is not checked with sharded experts)")
             if self.config["zero_optimization"].get("load_from_fp32_weights") is False:
                 raise ValueError("engine.expert_parallel needs zero_optimization.load_from_fp32_weights (the "
                                  "default): on resume each process's experts come from its own fp32 state")
@@ -204,13 +206,12 @@ class DeepSpeedEngine:
         model = model.to(ctx.device)
         optimizer = build_optimizer(model, recipe.train, groups)
         scheduler = build_scheduler(optimizer, recipe.train)
-        # Plain fp32 data parallel (ZeRO 0, no fp16/bf16 optimizer) clips with DeepSpeed's clip_grad_norm_,
+        # Plain data parallel (ZeRO 0, no fp16 optimizer) clips with DeepSpeed's clip_grad_norm_,
         # which fails on 0-dim gradients (the logit scales: "output with shape [] doesn't match the broadcast
         # shape [1]"). There the gradients are already averaged when the boundary micro-step's backward
         # returns, so this engine clips them itself, with torch's clip_grad_norm_ as the single engine does,
-        # right before DeepSpeed's optimizer step. ZeRO 1/2 and bf16/fp16 clip inside DeepSpeed's optimizers.
-        plain = (self.config["zero_optimization"]["stage"] == 0 and not self.config["fp16"]["enabled"]
-                 and not self.config["bf16"]["enabled"])
+        # right before DeepSpeed's optimizer step. ZeRO 1/2 and fp16 clip inside DeepSpeed's optimizers.
+        plain = self.config["zero_optimization"]["stage"] == 0 and not self.config["fp16"]["enabled"]
         self.clip = self.config["gradient_clipping"] if plain else 0.0
         if plain:
             self.config["gradient_clipping"] = 0.0
@@ -218,7 +219,7 @@ class DeepSpeedEngine:
         with _scalars_broadcast_here(model):
             self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                         config=self.config)
-        # With bf16/fp16 and ZeRO 0 DeepSpeed wraps the optimizer in FP16_(Unfused)Optimizer, which creates the
+        # With fp16 and ZeRO 0 DeepSpeed wraps the optimizer in FP16_(Unfused)Optimizer, which creates the
         # optimizer state by one step on zero gradients. Adam would count that step: its bias correction would
         # take the first real step for the second and shrink it (0.74x). No real step has happened: reset it.
         for state in optimizer.state.values():
