@@ -28,6 +28,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -88,8 +89,9 @@ def rank_main(recipe_json: str, run_dir: str, resume: str, stop_after: str) -> N
     from uniperceiver_cli.parallel.context import init_distributed
 
     loop.make_loader = _unshuffled(loop.make_loader)
-    ctx = init_distributed(torch.device("cpu"))
-    loop.train(validate(json.loads(recipe_json)), Path(run_dir), resume=resume or None, ctx=ctx,
+    recipe = validate(json.loads(recipe_json))
+    ctx = init_distributed(torch.device("cpu"), timedelta(minutes=recipe.engine.timeout_minutes))
+    loop.train(recipe, Path(run_dir), resume=resume or None, ctx=ctx,
                stop_after=int(stop_after) if stop_after else None)
     torch.distributed.destroy_process_group()
 
@@ -101,15 +103,16 @@ def _port() -> int:
 
 
 def _launch(recipe: dict, run_dir: Path, *, launcher: str, resume: str = "", stop_after: int | None = None,
-            timeout: float = 240, processes: int = 2, node_dirs: bool = False, fails: bool = False) -> list[str]:
+            timeout: float = 240, processes: int = 2, node_dirs: bool = False, fails: bool = False,
+            prelude: str = "") -> list[str]:
     """Start the processes as ``torchrun`` or ``srun`` would and wait for all; on failure stop the others.
     ``node_dirs``: each process gets a run directory of its own (nodes that share none). ``fails``: every
-    process must exit with an error; their logs are returned."""
+    process must exit with an error; their logs are returned. ``prelude``: Python each process runs first."""
     port = _port()
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK",
                                                                        "MASTER_"))}
     base.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    code = "import sys; from tests.train.test_deepspeed import rank_main; rank_main(*sys.argv[1:])"
+    code = f"import sys\n{prelude}\nfrom tests.train.test_deepspeed import rank_main; rank_main(*sys.argv[1:])"
     procs, logs = [], []
     for rank in range(processes):
         folder = run_dir.with_name(f"{run_dir.name}-node{rank}") if node_dirs else run_dir
@@ -320,6 +323,29 @@ def test_nodes_without_a_shared_run_directory_are_refused_and_an_incomplete_chec
     logs = _launch(recipe, run, launcher="torchrun", resume="auto", fails=True, timeout=120)
     for log in logs:
         assert "FileNotFoundError: " in log and "step-0000002 is incomplete: the part of a process is missing" in log
+
+
+SLOW_EVALUATION = """
+import time
+from uniperceiver_cli.train import loop
+evaluate = loop._evaluate
+def slow(*args, **kwargs):
+    time.sleep(20)
+    return evaluate(*args, **kwargs)
+loop._evaluate = slow
+"""
+
+
+def test_an_evaluation_longer_than_the_collective_timeout_leaves_no_process_timed_out(data_root: Path,
+                                                                                     tmp_path: Path):
+    """The main process evaluates during training for 20 s; the run's collectives time out after 6 s
+    (``engine.timeout_minutes: 0.1``). The other process waits for it in a group of its own and training goes on."""
+    recipe = _recipe(data_root, batch_size=B, kind="deepspeed")
+    recipe["engine"]["timeout_minutes"] = 0.1
+    recipe["evaluation"] = {"every": 2, "tasks": [{"name": "cls", "type": "image_classification", "data": "split"}]}
+    _launch(recipe, tmp_path / "ds", launcher="torchrun", prelude=SLOW_EVALUATION)
+    assert (tmp_path / "ds" / "eval" / "step-2" / "summary.json").is_file()
+    assert [r["step"] for r in _metrics(tmp_path / "ds") if "lr" in r] == list(range(1, STEPS + 1))
 
 
 # ------------------------------------------------------------------------------------------------- units

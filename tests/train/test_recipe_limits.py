@@ -106,6 +106,8 @@ def test_an_error_shows_at_most_80_characters_of_a_value(tmp_path: Path, key: st
     ("tasks.0.sampling_weight=1.0e+308", "tasks.0.sampling_weight: must be in [0, 1000000000] (got 1e+308)"),
     ("evaluation.tasks.0.beam_size=100000", "evaluation.tasks.0.beam_size: must be in [1, 4096] (got 100000)"),
     ("train.accumulation=100000", "train.accumulation: must be in [1, 4096] (got 100000)"),
+    ("engine.timeout_minutes=0", "engine.timeout_minutes: must be in (0, 10080] (got 0.0)"),
+    ("evaluation.timeout_minutes=1e9", "evaluation.timeout_minutes: must be in (0, 10080] (got 1000000000"),
     (f"model.overrides.width={HUGE}", "model: width must be at most 65536, got an integer of about 400 digits"),
     ("model.overrides.width=10000000", "model: width must be at most 65536, got 10000000"),
     ("model.overrides.layers=100000", "model: layers must be at most 1024, got 100000"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import typer
@@ -12,7 +13,7 @@ from uniperceiver_cli.cli.common import err_console, one_line_warnings, pick_dev
 
 def _run(stage: str, recipe: str, overrides: list[str] | None, run_dir: Path | None, resume: str | None,
          init: str | None, deepspeed: Path | None, device: str) -> None:
-    from uniperceiver_cli.parallel.context import Context
+    from uniperceiver_cli.parallel.context import Context, init_distributed
     from uniperceiver_cli.train.catalogue import load_checked
     from uniperceiver_cli.train.loop import train
 
@@ -29,13 +30,10 @@ def _run(stage: str, recipe: str, overrides: list[str] | None, run_dir: Path | N
             raise ValueError(f"{stage} starts from a checkpoint: set init in the recipe or pass --init PATH")
         ctx = Context(device=pick_device(device))
         if spec.engine.kind == "deepspeed":
-            from uniperceiver_cli.parallel.context import init_distributed
-
-            ctx = init_distributed(ctx.device)
+            ctx = init_distributed(ctx.device, timedelta(minutes=spec.engine.timeout_minutes))
         elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ValueError("launched on several processes: use engine.kind=deepspeed (or --deepspeed ds.json)")
-        out = run_dir or Path("runs") / spec.name
-        final = train(spec, out, resume=resume, ctx=ctx)
+        final = train(spec, run_dir or Path("runs") / spec.name, resume=resume, ctx=ctx)
     if ctx.main:
         err_console.print(f"[green]done:[/green] final bundle in {final}")
 

@@ -13,10 +13,13 @@ import socket
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
 
 import torch
 
 DEFAULT_PORT = 29500
+DEFAULT_TIMEOUT = timedelta(minutes=30)  # engine.timeout_minutes' default
 
 
 @dataclass
@@ -92,13 +95,14 @@ def launcher_env(environ: Mapping[str, str]) -> dict[str, str]:
     return {key: value for key, value in env.items() if environ.get(key) != value}
 
 
-def init_distributed(device: torch.device) -> Context:
+def init_distributed(device: torch.device, timeout: timedelta = DEFAULT_TIMEOUT) -> Context:
     """Start ``torch.distributed`` through DeepSpeed for whichever launcher started this process.
 
     Args:
         device: the device asked for (``--device``): CUDA if its type is ``cuda`` and CUDA is available, else
             CPU. On CUDA each process takes ``cuda:LOCAL_RANK`` (modulo the GPUs it sees) and the backend is
             nccl; on CPU it is gloo.
+        timeout: how long a collective waits for the other processes (``engine.timeout_minutes``).
 
     Returns:
         This process's rank, the world size and its device.
@@ -124,7 +128,11 @@ def init_distributed(device: torch.device) -> Context:
         local_rank %= torch.cuda.device_count()
         torch.cuda.set_device(local_rank)
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
-                               distributed_port=int(os.environ["MASTER_PORT"]), verbose=False)
+                               distributed_port=int(os.environ["MASTER_PORT"]), verbose=False, timeout=timeout)
+    # DeepSpeed makes its own groups (a clone of the world group for data parallelism, the expert groups) with
+    # torch's default timeout, which new_group reads from these two at each call: make it the run's.
+    c10d = torch.distributed.distributed_c10d
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     return Context(rank=rank, world_size=world, device=torch.device(f"cuda:{local_rank}" if cuda else "cpu"))
 
@@ -137,3 +145,12 @@ def on_any_process(flag: bool | torch.Tensor, ctx: Context) -> bool:
     value = torch.as_tensor(flag, dtype=torch.float32, device=ctx.device).reshape(1)
     torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
     return bool(value.item())
+
+
+def waiting_group(ctx: Context, timeout: timedelta) -> Any:
+    """A gloo group of every process for waiting on the main process (its evaluation during training) under
+    ``timeout``: waiting in a collective of the run's own group would fail after ``engine.timeout_minutes``.
+    Every process calls it; None for a world of one."""
+    if ctx.world_size == 1:
+        return None
+    return torch.distributed.new_group(backend="gloo", timeout=timeout)

@@ -13,6 +13,7 @@ import os
 from collections import Counter
 from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from uniperceiver_cli.evaluate.report import print_results
 from uniperceiver_cli.evaluate.tasks import evaluate_task
 from uniperceiver_cli.model.precision import autocast
 from uniperceiver_cli.model.uniperceiver import UniPerceiver
-from uniperceiver_cli.parallel.context import Context
+from uniperceiver_cli.parallel.context import Context, waiting_group
 from uniperceiver_cli.train.checkpointing import (
     check_complete,
     check_shared,
@@ -128,6 +129,7 @@ class _Run:
     generator: torch.Generator
     step: int  # steps done
     consumed: int  # micro-batches drawn from the stream
+    waiting: Any = None  # the group in which the other processes wait for the main process's evaluation
 
 
 def _skipped(loaders: dict[str, Any], ctx: Context) -> dict[str, Counter[str]]:
@@ -191,6 +193,8 @@ def _setup(recipe: Recipe, run_dir: Path, resume: str | None, ctx: Context) -> _
     stream = mix_tasks(loaders, {n: t.spec.sampling_weight for n, t in tasks.items()}, seed=spec.seed)
     run = _Run(recipe, run_dir, ctx, engine, tasks, loaders, stream, torch.Generator().manual_seed(seed + 1),
                client["step"], client["consumed"])
+    if recipe.evaluation.every and recipe.evaluation.tasks:
+        run.waiting = waiting_group(ctx, timedelta(minutes=recipe.evaluation.timeout_minutes))
     for _ in range(client["consumed"]):  # fast-forward the data to where the checkpoint left it
         _draw(run)
     if checkpoint is not None:
@@ -256,6 +260,8 @@ def _loop(run: _Run, end: int, log: RunLog) -> None:
             model = engine.inference_model()
             if ctx.main:
                 _evaluate(model, run.recipe, run.run_dir / EVAL_DIR / f"step-{step}", log, step)
+            if run.waiting is not None:  # the others wait here, not in the next step's collectives
+                torch.distributed.barrier(group=run.waiting)
             engine.model.train()
 
 

@@ -91,6 +91,7 @@ NonNegative = Annotated[float, NUMBER, AfterValidator(Range(0))]
 Probability = Annotated[float, NUMBER, AfterValidator(Range(0, 1))]
 Fraction = Annotated[float, NUMBER, AfterValidator(Range(0, 1, low_open=True))]
 Beta = Annotated[float, NUMBER, AfterValidator(Range(0, 1, high_open=True))]
+Minutes = Annotated[float, NUMBER, AfterValidator(Range(0, 7 * 24 * 60, low_open=True))]  # up to a week
 
 # One path component: a recipe name becomes runs/<name>, an evaluation task's name eval/<step>/<name>.
 PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
@@ -205,6 +206,8 @@ class EngineSpec:
     # Expert parallelism (deepspeed): each process holds num_experts / expert_parallel experts of every MoE
     # layer. It must divide the model's experts and the number of processes (checked when training starts).
     expert_parallel: Few = 1
+    # How long a collective waits for the other processes before the run fails (torch.distributed's timeout).
+    timeout_minutes: Minutes = 30.0
 
     @field_validator("expert_parallel")
     @classmethod
@@ -249,6 +252,8 @@ class EvalTaskSpec:
 @dataclass(config=STRICT)
 class EvalSpec:
     every: NonNegativeInt = 0  # steps between evaluations during training; 0: only after training
+    # How long the other processes wait for the main process's evaluation during training (several processes).
+    timeout_minutes: Minutes = 1440.0
     tasks: list[EvalTaskSpec] = field(default_factory=list)
 
 
