@@ -73,9 +73,11 @@ def _recipe(root: Path, *, batch_size: int, kind: str, zero: int = 0, accumulati
                    "augment": False}],
         # layer_scale_init 1.0: at the reference's 1e-3 the tiny model's logits start flat and its gradients
         # are near AdamW's eps, where g / (sqrt(v) + eps) turns float round-off into visible weight differences.
-        "model": {"preset": "tiny", "overrides": {"image_size": 32, "layer_scale_init": 1.0}},
+        # max_frames 1: an image takes a random temporal row in training, drawn per process (one row: none to draw).
+        "model": {"preset": "tiny", "overrides": {"image_size": 32, "layer_scale_init": 1.0, "max_frames": 1}},
         "train": {"steps": STEPS, "lr": 2e-3, "warmup_steps": 0, "grad_clip": 0.1, "accumulation": accumulation,
-                  "precision": "fp32", "log_every": 1, "checkpoint_every": checkpoint_every, "seed": 3},
+                  "precision": "fp32", "log_every": 1, "checkpoint_every": checkpoint_every, "seed": 3,
+                  "split_targets": 2},  # the 3 class names: split across the processes
         "engine": {"kind": kind, "zero_stage": zero},
     }
 
@@ -217,7 +219,9 @@ def test_bf16_follows_fp32(data_root: Path, tmp_path: Path, single, zero: int, a
     recipe["train"]["precision"] = "bf16"
     _launch(recipe, tmp_path / "ds", launcher="torchrun")
     fp32, bf16 = _metrics(single(accumulation)), _metrics(tmp_path / "ds")
-    assert [r["cls/loss"] for r in bf16] == pytest.approx([r["cls/loss"] for r in fp32], rel=0.05)
+    # Steps 1 and 2: by step 3 this tiny model's loss is near 0 (0.08, then 0.002), where bf16 round-off is tens
+    # of percent of it. A wrong first update (DeepSpeed's extra start-up step: 12% off) shows at step 2.
+    assert [r["cls/loss"] for r in bf16][:2] == pytest.approx([r["cls/loss"] for r in fp32][:2], rel=0.05)
     assert load_file(tmp_path / "ds" / "final" / "model.safetensors")["head.proj.weight"].dtype == torch.float32
 
 

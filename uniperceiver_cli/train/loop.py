@@ -32,6 +32,7 @@ from uniperceiver_cli.evaluate.tasks import evaluate_task
 from uniperceiver_cli.model.precision import autocast
 from uniperceiver_cli.model.uniperceiver import UniPerceiver
 from uniperceiver_cli.parallel.context import Context, waiting_group
+from uniperceiver_cli.parallel.targets import TargetSplit
 from uniperceiver_cli.train.checkpointing import (
     check_complete,
     check_shared,
@@ -169,7 +170,9 @@ def _setup(recipe: Recipe, run_dir: Path, resume: str | None, ctx: Context) -> _
     spec = recipe.train
     seed_everything(spec.seed)  # the same initial weights on every process
     model = build_model(recipe)
-    tasks = {t.name: TrainTask.build(t, Path(recipe.data_root)) for t in recipe.tasks}
+    split = TargetSplit(ctx.rank, ctx.world_size, spec.split_targets) if ctx.world_size > 1 and spec.split_targets \
+        else None
+    tasks = {t.name: TrainTask.build(t, Path(recipe.data_root), split) for t in recipe.tasks}
     TrainTask.record_targets(model, tasks.values())  # class names, caption vocabulary: for evaluations, the bundle
     seed = rank_seed(spec.seed, ctx.rank)  # drop path, gate noise and masking differ per process
     seed_everything(seed)

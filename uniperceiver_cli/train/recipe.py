@@ -182,6 +182,9 @@ class TrainSpec:
     checkpoint_every: NonNegativeInt = 0  # 0: only the final bundle
     keep_checkpoints: Count = 2
     num_workers: Workers = 0  # data-loader worker processes per task
+    # Several processes: a target set of at least this many rows shared by every process (the vocabulary of
+    # vocabulary: full or corpus, class names) is encoded split across them; 0: never split.
+    split_targets: NonNegativeInt = 1024
     # torch compute threads in each training process: a count, auto (the process's cores less the loader
     # workers, at least one) or None (torch's default)
     threads: Few | Literal["auto"] | None = "auto"

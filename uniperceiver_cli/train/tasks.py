@@ -15,6 +15,7 @@ from uniperceiver_cli.data.shards import Manifest
 from uniperceiver_cli.model.config import EOT_ID
 from uniperceiver_cli.model.tokenizer import get_tokenizer
 from uniperceiver_cli.model.uniperceiver import UniPerceiver
+from uniperceiver_cli.parallel.targets import TargetSplit
 from uniperceiver_cli.task_types import TASKS, TaskType
 from uniperceiver_cli.train.losses import cross_entropy, retrieval_loss
 from uniperceiver_cli.train.masking import whole_word_mask
@@ -30,15 +31,16 @@ class TrainTask:
     class_names: list[str] | None = None
     vocab_ids: torch.Tensor | None = None  # the restricted target set ("corpus"), else None
     mixup: Any = None  # timm Mixup for soft-target classification
+    split: TargetSplit | None = None  # several processes: large target sets encoded across them
     _label_text: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @classmethod
-    def build(cls, spec: TaskSpec, data_root: Path) -> TrainTask:
+    def build(cls, spec: TaskSpec, data_root: Path, split: TargetSplit | None = None) -> TrainTask:
         directory = data_root / spec.data
         manifest = Manifest.load(directory)
         if spec.type not in manifest.tasks:
             raise ValueError(f"task {spec.name}: {directory} serves {', '.join(manifest.tasks)}, not {spec.type}")
-        task = cls(spec, TASKS[spec.type], directory, manifest)
+        task = cls(spec, TASKS[spec.type], directory, manifest, split=split)
         if task.kind.family == "classification":
             task.class_names = manifest.label_names(spec.label_set)
             task._label_text = get_tokenizer().encode_batch(task.class_names)
@@ -105,7 +107,7 @@ class TrainTask:
         if self.mixup is not None and inputs.dim() == 4 and inputs.shape[0] % 2 == 0:
             inputs, target = self.mixup(inputs, labels)
         ids, padding = self._label_text
-        targets = model.encode_text(ids.to(device), padding.to(device))  # re-encoded: the encoder is learning
+        targets = self._encode(model.encode_text, ids.to(device), padding.to(device))  # re-encoded: it is learning
         logits = model.classification_logits(inputs, targets)
         loss = cross_entropy(logits, target, self.spec.label_smoothing)
         return loss, {"acc": (logits.argmax(-1) == labels).float().mean()}
@@ -114,16 +116,20 @@ class TrainTask:
                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The vocabulary target set's features and a map from token id to row (-1 when absent)."""
         vocab_size = model.config.vocab_size
-        if self.spec.vocabulary == "full":
-            ids = torch.arange(vocab_size)
-        elif self.spec.vocabulary == "corpus":
-            ids = self.vocab_ids
-        else:  # the batch's own tokens plus sampled negatives
+        if self.spec.vocabulary == "sampled":  # the batch's own tokens plus sampled negatives: each process its own
             negatives = torch.randint(0, vocab_size, (self.spec.negatives,), generator=generator)
             ids = torch.cat([used.cpu(), negatives, torch.tensor([EOT_ID])]).unique()
+            features = model.vocabulary_targets(ids)
+        else:  # full, corpus: the same set on every process
+            ids = torch.arange(vocab_size) if self.spec.vocabulary == "full" else self.vocab_ids
+            features = self._encode(model.vocabulary_targets, ids)
         rows = torch.full((vocab_size,), -1, dtype=torch.long)
         rows[ids] = torch.arange(len(ids))
-        return model.vocabulary_targets(ids), rows.to(device)
+        return features, rows.to(device)
+
+    def _encode(self, encode: Any, *rows: torch.Tensor) -> torch.Tensor:
+        """A target set shared by every process: split across them when it is large (:class:`TargetSplit`)."""
+        return encode(*rows) if self.split is None else self.split.encode(encode, *rows)
 
     def _caption(self, model: UniPerceiver, batch: Batch, device: torch.device,
                  generator: torch.Generator | None):  # noqa: ANN202

@@ -1,0 +1,38 @@
+"""Large target sets encoded across the data-parallel processes, as the reference's ``SHARED_TARGETS`` with
+``DISTRIBUTED: True``: each process encodes ``ceil(N / world)`` rows and an autograd-aware all-gather joins
+the features, so the activations kept for the backward are a process's slice, not the whole set.
+
+Every process of a step runs the same task (the task draws are seeded alike), so all encode their slice of
+the same set together. The gradient of a slice comes back to the process that encoded it summed over every
+process's loss (the all-gather's backward), which is what encoding the whole set on every process gives once
+DeepSpeed averages the gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.distributed.nn.functional import all_gather
+
+
+@dataclass(frozen=True)
+class TargetSplit:
+    """Which slice of a target set this process encodes: sets of at least ``min_rows`` rows are split."""
+
+    rank: int
+    world_size: int
+    min_rows: int
+
+    def encode(self, encode: Callable[..., torch.Tensor], *rows: torch.Tensor) -> torch.Tensor:
+        """``encode(*rows)`` for a whole set (every tensor of ``rows`` has one entry per target along dim 0),
+        each process encoding its slice. Every process must call it with the same set. The slices are of equal
+        size (the last padded with copies of the last row, dropped after the gather)."""
+        n = rows[0].shape[0]
+        if self.world_size == 1 or n < max(self.min_rows, 1):
+            return encode(*rows)
+        per = -(-n // self.world_size)
+        mine = torch.arange(self.rank * per, (self.rank + 1) * per, device=rows[0].device).clamp(max=n - 1)
+        features = encode(*(r[mine] for r in rows))
+        return torch.cat(all_gather(features.contiguous()))[:n]
