@@ -17,16 +17,7 @@ from rich.table import Table
 
 from uniperceiver_cli.cli.common import user_errors
 from uniperceiver_cli.data.shards import Manifest
-from uniperceiver_cli.data.sources import (
-    coco,
-    flickr30k,
-    image_text,
-    imagenet21k,
-    kinetics,
-    msvd,
-    text,
-    visual_genome,
-)
+from uniperceiver_cli.data.sources import coco, flickr30k, image_text, imagenet21k, kinetics, msvd, text, visual_genome
 from uniperceiver_cli.data.sources import imagenet as imagenet1k
 from uniperceiver_cli.data.sources.common import Conversion
 
@@ -41,6 +32,7 @@ MAX_PER_SHARD = typer.Option(1000, "--max-per-shard", min=1, help="At most this 
 WORKERS = typer.Option(1, "--workers", min=1, help="Processes converting shards in parallel.")
 NO_PROGRESS = typer.Option(False, "--no-progress", help="No progress bar.")
 SELECT = typer.Option(None, "--split", help="Convert only this split (repeat for several); default: all found.")
+SPLIT_NAME = typer.Option("train", "--split", help="Split name.")
 CLASS_NAMES = typer.Option(None, "--class-names", help="Class names, one a line in index order.")
 IMAGES = typer.Option(None, "--images", help="Folder the image paths are relative to (default: the list's folder).")
 VIDEOS = typer.Option(None, "--videos", help="Folder the videos are under (default: the list's folder).")
@@ -91,11 +83,10 @@ def imagenet(
 
 @app.command("imagenet21k")
 def imagenet_21k(
-    src: Path = typer.Argument(..., help="The folder holding <wnid>/<wnid>_<idx>.JPEG."),
-    out: Path = OUT,
+    src: Path = typer.Argument(..., help="The folder holding <wnid>/<wnid>_<idx>.JPEG."), out: Path = OUT,
     filelist: Path | None = typer.Option(None, "--filelist",
                                          help=f"The file list (default: SRC/{imagenet21k.FILELIST})."),
-    class_names: Path | None = CLASS_NAMES, split: str = typer.Option("train", "--split", help="Split name."),
+    class_names: Path | None = CLASS_NAMES, split: str = SPLIT_NAME,
     name: str = typer.Option("imagenet21k", "--name", help=NAME_HELP), min_shards: int = MIN_SHARDS,
     max_per_shard: int = MAX_PER_SHARD, workers: int = WORKERS, no_progress: bool = NO_PROGRESS,
 ) -> None:
@@ -131,7 +122,7 @@ def flickr30k_captions(
 @app.command("image-text")
 def image_text_pairs(
     lists: list[Path] = typer.Argument(..., help=".tsv (path<TAB>caption), .jsonl/.json lines, or a .json dict."),
-    out: Path = OUT, images: Path | None = IMAGES, split: str = typer.Option("train", "--split", help="Split name."),
+    out: Path = OUT, images: Path | None = IMAGES, split: str = SPLIT_NAME,
     name: str = typer.Option("image_text", "--name", help=NAME_HELP + " (cc3m, cc12m, sbu, yfcc...)"),
     min_shards: int = MIN_SHARDS, max_per_shard: int = MAX_PER_SHARD, workers: int = WORKERS,
     no_progress: bool = NO_PROGRESS,
@@ -144,7 +135,7 @@ def image_text_pairs(
 @app.command("visual-genome")
 def visual_genome_captions(
     annotations: Path = typer.Argument(..., help="vg_captions_128filter.json."),
-    out: Path = OUT, images: Path | None = IMAGES, split: str = typer.Option("train", "--split", help="Split name."),
+    out: Path = OUT, images: Path | None = IMAGES, split: str = SPLIT_NAME,
     name: str = typer.Option("visual_genome", "--name", help=NAME_HELP), min_shards: int = MIN_SHARDS,
     max_per_shard: int = MAX_PER_SHARD, workers: int = WORKERS, no_progress: bool = NO_PROGRESS,
 ) -> None:
@@ -168,11 +159,10 @@ def kinetics_videos(
 
 @app.command("msvd")
 def msvd_captions(
-    annotations: list[Path] = typer.Argument(..., help="COCO-style caption jsons, one split each."),
-    out: Path = OUT, videos: Path | None = VIDEOS, split: list[str] | None = SELECT,
-    name: str = typer.Option("msvd", "--name", help=NAME_HELP + " (msrvtt for MSRVTT)"),
-    min_shards: int = MIN_SHARDS, max_per_shard: int = MAX_PER_SHARD, workers: int = WORKERS,
-    no_progress: bool = NO_PROGRESS,
+    annotations: list[Path] = typer.Argument(..., help="COCO-style caption jsons, one split each."), out: Path = OUT,
+    videos: Path | None = VIDEOS, split: list[str] | None = SELECT,
+    name: str = typer.Option("msvd", "--name", help=NAME_HELP + " (msrvtt for MSRVTT)"), min_shards: int = MIN_SHARDS,
+    max_per_shard: int = MAX_PER_SHARD, workers: int = WORKERS, no_progress: bool = NO_PROGRESS,
 ) -> None:
     """MSVD and MSRVTT video captions: one sample per video with all its captions."""
     _convert(lambda: msvd.plan(annotations, videos, splits=split, name=name),
@@ -183,7 +173,7 @@ def msvd_captions(
 def text_corpus(
     sources: list[Path] = typer.Argument(..., help="Text files or folders of them, one sentence/paragraph a line."),
     out: Path = OUT, min_words: int = typer.Option(128, "--min-words", min=1, help="Least words in a passage."),
-    split: str = typer.Option("train", "--split", help="Split name."),
+    split: str = SPLIT_NAME,
     name: str = typer.Option("text", "--name", help=NAME_HELP + " (bookswiki...)"), min_shards: int = MIN_SHARDS,
     max_per_shard: int = MAX_PER_SHARD, workers: int = WORKERS, no_progress: bool = NO_PROGRESS,
 ) -> None:

@@ -66,14 +66,12 @@ class Sample:
 
     def members(self) -> dict[str, bytes]:
         out: dict[str, bytes] = {}
-        if self.image is not None:
-            if self.image_ext not in IMAGE_EXTS:
-                raise ValueError(f"image extension must be one of {IMAGE_EXTS}, got {self.image_ext!r}")
-            out[self.image_ext] = self.image
-        if self.video is not None:
-            if self.video_ext not in VIDEO_EXTS:
-                raise ValueError(f"video extension must be one of {VIDEO_EXTS}, got {self.video_ext!r}")
-            out[self.video_ext] = self.video
+        for kind, data, ext, allowed in (("image", self.image, self.image_ext, IMAGE_EXTS),
+                                         ("video", self.video, self.video_ext, VIDEO_EXTS)):
+            if data is not None:
+                if ext not in allowed:
+                    raise ValueError(f"{kind} extension must be one of {allowed}, got {ext!r}")
+                out[ext] = data
         if self.text is not None:
             out["txt"] = self.text.encode("utf-8")
         if self.label is not None:
@@ -115,8 +113,7 @@ class Manifest:
 
     @classmethod
     def load(cls, path: str | Path) -> Manifest:
-        """The manifest of a split folder (or the folder's ``manifest.json`` itself); ValueError in one line on one
-        that is not valid."""
+        """The manifest of a split folder (or of its ``manifest.json``); a one-line ValueError on an invalid one."""
         path = Path(path)
         if path.is_dir():
             path = path / MANIFEST
@@ -156,8 +153,7 @@ SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:")  # a URL scheme; one letter wou
 
 
 def is_remote(source: str) -> bool:
-    """Whether a shard source is a URL or pipe (``pipe:``, ``http://``, ``s3://``, any ``scheme:``), not a local
-    path."""
+    """Whether a shard source is a URL or pipe (``pipe:``, ``http://``, ``s3://``, any ``scheme:``), not a path."""
     return SCHEME.match(source) is not None
 
 
@@ -233,13 +229,15 @@ def _write_shard(directory: Path, index: int, items: Sequence[Any],
     return stats
 
 
-def _done(directory: Path, index: int) -> dict[str, Any] | None:
+def _done(directory: Path, index: int, size: int) -> dict[str, Any] | None:
+    """The stats of shard ``index`` if an earlier run finished it: all ``size`` items written or skipped."""
     tar, stats = directory / f"shard-{index:06d}.tar", directory / f"shard-{index:06d}.json"
     try:
         done = json.loads(stats.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-    return done if tar.exists() or done["samples"] == 0 else None
+    finished = tar.exists() or done["samples"] == 0
+    return done if finished and done["samples"] + sum(done["skipped"].values()) == size else None
 
 
 def write_shards(directory: str | Path, items: Sequence[Any], make_sample: Callable[[Any], Sample], *,
@@ -262,14 +260,9 @@ def write_shards(directory: str | Path, items: Sequence[Any], make_sample: Calla
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     plan = plan_shards(len(items), min_shards, max_per_shard)
-    results: dict[int, dict[str, Any]] = {}
-    todo = []
-    for index, span in enumerate(plan):
-        done = _done(directory, index)
-        if done is not None and done["samples"] + sum(done["skipped"].values()) == len(span):
-            results[index] = done
-        else:
-            todo.append(index)
+    found = {index: _done(directory, index, len(span)) for index, span in enumerate(plan)}
+    results = {index: stats for index, stats in found.items() if stats is not None}
+    todo = [index for index, stats in found.items() if stats is None]
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("items  {task.fields[rate]}"), TimeRemainingColumn())
     with Progress(*columns, disable=not progress, transient=False) as bar:
@@ -282,24 +275,20 @@ def write_shards(directory: str | Path, items: Sequence[Any], make_sample: Calla
                 results[i] = stats
                 bar.advance(task, len(plan[i]))
                 bar.update(task, rate=_rate(bar, task))
+    shards = [results[i] for i in range(len(plan))]
     skipped: Counter[str] = Counter()
-    manifest.shards, manifest.skipped_examples = [], []
-    for i in range(len(plan)):
-        stats = results[i]
-        if stats["samples"]:
-            manifest.shards.append(ShardInfo(stats["file"], stats["samples"], stats["bytes"]))
+    for stats in shards:
         skipped.update(stats["skipped"])
-        room = MAX_SKIP_EXAMPLES - len(manifest.skipped_examples)
-        manifest.skipped_examples.extend(stats["skipped_examples"][:room])
+    manifest.shards = [ShardInfo(s["file"], s["samples"], s["bytes"]) for s in shards if s["samples"]]
     manifest.skipped = dict(sorted(skipped.items()))
+    manifest.skipped_examples = [e for s in shards for e in s["skipped_examples"]][:MAX_SKIP_EXAMPLES]
     manifest.num_samples = sum(s.samples for s in manifest.shards)
     manifest.save(directory)
     return manifest
 
 
 def read_metas(directory: str | Path) -> dict[str, dict[str, Any]]:
-    """Each sample's meta (its ``.json`` member) by key, for a converted split's shards; members are read, never
-    extracted."""
+    """Each sample's meta (its ``.json`` member) by key, read from a converted split's shards (never extracted)."""
     directory = Path(directory)
     metas = {}
     for path in Manifest.load(directory).shard_paths(directory):

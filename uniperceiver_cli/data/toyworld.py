@@ -202,23 +202,11 @@ def _mp4(frames: list[np.ndarray]) -> bytes:
 
 # --- images ------------------------------------------------------------------------------------------------------
 
-SINGLE_TEMPLATES = (
-    "{a_full} {where}",
-    "there is {a_full} {where}",
-    "{where} there is {a_full}",
-    "{a_plain} {where}",
-    "a picture of {a_full}",
-    "the {full} is {where}",
-    "a {size} {shape} coloured {colour}",
-)
-PAIR_TEMPLATES = (
-    "{a_full} {relation} {a_other}",
-    "{a_other} {inverse} {a_full}",
-    "there is {a_full} {relation} {a_other}",
-    "the {full} is {relation} the {other}",
-    "two shapes: {a_full} and {a_other}",
-    "{a_plain} and {a_other_plain}",
-)
+SINGLE_TEMPLATES = ("{a_full} {where}", "there is {a_full} {where}", "{where} there is {a_full}", "{a_plain} {where}",
+                    "a picture of {a_full}", "the {full} is {where}", "a {size} {shape} coloured {colour}")
+PAIR_TEMPLATES = ("{a_full} {relation} {a_other}", "{a_other} {inverse} {a_full}",
+                  "there is {a_full} {relation} {a_other}", "the {full} is {relation} the {other}",
+                  "two shapes: {a_full} and {a_other}", "{a_plain} and {a_other_plain}")
 
 
 def _image_scene(rng: np.random.Generator, shape: str) -> tuple[list[Thing], str, str | None]:
@@ -256,11 +244,15 @@ def _image_templates(things: list[Thing], position: str, relation: str | None) -
     return PAIR_TEMPLATES, fields
 
 
-def _image_captions(rng: np.random.Generator, things: list[Thing], position: str, relation: str | None) -> list[str]:
-    """2-5 captions from distinct templates; every one names the main thing's shape and colour."""
-    templates, fields = _image_templates(things, position, relation)
-    count = int(rng.integers(2, 6))
+def _captions(rng: np.random.Generator, templates: tuple[str, ...], fields: dict[str, str], most: int) -> list[str]:
+    """2 to ``most`` captions from distinct templates, in random order."""
+    count = int(rng.integers(2, most + 1))
     return [templates[i].format(**fields) for i in rng.permutation(len(templates))[:count]]
+
+
+def _image_captions(rng: np.random.Generator, things: list[Thing], position: str, relation: str | None) -> list[str]:
+    """2-5 captions; every one names the main thing's shape and colour."""
+    return _captions(rng, *_image_templates(things, position, relation), most=5)
 
 
 def image_sample(index: int, *, split: str, seed: int, image_size: int) -> Sample:
@@ -281,33 +273,22 @@ def image_sample(index: int, *, split: str, seed: int, image_size: int) -> Sampl
 
 # --- videos ------------------------------------------------------------------------------------------------------
 
-VIDEO_TEMPLATES = (
-    "{a_plain} {moving}",
-    "{a_full} {moving}",
-    "the {plain} is {moving}",
-    "a video of {a_plain} {moving}",
-    "{a_full} that is {moving}",
-)
+VIDEO_TEMPLATES = ("{a_plain} {moving}", "{a_full} {moving}", "the {plain} is {moving}",
+                   "a video of {a_plain} {moving}", "{a_full} that is {moving}")
 
 
 def _trajectory(rng: np.random.Generator, motion: str, start: Thing, num_frames: int) -> list[Thing]:
     """The thing in every frame: moved across, scaled or turned linearly from the first to the last frame."""
     begin, end = 0.25 + float(rng.uniform(-0.03, 0.03)), 0.75 + float(rng.uniform(-0.03, 0.03))
     turn = float(rng.choice([-1, 1]) * rng.uniform(100, 160))
-    frames = []
-    for f in range(num_frames):
-        t = f / (num_frames - 1)
+
+    def at(t: float) -> dict[str, float]:
         along = begin + (end - begin) * t
-        if motion in ("moving left", "moving right"):
-            changes = {"x": along if motion == "moving right" else 1 - along}
-        elif motion in ("moving up", "moving down"):
-            changes = {"y": along if motion == "moving down" else 1 - along}
-        elif motion in ("growing", "shrinking"):
-            changes = {"radius": 0.07 + 0.15 * (t if motion == "growing" else 1 - t)}
-        else:
-            changes = {"angle": start.angle + turn * t}
-        frames.append(replace(start, **changes))
-    return frames
+        return {"moving left": {"x": 1 - along}, "moving right": {"x": along}, "moving up": {"y": 1 - along},
+                "moving down": {"y": along}, "growing": {"radius": 0.07 + 0.15 * t},
+                "shrinking": {"radius": 0.07 + 0.15 * (1 - t)}, "rotating": {"angle": start.angle + turn * t}}[motion]
+
+    return [replace(start, **at(f / (num_frames - 1))) for f in range(num_frames)]
 
 
 def _video_fields(thing: Thing, motion: str) -> dict[str, str]:
@@ -325,9 +306,7 @@ def video_sample(index: int, *, split: str, seed: int, image_size: int, num_fram
                   float(rng.uniform(-15, 15)))
     background = _background(rng, image_size)
     video = _mp4([_draw(background, [thing]) for thing in _trajectory(rng, motion, start, num_frames)])
-    fields = _video_fields(start, motion)
-    count = int(rng.integers(2, 5))
-    captions = [VIDEO_TEMPLATES[i].format(**fields) for i in rng.permutation(len(VIDEO_TEMPLATES))[:count]]
+    captions = _captions(rng, VIDEO_TEMPLATES, _video_fields(start, motion), most=4)
     key = f"{DATASET}-vid-{split}-{index:06d}"
     meta = {"id": key, "captions": captions, "motion": motion, "shape": shape, "colour": start.colour,
             "size": size, "labels": {"motion": MOTIONS.index(motion)}}
@@ -357,13 +336,8 @@ def _random_thing(rng: np.random.Generator) -> Thing:
     return Thing(_pick(rng, SHAPES), _pick(rng, COLOURS), _pick(rng, RADIUS), 0.5, 0.5, 0.1)
 
 
-def _plural(shape: str) -> str:
-    return shape + ("es" if shape.endswith("s") else "s")
-
-
 def _scene_sentence(rng: np.random.Generator) -> str:
-    things, position, relation = _image_scene(rng, _pick(rng, SHAPES))
-    return _image_captions(rng, things, position, relation)[0]
+    return _image_captions(rng, *_image_scene(rng, _pick(rng, SHAPES)))[0]
 
 
 def _relation_sentence(rng: np.random.Generator) -> str:
@@ -382,7 +356,8 @@ def _count_sentence(rng: np.random.Generator) -> str:
     thing, count = _random_thing(rng), int(rng.integers(len(NUMBERS)))
     if count == 0:
         return f"there is one {thing.plain}"
-    return f"there are {NUMBERS[count]} {thing.colour} {_plural(thing.shape)}"
+    shapes = thing.shape + ("es" if thing.shape.endswith("s") else "s")  # "crosses"
+    return f"there are {NUMBERS[count]} {thing.colour} {shapes}"
 
 
 def _fact_sentence(rng: np.random.Generator) -> str:
@@ -467,13 +442,6 @@ def _conversion(name: str, count: int, *, seed: int, image_size: int, num_frames
     return Conversion(manifest, range(count), make)
 
 
-def _summary(size: str, seed: int, image_size: int, num_frames: int) -> dict[str, Any]:
-    return {"dataset": DATASET, "version": 2, "seed": seed, "size": size, "image_size": image_size,
-            "num_frames": num_frames, "splits": SPLIT_COUNTS[size],
-            "label_sets": {"shape": list(SHAPES), "colour": list(COLOURS), "motion": list(MOTIONS)},
-            "training_tasks": TRAINING_TASKS, "zero_shot_tasks": ZERO_SHOT_TASKS}
-
-
 def generate(out: str | Path, *, size: str = "default", seed: int = 0, image_size: int = 64, num_frames: int = 8,
              min_shards: int = 4, workers: int = 1, progress: bool = True) -> dict[str, Manifest]:
     """Draw ToyWorld into ``out`` (resumable: finished shards are kept) and return the split manifests.
@@ -499,7 +467,10 @@ def generate(out: str | Path, *, size: str = "default", seed: int = 0, image_siz
     if seed < 0 or image_size < 16 or image_size % 2 or num_frames < 2:
         raise ValueError("need seed >= 0, an even image_size >= 16 and num_frames >= 2")
     out = Path(out)
-    summary = _summary(size, seed, image_size, num_frames)
+    summary = {"dataset": DATASET, "version": 2, "seed": seed, "size": size, "image_size": image_size,
+               "num_frames": num_frames, "splits": SPLIT_COUNTS[size],
+               "label_sets": {"shape": list(SHAPES), "colour": list(COLOURS), "motion": list(MOTIONS)},
+               "training_tasks": TRAINING_TASKS, "zero_shot_tasks": ZERO_SHOT_TASKS}
     path = out / SUMMARY
     if path.exists() and json.loads(path.read_text()) != summary:
         raise ValueError(f"{out} holds a ToyWorld drawn with other settings or by an older version; "

@@ -7,21 +7,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
 
-from uniperceiver_cli.data.shards import Manifest
 from uniperceiver_cli.data.sources.common import (
     Conversion,
     Item,
     LayoutError,
+    caption_conversion,
     clean_captions,
-    image_sample,
-    keyed,
     load_json,
     media_name,
     select_splits,
     split_name,
-    video_sample,
 )
-from uniperceiver_cli.task_types import task_names
 
 KARPATHY = ("a Karpathy split json {'images': [{'filename', 'split', 'sentences': [{'raw'}], "
             "'filepath' and 'cocoid' for COCO}]}")
@@ -84,24 +80,13 @@ def coco_style(data: dict[str, Any]) -> list[Entry]:
 
 def conversions(paths: Sequence[Path], locate: Callable[[str], str], *, splits: Sequence[str] | None, name: str,
                 video: bool) -> list[Conversion]:
-    """One conversion per split: a sample per image/video with all its captions.
-
-    Args:
-        paths: the annotation jsons.
-        locate: the media file of an entry's ``rel`` path.
-        splits: only these splits (default: all found).
-        name: the data set name in the manifests.
-        video: videos (``video_caption``/``video_retrieval``) rather than images.
-    """
+    """One conversion per split of the annotation jsons ``paths`` (all, or ``splits``): a sample per image (or
+    ``video``) with all its captions, its file at ``locate(rel)``."""
     entries = read(paths)
-    modality = "video" if video else "image"
+    source = ", ".join(str(p) for p in paths)
     out = []
     for split in select_splits(entries, splits, paths[0].parent):
-        items = keyed(Item(media_name(e.rel), locate(e.rel), captions=e.captions, meta={"id": e.id, "source": e.rel})
-                      for e in entries[split])
-        manifest = Manifest(dataset=name, split=split, modality=modality,
-                            tasks=task_names(modality, "caption", "retrieval"),
-                            source=", ".join(str(p) for p in paths),
-                            extra={"captions": sum(len(e.captions) for e in entries[split])})
-        out.append(Conversion(manifest, items, video_sample if video else image_sample))
+        items = [Item(media_name(e.rel), locate(e.rel), captions=e.captions, meta={"id": e.id, "source": e.rel})
+                 for e in entries[split]]
+        out.append(caption_conversion(source, split, items, name, video=video))
     return out

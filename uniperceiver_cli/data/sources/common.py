@@ -77,10 +77,9 @@ def read_image(path: str | Path) -> tuple[bytes, str]:
     data = read_bytes(path)
     try:
         with Image.open(io.BytesIO(data)) as image:
-            fmt = image.format
             image.load()
-            if fmt in ("JPEG", "PNG"):
-                return data, "jpg" if fmt == "JPEG" else "png"
+            if image.format in ("JPEG", "PNG"):
+                return data, "jpg" if image.format == "JPEG" else "png"
             out = io.BytesIO()
             image.convert("RGB").save(out, format="PNG")
             return out.getvalue(), "png"
@@ -131,12 +130,8 @@ def _media_sample(item: Item, *, video: bool) -> Sample:
     meta = dict(item.meta or {})
     if item.captions is not None:
         meta["captions"] = list(item.captions)
-    sample = Sample(item.key, label=item.label, meta=meta, text=item.captions[0] if item.captions else None)
-    if video:
-        sample.video, sample.video_ext = data, ext
-    else:
-        sample.image, sample.image_ext = data, ext
-    return sample
+    media = {"video": data, "video_ext": ext} if video else {"image": data, "image_ext": ext}
+    return Sample(item.key, label=item.label, meta=meta, text=item.captions[0] if item.captions else None, **media)
 
 
 def image_sample(item: Item) -> Sample:
@@ -151,17 +146,15 @@ def video_sample(item: Item) -> Sample:
 
 def unique_keys(names: Iterable[str]) -> list[str]:
     """Unique sample keys from names: ``safe_key``, then "-2", "-3"... on repeats."""
-    seen: set[str] = set()
-    keys = []
+    keys: dict[str, None] = {}  # ordered, and a fast membership test
     for name in names:
         key = base = safe_key(name)
         count = 1
-        while key in seen:
+        while key in keys:
             count += 1
             key = f"{base}-{count}"
-        seen.add(key)
-        keys.append(key)
-    return keys
+        keys[key] = None
+    return list(keys)
 
 
 def keyed(items: Iterable[Item]) -> list[Item]:
@@ -193,6 +186,20 @@ def read_class_names(path: Path) -> list[str]:
     if "" in names:
         raise ValueError(f"{path}: line {names.index('') + 1} is empty; expected one class name a line")
     return names
+
+
+def numbered_lines(path: Path, layout: str, maxsplit: int = -1) -> list[tuple[list[str], int]]:
+    """(the other fields, the number) of each line of a list file in ``layout`` ("relative_path label"), split at
+    whitespace from the right (at most ``maxsplit`` times); blank lines are skipped."""
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        fields = line.rsplit(maxsplit=maxsplit)
+        if not fields:
+            continue
+        if len(fields) != len(layout.split()) or not fields[-1].isdigit():
+            raise LayoutError(f"{path}:{number}: expected {layout!r}, got {line[:80]!r}")
+        rows.append((fields[:-1], int(fields[-1])))
+    return rows
 
 
 def class_folders(src: Path, suffixes: tuple[str, ...]) -> dict[str, dict[str, list[Path]]]:
@@ -257,10 +264,14 @@ def media_name(rel: str) -> str:
     return str(path.with_suffix("")) if path.suffix.lower() in IMAGE_SUFFIXES + VIDEO_SUFFIXES else rel
 
 
+def class_item(rel: str, path: Path, label: int, names: Sequence[str]) -> Item:
+    """The item of an image or video of class ``label``, keyed by its relative path ``rel`` (also its source)."""
+    return Item(media_name(rel), str(path), label, meta={"label": names[label], "source": rel})
+
+
 def folder_items(folders: dict[str, list[Path]], labels: dict[str, int], names: Sequence[str]) -> list[Item]:
     """Items of class folders (folder -> files): the folder's label, its class name and ``folder/file`` as source."""
-    return [Item(media_name(f"{folder}/{f.name}"), str(f), labels[folder],
-                 meta={"label": names[labels[folder]], "source": f"{folder}/{f.name}"})
+    return [class_item(f"{folder}/{f.name}", f, labels[folder], names)
             for folder, files in folders.items() for f in files]
 
 
@@ -270,4 +281,13 @@ def classification_conversion(source: str, split: str, items: list[Item], classe
     modality = "video" if video else "image"
     manifest = Manifest(dataset=name, split=split, modality=modality, tasks=task_names(modality, "classification"),
                         source=source, classes=classes)
+    return Conversion(manifest, keyed(items), video_sample if video else image_sample)
+
+
+def caption_conversion(source: str, split: str, items: list[Item], name: str, *, video: bool = False) -> Conversion:
+    """A caption and retrieval split of images (or videos): the items under unique keys, their captions counted."""
+    modality = "video" if video else "image"
+    tasks = task_names(modality, "caption", "retrieval")
+    manifest = Manifest(dataset=name, split=split, modality=modality, tasks=tasks, source=source,
+                        extra={"captions": sum(len(item.captions or ()) for item in items)})
     return Conversion(manifest, keyed(items), video_sample if video else image_sample)

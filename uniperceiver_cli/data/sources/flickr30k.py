@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from uniperceiver_cli.data.sources import captions
-from uniperceiver_cli.data.sources.common import Conversion, require
+from uniperceiver_cli.data.sources import coco
+from uniperceiver_cli.data.sources.common import Conversion
 
 
 def plan(annotations: Path, images: Path | None = None, *, splits: Sequence[str] | None = None,
@@ -20,5 +20,4 @@ def plan(annotations: Path, images: Path | None = None, *, splits: Sequence[str]
         splits: only these splits (default: all found).
         name: the data set name in the manifests.
     """
-    images = require(images or annotations.parent, "a folder of images")
-    return captions.conversions([annotations], lambda rel: str(images / rel), splits=splits, name=name, video=False)
+    return coco.plan([annotations], images, splits=splits, name=name)  # the same Karpathy layout

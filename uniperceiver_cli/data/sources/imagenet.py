@@ -8,12 +8,12 @@ from pathlib import Path
 from uniperceiver_cli.data.sources.common import (
     IMAGE_SUFFIXES,
     Conversion,
-    Item,
     LayoutError,
     class_folders,
+    class_item,
     classification_conversion,
     folder_items,
-    media_name,
+    numbered_lines,
     read_class_names,
     select_splits,
 )
@@ -55,35 +55,18 @@ def plan(src: Path, *, splits: Sequence[str] | None = None, class_names: Path | 
 
 def _from_lists(src: Path, lists: list[Path], splits: Sequence[str] | None, names: list[str] | None,
                 name: str) -> list[Conversion]:
-    entries = {path.stem: _read_list(path) for path in lists}
-    num_classes = 1 + max((label for rows in entries.values() for _, label in rows), default=-1)
-    if names is None:
-        folders: dict[int, str] = {}
-        for rows in entries.values():
-            for rel, label in rows:
-                if "/" in rel:
-                    folders.setdefault(label, rel.split("/", 1)[0])
+    entries = {path.stem: [(fields[0], label) for fields, label in numbered_lines(path, "relative_path label", 1)]
+               for path in lists}
+    rows = [row for split_rows in entries.values() for row in split_rows]
+    num_classes = 1 + max((label for _, label in rows), default=-1)
+    if names is None:  # each label's first folder; reversed, so that the first one is written last
+        folders = {label: rel.split("/", 1)[0] for rel, label in reversed(rows) if "/" in rel}
         names = [folders.get(i, str(i)) for i in range(num_classes)]
     elif len(names) < num_classes:
         raise ValueError(f"{len(names)} class names but the lists use labels up to {num_classes - 1}")
     conversions = []
     for split in select_splits(entries, splits, src / "meta"):
-        items = [_item(rel, src / split / rel, label, names) for rel, label in entries[split]]
+        items = [class_item(rel, src / split / rel, label, names) for rel, label in entries[split]]
         conversions.append(classification_conversion(str(src), split, items, names, name))
     return conversions
 
-
-def _read_list(path: Path) -> list[tuple[str, int]]:
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        fields = line.rsplit(maxsplit=1)
-        if not fields:
-            continue
-        if len(fields) != 2 or not fields[1].isdigit():
-            raise LayoutError(f"{path}:{number}: expected 'relative_path label', got {line[:80]!r}")
-        rows.append((fields[0], int(fields[1])))
-    return rows
-
-
-def _item(rel: str, path: Path, label: int, names: list[str]) -> Item:
-    return Item(media_name(rel), str(path), label, meta={"label": names[label], "source": rel})

@@ -8,8 +8,8 @@ from pathlib import Path
 from uniperceiver_cli.data.sources.common import (
     Conversion,
     Item,
-    LayoutError,
     classification_conversion,
+    numbered_lines,
     read_class_names,
     require,
 )
@@ -30,17 +30,8 @@ def plan(src: Path, *, filelist: Path | None = None, class_names: Path | None = 
         name: the data set name in the manifest.
     """
     filelist = require(filelist or src / FILELIST, LAYOUT)
-    rows = []
-    for number, line in enumerate(filelist.read_text().splitlines(), 1):
-        fields = line.split()
-        if not fields:
-            continue
-        if len(fields) != 3 or not fields[2].isdigit():
-            raise LayoutError(f"{filelist}:{number}: expected 'wnid idx class_id', got {line[:80]!r}")
-        rows.append((fields[0], fields[1], int(fields[2])))
-    wnids: dict[int, str] = {}
-    for wnid, _, label in rows:
-        wnids.setdefault(label, wnid)
+    rows = [(wnid, idx, label) for (wnid, idx), label in numbered_lines(filelist, "wnid idx class_id")]
+    wnids = {label: wnid for wnid, _, label in reversed(rows)}  # reversed: a label's first wnid is written last
     num_classes = 1 + max(wnids, default=-1)
     names = read_class_names(class_names) if class_names else [wnids.get(i, str(i)) for i in range(num_classes)]
     if len(names) < num_classes:

@@ -57,14 +57,12 @@ def plan(sources: Sequence[Path], videos: Path | None = None, *, splits: Sequenc
         folders = class_folders(sources[0], VIDEO_SUFFIXES)
         if not folders:
             raise LayoutError(f"{sources[0]} has no class folders; expected {LAYOUT}")
-        names = _classes({label for split in folders.values() for label in split}, class_names)
-        labels = {label: i for i, label in enumerate(names)}
+        names, labels = _classes({label for split in folders.values() for label in split}, class_names)
         return [classification_conversion(str(sources[0]), split, folder_items(folders[split], labels, names),
                                           names, name, video=True)
                 for split in select_splits(folders, splits, sources[0])]
     rows = [row for path in sources for row in _read_csv(path)]
-    names = _classes({row.label for row in rows if row.label}, class_names)
-    labels = {label: i for i, label in enumerate(names)}
+    names, labels = _classes({row.label for row in rows if row.label}, class_names)
     root = require(videos or sources[0].parent, "a folder of videos")
     index = index_files(root, VIDEO_SUFFIXES)
     by_split: dict[str, list[Item]] = {}
@@ -106,11 +104,10 @@ def _candidates(row: Row) -> list[str]:
     return [f"{folder}/{file}" if folder else file for folder in folders for file in row.names]
 
 
-def _classes(found: set[str], class_names: Path | None) -> list[str]:
-    if class_names is None:
-        return sorted(found)
-    names = read_class_names(class_names)
+def _classes(found: set[str], class_names: Path | None) -> tuple[list[str], dict[str, int]]:
+    """The class names in index order (default: the ``found`` labels, sorted) and the index of each."""
+    names = sorted(found) if class_names is None else read_class_names(class_names)
     unknown = sorted(found - set(names))
     if unknown:
         raise ValueError(f"{len(unknown)} labels are not in {class_names}, e.g. {unknown[0]!r}")
-    return names
+    return names, {label: i for i, label in enumerate(names)}

@@ -37,8 +37,6 @@ def plan(sources: Sequence[Path], *, min_words: int = 128, split: str = "train",
         split: the split name in the manifest.
         name: the data set name in the manifest.
     """
-    if min_words < 1:
-        raise ValueError(f"--min-words must be at least 1, got {min_words}")
     files = []
     for source in sources:
         if require(source, LAYOUT).is_dir():

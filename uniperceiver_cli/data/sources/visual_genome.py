@@ -5,19 +5,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from uniperceiver_cli.data.shards import Manifest
 from uniperceiver_cli.data.sources.common import (
     Conversion,
     Item,
     LayoutError,
+    caption_conversion,
     clean_captions,
-    image_sample,
-    keyed,
     load_json,
     media_name,
     require,
 )
-from uniperceiver_cli.task_types import task_names
 
 LAYOUT = "vg_captions_128filter.json = {'phrase': {image_id: [captions]}, 'subset': {image_id: relative_path}}"
 
@@ -44,6 +41,4 @@ def plan(annotations: Path, images: Path | None = None, *, split: str = "train",
         items.append(Item(media_name(rel) or f"id_{image_id}", str(images / rel) if rel else "",
                           captions=clean_captions(phrases.get(image_id, ()), period=True),
                           meta={"id": image_id, "source": rel}))
-    manifest = Manifest(dataset=name, split=split, modality="image", tasks=task_names("image", "caption", "retrieval"),
-                        source=str(annotations), extra={"captions": sum(len(item.captions or ()) for item in items)})
-    return Conversion(manifest, keyed(items), image_sample)
+    return caption_conversion(str(annotations), split, items, name)
