@@ -18,12 +18,13 @@ import torch
 from PIL import Image
 from timm.data.auto_augment import RandAugment
 
-from uniperceiver_cli.data.loader import ShardLoader, choose_subset, make_loader
+from uniperceiver_cli.data.loader import SampleDecoder, ShardLoader, choose_subset, make_loader
 from uniperceiver_cli.data.mixing import mix_tasks
 from uniperceiver_cli.data.shards import Manifest, Sample, Skip, write_shards
 from uniperceiver_cli.data.transforms import classification_train_transform
 from uniperceiver_cli.data.video import eval_clip, eval_indices, train_clip, train_indices
 from uniperceiver_cli.model.tokenizer import get_tokenizer
+from uniperceiver_cli.random_state import global_rng_state, set_global_rng_state
 
 SIZE, FRAMES = 32, 4
 NUM_IMAGES, NUM_VIDEOS, NUM_TEXTS = 24, 8, 8
@@ -197,6 +198,51 @@ def test_training_order_is_seeded_and_changes_per_epoch(images: Path) -> None:
     loader = make_loader(images, task="image_classification", train=True, batch_size=4, image_size=SIZE, epochs=2)
     first, second = _keys(list(loader)), _keys(list(loader))
     assert len(first) == 2 * NUM_IMAGES and Counter(first) == Counter(second) and first != second
+
+
+@pytest.mark.parametrize(("task", "workers"), [("image_classification", 0), ("image_classification", 2),
+                                               ("image_caption", 2)])
+def test_a_restored_loader_goes_on_exactly_without_decoding_what_was_handed_out(images: Path, task: str,
+                                                                              workers: int) -> None:
+    """Augmented, shuffled through a small buffer, over several epochs, with workers: a loader restored from the
+    state after 7 batches hands out what the first one handed out next, image for image."""
+    def loader():  # noqa: ANN202
+        return make_loader(images, task=task, train=True, batch_size=5, image_size=SIZE, epochs=None, seed=4,
+                           shuffle_buffer=6, num_workers=workers)
+
+    first, stream = loader(), None
+    stream = iter(first)
+    handed = [next(stream) for _ in range(7)]  # 35 samples: more than an epoch of 24
+    state, augmentation = first.state(), global_rng_state()  # without workers: this process's RNGs (the run keeps)
+    expected = [next(stream) for _ in range(5)]
+    again = loader()
+    again.restore(state)
+    set_global_rng_state(augmentation)
+    got = list(islice(again, 5))
+    assert [b["keys"] for b in got] == [b["keys"] for b in expected] != [b["keys"] for b in handed[:5]]
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(a["images"], b["images"])
+        if task == "image_caption":
+            assert torch.equal(a["text_ids"], b["text_ids"])  # the same caption drawn
+
+
+def test_a_restored_loader_decodes_only_what_it_hands_out(images: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def loader() -> ShardLoader:
+        return make_loader(images, task="image_classification", train=True, batch_size=5, image_size=SIZE,
+                           epochs=None, seed=4, shuffle_buffer=6)
+
+    first = loader()
+    stream = iter(first)
+    for _ in range(20):  # four epochs
+        next(stream)
+    state = first.state()
+    decoded = []
+    real = SampleDecoder.__call__
+    monkeypatch.setattr(SampleDecoder, "__call__", lambda self, raw, rng: decoded.append(raw) or real(self, raw, rng))
+    again = loader()
+    again.restore(state)
+    batch = next(iter(again))
+    assert len(decoded) == 5 and batch["keys"] == next(stream)["keys"]
 
 
 def test_subset_is_class_balanced_and_shared(images: Path) -> None:

@@ -15,16 +15,22 @@ of shard URLs and yields collated batch dicts. What runs where:
   reads every shard and keeps every ``readers``-th sample.
 - **Samples** are read with a tar reader that reads past damaged member headers (:func:`_tar_members`) and
   grouped by key as webdataset does, filtered by the optional 1% subset, shuffled in a ``shuffle_buffer``
-  (training), decoded and transformed, then batched inside the worker (``wds.batched``) with one collate
-  call per batch: tensors are stacked and texts tokenised with one ``encode_batch``.
+  (training, webdataset's algorithm), decoded and transformed, then batched inside the worker with one
+  collate call per batch: tensors are stacked and texts tokenised with one ``encode_batch``.
 - **Bad data is skipped and counted**, never fatal (the rules: docs/data.md, "Reading shards"; the tar damage:
   :func:`read_shards`). Each worker attaches the counts since its last batch to the next batch, and one last
   count-only item when it finishes; the main process strips them and adds them to :attr:`ShardLoader.skipped`.
 
-Randomness: the shard order, sample shuffle, caption choice and video clip sampling come from generators
-seeded with ``(seed, epoch, rank, worker)``; the image augmentations (timm, torchvision) use each worker's
-global RNGs, which the DataLoader seeds from ``seed`` too. With ``num_workers=0`` they use the calling
-process's global RNGs.
+Randomness: the shard order, the sample shuffle and the caption choice and video clip sampling come from
+three generators seeded with ``(seed, epoch, rank, worker)``; the image augmentations (timm, torchvision) use
+each worker's global RNGs, which the DataLoader seeds from ``seed`` too. With ``num_workers=0`` they use the
+calling process's global RNGs.
+
+- **Resuming**: each batch carries its position in its worker's stream (:data:`POSITION`);
+  :meth:`ShardLoader.state` keeps the last one handed out per worker, and a loader given it back
+  (:meth:`ShardLoader.restore`) passes over what came before reading tar headers only (local shards are seeked
+  through; no data is read or decoded), reads again the few samples its shuffle buffer then holds, and goes on
+  with the same samples, draws and batches as the stream it continues.
 """
 
 from __future__ import annotations
@@ -42,16 +48,14 @@ import tarfile
 import urllib.request
 import zlib
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from functools import partial
 from itertools import count
 from pathlib import Path
 from typing import Any, BinaryIO, TypedDict
 from urllib.parse import urlparse
 
 import torch
-import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.gopen import gopen
@@ -63,10 +67,12 @@ from uniperceiver_cli.data.transforms import build_image_transform
 from uniperceiver_cli.data.video import STRIDE, eval_clip, train_clip
 from uniperceiver_cli.model.preprocess import VIDEO_NUM_CROPS
 from uniperceiver_cli.model.tokenizer import get_tokenizer
+from uniperceiver_cli.random_state import global_rng_state, python_state, set_global_rng_state
 from uniperceiver_cli.task_types import TASKS, TaskType
 from uniperceiver_cli.text_files import read_json
 
 SKIPPED = "__skipped__"  # per-batch skip counts travelling from the workers to the main process
+POSITION = "__position__"  # where a batch leaves its worker's stream (ShardStream.position), for resuming
 UNREADABLE_SHARD = "unreadable shard"
 UNREADABLE_MEMBER = "unreadable member"
 STREAMING_ENV = "UNIPERCEIVER_STREAMING"  # "1": shard URLs and pipes may be opened
@@ -270,6 +276,51 @@ PAX_RECORD = re.compile(rb"(\d+) ([^=]+)=")
 META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset's skip_meta: not a sample's file
 
 
+class _Unread(bytes):
+    """The data of a member passed over unread."""
+
+
+UNREAD = _Unread()  # equals b""
+
+
+class _Wanted:
+    """Which members' data to read: none while a resumed stream passes over what was trained on, then all."""
+
+    def __init__(self) -> None:
+        self.live = False
+
+    def __contains__(self, ext: object) -> bool:
+        return self.live
+
+
+class _Shuffle:
+    """webdataset's ``shuffle`` (the same draws), with its buffer in view so a resumed stream can fill in the data
+    of the samples it holds."""
+
+    def __init__(self, size: int, initial: int, rng: random.Random) -> None:
+        self.size, self.initial, self.rng = size, min(initial, size), rng
+        self.buffer: list[dict[str, Any]] = []
+
+    def __call__(self, data: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        buffer = self.buffer
+        for sample in data:
+            buffer.append(sample)
+            if len(buffer) < self.size:
+                with contextlib.suppress(StopIteration):
+                    buffer.append(next(data))
+            if len(buffer) >= self.initial:
+                yield self._pick()
+        while buffer:
+            yield self._pick()
+
+    def _pick(self) -> dict[str, Any]:
+        k = self.rng.randint(0, len(self.buffer) - 1)
+        sample = self.buffer[k]
+        self.buffer[k] = self.buffer[-1]
+        self.buffer.pop()
+        return sample
+
+
 class _Bytes:
     """A (non-seekable) stream read in large chunks, decompressed when it is a gzip, bzip2 or xz file."""
 
@@ -355,10 +406,10 @@ def _pax_fields(data: bytes) -> dict[str, str]:
     return fields
 
 
-def _tar_members(stream: BinaryIO, members: frozenset[str] | None = None
+def _tar_members(stream: BinaryIO, members: Container[str] | None = None
                  ) -> Iterator[tuple[str | None, bytes | None] | None]:
     """``(name, data)`` of each regular file of a tar stream, and None for each damaged stretch passed over.
-    With ``members``, a file of another extension is passed over (data ``b""``), seeked past in a local file.
+    With ``members``, a file of another extension is passed over (data :data:`UNREAD`), seeked past in a local file.
     A stream cut short ends with ``(name, None)``: it ends inside this file's data, or, name None, inside a
     header, inside the data of one (a pax or long-name header, which names the file after it) or before the
     archive's end (the two or more zero blocks that end a tar).
@@ -391,7 +442,7 @@ def _tar_members(stream: BinaryIO, members: frozenset[str] | None = None
         size = info.size if info.type in EXTENSION_TYPES else int(fields.get("size", info.size))
         name, padding = fields.get("path", info.name), -size % BLOCK
         wanted = members is None or info.type in EXTENSION_TYPES or (base_plus_ext(name)[1] or "").lower() in members
-        content = data.read(size) if wanted else b""
+        content = data.read(size) if wanted else UNREAD
         if (len(content) if wanted else data.skip(size)) < size or data.skip(padding) < padding:
             yield (name if info.isreg() else None), None
             return
@@ -529,11 +580,11 @@ def _undamaged(groups: Iterable[_Group], damage: Counter[str]) -> Iterator[dict[
             yield group.sample
 
 
-def read_shards(shards: Iterable[Shard], skipped: Counter[str], members: frozenset[str] | None = None,
+def read_shards(shards: Iterable[Shard], skipped: Counter[str], members: Container[str] | None = None,
                 timeout: float = STREAM_TIMEOUT) -> Iterator[dict[str, Any]]:
     """Raw samples (``__key__``, ``__url__``, extension -> bytes) of each shard in turn, read past damage;
     the damage is counted into ``skipped`` once the shard is done. With ``members``, only these extensions' data
-    is read: the others map to ``b""`` (and are seeked past in a local plain tar). A shard that cannot be opened
+    is read: the others map to :data:`UNREAD` (and are seeked past in a local plain tar). A shard that cannot be opened
     or read on (a 404, a dropped connection, an http(s) stream stalled for ``timeout`` seconds, a pipe that
     fails) counts as ``"unreadable shard"``.
 
@@ -569,25 +620,16 @@ def _close(stream: BinaryIO, damage: Counter[str]) -> None:
         damage[UNREADABLE_SHARD] = 1
 
 
-def _count_skip(skipped: Counter[str], error: Exception) -> bool:
-    if isinstance(error, Skip):
-        skipped[error.reason] += 1
-        return True
-    raise error
-
-
-def _with_skip_counts(batches: Iterable[dict[str, Any]], skipped: Counter[str]) -> Iterator[dict[str, Any]]:
-    for batch in batches:
-        batch[SKIPPED] = dict(skipped)
-        skipped.clear()
-        yield batch
-    yield {SKIPPED: dict(skipped)}
-
-
 class ShardStream(IterableDataset):
     """The per-process sample stream: shard split, read, subset, shuffle, decode, batch. ``shards`` are every
     shard of the split in the manifest's order, ``subset`` the ``(shard file name, key)`` pairs to keep (None:
-    all); the other arguments are :func:`make_loader`'s."""
+    all); the other arguments are :func:`make_loader`'s.
+
+    Each batch carries its :data:`POSITION` in its worker's stream: the worker, the samples the stream has
+    handed to decoding, and the state of its random draws. A stream given such positions (``resume``, by
+    :meth:`ShardLoader.restore`) passes over the samples before them reading only tar headers (no data, no
+    decoding) and goes on exactly where they left off.
+    """
 
     def __init__(self, shards: Sequence[Shard], decoder: SampleDecoder, collate: Collate, *, batch_size: int,
                  train: bool, seed: int, epochs: int | None, shuffle_buffer: int,
@@ -599,6 +641,8 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer, self.subset, self.rank, self.world_size = shuffle_buffer, subset, rank, world_size
         self.stream_timeout = stream_timeout
         self.first_epoch = 0  # set by ShardLoader: the k-th iteration continues where the previous one ended
+        self.resume: dict[int, dict[str, Any]] = {}  # worker -> the position to go on from (ShardLoader.restore)
+        self.rotation = 0  # a resumed loader's first batch comes from worker ``rotation``
 
     def epoch_order(self, epoch: int) -> list[Shard]:
         """Every shard in the order of ``epoch``: shuffled in training, the same on every process."""
@@ -607,7 +651,8 @@ class ShardStream(IterableDataset):
             random.Random(f"{self.seed}/shards/{epoch}").shuffle(order)
         return order
 
-    def _samples(self, worker: int, num_workers: int, skipped: Counter[str]) -> Iterator[dict[str, Any]]:
+    def _samples(self, worker: int, num_workers: int, skipped: Counter[str],
+                 members: Container[str] | None) -> Iterator[dict[str, Any]]:
         """This reader's raw samples, epoch after epoch.
 
         With at least as many shards as readers (processes x workers) each reader reads its own shards;
@@ -623,7 +668,7 @@ class ShardStream(IterableDataset):
             order = self.epoch_order(epoch)
             seen = 0
             mine = order[reader::readers] if split_shards else order
-            for sample in read_shards(mine, shard_skips, timeout=self.stream_timeout):
+            for sample in read_shards(mine, shard_skips, members, timeout=self.stream_timeout):
                 if self.subset is not None and (Path(sample["__url__"]).name, sample["__key__"]) not in self.subset:
                     continue
                 seen += 1
@@ -634,18 +679,85 @@ class ShardStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        rng = random.Random(f"{self.seed}/{self.first_epoch}/{self.rank}/{worker}")
+        physical, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        worker = (physical + self.rotation) % num_workers
+        name = f"{self.seed}/{self.first_epoch}/{self.rank}/{worker}"
+        rng = random.Random(name)  # caption choice, video clips
         skipped: Counter[str] = Counter()
-        stages: list[Any] = [partial(self._samples, worker, num_workers, skipped)]
-        if self.train:
-            stages.append(wds.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng))
-        stages += [
-            wds.map(partial(self.decoder, rng=rng), handler=partial(_count_skip, skipped)),
-            wds.batched(self.batch_size, collation_fn=self.collate, partial=True),
-            partial(_with_skip_counts, skipped=skipped),
-        ]
-        return iter(wds.DataPipeline(*stages))
+        resume = self.resume.get(worker)
+        wanted = _Wanted() if resume is not None else None
+        samples = self._samples(worker, num_workers, skipped, wanted)
+        shuffle = None
+        if self.train:  # its own draws: a resumed stream replays them without decoding
+            shuffle = _Shuffle(self.shuffle_buffer, 100, random.Random(f"{name}/order"))
+            samples = shuffle(samples)
+        handed = 0
+        if resume is not None:
+            handed = self._pass_over(samples, resume, wanted, rng)
+            skipped.clear()
+        return self._batches(samples, worker, handed, rng, skipped, shuffle)
+
+    def _pass_over(self, samples: Iterator[dict[str, Any]], resume: dict[str, Any], wanted: _Wanted,
+                   rng: random.Random) -> int:
+        """Pass over the samples the resumed run trained on, reading tar headers only, and take the random
+        state it had there; returns how many samples it had handed to decoding."""
+        handed = 0
+        for _ in zip(range(resume["handed"]), samples, strict=False):
+            handed += 1
+        wanted.live = True
+        rng.setstate(python_state(resume["rng"]))
+        if "global" in resume:  # a worker's own torch, Python and numpy generators (image augmentation)
+            set_global_rng_state(resume["global"])
+        return handed
+
+    def _batches(self, samples: Iterator[dict[str, Any]], worker: int, handed: int, rng: random.Random,
+                 skipped: Counter[str], shuffle: _Shuffle | None) -> Iterator[dict[str, Any]]:
+        """Decode and batch (one collate call per batch); each batch carries the skip counts since the last one
+        and its position, and one last count-only item follows the last batch."""
+        filled: dict[tuple[str, str], dict[str, Any]] = {}
+        samples_in_worker = get_worker_info() is not None
+        batch: list[dict[str, Any]] = []
+        for raw in samples:
+            handed += 1
+            try:
+                if any(isinstance(v, _Unread) for v in raw.values()):
+                    raw = self._fill(raw, filled, shuffle)
+                batch.append(self.decoder(raw, rng))
+            except Skip as e:
+                skipped[e.reason] += 1
+                continue
+            if len(batch) == self.batch_size:
+                yield self._batch(batch, skipped, worker, handed, rng, samples_in_worker)
+                batch = []
+        if batch:
+            yield self._batch(batch, skipped, worker, handed, rng, samples_in_worker)
+        yield {SKIPPED: dict(skipped)}
+
+    def _batch(self, samples: list[dict[str, Any]], skipped: Counter[str], worker: int, handed: int,
+               rng: random.Random, in_worker: bool) -> dict[str, Any]:
+        batch: dict[str, Any] = dict(self.collate(samples))
+        batch[SKIPPED] = dict(skipped)
+        skipped.clear()
+        batch[POSITION] = {"worker": worker, "handed": handed, "rng": rng.getstate()}
+        if in_worker:  # in the main process these are the run's own, which its checkpoint keeps
+            batch[POSITION]["global"] = global_rng_state()
+        return batch
+
+    def _fill(self, raw: dict[str, Any], filled: dict[tuple[str, str], dict[str, Any]],
+              shuffle: _Shuffle | None) -> dict[str, Any]:
+        """The data of a sample met while passing over (its members were not read): its shard is read again for
+        it and for every such sample still in the shuffle buffer."""
+        key = (raw["__url__"], raw["__key__"])
+        if key not in filled:
+            pending = {(s["__url__"], s["__key__"]) for s in (shuffle.buffer if shuffle else [])
+                       if s["__url__"] == key[0] and any(isinstance(v, _Unread) for v in s.values())} | {key}
+            shard = next(s for s in self.shards if s.url == key[0])
+            for sample in read_shards([shard], Counter(), timeout=self.stream_timeout):
+                if (sample["__url__"], sample["__key__"]) in pending:
+                    filled[(sample["__url__"], sample["__key__"])] = sample
+        if key not in filled:
+            raise Skip(UNREADABLE_MEMBER)
+        return filled.pop(key)
 
 
 class ShardLoader:
@@ -654,22 +766,42 @@ class ShardLoader:
     Attributes:
         skipped: reason -> count of the samples and shards skipped so far, over every iteration.
         subset: the ``(shard file name, key)`` pairs of the 1% subset, or None.
+        batches: batches handed out so far.
     """
 
     def __init__(self, stream: ShardStream, num_workers: int) -> None:
         self.stream, self.num_workers = stream, num_workers
         self.skipped: Counter[str] = Counter()
         self.subset = stream.subset
+        self.batches = 0
+        self.positions: dict[int, dict[str, Any]] = {}  # worker -> the position of its last batch handed out
+        self._resume = False
+
+    def state(self) -> dict[str, Any]:
+        """Where the loader stands: what :meth:`restore` takes to go on from here."""
+        return {"batches": self.batches, "positions": dict(self.positions), "skipped": dict(self.skipped)}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Go on from :meth:`state` at the next iteration, without reading again what was handed out."""
+        self.batches, self.positions = int(state["batches"]), dict(state["positions"])
+        self.skipped = Counter(state["skipped"])
+        self._resume = True
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         stream = self.stream
+        stream.resume = self.positions if self._resume else {}
+        stream.rotation = self.batches % max(self.num_workers, 1) if self._resume else 0
+        self._resume = False
         seed = hash((stream.seed, stream.rank, stream.first_epoch)) % 2**63  # the workers' augmentation RNGs
         loader = DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                             generator=torch.Generator().manual_seed(seed))
         try:
             for batch in loader:
                 self.skipped.update(batch.pop(SKIPPED))
+                position = batch.pop(POSITION, None)
                 if batch:
+                    self.batches += 1
+                    self.positions[position["worker"]] = position
                     yield batch
         finally:
             if stream.epochs is not None:

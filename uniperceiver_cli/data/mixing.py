@@ -19,7 +19,7 @@ import torch
 
 
 def mix_tasks(loaders: Mapping[str, Iterable[Any]], weights: Mapping[str, float], *, seed: int = 0,
-              rank: int | None = None) -> Generator[tuple[str, Any], None, str]:
+              rank: int | None = None, skip: int = 0) -> Generator[tuple[str, Any], None, str]:
     """Yield ``(task name, batch)`` with the task drawn by weight at every step.
 
     A loader's iterator is started on its task's first draw. Pass infinite loaders (``epochs=None``) for
@@ -31,6 +31,7 @@ def mix_tasks(loaders: Mapping[str, Iterable[Any]], weights: Mapping[str, float]
         weights: task name -> sampling weight (>= 0, one at least > 0); normalised to probabilities.
         seed: seed of the task draws.
         rank: None for the same draws on every process, or this process's rank for independent draws.
+        skip: draws to pass over first, drawing no batch (a resumed run whose loaders went on by themselves).
 
     Yields:
         The drawn task's name and its next batch.
@@ -46,6 +47,8 @@ def mix_tasks(loaders: Mapping[str, Iterable[Any]], weights: Mapping[str, float]
     probabilities = torch.tensor([float(weights[name]) for name in names], dtype=torch.float64)
     generator = torch.Generator().manual_seed(seed if rank is None else hash((seed, rank)) % 2**63)
     iterators: dict[str, Iterator[Any]] = {}
+    for _ in range(skip):
+        torch.multinomial(probabilities, 1, generator=generator)
     while True:
         name = names[int(torch.multinomial(probabilities, 1, generator=generator))]
         if name not in iterators:

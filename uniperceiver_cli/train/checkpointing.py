@@ -37,6 +37,7 @@ from uniperceiver_cli.checkpoints.runs import (
 from uniperceiver_cli.checkpoints.safe_load import STATE_GLOBALS, torch_load
 from uniperceiver_cli.model.uniperceiver import UniPerceiver
 from uniperceiver_cli.parallel.context import Context, on_any_process
+from uniperceiver_cli.random_state import global_rng_state, set_global_rng_state
 from uniperceiver_cli.train.engines.protocol import Engine
 
 err_console = Console(stderr=True)  # the run's warnings and progress
@@ -141,44 +142,40 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
-def _rng_state(generator: torch.Generator, device: torch.device) -> dict[str, Any]:
-    """This process's RNGs as tensors and plain values, so the file loads with ``weights_only=True``: torch's CPU
-    generator, CUDA's for ``device`` when the run is on CUDA, Python's, numpy's and the loop's ``generator``."""
-    _, keys, pos, has_gauss, gauss = np.random.get_state()
-    numpy = {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-             "gauss": float(gauss)}
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy,
-             "generator": generator.get_state()}
+def _process_state(generator: torch.Generator, device: torch.device, data: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint keeps of this process (``rng/rank-R.pt``): its global RNGs, CUDA's for ``device`` when the
+    run is on CUDA, the loop's ``generator`` and its tasks' ``data`` positions."""
+    state = {**global_rng_state(), "generator": generator.get_state(), "data": data}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def restore_rng(checkpoint: Path, client: dict[str, Any], ctx: Context, generator: torch.Generator) -> None:
-    """Give this process the random state it had when ``checkpoint`` was written. Checkpoints of older versions
-    hold rank 0's only, in the loop's ``client`` state; every process takes that one, as it did then."""
+def process_state(checkpoint: Path, client: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    """What ``checkpoint`` kept of this process. Checkpoints of older versions hold rank 0's random state only, in
+    the loop's ``client`` state (every process takes that one, as it did then), and no data positions."""
     path = checkpoint / RNG_DIR / rng_file(ctx.rank)
     if path.is_file():
         state = torch_load(path, "cannot resume from", STATE_GLOBALS)
-    elif "rng" in client:
-        state = {**client["rng"], "generator": client["generator"]}
-    else:
-        raise FileNotFoundError(f"{path} is missing: {checkpoint} was written by fewer processes; resume with the "
-                                "number of processes that wrote it")
+        if not isinstance(state, dict):
+            raise CheckpointError(f"cannot resume from {path}: not a random state")
+        return {**state, "path": path}
+    if "rng" in client:
+        return {**client["rng"], "generator": client["generator"], "path": checkpoint}
+    raise FileNotFoundError(f"{path} is missing: {checkpoint} was written by fewer processes; resume with the "
+                            "number of processes that wrote it")
+
+
+def restore_rng(state: dict[str, Any], ctx: Context, generator: torch.Generator) -> None:
+    """Give this process the random state :func:`process_state` read."""
     try:
-        torch.set_rng_state(state["torch"])
-        random.setstate(state["python"])
-        numpy = state["numpy"]
-        if isinstance(numpy, dict):
-            numpy = ("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"],
-                     numpy["gauss"])
-        np.random.set_state(numpy)  # a tuple in checkpoints written by older versions
+        set_global_rng_state(state)
         generator.set_state(state["generator"])
         if "cuda" in state and ctx.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda"], ctx.device)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"cannot resume from {path}: not a random state ({' '.join(str(e).split())[:200]})") \
-            from None
+        raise CheckpointError(f"cannot resume from {state['path']}: not a random state "
+                              f"({' '.join(str(e).split())[:200]})") from None
 
 
 def find_resume(run_dir: Path, resume: str | None) -> Path | None:
@@ -224,11 +221,12 @@ def check_weights(model: torch.nn.Module, step: int, run_dir: Path) -> None:
 
 
 def save_checkpoint(engine: Engine, ctx: Context, run_dir: Path, step: int, consumed: int,
-                    generator: torch.Generator, keep: int) -> None:
+                    generator: torch.Generator, keep: int, data: dict[str, Any]) -> None:
     """Write ``checkpoints/step-N`` (weights checked finite first) under a temporary name and rename it; keep the
-    last ``keep``. The loop's state (``step``, the micro-batches ``consumed``, the RNGs) travels in it. A write that
-    fails on any process (a full disk, a file-size limit) removes the partial folder and stops every process in one
-    line; the checkpoints already written stay."""
+    last ``keep``. The loop's state (``step``, the micro-batches ``consumed``) travels in it, and each process's
+    random state and its tasks' ``data`` positions in ``rng/rank-R.pt``. A write that fails on any process (a full
+    disk, a file-size limit) removes the partial folder and stops every process in one line; the checkpoints
+    already written stay."""
     check_weights(engine.model, step, run_dir)
     target = step_folder(run_dir, step)
     tmp = writing_folder(target)
@@ -242,7 +240,7 @@ def save_checkpoint(engine: Engine, ctx: Context, run_dir: Path, step: int, cons
     def write_state() -> None:
         engine.save(tmp, client)
         with open(tmp / RNG_DIR / rng_file(ctx.rank), "wb") as file:
-            torch.save(_rng_state(generator, ctx.device), file)
+            torch.save(_process_state(generator, ctx.device, data), file)
 
     for write in (prepare, write_state):  # every process agrees after each (and waits)
         failure = ""

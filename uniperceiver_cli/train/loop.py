@@ -39,6 +39,7 @@ from uniperceiver_cli.train.checkpointing import (
     check_weights,
     err_console,
     find_resume,
+    process_state,
     rank_seed,
     restore_rng,
     run_lock,
@@ -153,7 +154,8 @@ def _train(recipe: Recipe, run_dir: Path, *, resume: str | None, ctx: Context,
     try:
         _loop(run, end, log)
         if end < spec.steps:  # stopped early (stop_after), as if interrupted: leave a checkpoint to resume from
-            save_checkpoint(run.engine, ctx, run_dir, run.step, run.consumed, run.generator, spec.keep_checkpoints)
+            save_checkpoint(run.engine, ctx, run_dir, run.step, run.consumed, run.generator, spec.keep_checkpoints,
+                            _positions(run))
             return run_dir
     finally:
         log.close()
@@ -186,6 +188,7 @@ def _setup(recipe: Recipe, run_dir: Path, resume: str | None, ctx: Context) -> _
     if checkpoint is not None:
         check_complete(checkpoint, ctx)
     client = engine.load(checkpoint) if checkpoint is not None else {"step": 0, "consumed": 0}
+    state = process_state(checkpoint, client, ctx) if checkpoint is not None else {}
     loaders = {name: make_loader(t.directory, task=t.spec.type, batch_size=t.spec.batch_size, train=True,
                                  image_size=model.config.image_size, num_frames=t.spec.num_frames,
                                  max_text_len=t.spec.max_text_len, seed=spec.seed, subset=t.spec.subset,
@@ -193,21 +196,31 @@ def _setup(recipe: Recipe, run_dir: Path, resume: str | None, ctx: Context) -> _
                                  augment=t.spec.augment, frame_stride=t.spec.frame_stride,
                                  rank=ctx.rank, world_size=ctx.world_size)
                for name, t in tasks.items()}
-    stream = mix_tasks(loaders, {n: t.spec.sampling_weight for n, t in tasks.items()}, seed=spec.seed)
+    data = state.get("data")
+    for name, position in (data or {}).items():  # each loader goes on where the checkpoint left it
+        loaders[name].restore(position)
+    stream = mix_tasks(loaders, {n: t.spec.sampling_weight for n, t in tasks.items()}, seed=spec.seed,
+                       skip=client["consumed"] if data is not None else 0)
     run = _Run(recipe, run_dir, ctx, engine, tasks, loaders, stream, torch.Generator().manual_seed(seed + 1),
                client["step"], client["consumed"])
     if recipe.evaluation.every and recipe.evaluation.tasks:
         run.waiting = waiting_group(ctx, timedelta(minutes=recipe.evaluation.timeout_minutes))
-    for _ in range(client["consumed"]):  # fast-forward the data to where the checkpoint left it
-        _draw(run)
+    if data is None:  # a checkpoint of an older version: draw (and decode) the batches it trained on again
+        for _ in range(client["consumed"]):
+            _draw(run)
     if checkpoint is not None:
-        restore_rng(checkpoint, client, ctx, run.generator)
+        restore_rng(state, ctx, run.generator)
     if ctx.main:
         config = run_dir / CONFIG_FILE
         config.with_suffix(".yaml.tmp").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
         os.replace(config.with_suffix(".yaml.tmp"), config)
         write_model_config(run_dir, model.config)
     return run
+
+
+def _positions(run: _Run) -> dict[str, Any]:
+    """Where each task's loader stands, for the checkpoint (:meth:`ShardLoader.state`)."""
+    return {name: loader.state() for name, loader in run.loaders.items()}
 
 
 def _draw(run: _Run) -> tuple[str, dict[str, Any]]:
@@ -258,7 +271,8 @@ def _loop(run: _Run, end: int, log: RunLog) -> None:
             log.write(record)
             log.advance(record)
         if checkpointing:
-            save_checkpoint(engine, ctx, run.run_dir, step, run.consumed, run.generator, spec.keep_checkpoints)
+            save_checkpoint(engine, ctx, run.run_dir, step, run.consumed, run.generator, spec.keep_checkpoints,
+                            _positions(run))
         if run.recipe.evaluation.every and step % run.recipe.evaluation.every == 0 and step != spec.steps:
             model = engine.inference_model()
             if ctx.main:
