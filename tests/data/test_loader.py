@@ -200,15 +200,17 @@ def test_training_order_is_seeded_and_changes_per_epoch(images: Path) -> None:
     assert len(first) == 2 * NUM_IMAGES and Counter(first) == Counter(second) and first != second
 
 
-@pytest.mark.parametrize(("task", "workers"), [("image_classification", 0), ("image_classification", 2),
-                                               ("image_caption", 2)])
+@pytest.mark.parametrize(("task", "workers", "world"), [("image_classification", 0, 1), ("image_classification", 2, 1),
+                                                        ("image_caption", 2, 1), ("image_classification", 1, 5)])
 def test_a_restored_loader_goes_on_exactly_without_decoding_what_was_handed_out(images: Path, task: str,
-                                                                              workers: int) -> None:
-    """Augmented, shuffled through a small buffer, over several epochs, with workers: a loader restored from the
-    state after 7 batches hands out what the first one handed out next, image for image."""
+                                                                              workers: int, world: int) -> None:
+    """Augmented, shuffled through a small buffer, over several epochs, with workers, and split by sample (5
+    processes, 4 shards): a loader restored from the state after 7 batches hands out what the first one handed
+    out next, image for image."""
     def loader():  # noqa: ANN202
-        return make_loader(images, task=task, train=True, batch_size=5, image_size=SIZE, epochs=None, seed=4,
-                           shuffle_buffer=6, num_workers=workers)
+        return make_loader(images, task=task, train=True, batch_size=5 if world == 1 else 2, image_size=SIZE,
+                           epochs=None, seed=4, shuffle_buffer=6, num_workers=workers, rank=world - 2,
+                           world_size=world)
 
     first, stream = loader(), None
     stream = iter(first)

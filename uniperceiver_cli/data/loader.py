@@ -28,9 +28,11 @@ calling process's global RNGs.
 
 - **Resuming**: each batch carries its position in its worker's stream (:data:`POSITION`);
   :meth:`ShardLoader.state` keeps the last one handed out per worker, and a loader given it back
-  (:meth:`ShardLoader.restore`) passes over what came before reading tar headers only (local shards are seeked
-  through; no data is read or decoded), reads again the few samples its shuffle buffer then holds, and goes on
-  with the same samples, draws and batches as the stream it continues.
+  (:meth:`ShardLoader.restore`) goes on with the same samples, draws and batches as the stream it continues:
+  whole epochs are skipped by the shards' sample counts (their stats files' listings), and within the epoch it
+  resumes in, the samples before are passed over reading tar headers only (local shards are seeked through;
+  nothing is decoded); the few samples its shuffle buffer then holds are read again. The shuffle runs per
+  epoch, with its own draws, so every epoch can be started by itself.
 """
 
 from __future__ import annotations
@@ -651,30 +653,41 @@ class ShardStream(IterableDataset):
             random.Random(f"{self.seed}/shards/{epoch}").shuffle(order)
         return order
 
-    def _samples(self, worker: int, num_workers: int, skipped: Counter[str],
-                 members: Container[str] | None) -> Iterator[dict[str, Any]]:
-        """This reader's raw samples, epoch after epoch.
+    def _readers(self, worker: int, num_workers: int) -> tuple[int, int, bool]:
+        """This reader's index, the readers (processes x workers), and whether they split the shards (at least
+        as many shards as readers) or, with fewer, every reader reads all of them and keeps every
+        ``readers``-th sample (small data sets). Either way each epoch's samples are split exactly once."""
+        readers = self.world_size * num_workers
+        return self.rank * num_workers + worker, readers, len(self.shards) >= readers
 
-        With at least as many shards as readers (processes x workers) each reader reads its own shards;
-        with fewer, every reader reads all of them and keeps every ``readers``-th sample (small data sets).
-        Either way each epoch's samples are split exactly once.
-        """
-        readers, reader = self.world_size * num_workers, self.rank * num_workers + worker
-        split_shards = len(self.shards) >= readers
+    def _epoch(self, epoch: int, worker: int, num_workers: int, skipped: Counter[str],
+               members: Container[str] | None, seen: list[int]) -> Iterator[dict[str, Any]]:
+        """This reader's raw samples of ``epoch``; ``seen[0]`` counts the samples of the epoch read."""
+        reader, readers, split_shards = self._readers(worker, num_workers)
         # Reading every shard, every reader meets the same damaged shards: only reader 0 counts them.
         shard_skips = skipped if split_shards or reader == 0 else Counter()
-        first = self.first_epoch
-        for epoch in count(first) if self.epochs is None else range(first, first + self.epochs):
-            order = self.epoch_order(epoch)
-            seen = 0
-            mine = order[reader::readers] if split_shards else order
-            for sample in read_shards(mine, shard_skips, members, timeout=self.stream_timeout):
-                if self.subset is not None and (Path(sample["__url__"]).name, sample["__key__"]) not in self.subset:
-                    continue
-                seen += 1
-                if split_shards or (seen - 1) % readers == reader:
-                    yield sample
-            if seen == 0:  # every shard of this reader failed: stop instead of spinning through empty epochs
+        order = self.epoch_order(epoch)
+        mine = order[reader::readers] if split_shards else order
+        for sample in read_shards(mine, shard_skips, members, timeout=self.stream_timeout):
+            if self.subset is not None and (Path(sample["__url__"]).name, sample["__key__"]) not in self.subset:
+                continue
+            seen[0] += 1
+            if split_shards or (seen[0] - 1) % readers == reader:
+                yield sample
+
+    def _samples(self, worker: int, num_workers: int, skipped: Counter[str], members: Container[str] | None,
+                 first: int, name: str, shuffles: list[_Shuffle]) -> Iterator[dict[str, Any]]:
+        """This reader's raw samples, epoch after epoch from ``first``; in training each epoch shuffled by
+        itself (webdataset's algorithm, its own draws per epoch), so a resumed stream can start at any epoch."""
+        last = None if self.epochs is None else self.first_epoch + self.epochs
+        for epoch in count(first) if last is None else range(first, last):
+            seen = [0]
+            samples = self._epoch(epoch, worker, num_workers, skipped, members, seen)
+            if self.train:
+                shuffles[:] = [_Shuffle(self.shuffle_buffer, 100, random.Random(f"{name}/order/{epoch}"))]
+                samples = shuffles[0](samples)
+            yield from samples
+            if seen[0] == 0:  # every shard of this reader failed: stop instead of spinning through empty epochs
                 return
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -684,34 +697,48 @@ class ShardStream(IterableDataset):
         name = f"{self.seed}/{self.first_epoch}/{self.rank}/{worker}"
         rng = random.Random(name)  # caption choice, video clips
         skipped: Counter[str] = Counter()
+        shuffles: list[_Shuffle] = []
         resume = self.resume.get(worker)
-        wanted = _Wanted() if resume is not None else None
-        samples = self._samples(worker, num_workers, skipped, wanted)
-        shuffle = None
-        if self.train:  # its own draws: a resumed stream replays them without decoding
-            shuffle = _Shuffle(self.shuffle_buffer, 100, random.Random(f"{name}/order"))
-            samples = shuffle(samples)
-        handed = 0
-        if resume is not None:
-            handed = self._pass_over(samples, resume, wanted, rng)
-            skipped.clear()
-        return self._batches(samples, worker, handed, rng, skipped, shuffle)
-
-    def _pass_over(self, samples: Iterator[dict[str, Any]], resume: dict[str, Any], wanted: _Wanted,
-                   rng: random.Random) -> int:
-        """Pass over the samples the resumed run trained on, reading tar headers only, and take the random
-        state it had there; returns how many samples it had handed to decoding."""
-        handed = 0
-        for _ in zip(range(resume["handed"]), samples, strict=False):
-            handed += 1
+        if resume is None:
+            samples = self._samples(worker, num_workers, skipped, None, self.first_epoch, name, shuffles)
+            return self._batches(samples, worker, 0, rng, skipped, shuffles)
+        epoch, rest = self._epoch_of(resume["handed"], worker, num_workers)
+        wanted = _Wanted()
+        samples = self._samples(worker, num_workers, skipped, wanted, epoch, name, shuffles)
+        for _ in zip(range(rest), samples, strict=False):  # tar headers only
+            pass
         wanted.live = True
+        skipped.clear()
         rng.setstate(python_state(resume["rng"]))
         if "global" in resume:  # a worker's own torch, Python and numpy generators (image augmentation)
             set_global_rng_state(resume["global"])
-        return handed
+        return self._batches(samples, worker, resume["handed"], rng, skipped, shuffles)
+
+    def _epoch_of(self, handed: int, worker: int, num_workers: int) -> tuple[int, int]:
+        """The epoch of a stream's ``handed``-th sample and the samples of that epoch before it, from each shard's
+        sample count: its stats file's listing (read once) where there is one, else its tar headers."""
+        reader, readers, split_shards = self._readers(worker, num_workers)
+        sizes = {shard.url: self._size(shard) for shard in self.shards}
+        epoch = self.first_epoch
+        while True:
+            order = self.epoch_order(epoch)
+            total = sum(sizes[s.url] for s in (order[reader::readers] if split_shards else order))
+            mine = total if split_shards else max(0, -(-(total - reader) // readers))
+            if handed < mine or mine == 0:
+                return epoch, handed
+            handed -= mine
+            epoch += 1
+
+    def _size(self, shard: Shard) -> int:
+        """The samples of ``shard`` this stream keeps (the subset's, or all)."""
+        listing = _listing(shard)
+        keys = iter(listing) if listing is not None else \
+            (sample["__key__"] for sample in read_shards([shard], Counter(), _Wanted(), timeout=self.stream_timeout))
+        name = Path(shard.url).name
+        return sum(1 for key in keys if self.subset is None or (name, key) in self.subset)
 
     def _batches(self, samples: Iterator[dict[str, Any]], worker: int, handed: int, rng: random.Random,
-                 skipped: Counter[str], shuffle: _Shuffle | None) -> Iterator[dict[str, Any]]:
+                 skipped: Counter[str], shuffles: list[_Shuffle]) -> Iterator[dict[str, Any]]:
         """Decode and batch (one collate call per batch); each batch carries the skip counts since the last one
         and its position, and one last count-only item follows the last batch."""
         filled: dict[tuple[str, str], dict[str, Any]] = {}
@@ -721,7 +748,7 @@ class ShardStream(IterableDataset):
             handed += 1
             try:
                 if any(isinstance(v, _Unread) for v in raw.values()):
-                    raw = self._fill(raw, filled, shuffle)
+                    raw = self._fill(raw, filled, shuffles)
                 batch.append(self.decoder(raw, rng))
             except Skip as e:
                 skipped[e.reason] += 1
@@ -744,12 +771,12 @@ class ShardStream(IterableDataset):
         return batch
 
     def _fill(self, raw: dict[str, Any], filled: dict[tuple[str, str], dict[str, Any]],
-              shuffle: _Shuffle | None) -> dict[str, Any]:
+              shuffles: list[_Shuffle]) -> dict[str, Any]:
         """The data of a sample met while passing over (its members were not read): its shard is read again for
         it and for every such sample still in the shuffle buffer."""
         key = (raw["__url__"], raw["__key__"])
         if key not in filled:
-            pending = {(s["__url__"], s["__key__"]) for s in (shuffle.buffer if shuffle else [])
+            pending = {(s["__url__"], s["__key__"]) for s in (shuffles[0].buffer if shuffles else [])
                        if s["__url__"] == key[0] and any(isinstance(v, _Unread) for v in s.values())} | {key}
             shard = next(s for s in self.shards if s.url == key[0])
             for sample in read_shards([shard], Counter(), timeout=self.stream_timeout):
