@@ -78,7 +78,7 @@ def _deepspeed_env() -> dict:
 
 @pytest.fixture(scope="module")
 def deepspeed_run(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real 1-process DeepSpeed run: ZeRO 2, bf16 (its module weights are bf16), checkpoints at steps 2 and 4."""
+    """A real 1-process DeepSpeed run: ZeRO 2, bf16 (autocast over fp32 weights), checkpoints at steps 2 and 4."""
     pytest.importorskip("deepspeed")
     data = _data(data_root, precision="bf16")
     data["engine"] = {"kind": "deepspeed", "zero_stage": 2}
@@ -175,11 +175,19 @@ def test_deepspeed_checkpoint_bf16_exports_fp32(deepspeed_run: Path, tmp_path: P
     folder = deepspeed_run / "checkpoints" / "step-0000004"
     out = _ok(folder, "--out", tmp_path / "ds")
     assert out.splitlines()[0] == f"source: deepspeed checkpoint (ZeRO 2, 1 process, step 4) {folder}"
-    module = safe_load(folder / "deepspeed" / "state" / "mp_rank_00_model_states.pt")["module"]
-    assert module["head.proj.weight"].dtype == torch.bfloat16
+    states = folder / "deepspeed" / "state" / "mp_rank_00_model_states.pt"
+    module = safe_load(states)["module"]
+    assert module["head.proj.weight"].dtype == torch.float32  # bf16 is autocast over fp32 weights
     exported = _tensors(tmp_path / "ds")
     _assert_same(exported, module)
-    _assert_same(exported, _tensors(deepspeed_run / "final"))  # the run's own final (bf16) weights
+    _assert_same(exported, _tensors(deepspeed_run / "final"))  # the run's own final weights
+    older = tmp_path / "older" / "step-0000004"  # as DeepSpeed's bf16 mode wrote it: bf16 module weights
+    shutil.copytree(folder, older)
+    written = torch.load(states, weights_only=False)
+    written["module"] = {k: v.bfloat16() if v.is_floating_point() else v for k, v in written["module"].items()}
+    torch.save(written, older / "deepspeed" / "state" / "mp_rank_00_model_states.pt")
+    _ok(older, "--out", tmp_path / "older-bundle")
+    _assert_same(_tensors(tmp_path / "older-bundle"), written["module"])
     record = _provenance(tmp_path / "ds")
     assert (record["kind"], record["zero_stage"], record["processes"], record["step"]) == ("deepspeed", 2, 1, 4)
     # every way of naming it: the run with --step, the deepspeed/ folder, the tag folder, the model-states file

@@ -121,3 +121,14 @@ def test_sparse_word_gradient_steps_like_dense(toyworld):
     # Adam turns a rounding difference in a near-zero gradient into up to lr-sized steps: compare to 1e-4 (lr 1e-3)
     for (name, a), b in zip(dense_model.state_dict().items(), sparse_model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_activation_checkpointing_trains_the_same(toyworld, tmp_path):
+    """Every task of the mix, per-block checkpointing on and off: the same losses and the same weights."""
+    plain = train(_recipe(toyworld, steps=3), tmp_path / "plain")
+    checkpointed = train(_recipe(toyworld, steps=3, activation_checkpointing=True), tmp_path / "checkpointed")
+    timeless = [[{k: v for k, v in r.items() if k != "samples_per_s"} for r in _losses(run.parent)]
+                for run in (plain, checkpointed)]
+    assert timeless[0] == timeless[1]
+    a, b = load_file(plain / "model.safetensors"), load_file(checkpointed / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from uniperceiver_cli.model.config import ModelConfig
-from uniperceiver_cli.model.moe import Decision, ExpertLinear, Routing, Segments, folded_entries, make_gate
+from uniperceiver_cli.model.moe import (
+    Decision,
+    ExpertLinear,
+    FeatureGate,
+    RouterLog,
+    Routing,
+    Segments,
+    folded_entries,
+    make_gate,
+)
 
 KV = tuple[torch.Tensor, torch.Tensor]  # keys and values, each (B, H, L, head_dim)
 
@@ -115,3 +128,55 @@ class Block(nn.Module):
         x = x + self.drop_path(self.gamma1 * a)
         x = x + self.drop_path(self.gamma2 * self.mlp(self.norm2(x), routing))
         return x, kv
+
+
+# ---------------------------------------------------------------------------------------- activation checkpointing
+class _RecomputedLogs:
+    """What a checkpointed block's token- and context-routed gates log into while the backward pass runs the block
+    again: a throwaway :class:`RouterLog` where they logged in the first pass, nothing where they did not.
+
+    Their calls were counted in the first pass, so recording them again would count them twice. But the
+    recomputation must save the same tensors in the same order as the first pass (checkpoint pairs them by
+    position), and a record saves some (its losses' softmax and logsumexp, which the router losses backpropagate
+    through), so a gate that logged then records again, into a log nobody reads. Whether it logged is taken when the
+    block runs, not at the backward, which runs after ``UniPerceiver.router_log()`` has closed. A class, not a
+    generator: it is entered again if the graph is run backward twice (``retain_graph``)."""
+
+    def __init__(self, gates: list[FeatureGate]) -> None:
+        self.gates = gates
+        self.logged = [gate.log is not None for gate in gates]
+        self.outside: list[RouterLog | None] = []
+
+    def __enter__(self) -> None:
+        self.outside = [gate.log for gate in self.gates]
+        for gate, logged in zip(self.gates, self.logged, strict=True):
+            gate.log = RouterLog() if logged else None
+
+    def __exit__(self, *exc: object) -> None:
+        for gate, log in zip(self.gates, self.outside, strict=True):
+            gate.log = log
+
+
+def _contexts(gates: list[FeatureGate]) -> tuple[contextlib.AbstractContextManager, _RecomputedLogs]:
+    """checkpoint's ``context_fn``, called as the block runs: nothing around the first pass, the gates' logs
+    around the recomputation."""
+    return contextlib.nullcontext(), _RecomputedLogs(gates)
+
+
+def _block_output(block: Block, x: torch.Tensor, mask: torch.Tensor | None, routing: Routing | None,
+                  side: str) -> torch.Tensor:
+    return block(x, mask, routing, None, side)[0]  # the keys/values are dropped here: only decoding reads them
+
+
+def checkpointed_block(block: Block, x: torch.Tensor, mask: torch.Tensor | None, routing: Routing | None,
+                       side: str = "input") -> torch.Tensor:
+    """``block(x, mask, routing, side=side)[0]`` keeping only the block's inputs for the backward pass, which runs
+    the block again (activation checkpointing). No keys/values come back: returned, they would keep each layer's
+    fused QKV output alive (k and v are views of it), three times what checkpointing keeps.
+
+    Non-reentrant checkpointing restores the RNG state (CPU and the inputs' device) before the recomputation, so
+    drop path and the gates' noise draw what they drew in the first pass, and the gradients are those of the
+    plain block."""
+    gates = [m for m in block.modules() if isinstance(m, FeatureGate)]
+    return checkpoint(_block_output, block, x, mask, routing, side, use_reentrant=False,
+                      context_fn=functools.partial(_contexts, gates))

@@ -17,7 +17,7 @@ from uniperceiver_cli.model.config import EOT_ID, SPE_ID, ModelConfig
 from uniperceiver_cli.model.decoding import beam_search
 from uniperceiver_cli.model.embeddings import TextEmbedding, VisualEmbedding
 from uniperceiver_cli.model.heads import SimilarityHead
-from uniperceiver_cli.model.layers import KV, Block
+from uniperceiver_cli.model.layers import KV, Block, checkpointed_block
 from uniperceiver_cli.model.moe import GATES, ExpertLinear, FeatureGate, RouterLog, Routing, task_index
 from uniperceiver_cli.model.tokenizer import get_tokenizer
 
@@ -97,6 +97,11 @@ class UniPerceiver(nn.Module):
         # training scored against, which decoding should use too.
         self.class_names: list[str] | None = None
         self.caption_vocabulary: torch.Tensor | None = None
+        # Activation checkpointing (train.activation_checkpointing): where a backward pass can follow (training
+        # mode, gradients on, no decoding cache) each block keeps only its inputs and runs again in the backward
+        # pass, so the activations kept for the backward are one (B, S, D) tensor per block instead of all of
+        # their intermediates, for about one more forward pass of compute. Gradients are unchanged.
+        self.activation_checkpointing: bool = False
         self.reset_parameters()
 
     # ------------------------------------------------------------------ initialisation
@@ -240,7 +245,8 @@ class UniPerceiver(nn.Module):
             past: per-layer keys/values of earlier tokens (caption decoding); deep prompts sit inside them.
 
         Returns:
-            The last layer's output (B, S, D) and every layer's keys/values, prompts and past included.
+            The last layer's output (B, S, D) and every layer's keys/values, prompts and past included; no
+            keys/values (an empty list) where the blocks run checkpointed (:meth:`checkpoints`).
         """
         past_len = past[0][0].shape[2] if past is not None else 0
         allowed = None
@@ -260,10 +266,20 @@ class UniPerceiver(nn.Module):
         if prompt_len and allowed is not None:
             allowed = F.pad(allowed, (prompt_len, 0), value=True)
         caches = []
+        if self.checkpoints(past):
+            for block in self.blocks:
+                x = checkpointed_block(block, x, allowed, routing, side)
+            return x, caches
         for i, block in enumerate(self.blocks):
             x, kv = block(x, allowed, routing, None if past is None else past[i], side)
             caches.append(kv)
         return x, caches
+
+    def checkpoints(self, past: list[KV] | None = None) -> bool:
+        """Whether :meth:`encode` runs its blocks checkpointed: ``activation_checkpointing`` is on and a backward
+        pass can follow (training mode, gradients enabled). Never with ``past``: decoding needs every layer's
+        keys/values, which checkpointed blocks do not return."""
+        return self.activation_checkpointing and self.training and torch.is_grad_enabled() and past is None
 
     def visual_prefix(self, video: torch.Tensor) -> torch.Tensor:
         """[<|spe|>, visual tokens] embedded. video (B, T, 3, H, W) -> (B, 1 + T*N, D)."""

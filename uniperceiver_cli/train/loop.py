@@ -67,6 +67,7 @@ def build_model(recipe: Recipe) -> UniPerceiver:
         raise ValueError("the recipe's model has folded experts (moe.folded), and a folded model is for inference "
                          "only; train the unfolded model")
     model = UniPerceiver(config)
+    model.activation_checkpointing = recipe.train.activation_checkpointing
     if recipe.init:
         report = load_checkpoint(model, recipe.init, strict=False)
         missing = sorted(set(report.missing) - model.prompt_parameters(encoder_norms=False))

@@ -191,6 +191,8 @@ class TrainSpec:
     # Token and context routing: weights of the load-balancing loss and the router z-loss added to each task loss.
     moe_balance_weight: NonNegative = 0.01
     moe_z_weight: NonNegative = 0.001
+    # Keep only each encoder block's inputs for the backward, which runs the block again: less memory, more time.
+    activation_checkpointing: bool = False
 
     @field_validator("min_lr")
     @classmethod
