@@ -16,7 +16,6 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from uniperceiver_cli.checkpoints.bundle import (
     BUNDLE_CONFIG,
@@ -29,18 +28,13 @@ from uniperceiver_cli.checkpoints.bundle import (
 from uniperceiver_cli.checkpoints.errors import CheckpointError
 from uniperceiver_cli.checkpoints.loading import build_model, model_config, read_weights, source_provenance
 from uniperceiver_cli.checkpoints.sources import Source, find_source
-
-if TYPE_CHECKING:
-    from uniperceiver_cli.onnx.export import GraphReport
+from uniperceiver_cli.model.folding import fold_experts
+from uniperceiver_cli.onnx.export import GraphReport, require_onnx, write_onnx
+from uniperceiver_cli.onnx.runtime import GRAPHS, MANIFEST, TOKENIZER_FILE
 
 ONNX_DIR = "onnx"
 BUNDLE_FILES = {BUNDLE_WEIGHTS, BUNDLE_CONFIG, BUNDLE_WEIGHTS + ".tmp", BUNDLE_CONFIG + ".tmp", ONNX_DIR}
-
-
-def _onnx_files() -> set[str]:
-    from uniperceiver_cli.onnx.runtime import GRAPHS, MANIFEST, TOKENIZER_FILE
-
-    return {MANIFEST, TOKENIZER_FILE, *(f"{g}.onnx" for g in GRAPHS)}
+ONNX_FILES = {MANIFEST, TOKENIZER_FILE, *(f"{g}.onnx" for g in GRAPHS)}
 
 
 @dataclass
@@ -60,15 +54,14 @@ def _check_out(out: Path, source: Source, force: bool) -> None:
         raise CheckpointError(f"{out} exists and is not a folder")
     others = sorted(p.name for p in out.iterdir() if p.name not in BUNDLE_FILES) if out.is_dir() else []
     onnx = out / ONNX_DIR
-    if onnx.is_symlink() or (onnx.exists() and (not onnx.is_dir() or {p.name for p in onnx.iterdir()} - _onnx_files())):
+    if onnx.is_symlink() or (onnx.exists() and (not onnx.is_dir() or {p.name for p in onnx.iterdir()} - ONNX_FILES)):
         others.append(f"{ONNX_DIR}/ (not the ONNX graphs this command writes)")
     if others:  # --force replaces a bundle, never a folder holding anything else
         raise CheckpointError(f"{out} is not a bundle (it holds {', '.join(others[:3])}); export to another folder")
     resolved = out.resolve()
     if source.kind == "bundle" and source.given is None and resolved == source.path.resolve():
         return  # re-saving a bundle in place: it is read whole before the folder is replaced
-    for held in {source.path, source.weights, *([source.given] if source.given else [])}:
-        held = held.resolve()
+    for held in {p.resolve() for p in (source.path, source.weights, source.given) if p is not None}:
         if held == resolved or resolved in held.parents:
             raise CheckpointError(f"{out} holds the source {held}; export to another folder")
 
@@ -88,8 +81,6 @@ def export(src: str | Path | Source, out: str | Path, *, kind: str | None = None
     if caption_vocabulary not in ("trained", "full"):
         raise CheckpointError(f"unknown caption vocabulary {caption_vocabulary!r}; choose trained or full")
     if onnx:
-        from uniperceiver_cli.onnx.export import require_onnx
-
         require_onnx()
     out = Path(out)
     source = src if isinstance(src, Source) else find_source(src, kind=kind, step=step, latest=latest)
@@ -99,8 +90,6 @@ def export(src: str | Path | Source, out: str | Path, *, kind: str | None = None
     model = build_model(source, weights, model_config(source, weights, preset))
     parameters = None
     if fold:
-        from uniperceiver_cli.model.folding import fold_experts
-
         before = model.num_parameters()
         model = fold_experts(model)
         parameters = (before, model.num_parameters())
@@ -111,8 +100,6 @@ def export(src: str | Path | Source, out: str | Path, *, kind: str | None = None
     graphs = []
     try:
         if onnx:
-            from uniperceiver_cli.onnx.export import write_onnx
-
             ids = model.caption_vocabulary if caption_vocabulary == "trained" else None
             graphs = write_onnx(model, tmp / ONNX_DIR, ids, provenance)
         save_bundle(model, tmp, dtype=dtype, provenance=provenance)

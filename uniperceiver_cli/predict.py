@@ -53,8 +53,7 @@ def torch_answerer(net: UniPerceiver, dev: torch.device, names: list[str], templ
 
     def read(path: Path, num_frames: int) -> torch.Tensor:
         if path.suffix.lower() in VIDEO_SUFFIXES:
-            frames = torch.from_numpy(read_video_frames(path, num_frames))
-            return video_views(frames, net.config.image_size).to(dev)
+            return video_views(torch.from_numpy(read_video_frames(path, num_frames)), net.config.image_size).to(dev)
         return transform(load_image(path))[None].to(dev)
 
     @torch.inference_mode()
@@ -90,8 +89,7 @@ def onnx_answerer(folder: Path, names: list[str], templates: list[str] | None, c
 
         def answer(inputs: np.ndarray, top_k: int) -> dict:
             feats = net.encode_visual(inputs).mean(0)
-            return _top(features @ (feats / max(float(np.linalg.norm(feats)), 1e-12)), candidates, top_k,
-                        "similarity")
+            return _top(features @ (feats / max(float(np.linalg.norm(feats)), 1e-12)), candidates, top_k, "similarity")
     else:
         # As with the bundle: "trained" decodes over the recorded caption set (a graph exported with the whole
         # vocabulary is masked to it), "full" over every token.

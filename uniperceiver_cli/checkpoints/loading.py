@@ -32,13 +32,10 @@ class LoadReport:
         return not (self.missing or self.unexpected or self.mismatched)
 
     def summary(self, limit: int = 4) -> str:
-        parts = []
-        for label, names in (("missing", self.missing), ("unexpected", self.unexpected),
-                             ("wrong shape", self.mismatched)):
-            if names:
-                shown = ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
-                parts.append(f"{len(names)} {label} key(s): {shown}")
-        return "; ".join(parts)
+        groups = (("missing", self.missing), ("unexpected", self.unexpected), ("wrong shape", self.mismatched))
+        return "; ".join(f"{len(names)} {label} key(s): " + ", ".join(names[:limit])
+                         + (f" and {len(names) - limit} more" if len(names) > limit else "")
+                         for label, names in groups if names)
 
 
 @dataclass
@@ -96,13 +93,9 @@ def _our_config(state: dict[str, torch.Tensor], path: Path) -> ModelConfig:
 def check_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> LoadReport:
     """Missing, unexpected and mis-shaped keys of ``state`` against ``model``."""
     expected = model.state_dict()
-    report = LoadReport()
-    report.missing = sorted(set(expected) - set(state))
-    report.unexpected = sorted(set(state) - set(expected))
-    report.mismatched = sorted(
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
-    return report
+    return LoadReport(missing=sorted(set(expected) - set(state)), unexpected=sorted(set(state) - set(expected)),
+                      mismatched=sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+                                        for k in set(state) & set(expected) if state[k].shape != expected[k].shape))
 
 
 def _report(model: torch.nn.Module, weights: Weights, path: Path, strict: bool) -> LoadReport:
@@ -167,14 +160,12 @@ def model_config(source: Source, weights: Weights, preset: str | ModelConfig | N
     recorded one, else inferred from the weights' shapes."""
     if preset is not None:
         return get_config(preset, **overrides)
-    if weights.config is not None:
-        return get_config(weights.config, **overrides) if overrides else weights.config
-    if source.kind == "official":
+    if weights.config is None and source.kind == "official":
         try:
             return infer_config(weights.state, **overrides)
         except KeyError as e:
             raise CheckpointError(f"{source.weights} lacks {e.args[0]}, needed to infer the model's shape") from e
-    config = _our_config(weights.state, source.weights)
+    config = weights.config if weights.config is not None else _our_config(weights.state, source.weights)
     return get_config(config, **overrides) if overrides else config
 
 

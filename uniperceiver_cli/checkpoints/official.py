@@ -73,9 +73,8 @@ def _official_name(key: str) -> str | None:
     for pattern, target in _RENAMES:
         if re.match(pattern, key):
             name = re.sub(pattern, target, key)
-            if ".gate." in name:
-                for old, new in _GATE_PARTS:
-                    name = name.replace("gate." + old, "gate." + new)
+            for old, new in _GATE_PARTS:  # only a router's names hold them
+                name = name.replace("gate." + old, "gate." + new)
             return name
     return None
 
@@ -123,8 +122,7 @@ def convert_official(state: dict[str, torch.Tensor], fmt: str, fold_video_type: 
     experts: dict[str, dict[int, torch.Tensor]] = {}
     unknown, dropped = [], []
     for key, value in renamed.items():
-        expert = _EXPERT.match(key)
-        if expert:
+        if expert := _EXPERT.match(key):
             layer, part, index, kind = expert.groups()
             experts.setdefault(f"blocks.{layer}.{_EXPERT_TARGET[part]}.{kind}", {})[int(index)] = value
             continue

@@ -25,10 +25,6 @@ DEEPSPEED_MODEL = "mp_rank_00_model_states.pt"
 _OPTIM_RANK = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
 
 
-def _tensor_dict(value: Any) -> bool:
-    return isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
-
-
 def classify_container(obj: Any, path: Path) -> tuple[str, dict[str, torch.Tensor], str | None]:
     """The kind of a loaded torch file ("state", "deepspeed" or "official"), its state dict and, for an
     official one, its format ("torch" or "ds").
@@ -48,7 +44,7 @@ def classify_container(obj: Any, path: Path) -> tuple[str, dict[str, torch.Tenso
         raise CheckpointError(f"{path} holds a DeepSpeed module whose keys are neither this toolkit's nor the "
                               f"reference's names")
     state = obj.get("model") if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else obj
-    if isinstance(state, dict) and state and (state is not obj or _tensor_dict(obj)):
+    if isinstance(state, dict) and state and (state is not obj or all(torch.is_tensor(v) for v in obj.values())):
         naming = key_naming(state)
         if naming == "ours":
             return "state", state, None
@@ -101,17 +97,12 @@ class Source:
     def describe(self) -> str:
         """One line: what kind of source it is and where, e.g. ``deepspeed checkpoint (ZeRO 2, 2 processes,
         step 4) runs/x/checkpoints/step-0000004``."""
-        details = []
-        if self.kind == "official":
-            details.append(f'"{self.format}" format')
-        if self.zero_stage is not None:
-            details.append(f"ZeRO {self.zero_stage}")
-        if self.processes is not None:
-            details.append(f"{self.processes} process{'es' if self.processes != 1 else ''}")
-        if self.expert_parallel is not None:
-            details.append(f"experts over {self.expert_parallel} ranks, stacked")
-        if self.step is not None:
-            details.append(f"step {self.step}")
+        details = [text for present, text in (
+            (self.kind == "official", f'"{self.format}" format'),
+            (self.zero_stage is not None, f"ZeRO {self.zero_stage}"),
+            (self.processes is not None, f"{self.processes} process{'es' if self.processes != 1 else ''}"),
+            (self.expert_parallel is not None, f"experts over {self.expert_parallel} ranks, stacked"),
+            (self.step is not None, f"step {self.step}")) if present]
         label = {"deepspeed": "deepspeed checkpoint", "state": "single-engine checkpoint"}.get(
             self.kind, "final bundle" if self.given is not None else KIND_LABELS[self.kind])
         line = label + (f" ({', '.join(details)})" if details else "") + f" {self.path}"
@@ -148,21 +139,20 @@ def _check_ranks(folder: Path, obj: dict[str, Any]) -> tuple[int | None, int]:
     """The ZeRO stage and process count of a DeepSpeed checkpoint; one line if a process's part is missing."""
     processes = obj.get("dp_world_size", 1)
     config = obj.get("ds_config") if isinstance(obj.get("ds_config"), dict) else {}
-    zero = config.get("zero_optimization", {}).get("stage", 0) if isinstance(config.get("zero_optimization"),
-                                                                             dict) else 0
+    optimization = config.get("zero_optimization")
+    stage = optimization.get("stage", 0) if isinstance(optimization, dict) else 0
     if not isinstance(processes, int) or processes < 1:
         raise CheckpointError(f"{folder / DEEPSPEED_MODEL} does not record its process count (dp_world_size)")
     if obj.get("mp_world_size", 1) != 1:
         raise CheckpointError(f"{folder}: model-parallel DeepSpeed checkpoints (mp_world_size "
                               f"{obj.get('mp_world_size')}) are not supported")
     ranks = {int(m.group(1)) for m in (_OPTIM_RANK.match(p.name) for p in folder.iterdir()) if m}
-    zero = int(zero) if isinstance(zero, int) else 0
-    if zero >= 1 or ranks:
-        missing = sorted(set(range(processes)) - ranks)
-        if missing:
-            raise CheckpointError(f"{folder} is an incomplete DeepSpeed checkpoint: it was written by {processes} "
-                                  f"process(es) but the optimizer part of rank(s) "
-                                  f"{', '.join(map(str, missing))} is missing")
+    zero = int(stage) if isinstance(stage, int) else 0
+    missing = sorted(set(range(processes)) - ranks) if zero >= 1 or ranks else []  # ZeRO 0 may write no parts
+    if missing:
+        raise CheckpointError(f"{folder} is an incomplete DeepSpeed checkpoint: it was written by {processes} "
+                              f"process(es) but the optimizer part of rank(s) {', '.join(map(str, missing))} "
+                              f"is missing")
     return zero, processes
 
 
@@ -221,7 +211,7 @@ def find_source(path: str | Path, *, kind: str | None = None, step: int | None =
         if found == "bundle":
             run_dir = runs.final_of(path)
             return Source("bundle", path, path / BUNDLE_WEIGHTS, run_dir=run_dir, given=given,
-                          step=_final_step(path) if run_dir is not None else None)
+                          step=_final_step(run_dir))
         file = path / runs.STATE_FILE if found == "state" else _deepspeed_folder(path) / DEEPSPEED_MODEL
         return _file_source(file, kind, given, label=path)
     if path.suffix == ".safetensors":
@@ -234,8 +224,8 @@ def find_source(path: str | Path, *, kind: str | None = None, step: int | None =
     return _file_source(path, kind, None, label=path)
 
 
-def _final_step(path: Path) -> int | None:
-    train = runs.run_recipe(path.parent).get("train")
+def _final_step(run_dir: Path | None) -> int | None:
+    train = runs.run_recipe(run_dir).get("train")
     steps = train.get("steps") if isinstance(train, dict) else None
     return steps if isinstance(steps, int) else None
 

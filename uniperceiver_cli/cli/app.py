@@ -7,13 +7,8 @@ import typer
 from uniperceiver_cli.cli import evaluate, export, predict, prepare_data, presets, recipes, train
 from uniperceiver_cli.version import __version__
 
-app = typer.Typer(
-    name="uniperceiver",
-    help="Uni-Perceiver and Uni-Perceiver-MoE: one generalist Transformer for images, video and text.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
+# The help is the root callback's docstring.
+app = typer.Typer(name="uniperceiver", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 
 def _version(value: bool) -> None:
@@ -23,10 +18,8 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                 help="Print the version and exit."),
-) -> None:
+def root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print the version and exit.")) -> None:
     """Uni-Perceiver and Uni-Perceiver-MoE: one generalist Transformer for images, video and text."""
 
 

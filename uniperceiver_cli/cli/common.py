@@ -21,9 +21,9 @@ err_console = Console(stderr=True)
 USER_ERRORS = (ValueError, OSError, KeyError)  # OSError: a missing file, a folder that cannot be written, ...
 
 
-def report(message: str) -> None:
-    """One red line on stderr (a YAML error quotes brackets and spans lines: escaped and joined)."""
-    err_console.print(f"[red]error:[/red] {escape(' '.join(message.split()))}", highlight=False, soft_wrap=True)
+def report(message: str, label: str = "[red]error:[/red]") -> None:
+    """One line on stderr (a YAML error quotes brackets and spans lines: escaped and joined)."""
+    err_console.print(f"{label} {escape(' '.join(message.split()))}", highlight=False, soft_wrap=True)
 
 
 @contextlib.contextmanager
@@ -73,8 +73,7 @@ def one_line_warnings() -> Iterator[None]:
     """Show each warning raised inside (a suspect checkpoint, partly matching labels) as one line on stderr;
     Python's default display adds the file, line and source of the call."""
     def show(message: Warning | str, *_: object) -> None:
-        err_console.print(f"[yellow]warning:[/yellow] {escape(' '.join(str(message).split()))}", highlight=False,
-                          soft_wrap=True)
+        report(str(message), "[yellow]warning:[/yellow]")
 
     with warnings.catch_warnings():
         warnings.showwarning = show

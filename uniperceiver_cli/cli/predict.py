@@ -63,8 +63,7 @@ def predict(
     from uniperceiver_cli.text_files import read_lines
 
     with user_errors(), one_line_warnings():
-        modes = [labels is not None or bool(label), texts is not None, caption]
-        if sum(modes) != 1:
+        if sum([labels is not None or bool(label), texts is not None, caption]) != 1:
             raise ValueError("choose exactly one of --labels/--label, --texts or --caption")
         paths = _collect(files)
         names = (read_lines(labels, "labels") if labels else []) + list(label or [])
@@ -75,23 +74,21 @@ def predict(
                 raise ValueError("--preset does not apply to an exported ONNX folder: the graphs fix the model")
             if device not in ("auto", "cpu"):
                 raise ValueError(f"--device {device}: the ONNX runtime here runs on the CPU")
-            answer, read = onnx_answerer(model, names, template_list, candidates, vocabulary.value, beam_size,
-                                         max_len)
+            answer, read = onnx_answerer(model, names, template_list, candidates, vocabulary.value, beam_size, max_len)
         else:
             dev = pick_device(device)
             answer, read = torch_answerer(load_any_model(model, preset, dev), dev, names, template_list, candidates,
                                           vocabulary.value, beam_size, max_len, routing_task)
-        results, failures = [], 0
+        results = []
         for path in paths:
             try:
                 inputs = read(path, num_frames)
             except (ValueError, FileNotFoundError) as e:
                 err_console.print(f"[red]skipped:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
-                failures += 1
                 continue
             results.append({"file": str(path), **answer(inputs, top_k)})
     _show(results, as_json)
-    if failures:
+    if len(results) < len(paths):  # a file was skipped
         raise typer.Exit(1)
 
 
@@ -99,9 +96,7 @@ def _show(results: list[dict], as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps(results, indent=2, ensure_ascii=False))
         return
-    table = Table()
-    table.add_column("file")
-    table.add_column("prediction")
+    table = Table("file", "prediction")
     for row in results:
         if "caption" in row:
             table.add_row(row["file"], row["caption"])

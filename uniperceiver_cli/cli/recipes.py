@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 import yaml
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from uniperceiver_cli.cli.common import report, user_errors
 from uniperceiver_cli.train.catalogue import RECIPES_DIR, file_problems, load_checked, resolve_recipe, shipped_names
@@ -23,11 +23,8 @@ def list_recipes() -> None:
     """List the shipped recipes: name, stage, number of tasks and description."""
     with user_errors():
         recipes = [load_checked(name) for name in shipped_names()]
-    table = Table(title=f"Recipes in {RECIPES_DIR}")
-    table.add_column("name", no_wrap=True)
-    table.add_column("stage", no_wrap=True)
-    table.add_column("tasks", justify="right")
-    table.add_column("description")
+    table = Table(Column("name", no_wrap=True), Column("stage", no_wrap=True), Column("tasks", justify="right"),
+                  "description", title=f"Recipes in {RECIPES_DIR}")
     for recipe in recipes:
         table.add_row(recipe.name, recipe.stage, str(len(recipe.tasks)), recipe.description)
     Console().print(table)
@@ -84,7 +81,6 @@ def validate(
             report(f"{name}: {problem}")
         failed = failed or bool(problems)
         if not problems:
-            parameters = recipe.model_config().num_parameters()
-            typer.echo(f"ok {name} (model: {parameters:,} parameters)")
+            typer.echo(f"ok {name} (model: {recipe.model_config().num_parameters():,} parameters)")
     if failed:
         raise typer.Exit(2)

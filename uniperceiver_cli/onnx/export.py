@@ -31,6 +31,7 @@ from torch import nn
 from uniperceiver_cli.checkpoints.errors import CheckpointError
 from uniperceiver_cli.model.config import EOT_ID, SPE_ID
 from uniperceiver_cli.model.decoding import CAPTION_TEXT, CAPTION_VISUAL
+from uniperceiver_cli.model.folding import dense_view
 from uniperceiver_cli.model.heads import TEMPERATURES
 from uniperceiver_cli.model.tokenizer import bpe_path
 from uniperceiver_cli.model.uniperceiver import TEXT_TARGET, VISUAL, UniPerceiver
@@ -131,8 +132,6 @@ def _views(model: UniPerceiver) -> dict[str, UniPerceiver]:
     rows = ("visual_input", "text_target", "caption_visual", "caption_text")
     if model.config.moe is None:
         return dict.fromkeys(rows, model)
-    from uniperceiver_cli.model.folding import dense_view
-
     return {row: dense_view(model, row) for row in rows}
 
 
@@ -144,8 +143,7 @@ def _graphs(model: UniPerceiver, targets: torch.Tensor) -> dict[str, _Graph]:
     # An axis that can only have one size is static (the exporter refuses a dynamic one fixed to one value).
     clip = {1: dim("frames", min=1, max=frames)} if frames > 1 else {}
     length = {1: dim("length", min=1, max=text_len)} if text_len > 1 else {}
-    trace_frames, check_frames = min(2, frames), frames
-    trace_len, check_len = min(3, text_len), min(7, text_len)
+    trace_frames, trace_len, check_len = min(2, frames), min(3, text_len), min(7, text_len)
 
     def pixels(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen)
@@ -167,7 +165,7 @@ def _graphs(model: UniPerceiver, targets: torch.Tensor) -> dict[str, _Graph]:
         "image_encoder": _Graph(visual, ("images",), visual_out, (pixels(2, 3, s, s),), {"images": {0: batch}},
                                 [(pixels(3, 3, s, s),)]),
         "video_encoder": _Graph(visual, ("video",), visual_out, (pixels(2, trace_frames, 3, s, s),),
-                                {"video": {0: batch, **clip}}, [(pixels(3, check_frames, 3, s, s),)]),
+                                {"video": {0: batch, **clip}}, [(pixels(3, frames, 3, s, s),)]),
         "text_encoder": _Graph(_Text(views["text_target"]), ("ids", "padding"), ("features",),
                                text(2, trace_len), {"ids": {0: batch, **length}, "padding": {0: batch, **length}},
                                [text(4, check_len)]),
@@ -175,8 +173,7 @@ def _graphs(model: UniPerceiver, targets: torch.Tensor) -> dict[str, _Graph]:
                                  {"video": {0: batch, **clip}}, [(pixels(3, 1, 3, s, s),)]),
         "caption_step": _Graph(_CaptionStep(views["caption_text"], targets), ("tokens", "positions", "cache"),
                                ("logits", "new_cache"), (words[:2], torch.tensor([4, 5]), cache[:, :, :2, :, :-1]),
-                               {"tokens": {0: rows, 1: new}, "positions": {0: new},
-                                "cache": {2: rows, 4: past}},
+                               {"tokens": {0: rows, 1: new}, "positions": {0: new}, "cache": {2: rows, 4: past}},
                                [(words[:, 1:], torch.tensor([0]), cache), (words, torch.tensor([4, 5]), cache)]),
     }
 
@@ -186,23 +183,18 @@ _OP = re.compile(r"(aten::[\w.]+|aten\.[\w.]+|<OpOverload\(op='([\w.:]+)'|[\w]+:
 
 def _export_failure(name: str, error: Exception) -> CheckpointError:
     """One line for an exporter failure, naming the operator when the exporter does."""
-    text = str(error)
-    if "## Exception summary" in text:  # the exporter's own report: the cause is the summary's first line
-        text = text.split("## Exception summary", 1)[1]
-    text = re.sub(r"\x1b\[[0-9;]*m", "", text)
-    match = _OP.search(text)
-    if match:
-        op = match.group(2) or match.group(1)
-        return CheckpointError(f"ONNX export of the {name} graph failed: the exporter cannot convert the "
-                               f"operator {op}")
-    first = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)
-    return CheckpointError(f"ONNX export of the {name} graph failed: {first[:300]}")
+    # After "## Exception summary" (the exporter's own report), the cause is the summary's first line.
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error).split("## Exception summary", 1)[-1])
+    if match := _OP.search(text):
+        cause = f"the exporter cannot convert the operator {match.group(2) or match.group(1)}"
+    else:
+        cause = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)[:300]
+    return CheckpointError(f"ONNX export of the {name} graph failed: {cause}")
 
 
 def _export_graph(name: str, graph: _Graph, path: Path) -> None:
-    buffer = io.StringIO()
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(buffer), torch.inference_mode(False):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.inference_mode(False):
             warnings.simplefilter("ignore")
             dynamic = tuple(graph.dynamic.get(n, {}) for n in graph.inputs)
             program = torch.onnx.export(graph.module.eval(), graph.trace, dynamo=True, input_names=list(graph.inputs),
@@ -271,8 +263,7 @@ def write_onnx(model: UniPerceiver, folder: Path, caption_token_ids: torch.Tenso
     for name, graph in _graphs(model, targets).items():
         path = folder / f"{name}.onnx"
         _export_graph(name, graph, path)
-        error = _validate(name, graph, path)
-        reports.append(GraphReport(name, error, path.stat().st_size / 2**20))
+        reports.append(GraphReport(name, _validate(name, graph, path), path.stat().st_size / 2**20))
     shutil.copyfile(bpe_path(), folder / TOKENIZER_FILE)
     prompt = model.head.fc_prompt
     manifest = {

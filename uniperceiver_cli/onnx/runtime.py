@@ -21,6 +21,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -64,10 +65,8 @@ def _count(meta: dict, key: str, high: int) -> int:
 
 def _token_ids(meta: dict, key: str) -> list[int] | None:
     ids = meta.get(key)
-    if ids is None:
-        return None
-    if not isinstance(ids, list) or not ids or any(isinstance(i, bool) or not isinstance(i, int)
-                                                   or not 0 <= i < VOCAB_SIZE for i in ids):
+    if ids is not None and (not isinstance(ids, list) or not ids or any(isinstance(i, bool) or not isinstance(i, int)
+                                                                        or not 0 <= i < VOCAB_SIZE for i in ids)):
         raise ValueError(f"{key} must be a non-empty list of token ids in [0, {VOCAB_SIZE})")
     return ids
 
@@ -150,17 +149,14 @@ class OnnxModel:
             raise OnnxModelError(f"{self.folder} lacks {', '.join(f'{g}.onnx' for g in missing) or TOKENIZER_FILE}")
         self.threads = threads
         self._sessions: dict[str, Any] = {}
-        self._tokenizer = None
 
-    # ------------------------------------------------------------------ sessions
     def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         session = self._sessions.get(graph)
         if session is None:
             import onnxruntime as ort
 
             options = ort.SessionOptions()
-            if self.threads:
-                options.intra_op_num_threads = self.threads
+            options.intra_op_num_threads = self.threads or 0  # 0: onnxruntime's own choice, its default
             try:
                 session = ort.InferenceSession(str(self.folder / f"{graph}.onnx"), options,
                                                providers=["CPUExecutionProvider"])
@@ -174,15 +170,12 @@ class OnnxModel:
             raise OnnxModelError(f"{self.folder / graph}.onnx cannot run on these inputs: "
                                  f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
-    @property
+    @cached_property
     def tokenizer(self):  # noqa: ANN201 - the tokenizer module is imported on first use
-        if self._tokenizer is None:
-            from uniperceiver_cli.model.tokenizer import Tokenizer
+        from uniperceiver_cli.model.tokenizer import Tokenizer
 
-            self._tokenizer = Tokenizer(self.folder / TOKENIZER_FILE)
-        return self._tokenizer
+        return Tokenizer(self.folder / TOKENIZER_FILE)
 
-    # ------------------------------------------------------------------ features
     def _check_visual(self, inputs: np.ndarray) -> np.ndarray:
         inputs = np.ascontiguousarray(inputs, dtype=np.float32)
         size = self.manifest.image_size
@@ -206,11 +199,10 @@ class OnnxModel:
     def tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Texts -> ids (B, L) int64 right-padded with 0 and padding (B, L) bool, as ``Tokenizer.encode_batch``."""
         rows = self.tokenizer.encode_many(texts, max_len=self.manifest.max_text_len)
-        length = max(len(r) for r in rows)
-        ids = np.zeros((len(rows), length), dtype=np.int64)
-        for i, row in enumerate(rows):
-            ids[i, :len(row)] = row
-        padding = np.arange(length)[None] >= np.array([len(r) for r in rows])[:, None]
+        lengths = np.array([len(r) for r in rows])
+        padding = np.arange(lengths.max())[None] >= lengths[:, None]
+        ids = np.zeros(padding.shape, dtype=np.int64)
+        ids[~padding] = np.concatenate(rows)  # row-major: each row's ids fill its unpadded prefix
         return ids, padding
 
     def encode_tokens(self, ids: np.ndarray, padding: np.ndarray | None = None) -> np.ndarray:
@@ -231,10 +223,8 @@ class OnnxModel:
 
     def label_features(self, names: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
         """Class features (C, D): each name in every template, averaged and renormalised (bare names without)."""
-        feats = np.stack([self.encode_text(texts) for texts in prompted(names, templates)])
-        return _normalize(feats.mean(axis=0))
+        return _normalize(np.stack([self.encode_text(texts) for texts in prompted(names, templates)]).mean(axis=0))
 
-    # ------------------------------------------------------------------ tasks
     def classifier_rows(self, names: Sequence[str]) -> list[int] | None:
         return classifier_rows(self.manifest.class_names, self.manifest.classifier_classes, names)
 
@@ -273,18 +263,14 @@ class OnnxModel:
         scores = np.zeros(b, dtype=np.float32)
         ids = mask = eos_only = None
         for t in range(max_len):
-            if t == 0:
-                tokens, positions = np.full((b, 1), SPE_ID, dtype=np.int64), np.array([0], dtype=np.int64)
-            else:
-                tokens = np.stack([words[:, -1], np.full(len(words), SPE_ID, dtype=np.int64)], axis=1)
-                positions = np.array([t - 1, t], dtype=np.int64)
+            # [the last word, query t]; step 0 has no word yet, only query 0
+            tokens = np.concatenate([words[:, -1:], np.full((len(words), 1), SPE_ID, dtype=np.int64)], axis=1)
+            positions = np.arange(max(t - 1, 0), t + 1, dtype=np.int64)
             logits, new = self._run("caption_step", {"tokens": tokens, "positions": positions, "cache": cache})
             if ids is None:
                 ids, mask, eos_only = self._caption_rows(logits.shape[1], only)
             v = len(ids)
-            if mask is not None:
-                logits = logits + mask
-            logp = _log_softmax(logits.astype(np.float32))
+            logp = _log_softmax((logits + mask).astype(np.float32))
             if t > 0:
                 logp = np.where((words[:, -1] == EOT_ID)[:, None], eos_only, logp)
             beams = 1 if t == 0 else beam_size
@@ -293,12 +279,10 @@ class OnnxModel:
             best = np.argpartition(-candidates, k - 1, axis=1)[:, :k]
             order = np.argsort(-np.take_along_axis(candidates, best, axis=1), axis=1, kind="stable")
             index = np.take_along_axis(best, order, axis=1)
-            top = np.take_along_axis(candidates, index, axis=1)
-            beam, row = index // v, index % v
-            word = ids[row]
+            scores = np.take_along_axis(candidates, index, axis=1).reshape(-1)
+            beam, word = index // v, ids[index % v]
             rows = (np.arange(b)[:, None] * beams + beam).reshape(-1)
             words = np.concatenate([words[rows], word.reshape(-1, 1)], axis=1)
-            scores = top.reshape(-1)
             cache = np.concatenate([cache, new], axis=4).take(rows, axis=2) if t > 0 else cache.take(rows, axis=2)
             if (word == EOT_ID).all():
                 break
@@ -310,18 +294,17 @@ class OnnxModel:
         best_beam = final.argmax(axis=1) + np.arange(b) * k
         return words[best_beam]
 
-    def _caption_rows(self, v: int, only: Sequence[int] | None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-        """The token id of each of the caption graph's ``v`` rows, the mask of the rows outside ``only`` (or None)
-        and the log-probabilities of a beam that has ended (0 for <|endoftext|>, -inf elsewhere)."""
+    def _caption_rows(self, v: int, only: Sequence[int] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The token id of each of the caption graph's ``v`` rows, the mask of the rows outside ``only`` (-inf there,
+        0 elsewhere) and the log-probabilities of a beam that has ended (0 for <|endoftext|>, -inf elsewhere)."""
         token_ids = self.manifest.caption_token_ids
         ids = np.arange(v, dtype=np.int64) if token_ids is None else np.array(token_ids, dtype=np.int64)
         eos_rows = np.flatnonzero(ids == EOT_ID)
         if ids.shape != (v,) or len(eos_rows) != 1:
             raise OnnxModelError(f"{self.folder / MANIFEST}: the caption token ids do not fit the {v} rows of the "
                                  f"caption graph")
-        mask = None
-        if only is not None:
-            mask = np.where(np.isin(ids, [*only, EOT_ID]), 0.0, -np.inf).astype(np.float32)
+        kept = np.ones(v, dtype=bool) if only is None else np.isin(ids, [*only, EOT_ID])
+        mask = np.where(kept, 0.0, -np.inf).astype(np.float32)
         eos_only = np.full(v, -np.inf, dtype=np.float32)
         eos_only[eos_rows[0]] = 0.0
         return ids, mask, eos_only
