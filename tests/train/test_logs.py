@@ -14,7 +14,7 @@ import yaml
 
 from tests.helpers import random_png
 from uniperceiver_cli.data.shards import Manifest, Sample, write_shards
-from uniperceiver_cli.train.loop import compute_threads
+from uniperceiver_cli.train.loop import compute_threads, share_workers
 from uniperceiver_cli.train.recipe import validate
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,15 +32,27 @@ def _recipe(root: Path, **train) -> dict:
 
 def test_threads_auto_is_the_cores_left_after_the_loader_workers(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
-    spec = validate(_recipe(Path("."), num_workers=1)).train
+    spec = validate(_recipe(Path("."), num_workers=2)).train
     assert spec.threads == "auto"  # the default
-    assert compute_threads(spec, tasks=2, environ={}) == 6  # 8 cores, 2 tasks x 1 worker
-    assert compute_threads(spec, tasks=5, environ={"LOCAL_WORLD_SIZE": "2"}) == 1  # 4 cores each, 5 workers: 1
-    assert compute_threads(spec, tasks=2, environ={"LOCAL_WORLD_SIZE": "8"}) == 1  # at least one
-    assert compute_threads(spec, tasks=2, environ={"LOCAL_WORLD_SIZE": "2(x3)"}) == 6  # unreadable: not shared
-    assert compute_threads(validate(_recipe(Path("."), num_workers=0)).train, tasks=2, environ={}) == 8
-    assert compute_threads(validate(_recipe(Path("."), threads=3)).train, tasks=2, environ={}) == 3
-    assert compute_threads(validate(_recipe(Path("."), threads=None)).train, tasks=2, environ={}) is None
+    assert compute_threads(spec, environ={}) == 6  # 8 cores, 2 loader workers
+    assert compute_threads(spec, environ={"LOCAL_WORLD_SIZE": "2"}) == 2  # 4 cores each, 2 workers
+    assert compute_threads(validate(_recipe(Path("."), num_workers=5)).train, environ={"LOCAL_WORLD_SIZE": "2"}) == 1
+    assert compute_threads(spec, environ={"LOCAL_WORLD_SIZE": "8"}) == 1  # at least one
+    assert compute_threads(spec, environ={"LOCAL_WORLD_SIZE": "2(x3)"}) == 6  # unreadable: not shared
+    assert compute_threads(validate(_recipe(Path("."), num_workers=0)).train, environ={}) == 8
+    assert compute_threads(validate(_recipe(Path("."), threads=3)).train, environ={}) == 3
+    assert compute_threads(validate(_recipe(Path("."), threads=None)).train, environ={}) is None
+
+
+@pytest.mark.parametrize(("budget", "weights", "expected"), [
+    (5, {"a": 3.5, "b": 0.75, "c": 1.5, "d": 0.25, "e": 1.75}, {"a": 1, "b": 1, "c": 1, "d": 1, "e": 1}),
+    (8, {"a": 1.0, "b": 3.0, "c": 2.0}, {"a": 2, "b": 3, "c": 3}),  # 2 each, the rest to b then c
+    (2, {"a": 1.0, "b": 3.0, "c": 2.0}, {"a": 0, "b": 1, "c": 1}),  # fewer than tasks: a decodes in the process
+    (4, {"a": 1.0, "never": 0.0}, {"a": 4, "never": 0}),
+    (0, {"a": 1.0}, {"a": 0}),
+])
+def test_the_worker_budget_is_shared_by_the_tasks(budget: int, weights: dict, expected: dict):
+    assert share_workers(budget, weights) == expected
 
 
 def test_a_log_file_gets_one_plain_line_per_logged_step(tmp_path: Path):

@@ -79,16 +79,26 @@ def build_model(recipe: Recipe) -> UniPerceiver:
     return model
 
 
-def compute_threads(spec: TrainSpec, tasks: int, environ: Mapping[str, str] = os.environ) -> int | None:
-    """``train.threads`` as a count: ``auto`` is the cores this process may use less the data-loader workers
-    (``num_workers`` per task), at least one. The cores are its CPU affinity: under ``srun`` that is its task's own
+def compute_threads(spec: TrainSpec, environ: Mapping[str, str] = os.environ) -> int | None:
+    """``train.threads`` as a count: ``auto`` is the cores this process may use less its data-loader workers
+    (``num_workers``), at least one. The cores are its CPU affinity: under ``srun`` that is its task's own
     (``--cpus-per-task``); processes that share one (``torchrun``, which sets ``LOCAL_WORLD_SIZE``) split it."""
     if spec.threads != "auto":
         return spec.threads
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     sharing = environ.get("LOCAL_WORLD_SIZE", "")
     per_node = int(sharing) if sharing.isdigit() and int(sharing) > 0 else 1
-    return max(1, cores // per_node - spec.num_workers * tasks)
+    return max(1, cores // per_node - spec.num_workers)
+
+
+def share_workers(budget: int, weights: Mapping[str, float]) -> dict[str, int]:
+    """The process's ``budget`` of data-loader workers shared by its tasks: evenly, the rest one each to the tasks
+    drawn most often (ties: the recipe's order). A task with none decodes in the training process."""
+    names = [name for name in weights if weights[name] > 0]  # a task of weight 0 is never drawn
+    share = dict.fromkeys(weights, 0)
+    for i, name in enumerate(sorted(names, key=lambda n: -weights[n])):
+        share[name] = budget // len(names) + (i < budget % len(names))
+    return share
 
 
 @contextlib.contextmanager
@@ -114,7 +124,7 @@ def train(recipe: Recipe, run_dir: Path, *, resume: str | None = None, ctx: Cont
             no ``final/`` is written.
     """
     ctx = ctx or Context()
-    with _torch_threads(compute_threads(recipe.train, len(recipe.tasks))), run_lock(run_dir, ctx):
+    with _torch_threads(compute_threads(recipe.train)), run_lock(run_dir, ctx):
         return _train(recipe, run_dir, resume=resume, ctx=ctx, stop_after=stop_after)
 
 
@@ -190,12 +200,13 @@ def _setup(recipe: Recipe, run_dir: Path, resume: str | None, ctx: Context) -> _
         check_complete(checkpoint, ctx)
     client = engine.load(checkpoint) if checkpoint is not None else {"step": 0, "consumed": 0}
     state = process_state(checkpoint, client, ctx) if checkpoint is not None else {}
+    workers = share_workers(spec.num_workers, {n: t.spec.sampling_weight for n, t in tasks.items()})
     loaders = {name: make_loader(t.directory, task=t.spec.type, batch_size=t.spec.batch_size, train=True,
                                  image_size=model.config.image_size, num_frames=t.spec.num_frames,
                                  max_text_len=t.spec.max_text_len, seed=spec.seed, subset=t.spec.subset,
-                                 num_workers=spec.num_workers, epochs=None, label_set=t.spec.label_set,
+                                 num_workers=workers[name], epochs=None, label_set=t.spec.label_set,
                                  augment=t.spec.augment, frame_stride=t.spec.frame_stride,
-                                 rank=ctx.rank, world_size=ctx.world_size)
+                                 rank=ctx.rank, world_size=ctx.world_size, pin_memory=ctx.device.type == "cuda")
                for name, t in tasks.items()}
     data = state.get("data")
     for name, position in (data or {}).items():  # each loader goes on where the checkpoint left it

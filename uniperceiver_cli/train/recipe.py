@@ -181,7 +181,7 @@ class TrainSpec:
     log_every: Count = 10
     checkpoint_every: NonNegativeInt = 0  # 0: only the final bundle
     keep_checkpoints: Count = 2
-    num_workers: Workers = 0  # data-loader worker processes per task
+    num_workers: Workers = 0  # data-loader worker processes of each training process, shared by its tasks
     # Several processes: a target set of at least this many rows shared by every process (the vocabulary of
     # vocabulary: full or corpus, class names) is encoded split across them; 0: never split.
     split_targets: NonNegativeInt = 1024
