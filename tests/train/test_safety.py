@@ -114,6 +114,33 @@ def test_a_planted_random_state_is_refused_without_running(data_root: Path, tmp_
     assert not marker.exists()
 
 
+def test_a_checkpoint_that_does_not_fit_the_run_is_one_line_before_any_data_is_read(data_root: Path,
+                                                                                     tmp_path: Path):
+    run = tmp_path / "run"
+    loop.train(_recipe(data_root), run, stop_after=2)
+    folder = run / "checkpoints" / "step-0000002"
+    with pytest.raises(checkpointing.CheckpointError,
+                       match="its data positions were written with 0 loader worker.s. in each of 1 process.es., "
+                             "and this run has 1 in each of 1"):
+        loop.train(_recipe(data_root, num_workers=1), run, resume="auto")
+    with pytest.raises(checkpointing.CheckpointError, match="consumed 2 batches in 2 steps: resume with the "
+                                                           "train.accumulation it was written with"):
+        loop.train(_recipe(data_root, accumulation=2), run, resume="auto")
+    state = load_state_file(folder / RNG_DIR / rng_file(0))
+    for planted in ({"worker": 0, "epoch": -1, "in_epoch": 3}, {"worker": 7, "epoch": 0, "in_epoch": 3}, "x"):
+        torch.save({**state, "data": {"cls": {**state["data"]["cls"], "positions": {0: planted}}}},
+                   folder / RNG_DIR / rng_file(0))
+        with pytest.raises(checkpointing.CheckpointError, match="its data positions are not ones this loader wrote"):
+            loop.train(_recipe(data_root), run, resume="auto")
+    torch.save({**state, "data": {"cls": {**state["data"]["cls"], "positions": {
+        0: {**state["data"]["cls"]["positions"][0], "in_epoch": 10**18}}}}}, folder / RNG_DIR / rng_file(0))
+    with pytest.raises(ValueError, match="lies beyond the end of its epoch"):  # passes over one epoch at most
+        loop.train(_recipe(data_root), run, resume="auto")
+    torch.save(state, folder / RNG_DIR / rng_file(1))  # a part of a second process
+    with pytest.raises(FileNotFoundError, match="written by more processes"):
+        loop.train(_recipe(data_root), run, resume="auto")
+
+
 def test_cli_resume_with_a_planted_state_is_one_line(data_root: Path, tmp_path: Path):
     run = tmp_path / "run"
     loop.train(_recipe(data_root), run, stop_after=2)

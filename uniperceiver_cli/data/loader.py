@@ -57,9 +57,11 @@ from pathlib import Path
 from typing import Any, BinaryIO, TypedDict
 from urllib.parse import urlparse
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data._utils.worker import _generate_state  # the numpy seed the DataLoader gives a worker
 from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
@@ -321,6 +323,14 @@ class _Shuffle:
         self.buffer[k] = self.buffer[-1]
         self.buffer.pop()
         return sample
+
+
+@dataclass
+class _Cursor:
+    """Where a worker's stream is: the epoch of the sample it last yielded, and that epoch's shuffle."""
+
+    epoch: int
+    shuffle: _Shuffle | None = None
 
 
 class _Bytes:
@@ -653,17 +663,16 @@ class ShardStream(IterableDataset):
             random.Random(f"{self.seed}/shards/{epoch}").shuffle(order)
         return order
 
-    def _readers(self, worker: int, num_workers: int) -> tuple[int, int, bool]:
-        """This reader's index, the readers (processes x workers), and whether they split the shards (at least
-        as many shards as readers) or, with fewer, every reader reads all of them and keeps every
-        ``readers``-th sample (small data sets). Either way each epoch's samples are split exactly once."""
-        readers = self.world_size * num_workers
-        return self.rank * num_workers + worker, readers, len(self.shards) >= readers
-
     def _epoch(self, epoch: int, worker: int, num_workers: int, skipped: Counter[str],
                members: Container[str] | None, seen: list[int]) -> Iterator[dict[str, Any]]:
-        """This reader's raw samples of ``epoch``; ``seen[0]`` counts the samples of the epoch read."""
-        reader, readers, split_shards = self._readers(worker, num_workers)
+        """This reader's raw samples of ``epoch``; ``seen[0]`` counts the samples of the epoch read.
+
+        With at least as many shards as readers (processes x workers) each reader reads its own shards;
+        with fewer, every reader reads all of them and keeps every ``readers``-th sample (small data sets).
+        Either way each epoch's samples are split exactly once.
+        """
+        readers, reader = self.world_size * num_workers, self.rank * num_workers + worker
+        split_shards = len(self.shards) >= readers
         # Reading every shard, every reader meets the same damaged shards: only reader 0 counts them.
         shard_skips = skipped if split_shards or reader == 0 else Counter()
         order = self.epoch_order(epoch)
@@ -676,16 +685,19 @@ class ShardStream(IterableDataset):
                 yield sample
 
     def _samples(self, worker: int, num_workers: int, skipped: Counter[str], members: Container[str] | None,
-                 first: int, name: str, shuffles: list[_Shuffle]) -> Iterator[dict[str, Any]]:
-        """This reader's raw samples, epoch after epoch from ``first``; in training each epoch shuffled by
-        itself (webdataset's algorithm, its own draws per epoch), so a resumed stream can start at any epoch."""
+                 name: str, cursor: _Cursor) -> Iterator[dict[str, Any]]:
+        """This reader's raw samples, epoch after epoch from ``cursor.epoch``; in training each epoch shuffled by
+        itself (webdataset's algorithm, its own draws per epoch), so a resumed stream can start at any epoch.
+        ``cursor`` follows the epoch of the sample last yielded and its shuffle."""
+        first = cursor.epoch
         last = None if self.epochs is None else self.first_epoch + self.epochs
         for epoch in count(first) if last is None else range(first, last):
             seen = [0]
             samples = self._epoch(epoch, worker, num_workers, skipped, members, seen)
+            cursor.epoch, cursor.shuffle = epoch, None
             if self.train:
-                shuffles[:] = [_Shuffle(self.shuffle_buffer, 100, random.Random(f"{name}/order/{epoch}"))]
-                samples = shuffles[0](samples)
+                cursor.shuffle = _Shuffle(self.shuffle_buffer, 100, random.Random(f"{name}/order/{epoch}"))
+                samples = cursor.shuffle(samples)
             yield from samples
             if seen[0] == 0:  # every shard of this reader failed: stop instead of spinning through empty epochs
                 return
@@ -697,86 +709,74 @@ class ShardStream(IterableDataset):
         name = f"{self.seed}/{self.first_epoch}/{self.rank}/{worker}"
         rng = random.Random(name)  # caption choice, video clips
         skipped: Counter[str] = Counter()
-        shuffles: list[_Shuffle] = []
         resume = self.resume.get(worker)
         if resume is None:
-            samples = self._samples(worker, num_workers, skipped, None, self.first_epoch, name, shuffles)
-            return self._batches(samples, worker, 0, rng, skipped, shuffles)
-        epoch, rest = self._epoch_of(resume["handed"], worker, num_workers)
+            if info is not None and worker != physical:  # the seeds the DataLoader gives worker ``worker``
+                base = torch.initial_seed() - physical
+                random.seed(base + worker)
+                torch.manual_seed(base + worker)
+                np.random.seed(_generate_state(base, worker))
+            cursor = _Cursor(self.first_epoch)
+            samples = self._samples(worker, num_workers, skipped, None, name, cursor)
+            return self._batches(samples, worker, rng, skipped, cursor, 0)
+        cursor = _Cursor(resume["epoch"])
         wanted = _Wanted()
-        samples = self._samples(worker, num_workers, skipped, wanted, epoch, name, shuffles)
-        for _ in zip(range(rest), samples, strict=False):  # tar headers only
-            pass
+        samples = self._samples(worker, num_workers, skipped, wanted, name, cursor)
+        for _ in zip(range(resume["in_epoch"]), samples, strict=False):  # tar headers only
+            if cursor.epoch != resume["epoch"]:
+                raise ValueError(f"a resumed data position lies beyond the end of its epoch in {self.shards[0].url}'s "
+                                 "split: the data changed since the checkpoint was written")
         wanted.live = True
         skipped.clear()
         rng.setstate(python_state(resume["rng"]))
         if "global" in resume:  # a worker's own torch, Python and numpy generators (image augmentation)
             set_global_rng_state(resume["global"])
-        return self._batches(samples, worker, resume["handed"], rng, skipped, shuffles)
+        return self._batches(samples, worker, rng, skipped, cursor, resume["in_epoch"])
 
-    def _epoch_of(self, handed: int, worker: int, num_workers: int) -> tuple[int, int]:
-        """The epoch of a stream's ``handed``-th sample and the samples of that epoch before it, from each shard's
-        sample count: its stats file's listing (read once) where there is one, else its tar headers."""
-        reader, readers, split_shards = self._readers(worker, num_workers)
-        sizes = {shard.url: self._size(shard) for shard in self.shards}
-        epoch = self.first_epoch
-        while True:
-            order = self.epoch_order(epoch)
-            total = sum(sizes[s.url] for s in (order[reader::readers] if split_shards else order))
-            mine = total if split_shards else max(0, -(-(total - reader) // readers))
-            if handed < mine or mine == 0:
-                return epoch, handed
-            handed -= mine
-            epoch += 1
-
-    def _size(self, shard: Shard) -> int:
-        """The samples of ``shard`` this stream keeps (the subset's, or all)."""
-        listing = _listing(shard)
-        keys = iter(listing) if listing is not None else \
-            (sample["__key__"] for sample in read_shards([shard], Counter(), _Wanted(), timeout=self.stream_timeout))
-        name = Path(shard.url).name
-        return sum(1 for key in keys if self.subset is None or (name, key) in self.subset)
-
-    def _batches(self, samples: Iterator[dict[str, Any]], worker: int, handed: int, rng: random.Random,
-                 skipped: Counter[str], shuffles: list[_Shuffle]) -> Iterator[dict[str, Any]]:
+    def _batches(self, samples: Iterator[dict[str, Any]], worker: int, rng: random.Random, skipped: Counter[str],
+                 cursor: _Cursor, in_epoch: int) -> Iterator[dict[str, Any]]:
         """Decode and batch (one collate call per batch); each batch carries the skip counts since the last one
         and its position, and one last count-only item follows the last batch."""
         filled: dict[tuple[str, str], dict[str, Any]] = {}
-        samples_in_worker = get_worker_info() is not None
+        in_worker = get_worker_info() is not None
+        epoch = cursor.epoch
         batch: list[dict[str, Any]] = []
         for raw in samples:
-            handed += 1
+            if cursor.epoch != epoch:
+                epoch, in_epoch = cursor.epoch, 0
+            in_epoch += 1
             try:
                 if any(isinstance(v, _Unread) for v in raw.values()):
-                    raw = self._fill(raw, filled, shuffles)
+                    raw = self._fill(raw, filled, cursor.shuffle)
                 batch.append(self.decoder(raw, rng))
             except Skip as e:
                 skipped[e.reason] += 1
                 continue
             if len(batch) == self.batch_size:
-                yield self._batch(batch, skipped, worker, handed, rng, samples_in_worker)
+                yield self._batch(batch, skipped, {"worker": worker, "epoch": epoch, "in_epoch": in_epoch}, rng,
+                                  in_worker)
                 batch = []
         if batch:
-            yield self._batch(batch, skipped, worker, handed, rng, samples_in_worker)
+            yield self._batch(batch, skipped, {"worker": worker, "epoch": epoch, "in_epoch": in_epoch}, rng, in_worker)
         yield {SKIPPED: dict(skipped)}
 
-    def _batch(self, samples: list[dict[str, Any]], skipped: Counter[str], worker: int, handed: int,
+    def _batch(self, samples: list[dict[str, Any]], skipped: Counter[str], position: dict[str, Any],
                rng: random.Random, in_worker: bool) -> dict[str, Any]:
         batch: dict[str, Any] = dict(self.collate(samples))
         batch[SKIPPED] = dict(skipped)
         skipped.clear()
-        batch[POSITION] = {"worker": worker, "handed": handed, "rng": rng.getstate()}
+        batch[POSITION] = {**position, "rng": rng.getstate()}
         if in_worker:  # in the main process these are the run's own, which its checkpoint keeps
             batch[POSITION]["global"] = global_rng_state()
         return batch
 
     def _fill(self, raw: dict[str, Any], filled: dict[tuple[str, str], dict[str, Any]],
-              shuffles: list[_Shuffle]) -> dict[str, Any]:
+              shuffle: _Shuffle | None) -> dict[str, Any]:
         """The data of a sample met while passing over (its members were not read): its shard is read again for
         it and for every such sample still in the shuffle buffer."""
         key = (raw["__url__"], raw["__key__"])
         if key not in filled:
-            pending = {(s["__url__"], s["__key__"]) for s in (shuffles[0].buffer if shuffles else [])
+            pending = {(s["__url__"], s["__key__"]) for s in (shuffle.buffer if shuffle else [])
                        if s["__url__"] == key[0] and any(isinstance(v, _Unread) for v in s.values())} | {key}
             shard = next(s for s in self.shards if s.url == key[0])
             for sample in read_shards([shard], Counter(), timeout=self.stream_timeout):
@@ -785,6 +785,13 @@ class ShardStream(IterableDataset):
         if key not in filled:
             raise Skip(UNREADABLE_MEMBER)
         return filled.pop(key)
+
+
+def _is_position(worker: Any, position: Any, num_workers: int) -> bool:
+    """Whether ``position`` is one ``worker``'s batch carried (its worker, epoch, samples into it, random state)."""
+    return isinstance(worker, int) and 0 <= worker < max(num_workers, 1) and isinstance(position, dict) \
+        and position.get("worker") == worker and "rng" in position \
+        and all(isinstance(position.get(k), int) and position[k] >= 0 for k in ("epoch", "in_epoch"))
 
 
 class ShardLoader:
@@ -806,11 +813,26 @@ class ShardLoader:
 
     def state(self) -> dict[str, Any]:
         """Where the loader stands: what :meth:`restore` takes to go on from here."""
-        return {"batches": self.batches, "positions": dict(self.positions), "skipped": dict(self.skipped)}
+        return {"batches": self.batches, "positions": dict(self.positions), "skipped": dict(self.skipped),
+                "workers": self.num_workers, "processes": self.stream.world_size}
 
     def restore(self, state: dict[str, Any]) -> None:
-        """Go on from :meth:`state` at the next iteration, without reading again what was handed out."""
-        self.batches, self.positions = int(state["batches"]), dict(state["positions"])
+        """Go on from :meth:`state` at the next iteration, without reading again what was handed out.
+
+        Raises:
+            ValueError: the state was written with another number of workers or processes (they split the
+                shards), or is not one.
+        """
+        written = (state.get("workers"), state.get("processes"))
+        if written != (self.num_workers, self.stream.world_size):
+            raise ValueError(f"its data positions were written with {written[0]} loader worker(s) in each of "
+                             f"{written[1]} process(es), and this run has {self.num_workers} in each of "
+                             f"{self.stream.world_size}: resume with the train.num_workers and processes it had")
+        positions = state["positions"]
+        if not isinstance(positions, dict) or \
+                not all(_is_position(w, p, self.num_workers) for w, p in positions.items()):
+            raise ValueError("its data positions are not ones this loader wrote")
+        self.batches, self.positions = int(state["batches"]), dict(positions)
         self.skipped = Counter(state["skipped"])
         self._resume = True
 

@@ -35,4 +35,6 @@ class TargetSplit:
         per = -(-n // self.world_size)
         mine = torch.arange(self.rank * per, (self.rank + 1) * per, device=rows[0].device).clamp(max=n - 1)
         features = encode(*(r[mine] for r in rows))
-        return torch.cat(all_gather(features.contiguous()))[:n]
+        # fp32 (features are bf16 under autocast): the backward sums every process's gradient of a slice
+        wide = features.to(torch.promote_types(features.dtype, torch.float32))
+        return torch.cat(all_gather(wide.contiguous()))[:n]

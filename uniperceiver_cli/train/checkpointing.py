@@ -96,13 +96,23 @@ def check_shared(run_dir: Path, ctx: Context) -> None:
                          "there); give a run directory on a file system that every node mounts")
 
 
-def check_complete(checkpoint: Path, ctx: Context) -> None:
-    """Before any process loads ``checkpoint``: every process finds its own random state in it (a missing part
-    would leave the others waiting in a collective). Checkpoints of older versions have none to find."""
-    missing = (checkpoint / RNG_DIR).is_dir() and not (checkpoint / RNG_DIR / rng_file(ctx.rank)).is_file()
-    if on_any_process(missing, ctx):
-        raise FileNotFoundError(f"{checkpoint} is incomplete: the part of a process is missing "
-                                f"({RNG_DIR}/{rng_file(ctx.rank) if missing else 'rank-R.pt'} of {ctx.world_size}); "
+def check_complete(checkpoint: Path | None, ctx: Context) -> None:
+    """Before any process loads: every process found the same kind of start (a checkpoint, or none), and in the
+    checkpoint its own random state and no process's beyond the world size (a missing part would leave the others
+    waiting in a collective; an extra one means it was written by more processes). Older checkpoints have none."""
+    found = checkpoint is not None
+    if on_any_process(found, ctx) and on_any_process(not found, ctx):
+        raise FileNotFoundError("some processes found a checkpoint to resume from and others none: give every node "
+                                "the same run directory and --resume path")
+    if checkpoint is None:
+        return
+    folder = checkpoint / RNG_DIR
+    missing = folder.is_dir() and not (folder / rng_file(ctx.rank)).is_file()
+    more = (folder / rng_file(ctx.world_size)).is_file()
+    if on_any_process(missing or more, ctx):
+        detail = (f"{RNG_DIR}/{rng_file(ctx.rank)} of {ctx.world_size}" if missing else
+                  f"{RNG_DIR}/{rng_file(ctx.world_size)} is there: written by more processes" if more else "another's")
+        raise FileNotFoundError(f"{checkpoint} is incomplete: the part of a process is missing ({detail}); "
                                 "resume from another checkpoint or with the processes that wrote it")
 
 

@@ -31,8 +31,9 @@ from uniperceiver_cli.evaluate.report import print_results
 from uniperceiver_cli.evaluate.tasks import evaluate_task
 from uniperceiver_cli.model.precision import autocast
 from uniperceiver_cli.model.uniperceiver import UniPerceiver
-from uniperceiver_cli.parallel.context import Context, waiting_group
+from uniperceiver_cli.parallel.context import Context, on_any_process, waiting_group
 from uniperceiver_cli.parallel.targets import TargetSplit
+from uniperceiver_cli.text_files import shown
 from uniperceiver_cli.train.checkpointing import (
     check_complete,
     check_shared,
@@ -176,10 +177,10 @@ def _train(recipe: Recipe, run_dir: Path, *, resume: str | None, ctx: Context,
 def _setup(recipe: Recipe, run_dir: Path, resume: str | None, ctx: Context) -> _Run:
     """The model, engine, tasks and data streams; from the run's checkpoint when resuming. ``config.yaml`` is
     written only once all of them are set up, so a recipe or override that does not fit the run changes nothing."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    check_shared(run_dir, ctx)  # first: what follows is decided by each process alone
     if resume is None and took_a_step(run_dir):
         raise ValueError(f"{run_dir} already holds a run: pass --resume auto to continue it, or another --run-dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    check_shared(run_dir, ctx)
     spec = recipe.train
     seed_everything(spec.seed)  # the same initial weights on every process
     model = build_model(recipe)
@@ -196,10 +197,8 @@ def _setup(recipe: Recipe, run_dir: Path, resume: str | None, ctx: Context) -> _
     else:
         engine = SingleEngine(model, recipe, ctx)
     checkpoint = find_resume(run_dir, resume)
-    if checkpoint is not None:
-        check_complete(checkpoint, ctx)
+    check_complete(checkpoint, ctx)
     client = engine.load(checkpoint) if checkpoint is not None else {"step": 0, "consumed": 0}
-    state = process_state(checkpoint, client, ctx) if checkpoint is not None else {}
     workers = share_workers(spec.num_workers, {n: t.spec.sampling_weight for n, t in tasks.items()})
     loaders = {name: make_loader(t.directory, task=t.spec.type, batch_size=t.spec.batch_size, train=True,
                                  image_size=model.config.image_size, num_frames=t.spec.num_frames,
@@ -208,26 +207,48 @@ def _setup(recipe: Recipe, run_dir: Path, resume: str | None, ctx: Context) -> _
                                  augment=t.spec.augment, frame_stride=t.spec.frame_stride,
                                  rank=ctx.rank, world_size=ctx.world_size, pin_memory=ctx.device.type == "cuda")
                for name, t in tasks.items()}
-    data = state.get("data")
-    for name, position in (data or {}).items():  # each loader goes on where the checkpoint left it
-        loaders[name].restore(position)
+    generator = torch.Generator().manual_seed(seed + 1)
+    data = _restore(checkpoint, client, ctx, loaders, generator, spec.accumulation)
     stream = mix_tasks(loaders, {n: t.spec.sampling_weight for n, t in tasks.items()}, seed=spec.seed,
                        skip=client["consumed"] if data is not None else 0)
-    run = _Run(recipe, run_dir, ctx, engine, tasks, loaders, stream, torch.Generator().manual_seed(seed + 1),
-               client["step"], client["consumed"])
+    run = _Run(recipe, run_dir, ctx, engine, tasks, loaders, stream, generator, client["step"], client["consumed"])
     if recipe.evaluation.every and recipe.evaluation.tasks:
         run.waiting = waiting_group(ctx, timedelta(minutes=recipe.evaluation.timeout_minutes))
-    if data is None:  # a checkpoint of an older version: draw (and decode) the batches it trained on again
+    if checkpoint is not None and data is None:  # an older version's: draw and decode its batches again
         for _ in range(client["consumed"]):
             _draw(run)
-    if checkpoint is not None:
-        restore_rng(state, ctx, run.generator)
+        restore_rng(process_state(checkpoint, client, ctx), ctx, generator)
     if ctx.main:
         config = run_dir / CONFIG_FILE
         config.with_suffix(".yaml.tmp").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
         os.replace(config.with_suffix(".yaml.tmp"), config)
         write_model_config(run_dir, model.config)
     return run
+
+
+def _restore(checkpoint: Path | None, client: dict[str, Any], ctx: Context, loaders: dict[str, Any],
+             generator: torch.Generator, accumulation: int) -> dict[str, Any] | None:
+    """Give this process what ``checkpoint`` kept of it: its random state, and its loaders' data positions (returned;
+    None where the checkpoint kept none). Every process agrees first: a part one of them cannot take stops all."""
+    if checkpoint is None:
+        return None
+    error, data = "", None
+    try:
+        if client["consumed"] != client["step"] * accumulation:
+            raise ValueError(f"it consumed {client['consumed']} batches in {client['step']} steps: resume with the "
+                             "train.accumulation it was written with")
+        state = process_state(checkpoint, client, ctx)
+        data = state.get("data")
+        for name, position in (data or {}).items():
+            if name not in loaders:
+                raise ValueError(f"it holds the data position of a task {shown(name)} this recipe lacks")
+            loaders[name].restore(position)
+        restore_rng(state, ctx, generator)
+    except (CheckpointError, ValueError, KeyError, TypeError, AttributeError, FileNotFoundError) as e:
+        error = str(e) if str(e).startswith("cannot resume") else f"cannot resume from {checkpoint}: {e}"
+    if on_any_process(bool(error), ctx):
+        raise CheckpointError(error or f"cannot resume from {checkpoint}: another process could not take its part")
+    return data
 
 
 def _positions(run: _Run) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from uniperceiver_cli.checkpoints.errors import CheckpointError
 from uniperceiver_cli.checkpoints.runs import CLIENT_KEY, DEEPSPEED_DIR, DEEPSPEED_TAG, EXPERTS_DIR, expert_shard_file
 from uniperceiver_cli.checkpoints.safe_load import STATE_GLOBALS, deepspeed_records, torch_load
 from uniperceiver_cli.model.moe import ExpertLinear
@@ -276,7 +277,14 @@ class DeepSpeedEngine:
         """Restore what :meth:`save` wrote; returns the loop's state. Every process calls it."""
         folder = Path(directory) / DEEPSPEED_DIR
         self._check_expert_layout(Path(directory) / EXPERTS_DIR)  # before DeepSpeed fails on the shapes
-        path, state = self.engine.load_checkpoint(str(folder), tag=DEEPSPEED_TAG)
+        try:
+            path, state = self.engine.load_checkpoint(str(folder), tag=DEEPSPEED_TAG)
+        except CheckpointError:  # a file refused by safe_load
+            raise
+        except (KeyError, RuntimeError, ValueError) as e:  # e.g. an earlier version's bf16 mode (bf16 weights)
+            raise CheckpointError(f"cannot resume from {folder}: it does not fit this run's engine (ZeRO stage, "
+                                  f"precision, model) ({' '.join(str(e).split())[:200]}); checkpoints of DeepSpeed's "
+                                  "bf16 mode (before bf16 became autocast) resume only as init= weights") from None
         if path is None or not state or CLIENT_KEY not in state:
             raise FileNotFoundError(f"{folder} holds no DeepSpeed checkpoint of this run (tag {DEEPSPEED_TAG!r})")
         if self.shard is not None:
