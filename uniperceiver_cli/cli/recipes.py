@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 import yaml
@@ -14,8 +15,13 @@ from rich.table import Column, Table
 from uniperceiver_cli.cli.common import report, user_errors
 from uniperceiver_cli.train.catalogue import RECIPES_DIR, file_problems, load_checked, resolve_recipe, shipped_names
 
-app = typer.Typer(help="The shipped training recipes: list, show, copy to edit, validate.", no_args_is_help=True,
-                  add_completion=False)
+if TYPE_CHECKING:
+    from uniperceiver_cli.train.plan import RecipePlan
+
+GIB = 2**30
+
+app = typer.Typer(help="The shipped training recipes: list, show, copy to edit, validate, plan memory.",
+                  no_args_is_help=True, add_completion=False)
 
 
 @app.command("ls")
@@ -83,4 +89,66 @@ def validate(
         if not problems:
             typer.echo(f"ok {name} (model: {recipe.model_config().num_parameters():,} parameters)")
     if failed:
+        raise typer.Exit(2)
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:,.2f}"
+
+
+def plan_table(plan: RecipePlan) -> Table:
+    """Per task: batch, target rows (encoded by this process / in the set), what its forward saves (the target
+    set's share, the whole) and what the backward adds, and its loader's host memory."""
+    table = Table(Column("task", no_wrap=True), Column("type", no_wrap=True), Column("batch", justify="right"),
+                  Column("target rows", justify="right"), Column("target set GiB", justify="right"),
+                  Column("activations GiB", justify="right"), Column("+ backward GiB", justify="right"),
+                  Column("host GiB", justify="right"),
+                  title=f"{plan.recipe}: {plan.gpus} GPU(s), {plan.engine} ZeRO {plan.zero_stage}, {plan.precision}, "
+                        f"split_targets {plan.split_targets}")
+    for task in plan.tasks:
+        rows = f"{task.encoded_rows:,} / {task.target_rows:,}" if task.encoded_rows != task.target_rows \
+            else f"{task.target_rows:,}"
+        table.add_row(task.name, task.type, str(task.batch_size), rows, _gib(task.target_set), _gib(task.activations),
+                      _gib(task.backward), _gib(task.loader))
+    return table
+
+
+def plan_summary(plan: RecipePlan, gpu_memory: float) -> list[str]:
+    """The model states, the largest task and the total against the GPU's memory, one line each."""
+    s, largest = plan.states, plan.largest
+    verdict = "fits" if plan.fits(gpu_memory * GIB) else "does NOT fit"
+    return [f"model states: {s.parameters:,} parameters ({s.trainable:,} trained): weights {_gib(s.weights)} + "
+            f"gradients {_gib(s.gradients)} + optimizer {_gib(s.optimizer)} = {_gib(s.total)} GiB",
+            f"largest task: {largest.name}: {_gib(largest.activations)} GiB saved (target set "
+            f"{_gib(largest.target_set)}) + {_gib(largest.backward)} GiB in the backward",
+            f"CUDA context and workspaces (allowance): {_gib(plan.runtime)} GiB",
+            f"peak per process: {_gib(plan.total)} GiB: {verdict} {gpu_memory:g} GiB",
+            f"loader batches in host memory per process: {_gib(plan.host)} GiB"]
+
+
+@app.command("plan")
+def plan(
+    recipe: str = typer.Argument(..., help="A shipped recipe's name or a YAML file."),
+    overrides: list[str] | None = typer.Argument(None, help="Dotted overrides: train.split_targets=0 "
+                                                               "tasks.0.batch_size=64"),
+    gpus: int | None = typer.Option(None, "--gpus", min=1,
+                                    help="Processes (one per GPU). Default: the count the recipe's description "
+                                         "names (\"on 64 GPUs\"), else 1."),
+    gpu_memory: float = typer.Option(80.0, "--gpu-memory", min=0.0, help="GiB of memory per GPU."),
+) -> None:
+    """Predict the peak GPU memory per process of a recipe (model states + the largest task's step, traced with
+    fake tensors: nothing is allocated); exit code 2 when it does not fit --gpu-memory."""
+    from uniperceiver_cli.train.plan import plan_recipe  # torch: only for this command
+
+    with user_errors():
+        result = plan_recipe(load_checked(recipe, overrides), gpus)
+    Console().print(plan_table(result))
+    for line in plan_summary(result, gpu_memory):
+        typer.echo(line)
+    for note in sorted({f"{task.name}: {note}" for task in result.tasks for note in task.notes}):
+        typer.echo(f"note: {note}")
+    if not result.fits(gpu_memory * GIB):
+        report(f"{result.recipe}: {_gib(result.total)} GiB per process does not fit {gpu_memory:g} GiB (largest "
+               f"task {result.largest.name}): add GPUs (ZeRO), lower its batch_size with train.accumulation, or set "
+               "train.activation_checkpointing: true")
         raise typer.Exit(2)
