@@ -55,7 +55,8 @@ def _pretrain(*args: str) -> tuple[int, str]:
 def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_last_checkpoint(data_root: Path, tmp_path: Path):
     run = tmp_path / "run"
     loop.train(validate(_data(data_root)), run, stop_after=2)
-    written = {p.name: p.read_bytes() for p in (run / "checkpoints" / "step-0000002").iterdir()}
+    folder = run / "checkpoints" / "step-0000002"
+    written = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)
     handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the kernel's default for the limit is to kill
     resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, limit[1]))  # below a checkpoint's size
@@ -69,7 +70,7 @@ def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_last_checkpoint(dat
     assert "error: cannot write" in out and "step-0000004: [Errno 27] File too large" in out, out
     assert "The last good checkpoint is" in out and "Traceback" not in out
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-0000002"]  # no partial folder left
-    assert {p.name: p.read_bytes() for p in (run / "checkpoints" / "step-0000002").iterdir()} == written
+    assert {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()} == written
     assert loop.train(validate(_data(data_root)), run, resume="auto") == run / "final"  # the run goes on from it
 
 
