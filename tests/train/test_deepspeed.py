@@ -106,10 +106,11 @@ def _port() -> int:
 
 def _launch(recipe: dict, run_dir: Path, *, launcher: str, resume: str = "", stop_after: int | None = None,
             timeout: float = 240, processes: int = 2, node_dirs: bool = False, fails: bool = False,
-            prelude: str = "") -> list[str]:
+            prelude: str = "", kill_at: Path | None = None) -> list[str]:
     """Start the processes as ``torchrun`` or ``srun`` would and wait for all; on failure stop the others.
     ``node_dirs``: each process gets a run directory of its own (nodes that share none). ``fails``: every
-    process must exit with an error; their logs are returned. ``prelude``: Python each process runs first."""
+    process must exit with an error; their logs are returned. ``prelude``: Python each process runs first.
+    ``kill_at``: once this path exists, every process is killed (SIGKILL), as a crashed job would be."""
     port = _port()
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "LOCAL_RANK",
                                                                        "MASTER_"))}
@@ -136,7 +137,12 @@ def _launch(recipe: dict, run_dir: Path, *, launcher: str, resume: str = "", sto
             failed = [p for p in procs if p.poll() not in (None, 0)]
             if (failed and not fails) or time.monotonic() > deadline:
                 break
-            time.sleep(0.2)
+            if kill_at is not None and kill_at.exists():
+                for p in procs:
+                    p.kill()
+                    p.wait()
+                return []
+            time.sleep(0.05)
     finally:
         for p in procs:
             if p.poll() is None:
@@ -288,9 +294,18 @@ def _toyworld_recipe(root: Path, steps: int) -> dict:
     }
 
 
+SLOW_STEPS = """
+import time
+from uniperceiver_cli.train.tasks import TrainTask
+loss = TrainTask.loss
+TrainTask.loss = lambda *args, **kwargs: (time.sleep(0.4), loss(*args, **kwargs))[1]
+"""
+
+
 def test_two_processes_with_mlm_resume_exactly_and_draw_apart(tmp_path: Path):
-    """Killed after step 3 and resumed, a 2-process run with MLM masking and drop path equals the uninterrupted
-    run: each process gets its own random state back. The processes draw different random numbers."""
+    """Killed (SIGKILL, both processes) once the step-3 checkpoint is there and resumed, a 2-process run with MLM
+    masking and drop path equals the uninterrupted run: each process gets its own random state and data position
+    back. The processes draw different random numbers."""
     from uniperceiver_cli.data.toyworld import generate
 
     root = tmp_path / "toyworld"
@@ -298,8 +313,10 @@ def test_two_processes_with_mlm_resume_exactly_and_draw_apart(tmp_path: Path):
     recipe = _toyworld_recipe(root, steps=6)
     _launch(recipe, tmp_path / "full", launcher="torchrun")
     part = tmp_path / "part"
-    _launch(recipe, part, launcher="torchrun", stop_after=3)
-    states = [torch.load(part / "checkpoints" / "step-0000003" / "rng" / f"rank-{r:05d}.pt") for r in (0, 1)]
+    checkpoint = part / "checkpoints" / "step-0000003"
+    _launch(recipe, part, launcher="torchrun", prelude=SLOW_STEPS, kill_at=checkpoint)  # slowed: 5 steps take 4 s
+    assert not (part / "final").exists()
+    states = [torch.load(checkpoint / "rng" / f"rank-{r:05d}.pt") for r in (0, 1)]
     assert not torch.equal(states[0]["torch"], states[1]["torch"])
     assert not torch.equal(states[0]["generator"], states[1]["generator"])
     _launch(recipe, part, launcher="torchrun", resume="auto")
