@@ -18,13 +18,20 @@ import torch
 from PIL import Image
 from timm.data.auto_augment import RandAugment
 
-from uniperceiver_cli.data.loader import SampleDecoder, ShardLoader, choose_subset, make_loader
+from uniperceiver_cli.data.loader import SampleDecoder, ShardLoader, choose_subset, make_loader, visual_input
 from uniperceiver_cli.data.mixing import mix_tasks
 from uniperceiver_cli.data.shards import Manifest, Sample, Skip, write_shards
-from uniperceiver_cli.data.transforms import classification_train_transform
+from uniperceiver_cli.data.transforms import (
+    build_image_transform,
+    caption_train_transform,
+    classification_train_transform,
+)
 from uniperceiver_cli.data.video import eval_clip, eval_indices, train_clip, train_indices
+from uniperceiver_cli.model.config import ModelConfig
+from uniperceiver_cli.model.preprocess import image_transform
 from uniperceiver_cli.model.tokenizer import get_tokenizer
 from uniperceiver_cli.random_state import global_rng_state, set_global_rng_state
+from uniperceiver_cli.task_types import TASKS
 
 SIZE, FRAMES = 32, 4
 NUM_IMAGES, NUM_VIDEOS, NUM_TEXTS = 24, 8, 8
@@ -103,10 +110,25 @@ def test_image_classification(images: Path, train: bool) -> None:
     batches = _batches(images, task="image_classification", train=train)
     assert sorted(_keys(batches)) == [f"s{i:03d}" for i in range(NUM_IMAGES)]
     for batch in batches:
-        assert batch["images"].dtype == torch.float32
+        assert batch["images"].dtype == (torch.float32 if train else torch.uint8)  # random erasing: normalised
         assert batch["images"].shape == (len(batch["keys"]), 3, SIZE, SIZE)
         assert batch["labels"].dtype == torch.long
         assert batch["labels"].tolist() == [_index(key) % 3 for key in batch["keys"]]
+
+
+@pytest.mark.parametrize(("task", "train"), [("image_classification", False), ("image_caption", False),
+                                           ("image_caption", True), ("image_retrieval", True)])
+def test_uint8_images_are_normalised_on_the_device_to_the_host_values(task: str, train: bool) -> None:
+    image = Image.open(io.BytesIO(_image_bytes(3, "PNG"))).convert("RGB")
+    family = TASKS[task].family
+    host = caption_train_transform(SIZE) if train else image_transform(ModelConfig(image_size=SIZE), family)
+    travelling = build_image_transform(task, SIZE, train=train)
+    torch.manual_seed(5)
+    expected = host(image)  # ToTensor and Normalize here
+    torch.manual_seed(5)
+    pixels = travelling(image)  # the same random crop and flip
+    assert pixels.dtype == torch.uint8 and expected.dtype == torch.float32
+    assert torch.equal(visual_input({"images": pixels[None]}, torch.device("cpu")), expected[None])
 
 
 def test_label_set(images: Path) -> None:

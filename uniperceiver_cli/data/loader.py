@@ -69,6 +69,7 @@ from webdataset.tariterators import base_plus_ext
 from uniperceiver_cli.data.shards import IMAGE_EXTS, VIDEO_EXTS, Manifest, Skip, is_remote, shard_path
 from uniperceiver_cli.data.transforms import build_image_transform
 from uniperceiver_cli.data.video import STRIDE, eval_clip, train_clip
+from uniperceiver_cli.model.config import IMAGENET_MEAN, IMAGENET_STD
 from uniperceiver_cli.model.preprocess import VIDEO_NUM_CROPS
 from uniperceiver_cli.model.tokenizer import get_tokenizer
 from uniperceiver_cli.random_state import global_rng_state, python_state, set_global_rng_state
@@ -98,8 +99,15 @@ class Batch(TypedDict, total=False):
 
 
 def visual_input(batch: Batch, device: torch.device) -> torch.Tensor:
-    """A batch's images or videos on ``device`` (a hand-made batch has no task type)."""
-    return (batch["videos"] if "videos" in batch else batch["images"]).to(device, non_blocking=True)
+    """A batch's images or videos on ``device``, normalised (a hand-made batch has no task type). Images that
+    travel as uint8 are normalised here with ImageNet's mean and std, by the same float32 operations as
+    torchvision's ToTensor and Normalize, so to the same values."""
+    pixels = (batch["videos"] if "videos" in batch else batch["images"]).to(device, non_blocking=True)
+    if pixels.dtype != torch.uint8:
+        return pixels
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1)
+    return pixels.to(torch.float32).div(255).sub_(mean).div_(std)
 
 
 @dataclass(frozen=True)
@@ -243,7 +251,7 @@ class Collate:
     def __call__(self, samples: list[dict[str, Any]]) -> Batch:
         batch: Batch = {"keys": [s["key"] for s in samples]}
         if self.task.modality == "image":
-            batch["images"] = torch.stack([s["input"] for s in samples])  # (B, 3, S, S)
+            batch["images"] = torch.stack([s["input"] for s in samples])  # (B, 3, S, S), uint8 or normalised
         elif self.task.modality == "video":
             if self.train:
                 batch["videos"] = torch.stack([s["input"] for s in samples])  # (B, T, 3, S, S)

@@ -8,7 +8,8 @@
   colour jitter or random erasing; the crop keeps the whole short side, so a caption's objects stay in view.
 - Evaluation: :func:`uniperceiver_cli.model.preprocess.image_transform` (the parity-tested eval transform).
 
-Every transform maps a PIL RGB image to a float tensor ``(3, S, S)``.
+Every transform maps a PIL RGB image to a tensor ``(3, S, S)``: uint8 pixels normalised on the device, except in
+classification training (float, normalised: random erasing draws its noise in the normalised space).
 """
 
 from __future__ import annotations
@@ -78,11 +79,25 @@ def caption_train_transform(size: int) -> ImageTransform:
 
 
 def build_image_transform(task: str, size: int, *, train: bool) -> ImageTransform:
-    """The training (random) or evaluation (deterministic) transform of an image task type: a PIL RGB image ->
-    a normalised float tensor ``(3, S, S)``, ``S`` = ``size`` (for evaluation a multiple of the patch size, 16)."""
+    """The training (random) or evaluation (deterministic) transform of an image task type for the loader: a PIL
+    RGB image -> ``(3, S, S)``, ``S`` = ``size`` (for evaluation a multiple of the patch size, 16). The pixels
+    travel as uint8, normalised on the device (:func:`~uniperceiver_cli.data.loader.visual_input`), except in
+    classification training, whose random erasing fills boxes with noise in the normalised space (a float
+    tensor, normalised here)."""
     if task not in task_names("image"):
         raise ValueError(f"task {task!r} has no image input; choose one of: {', '.join(task_names('image'))}")
     kind = TASKS[task].family
     if not train:
-        return image_transform(ModelConfig(image_size=size), kind)
-    return classification_train_transform(size) if kind == "classification" else caption_train_transform(size)
+        return _as_uint8(image_transform(ModelConfig(image_size=size), kind))
+    if kind == "classification":
+        return classification_train_transform(size)
+    return _as_uint8(caption_train_transform(size))
+
+
+def _as_uint8(transform: transforms.Compose) -> transforms.Compose:
+    """``transform`` with its closing ToTensor and Normalize left to the device: uint8 pixels, 4x fewer bytes to
+    move, normalised there to the same float32 values."""
+    *steps, to_tensor, normalize = transform.transforms
+    if not (isinstance(to_tensor, transforms.ToTensor) and isinstance(normalize, transforms.Normalize)):
+        raise TypeError("the transform does not end with ToTensor and Normalize")
+    return transforms.Compose([*steps, transforms.PILToTensor()])
