@@ -33,73 +33,15 @@ import platform
 import subprocess
 import sys
 import time
-import weakref
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from uniperceiver_cli.model.config import get_config
 from uniperceiver_cli.model.uniperceiver import UniPerceiver
+from uniperceiver_cli.train.plan import SavedTracker, storage_key
 
 MB = 2**20
-
-
-class _Saved:
-    """One packed tensor, held by the graph; weakly referenced by the tracker, so what the graph drops is not
-    counted."""
-
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self.tensor = tensor
-
-
-@dataclass
-class SavedTracker:
-    """Notes every tensor the forward pass saves for the backward, with the phase it was saved in."""
-
-    parameters: set[int]  # storage addresses of the parameters: not activations
-    phase: str = ""
-    block: str | None = None  # the plain model's block running now: its own phase, to find the largest
-    saved: list[tuple[weakref.ref, str]] = field(default_factory=list)
-
-    def pack(self, tensor: torch.Tensor) -> _Saved:
-        holder = _Saved(tensor)
-        self.saved.append((weakref.ref(holder), self.block or self.phase))
-        return holder
-
-    @staticmethod
-    def unpack(holder: _Saved) -> torch.Tensor:
-        return holder.tensor
-
-    @contextlib.contextmanager
-    def during(self, phase: str) -> Iterator[None]:
-        before, self.phase = self.phase, phase
-        try:
-            yield
-        finally:
-            self.phase = before
-
-    def watch_blocks(self, model: UniPerceiver) -> None:
-        """Give each block call its own phase, "<phase>/block <i>"."""
-        for i, block in enumerate(model.blocks):
-            block.register_forward_pre_hook(lambda *_, i=i: setattr(self, "block", f"{self.phase}/block {i}"))
-            block.register_forward_hook(lambda *_: setattr(self, "block", None))
-
-    def bytes_by_phase(self) -> dict[str, int]:
-        """The unique storages the graph still holds, parameters left out, each counted in the phase that first
-        saved it."""
-        seen, total = set(self.parameters), {}
-        for ref, phase in self.saved:
-            holder = ref()
-            if holder is None:
-                continue
-            storage = holder.tensor.untyped_storage()
-            if storage.data_ptr() in seen:
-                continue
-            seen.add(storage.data_ptr())
-            total[phase] = total.get(phase, 0) + storage.nbytes()
-        return total
 
 
 def _build(args: argparse.Namespace, checkpointing: bool) -> tuple[UniPerceiver, dict[str, torch.Tensor]]:
@@ -122,23 +64,15 @@ def _loss(model: UniPerceiver, data: dict[str, torch.Tensor], tracker: SavedTrac
 
 
 def saved_activations(args: argparse.Namespace, checkpointing: bool) -> dict[str, int]:
-    """Bytes saved for the backward at the end of the forward pass, by encoder call; for the plain model also its
-    largest block call ("block")."""
+    """Bytes saved for the backward at the end of the forward pass, by encoder call ("step": the loss), and the
+    largest block call ("block"; of the plain model, what one recomputed block holds)."""
     model, data = _build(args, checkpointing)
-    tracker = SavedTracker({p.untyped_storage().data_ptr() for p in model.parameters()})
-    if not checkpointing:
-        tracker.watch_blocks(model)
-    with torch.autograd.graph.saved_tensors_hooks(tracker.pack, tracker.unpack):
+    tracker = SavedTracker({storage_key(p) for p in model.parameters()})
+    with tracker.watching(model):
         loss = _loss(model, data, tracker)
-    phases, total = tracker.bytes_by_phase(), {}
+    phases, block, _ = tracker.totals()
     del loss
-    for phase, n in phases.items():  # the block phases fold back into their encoder call
-        call = phase.split("/")[0]
-        total[call] = total.get(call, 0) + n
-    blocks = [n for phase, n in phases.items() if "/block " in phase]
-    if blocks:
-        total["block"] = max(blocks)
-    return total
+    return {**phases, "block": block}
 
 
 def _status_bytes(key: str) -> int:

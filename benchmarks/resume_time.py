@@ -3,8 +3,9 @@
 batch drawn and decoded again), which is timed on ``--replay`` batches and scaled.
 
 The checkpoint is a real one (2 steps), with its loop state moved on: the step and the micro-batches consumed
-set to ``--consumed``, and each task's loader position to the batches the task draws would have given it (no
-skipped samples). Needs the ToyWorld data (``uniperceiver prepare-data toyworld --out data/toyworld``).
+set to ``--consumed``, and each task's loader position (epoch, samples into it) to the batches the task draws
+would have given it (no skipped samples). Needs the ToyWorld data
+(``uniperceiver prepare-data toyworld --out data/toyworld``).
 
     python benchmarks/resume_time.py --consumed 100000
 """
@@ -23,8 +24,10 @@ import torch
 
 from uniperceiver_cli.checkpoints.runs import RNG_DIR, STATE_FILE, rng_file, step_folders
 from uniperceiver_cli.data.mixing import mix_tasks
+from uniperceiver_cli.data.shards import Manifest
 from uniperceiver_cli.train import loop
 from uniperceiver_cli.train.catalogue import load_checked
+from uniperceiver_cli.train.engines.single import load_state_file
 from uniperceiver_cli.train.tasks import TrainTask
 
 
@@ -35,18 +38,20 @@ class FirstStep(Exception):
 def forge(run: Path, consumed: int, recipe) -> None:  # noqa: ANN001
     """Move the run's last checkpoint on to ``consumed`` micro-batches."""
     folder = step_folders(run)[-1]
-    state = torch.load(folder / STATE_FILE, weights_only=False)
+    state = load_state_file(folder / STATE_FILE)
     state.update(step=consumed, consumed=consumed)
     torch.save(state, folder / STATE_FILE)
-    process = torch.load(folder / RNG_DIR / rng_file(0), weights_only=False)
+    process = load_state_file(folder / RNG_DIR / rng_file(0))
     draws = mix_tasks({t.name: itertools.repeat(None) for t in recipe.tasks},
                       {t.name: t.sampling_weight for t in recipe.tasks}, seed=recipe.train.seed)
     counts = Counter(name for name, _ in itertools.islice(draws, consumed))
     for task in recipe.tasks:
         data = process["data"][task.name]
         known = next(iter(data["positions"].values()), {"rng": random.Random(task.name).getstate()})
-        data.update(batches=counts[task.name], positions={0: {**known, "worker": 0,
-                                                               "handed": counts[task.name] * task.batch_size}})
+        per_epoch = Manifest.load(Path(recipe.data_root) / task.data).num_samples  # one process, no worker
+        epoch, in_epoch = divmod(counts[task.name] * task.batch_size, per_epoch)
+        data.update(batches=counts[task.name], positions={0: {**known, "worker": 0, "epoch": epoch,
+                                                               "in_epoch": in_epoch}})
     torch.save(process, folder / RNG_DIR / rng_file(0))
 
 

@@ -183,7 +183,7 @@ def test_deepspeed_checkpoint_bf16_exports_fp32(deepspeed_run: Path, tmp_path: P
     _assert_same(exported, _tensors(deepspeed_run / "final"))  # the run's own final weights
     older = tmp_path / "older" / "step-0000004"  # as DeepSpeed's bf16 mode wrote it: bf16 module weights
     shutil.copytree(folder, older)
-    written = torch.load(states, weights_only=False)
+    written = safe_load(states)
     written["module"] = {k: v.bfloat16() if v.is_floating_point() else v for k, v in written["module"].items()}
     torch.save(written, older / "deepspeed" / "state" / "mp_rank_00_model_states.pt")
     _ok(older, "--out", tmp_path / "older-bundle")

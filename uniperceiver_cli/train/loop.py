@@ -208,7 +208,8 @@ def _setup(recipe: Recipe, run_dir: Path, resume: str | None, ctx: Context) -> _
                                  rank=ctx.rank, world_size=ctx.world_size, pin_memory=ctx.device.type == "cuda")
                for name, t in tasks.items()}
     generator = torch.Generator().manual_seed(seed + 1)
-    data = _restore(checkpoint, client, ctx, loaders, generator, spec.accumulation)
+    state = _restore(checkpoint, client, ctx, loaders, generator, spec.accumulation)
+    data = state.get("data")
     stream = mix_tasks(loaders, {n: t.spec.sampling_weight for n, t in tasks.items()}, seed=spec.seed,
                        skip=client["consumed"] if data is not None else 0)
     run = _Run(recipe, run_dir, ctx, engine, tasks, loaders, stream, generator, client["step"], client["consumed"])
@@ -217,7 +218,7 @@ def _setup(recipe: Recipe, run_dir: Path, resume: str | None, ctx: Context) -> _
     if checkpoint is not None and data is None:  # an older version's: draw and decode its batches again
         for _ in range(client["consumed"]):
             _draw(run)
-        restore_rng(process_state(checkpoint, client, ctx), ctx, generator)
+        restore_rng(state, ctx, generator)  # as it was after them
     if ctx.main:
         config = run_dir / CONFIG_FILE
         config.with_suffix(".yaml.tmp").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
@@ -227,19 +228,19 @@ def _setup(recipe: Recipe, run_dir: Path, resume: str | None, ctx: Context) -> _
 
 
 def _restore(checkpoint: Path | None, client: dict[str, Any], ctx: Context, loaders: dict[str, Any],
-             generator: torch.Generator, accumulation: int) -> dict[str, Any] | None:
-    """Give this process what ``checkpoint`` kept of it: its random state, and its loaders' data positions (returned;
-    None where the checkpoint kept none). Every process agrees first: a part one of them cannot take stops all."""
+             generator: torch.Generator, accumulation: int) -> dict[str, Any]:
+    """Give this process what ``checkpoint`` kept of it (returned; empty without one): its random state, and its
+    loaders' data positions (``data``; older checkpoints keep none). Every process agrees first: a part one of them
+    cannot take stops all."""
     if checkpoint is None:
-        return None
-    error, data = "", None
+        return {}
+    error, state = "", {}
     try:
         if client["consumed"] != client["step"] * accumulation:
             raise ValueError(f"it consumed {client['consumed']} batches in {client['step']} steps: resume with the "
                              "train.accumulation it was written with")
         state = process_state(checkpoint, client, ctx)
-        data = state.get("data")
-        for name, position in (data or {}).items():
+        for name, position in (state.get("data") or {}).items():
             if name not in loaders:
                 raise ValueError(f"it holds the data position of a task {shown(name)} this recipe lacks")
             loaders[name].restore(position)
@@ -248,7 +249,7 @@ def _restore(checkpoint: Path | None, client: dict[str, Any], ctx: Context, load
         error = str(e) if str(e).startswith("cannot resume") else f"cannot resume from {checkpoint}: {e}"
     if on_any_process(bool(error), ctx):
         raise CheckpointError(error or f"cannot resume from {checkpoint}: another process could not take its part")
-    return data
+    return state
 
 
 def _positions(run: _Run) -> dict[str, Any]:

@@ -238,7 +238,7 @@ class SavedTracker:
             holder = ref()
             if holder is None:
                 continue
-            key = _storage_key(holder.tensor)
+            key = storage_key(holder.tensor)
             if key in seen:
                 continue
             seen.add(key)
@@ -250,7 +250,7 @@ class SavedTracker:
         return phases, max(blocks.values(), default=0), largest
 
 
-def _storage_key(tensor: torch.Tensor) -> int:
+def storage_key(tensor: torch.Tensor) -> int:
     """The identity of a tensor's storage (fake and meta storages all have data pointer 0)."""
     return tensor.untyped_storage()._cdata
 
@@ -414,7 +414,7 @@ def _trace(model: UniPerceiver, recipe: Recipe, spec: TaskSpec, targets: TargetS
     """Trace one task's forward on fake tensors: bytes by phase, largest block, largest tensor."""
     config = model.config
     shape = StepShape(spec.batch_size, config.image_size, spec.num_frames, spec.max_text_len)
-    tracker = SavedTracker({_storage_key(p) for p in model.parameters()} | {_storage_key(b) for b in model.buffers()})
+    tracker = SavedTracker({storage_key(p) for p in model.parameters()} | {storage_key(b) for b in model.buffers()})
     batch = _batch(spec, shape, config.vocab_size)
     with tracker.watching(model), _autocast(recipe.train.precision), model.routing_task(spec.name), \
             model.router_log() as routed:
@@ -503,7 +503,7 @@ def measure_step(recipe: Recipe, index: int, seed: int = 0) -> dict[str, int]:
         task.vocab_ids = torch.randperm(model.config.vocab_size)[:targets.vocab_rows].sort().values
     shape = StepShape(spec.batch_size, model.config.image_size, spec.num_frames, spec.max_text_len)
     batch = _batch(spec, shape, model.config.vocab_size)
-    tracker = SavedTracker({_storage_key(p) for p in model.parameters()} | {_storage_key(b) for b in model.buffers()})
+    tracker = SavedTracker({storage_key(p) for p in model.parameters()} | {storage_key(b) for b in model.buffers()})
     with tracker.watching(model), _autocast(recipe.train.precision):
         loss, _ = task.loss(model, batch, torch.Generator().manual_seed(seed))
     phases, _, largest = tracker.totals()
