@@ -25,10 +25,11 @@ from uniperceiver_cli.data.transforms import (
     build_image_transform,
     caption_train_transform,
     classification_train_transform,
+    erasing_box,
 )
 from uniperceiver_cli.data.video import eval_clip, eval_indices, train_clip, train_indices
 from uniperceiver_cli.model.config import ModelConfig
-from uniperceiver_cli.model.preprocess import image_transform
+from uniperceiver_cli.model.preprocess import image_transform, video_views, video_views_uint8
 from uniperceiver_cli.model.tokenizer import get_tokenizer
 from uniperceiver_cli.random_state import global_rng_state, set_global_rng_state
 from uniperceiver_cli.task_types import TASKS
@@ -110,8 +111,11 @@ def test_image_classification(images: Path, train: bool) -> None:
     batches = _batches(images, task="image_classification", train=train)
     assert sorted(_keys(batches)) == [f"s{i:03d}" for i in range(NUM_IMAGES)]
     for batch in batches:
-        assert batch["images"].dtype == (torch.float32 if train else torch.uint8)  # random erasing: normalised
+        assert batch["images"].dtype == torch.uint8
         assert batch["images"].shape == (len(batch["keys"]), 3, SIZE, SIZE)
+        assert ("erase" in batch) == train  # each image's random-erasing box, filled on the device
+        if train:
+            assert batch["erase"].dtype == torch.long and batch["erase"].shape == (len(batch["keys"]), 4)
         assert batch["labels"].dtype == torch.long
         assert batch["labels"].tolist() == [_index(key) % 3 for key in batch["keys"]]
 
@@ -129,6 +133,47 @@ def test_uint8_images_are_normalised_on_the_device_to_the_host_values(task: str,
     pixels = travelling(image)  # the same random crop and flip
     assert pixels.dtype == torch.uint8 and expected.dtype == torch.float32
     assert torch.equal(visual_input({"images": pixels[None]}, torch.device("cpu")), expected[None])
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def test_classification_training_erases_the_box_timm_would_with_noise_drawn_on_the_device() -> None:
+    image = Image.open(io.BytesIO(_image_bytes(3, "PNG"))).convert("RGB")
+    timm_transform, travelling = classification_train_transform(SIZE), build_image_transform(
+        "image_classification", SIZE, train=True)
+    erased = 0
+    for seed in range(40):
+        _seed_everything(seed)
+        expected = timm_transform(image)  # crop, flip, RandAugment, normalise and erase in one process
+        _seed_everything(seed)
+        pixels = travelling(image)
+        box = erasing_box(SIZE)  # drawn next from Python's random, as timm's RandomErasing drew it
+        plain = visual_input({"images": pixels[None]}, torch.device("cpu"))[0]
+        filled = visual_input({"images": pixels[None], "erase": torch.tensor([box])}, torch.device("cpu"))[0]
+        top, left, height, width = box
+        inside = torch.zeros(SIZE, SIZE, dtype=torch.bool)
+        inside[top : top + height, left : left + width] = True
+        assert torch.equal((expected != plain).any(0), inside)  # timm erased exactly this box
+        assert torch.equal(filled[:, ~inside], expected[:, ~inside])  # the rest is the same image
+        assert not (filled[:, inside] == plain[:, inside]).any()  # and the box is noise
+        erased += height > 0
+    assert 3 <= erased <= 20  # probability 0.25
+
+
+def test_erasing_fills_each_box_and_nothing_else() -> None:
+    pixels = torch.zeros(3, 3, 6, 5)
+    boxes = torch.tensor([[1, 2, 2, 3], [0, 0, 0, 0], [5, 0, 1, 5]])
+    torch.manual_seed(0)
+    out = visual_input({"images": pixels.to(torch.uint8), "erase": boxes}, torch.device("cpu"))
+    changed = (out != visual_input({"images": pixels.to(torch.uint8)}, torch.device("cpu"))).any(1)
+    expected = torch.zeros(3, 6, 5, dtype=torch.bool)
+    expected[0, 1:3, 2:5] = True
+    expected[2, 5, :] = True
+    assert torch.equal(changed, expected)
 
 
 def test_label_set(images: Path) -> None:
@@ -162,7 +207,7 @@ def test_video_train(videos: Path, task: str) -> None:
     batches = _batches(videos, task=task, train=True, batch_size=3)
     assert len(_keys(batches)) == NUM_VIDEOS
     for batch in batches:
-        assert batch["videos"].dtype == torch.float32
+        assert batch["videos"].dtype == torch.uint8
         assert batch["videos"].shape == (len(batch["keys"]), FRAMES, 3, SIZE, SIZE)
         assert ("labels" in batch) == (task == "video_classification")
         assert ("text_ids" in batch) == (task != "video_classification")
@@ -177,6 +222,19 @@ def test_video_eval_views(videos: Path) -> None:
         assert batch["labels"].tolist() == [_index(key) % 3 for key in batch["keys"]]
     again = _batches(videos, task="video_classification", train=False, batch_size=3, num_views=3, num_clips=2)
     assert torch.equal(batches[0]["videos"], again[0]["videos"])  # evaluation is deterministic
+
+
+@pytest.mark.parametrize(("height", "width"), [(SIZE, SIZE + 16), (40, 56)])
+def test_uint8_video_views_are_the_float_views_rounded_to_a_level(height: int, width: int) -> None:
+    frames = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (2, FRAMES, height, width, 3), np.uint8))
+    expected = video_views(frames, SIZE)  # the reference's float views, normalised with mean and std 0.5
+    travelling = video_views_uint8(frames, SIZE)
+    assert travelling.dtype == torch.uint8
+    got = visual_input({"videos": travelling}, torch.device("cpu"))
+    if height == SIZE:  # no resize: the frames' own pixels, so the same values
+        assert torch.equal(got, expected)
+    else:  # resized pixels rounded to the nearest of 256 levels: at most half a level, 1 / 255 after the std 0.5
+        assert 0 < (got - expected).abs().max() <= 1 / 255 + 1e-6
 
 
 def test_text_mlm(texts: Path) -> None:

@@ -24,7 +24,7 @@ of shard URLs and yields collated batch dicts. What runs where:
 Randomness: the shard order, the sample shuffle and the caption choice and video clip sampling come from
 three generators seeded with ``(seed, epoch, rank, worker)``; the image augmentations (timm, torchvision) use
 each worker's global RNGs, which the DataLoader seeds from ``seed`` too. With ``num_workers=0`` they use the
-calling process's global RNGs.
+calling process's global RNGs. Random erasing's noise is drawn on the device by :func:`visual_input`.
 
 - **Resuming**: each batch carries its position in its worker's stream (:data:`POSITION`);
   :meth:`ShardLoader.state` keeps the last one handed out per worker, and a loader given it back
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import bz2
 import contextlib
+import functools
 import io
 import json
 import lzma
@@ -67,9 +68,9 @@ from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
 from uniperceiver_cli.data.shards import IMAGE_EXTS, VIDEO_EXTS, Manifest, Skip, is_remote, shard_path
-from uniperceiver_cli.data.transforms import build_image_transform
+from uniperceiver_cli.data.transforms import build_image_transform, erasing_box
 from uniperceiver_cli.data.video import STRIDE, eval_clip, train_clip
-from uniperceiver_cli.model.config import IMAGENET_MEAN, IMAGENET_STD
+from uniperceiver_cli.model.config import IMAGENET_MEAN, IMAGENET_STD, VIDEO_MEAN, VIDEO_STD
 from uniperceiver_cli.model.preprocess import VIDEO_NUM_CROPS
 from uniperceiver_cli.model.tokenizer import get_tokenizer
 from uniperceiver_cli.random_state import global_rng_state, python_state, set_global_rng_state
@@ -89,8 +90,9 @@ class Batch(TypedDict, total=False):
     """A collated batch: ``keys`` and, by task type, the fields below (B samples)."""
 
     keys: list[str]
-    images: torch.Tensor  # image tasks: (B, 3, S, S) float
-    videos: torch.Tensor  # video tasks: (B, T, 3, S, S) in training, (B * num_views, T, 3, S, S) in evaluation
+    images: torch.Tensor  # image tasks: (B, 3, S, S) uint8, normalised by visual_input
+    erase: torch.Tensor  # classification training: (B, 4) long, each image's erasing box (top, left, height, width)
+    videos: torch.Tensor  # video tasks, uint8: (B, T, 3, S, S) in training, (B * num_views, T, 3, S, S) in evaluation
     num_views: int  # evaluation videos: V = clips x crops, row sample * V + clip * crops + crop
     labels: torch.Tensor  # classification: (B,) long
     text_ids: torch.Tensor  # (B, L) long: one caption per sample (caption, retrieval) or the passage (mlm)
@@ -99,15 +101,38 @@ class Batch(TypedDict, total=False):
 
 
 def visual_input(batch: Batch, device: torch.device) -> torch.Tensor:
-    """A batch's images or videos on ``device``, normalised (a hand-made batch has no task type). Images that
-    travel as uint8 are normalised here with ImageNet's mean and std, by the same float32 operations as
-    torchvision's ToTensor and Normalize, so to the same values."""
-    pixels = (batch["videos"] if "videos" in batch else batch["images"]).to(device, non_blocking=True)
+    """A batch's images or videos on ``device``, normalised. Pixels that travel as uint8 are normalised here by
+    the same float32 operations as torchvision's ToTensor and Normalize (ImageNet's mean and std for images, 0.5
+    for videos), so to the same values; a batch's erasing boxes (classification training) are then filled with
+    standard normal noise drawn here, as timm's ``RandomErasing`` fills them in the normalised space. A hand-made
+    float batch is taken as normalised."""
+    video = "videos" in batch
+    pixels = (batch["videos"] if video else batch["images"]).to(device, non_blocking=True)
     if pixels.dtype != torch.uint8:
         return pixels
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(3, 1, 1)
-    return pixels.to(torch.float32).div(255).sub_(mean).div_(std)
+    mean, std = _normalisation(device, video)
+    pixels = pixels.to(torch.float32).div_(255).sub_(mean).div_(std)
+    if "erase" in batch:
+        pixels = _erase(pixels, batch["erase"].to(device, non_blocking=True))
+    return pixels
+
+
+@functools.cache
+def _normalisation(device: torch.device, video: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and std ``(3, 1, 1)`` on ``device``, made once (a tensor built from Python numbers is a copy to the
+    device that the host waits for)."""
+    mean, std = (VIDEO_MEAN, VIDEO_STD) if video else (IMAGENET_MEAN, IMAGENET_STD)
+    return torch.tensor(mean, device=device).view(3, 1, 1), torch.tensor(std, device=device).view(3, 1, 1)
+
+
+def _erase(pixels: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """``pixels`` ``(B, 3, S, S)`` with box ``(top, left, height, width)`` of each row of ``boxes`` ``(B, 4)`` filled
+    with standard normal noise; a batch-wide mask, so no loop or host sync."""
+    top, left, height, width = boxes.view(-1, 4, 1, 1).unbind(1)
+    rows = torch.arange(pixels.shape[-2], device=pixels.device).view(1, -1, 1)
+    cols = torch.arange(pixels.shape[-1], device=pixels.device).view(1, 1, -1)
+    inside = (rows >= top) & (rows < top + height) & (cols >= left) & (cols < left + width)  # (B, S, S)
+    return torch.where(inside.unsqueeze(1), torch.randn_like(pixels), pixels)
 
 
 @dataclass(frozen=True)
@@ -213,6 +238,7 @@ class SampleDecoder:
             build_image_transform(self.task.name, self.image_size, train=self.train and self.augment)
             if self.task.modality == "image" else None
         )
+        self.erasing = self.task.family == "classification" and self.train and self.augment
 
     def __call__(self, raw: dict[str, Any], rng: random.Random) -> dict[str, Any]:
         sample: dict[str, Any] = {"key": raw["__key__"]}
@@ -230,6 +256,8 @@ class SampleDecoder:
             sample["label"] = _label(raw, self.label_set)
         if self.image_transform is not None:
             sample["input"] = self.image_transform(_image(raw))
+            if self.erasing:
+                sample["erase"] = erasing_box(self.image_size)
         elif self.train and self.augment:
             sample["input"] = train_clip(_media(raw, VIDEO_EXTS, "video"), self.image_size, self.num_frames, rng,
                                          self.stride)
@@ -251,7 +279,9 @@ class Collate:
     def __call__(self, samples: list[dict[str, Any]]) -> Batch:
         batch: Batch = {"keys": [s["key"] for s in samples]}
         if self.task.modality == "image":
-            batch["images"] = torch.stack([s["input"] for s in samples])  # (B, 3, S, S), uint8 or normalised
+            batch["images"] = torch.stack([s["input"] for s in samples])  # (B, 3, S, S) uint8
+            if "erase" in samples[0]:
+                batch["erase"] = torch.tensor([s["erase"] for s in samples], dtype=torch.long)  # (B, 4)
         elif self.task.modality == "video":
             if self.train:
                 batch["videos"] = torch.stack([s["input"] for s in samples])  # (B, T, 3, S, S)

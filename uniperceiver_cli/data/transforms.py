@@ -8,12 +8,16 @@
   colour jitter or random erasing; the crop keeps the whole short side, so a caption's objects stay in view.
 - Evaluation: :func:`uniperceiver_cli.model.preprocess.image_transform` (the parity-tested eval transform).
 
-Every transform maps a PIL RGB image to a tensor ``(3, S, S)``: uint8 pixels normalised on the device, except in
-classification training (float, normalised: random erasing draws its noise in the normalised space).
+The loader's transforms (:func:`build_image_transform`) map a PIL RGB image to uint8 pixels ``(3, S, S)``,
+normalised on the device. Classification training's random erasing fills its box with noise in the normalised
+space, so it is split: the box is drawn here (:func:`erasing_box`, the draws of timm's ``RandomErasing``), the
+noise on the device (:func:`~uniperceiver_cli.data.loader.visual_input`).
 """
 
 from __future__ import annotations
 
+import math
+import random
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +33,10 @@ from uniperceiver_cli.task_types import TASKS, task_names
 
 ImageTransform = Callable[[Image.Image], torch.Tensor]
 RAND_AUGMENT = "rand-m9-mstd0.5-inc1"
+ERASE_PROBABILITY = 0.25
+ERASE_AREA = (0.02, 1 / 3)  # timm RandomErasing's defaults: share of the image, aspect ratio 0.3 to 1 / 0.3
+ERASE_LOG_ASPECT = (math.log(0.3), math.log(1 / 0.3))
+ERASE_ATTEMPTS = 10
 
 
 class _AtLeastOneBit:
@@ -62,7 +70,7 @@ def _clamp_posterize(transform: transforms.Compose) -> transforms.Compose:
 def classification_train_transform(size: int) -> ImageTransform:
     """The reference's ImageNet training transform, safe under Pillow 13 (see :class:`_AtLeastOneBit`)."""
     transform = create_transform(size, is_training=True, auto_augment=RAND_AUGMENT, color_jitter=0.4,
-                                 interpolation="bicubic", re_prob=0.25, re_mode="pixel", re_count=1,
+                                 interpolation="bicubic", re_prob=ERASE_PROBABILITY, re_mode="pixel", re_count=1,
                                  mean=IMAGENET_MEAN, std=IMAGENET_STD)
     return _clamp_posterize(transform)
 
@@ -80,18 +88,32 @@ def caption_train_transform(size: int) -> ImageTransform:
 
 def build_image_transform(task: str, size: int, *, train: bool) -> ImageTransform:
     """The training (random) or evaluation (deterministic) transform of an image task type for the loader: a PIL
-    RGB image -> ``(3, S, S)``, ``S`` = ``size`` (for evaluation a multiple of the patch size, 16). The pixels
-    travel as uint8, normalised on the device (:func:`~uniperceiver_cli.data.loader.visual_input`), except in
-    classification training, whose random erasing fills boxes with noise in the normalised space (a float
-    tensor, normalised here)."""
+    RGB image -> uint8 ``(3, S, S)``, ``S`` = ``size`` (for evaluation a multiple of the patch size, 16), normalised
+    on the device (:func:`~uniperceiver_cli.data.loader.visual_input`). Classification training's random erasing
+    is left out: its box comes from :func:`erasing_box`."""
     if task not in task_names("image"):
         raise ValueError(f"task {task!r} has no image input; choose one of: {', '.join(task_names('image'))}")
     kind = TASKS[task].family
     if not train:
         return _as_uint8(image_transform(ModelConfig(image_size=size), kind))
     if kind == "classification":
-        return classification_train_transform(size)
+        return _as_uint8(transforms.Compose(classification_train_transform(size).transforms[:-1]))  # no erasing
     return _as_uint8(caption_train_transform(size))
+
+
+def erasing_box(size: int) -> tuple[int, int, int, int]:
+    """The box (top, left, height, width) timm's ``RandomErasing`` (probability 0.25, pixel mode, one box) would
+    erase in an ``S`` x ``S`` image, drawn from Python's global ``random`` with timm's draws in timm's order, so
+    the same box it draws after the same transform; (0, 0, 0, 0) for none."""
+    if random.random() > ERASE_PROBABILITY:
+        return 0, 0, 0, 0
+    for _ in range(ERASE_ATTEMPTS):
+        area = random.uniform(*ERASE_AREA) * size * size
+        aspect = math.exp(random.uniform(*ERASE_LOG_ASPECT))
+        height, width = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if width < size and height < size:
+            return random.randint(0, size - height), random.randint(0, size - width), height, width
+    return 0, 0, 0, 0
 
 
 def _as_uint8(transform: transforms.Compose) -> transforms.Compose:

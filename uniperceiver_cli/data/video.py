@@ -30,7 +30,7 @@ import decord
 import torch
 
 from uniperceiver_cli.data.shards import Skip
-from uniperceiver_cli.model.preprocess import normalize_video, short_side_resize, video_views
+from uniperceiver_cli.model.preprocess import short_side_resize, to_uint8, video_views_uint8
 
 STRIDE = 32  # source frames between sampled frames at 30 fps
 TARGET_FPS = 30
@@ -107,31 +107,33 @@ def eval_indices(total: int, stride: float, fps: float, num_frames: int, num_cli
 
 
 def train_clip(data: bytes, size: int, num_frames: int, rng: random.Random, stride: float = STRIDE) -> torch.Tensor:
-    """One training clip ``(T, 3, S, S)`` with the TimeSformer augmentation; ``Skip`` on a bad video.
+    """One training clip ``(T, 3, S, S)`` with the TimeSformer augmentation, uint8 (normalised with mean/std 0.5 on
+    the device); ``Skip`` on a bad video.
 
-    The short side is resized to a random size in ``[int(256/224*S), int(320/224*S)]`` (bilinear), then one
-    random ``S`` x ``S`` crop and one horizontal flip decision apply to every frame; pixels are normalised with
-    mean/std 0.5. ``rng`` draws the start, scale, flip and crop.
+    The short side is resized to a random size in ``[int(256/224*S), int(320/224*S)]`` (bilinear, in float32,
+    rounded back to uint8), then one random ``S`` x ``S`` crop and one horizontal flip decision apply to every
+    frame. ``rng`` draws the start, scale, flip and crop.
     """
     reader = open_video(data)
     indices = train_indices(len(reader), stride * reader.get_avg_fps() / TARGET_FPS, num_frames, rng)
     video = _frames(reader, indices).permute(0, 3, 1, 2).float().div_(255)  # (T, 3, H, W)
     short = round(rng.uniform(int(256 / 224 * size), int(320 / 224 * size)))
-    video = short_side_resize(video, short)
+    video = to_uint8(short_side_resize(video, short))
     height, width = video.shape[-2:]
     top, left = rng.randint(0, height - size), rng.randint(0, width - size)
     video = video[..., top : top + size, left : left + size]
     if rng.random() < 0.5:
         video = video.flip(-1)
-    return normalize_video(video)
+    return video
 
 
 def eval_clip(data: bytes, size: int, num_frames: int, num_crops: int = 1, num_clips: int = 1,
               stride: float = STRIDE) -> torch.Tensor:
-    """The deterministic test views ``(num_clips * num_crops, T, 3, S, S)``, row ``clip * num_crops + crop``;
-    ``num_crops`` 1 (centre) or 3 (start, centre, end of the long side). ``Skip`` on a bad video."""
+    """The deterministic test views ``(num_clips * num_crops, T, 3, S, S)``, row ``clip * num_crops + crop``, uint8
+    (:func:`~uniperceiver_cli.model.preprocess.video_views_uint8`); ``num_crops`` 1 (centre) or 3 (start, centre,
+    end of the long side). ``Skip`` on a bad video."""
     reader = open_video(data)
     clips = eval_indices(len(reader), stride, reader.get_avg_fps(), num_frames, num_clips)
     frames = _frames(reader, [i for clip in clips for i in clip])  # (clips * T, H, W, 3)
-    return video_views(frames.view(num_clips, num_frames, *frames.shape[1:]), size, num_crops)
+    return video_views_uint8(frames.view(num_clips, num_frames, *frames.shape[1:]), size, num_crops)
 

@@ -88,6 +88,23 @@ def video_views(frames: torch.Tensor, size: int, num_crops: int = 3) -> torch.Te
     Raises:
         ValueError: on a wrong dtype or shape, or an unsupported ``num_crops``.
     """
+    return torch.stack([normalize_video(view) for view in _views(frames, size, num_crops)])
+
+
+def video_views_uint8(frames: torch.Tensor, size: int, num_crops: int = 3) -> torch.Tensor:
+    """:func:`video_views` before normalisation, as uint8 (a quarter of the bytes, for a loader to send): the
+    resized pixels rounded to the nearest level, so exactly the frames' own pixels where the short side already is
+    ``size``."""
+    return torch.stack([to_uint8(view) for view in _views(frames, size, num_crops)])
+
+
+def to_uint8(video: torch.Tensor) -> torch.Tensor:
+    """0..1 pixels (a bilinear resize of uint8 / 255) as uint8, each rounded to the nearest level."""
+    return video.mul(255).round_().to(torch.uint8)
+
+
+def _views(frames: torch.Tensor, size: int, num_crops: int) -> list[torch.Tensor]:
+    """:func:`video_views`' crops ``[T, 3, S, S]`` as 0..1 floats, video by video."""
     indices = crop_indices(num_crops)
     if frames.dtype != torch.uint8:
         raise ValueError(f"video frames must be uint8, got {frames.dtype}")
@@ -99,8 +116,8 @@ def video_views(frames: torch.Tensor, size: int, num_crops: int = 3) -> torch.Te
     for video in frames:
         video = video.permute(0, 3, 1, 2).contiguous().to(torch.float32).div(255)  # ToTensor per frame
         video = short_side_resize(video, size)
-        views.extend(normalize_video(_uniform_crop(video, size, index)) for index in indices)
-    return torch.stack(views)
+        views.extend(_uniform_crop(video, size, index) for index in indices)
+    return views
 
 
 def video_transform(config: ModelConfig, num_crops: int = 3) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -431,8 +431,7 @@ def _loader_bytes(spec: TaskSpec, recipe: Recipe, image_size: int) -> int:
     """Host bytes of one task's batches in flight: each worker's prefetched batches and the one in use."""
     kind = TASKS[spec.type]
     b = spec.batch_size
-    uint8 = kind.modality == "image" and not (kind.family == "classification" and spec.augment)  # data/transforms.py
-    pixels = b * 3 * image_size**2 * (1 if uint8 else 4) * (spec.num_frames if kind.modality == "video" else 1)
+    pixels = b * 3 * image_size**2 * (spec.num_frames if kind.modality == "video" else 1)  # uint8 (data/loader.py)
     text = b * spec.max_text_len * 9 if kind.family in ("caption", "retrieval", "mlm") else 0  # int64 + bool
     batch = (pixels if kind.modality in ("image", "video") else 0) + text + b * 8
     workers = share_workers(recipe.train.num_workers, {t.name: t.sampling_weight for t in recipe.tasks})[spec.name]
