@@ -61,6 +61,7 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 from PIL import Image
+from torch.overrides import handle_torch_function, has_torch_function_unary
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torch.utils.data._utils.worker import _generate_state  # the numpy seed the DataLoader gives a worker
 from webdataset.gopen import gopen
@@ -107,14 +108,25 @@ def visual_input(batch: Batch, device: torch.device) -> torch.Tensor:
     standard normal noise drawn here, as timm's ``RandomErasing`` fills them in the normalised space. A hand-made
     float batch is taken as normalised."""
     video = "videos" in batch
-    pixels = (batch["videos"] if video else batch["images"]).to(device, non_blocking=True)
+    pixels = to_device(batch["videos"] if video else batch["images"], device)
     if pixels.dtype != torch.uint8:
         return pixels
     mean, std = _normalisation(device, video)
     pixels = pixels.to(torch.float32).div_(255).sub_(mean).div_(std)
     if "erase" in batch:
-        pixels = _erase(pixels, batch["erase"].to(device, non_blocking=True))
+        pixels = _erase(pixels, to_device(batch["erase"], device))
     return pixels
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor``, in host memory, on ``device`` without making the host wait: on a GPU through pinned memory (a
+    copy from pageable memory waits for the device's queue), with ``non_blocking``. (It is a torch function, so
+    the host-sync census, ``train/host_syncs.py``, sees it as the asynchronous copy it is.)"""
+    if has_torch_function_unary(tensor):
+        return handle_torch_function(to_device, (tensor,), tensor, device)
+    if device.type == "cuda" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 @functools.cache

@@ -32,6 +32,7 @@ class TextEmbedding(nn.Module):
         self.position = nn.Embedding(config.max_text_len, config.width)
         self.text_type = nn.Parameter(torch.zeros(config.width))
         self.spe_bias = nn.Parameter(torch.zeros(config.width)) if config.prompt.spe_bias else None
+        self.register_buffer("spe_id", torch.tensor([SPE_ID]), persistent=False)  # on the device with the weights
 
     def _words(self, ids: torch.Tensor) -> torch.Tensor:
         emb = self.word(ids)
@@ -49,8 +50,7 @@ class TextEmbedding(nn.Module):
 
     def spe(self) -> torch.Tensor:
         """The global <|spe|> prefix before the norm: its word embedding only, no position or type. (D,)"""
-        ids = torch.tensor([SPE_ID], device=self.word.weight.device)
-        return self._words(ids)[0]
+        return self._words(self.spe_id)[0]
 
 
 class VisualEmbedding(nn.Module):

@@ -196,6 +196,13 @@ def merge_experts(weight: torch.Tensor, bias: torch.Tensor, ids: torch.Tensor, g
 
 
 # ---------------------------------------------------------------------------------------- token dispatch
+def one_hot(ids: torch.Tensor, classes: int) -> torch.Tensor:
+    """``F.one_hot(ids, classes)`` without its range check, which reads ``ids``' minimum and maximum back to the
+    host (on the CPU; CUDA leaves it to a device assert): expert ids are in range by construction. (..., classes)
+    long."""
+    return (ids.unsqueeze(-1) == torch.arange(classes, device=ids.device)).long()
+
+
 def expert_capacity(tokens: int, config: MoEConfig) -> int:
     """Choices each expert takes per call: ceil(capacity_factor * k * T / E), at most T; T when dropless (its
     upper bound: :func:`dropless_load` gives the depth a call needs)."""
@@ -212,7 +219,7 @@ def plan_dispatch(ids: torch.Tensor, gates: torch.Tensor, valid: torch.Tensor | 
     ids, gates (T, k); valid (T,) bool, False at padding (None: all tokens are real).
     """
     k, t = ids.shape[1], ids.shape[0]
-    choice = F.one_hot(ids.t(), num_experts)  # (k, T, E)
+    choice = one_hot(ids.t(), num_experts)  # (k, T, E)
     if valid is not None:
         choice = choice * valid[None, :, None]
     position = ((choice.flatten(0, 1).cumsum(0).view(k, t, num_experts) - 1) * choice).sum(-1)  # (k, T)
@@ -254,7 +261,7 @@ def dropless_load(ids: torch.Tensor, valid: torch.Tensor | None, num_experts: in
     """The most choices any expert got in a call (at least 1), as a device scalar: the depth of a dropless
     (E, C) buffer, so no choice is dropped and none is deeper than needed (C = T would run every expert on every
     token). ids (T, k)."""
-    choices = F.one_hot(ids, num_experts)  # (T, k, E)
+    choices = one_hot(ids, num_experts)  # (T, k, E)
     if valid is not None:
         choices = choices * valid[:, None, None]
     return choices.sum((0, 1)).max().clamp(min=1)
@@ -302,7 +309,7 @@ def router_losses(logits: torch.Tensor, first: torch.Tensor, valid: torch.Tensor
     """
     weight = torch.ones(logits.shape[0], device=logits.device) if valid is None else valid.float()
     count = weight.sum().clamp(min=1)
-    f = (F.one_hot(first, logits.shape[-1]).float() * weight[:, None]).sum(0) / count
+    f = (one_hot(first, logits.shape[-1]).float() * weight[:, None]).sum(0) / count
     p = (logits.softmax(-1) * weight[:, None]).sum(0) / count
     z = (logits.logsumexp(-1).square() * weight).sum() / count
     return logits.shape[-1] * (f * p).sum(), z
@@ -320,7 +327,7 @@ class RouterLog:
         """One gate call: the (N, E) logits and (N, k) choices of the routed items (tokens, or samples) with their
         validity, and the choices (T, k), validity and dispatch plan of the call's tokens."""
         balance, z = router_losses(logits, ids[:, 0], valid)
-        chosen = F.one_hot(token_ids, plan.num_experts)  # (T, k, E)
+        chosen = one_hot(token_ids, plan.num_experts)  # (T, k, E)
         if token_valid is not None:
             chosen = chosen * token_valid[:, None, None]
         experts = chosen.sum((0, 1))  # (E,) the real tokens' choices of each expert

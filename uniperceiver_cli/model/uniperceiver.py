@@ -414,10 +414,13 @@ class UniPerceiver(nn.Module):
 
     def mlm_logits(self, ids: torch.Tensor, padding: torch.Tensor | None, selected: torch.Tensor,
                    vocabulary: torch.Tensor) -> torch.Tensor:
-        """Masked language modelling: ids (B, L) with <|spe|> at masked words; ``selected`` (B, L) marks
-        the positions to score. Returns logits (M, V) for the M selected positions, in row-major order."""
-        out = self.encode_text_tokens(ids, padding, routing=Routing(("text_input",)), side="input")
-        query = self.head.project(out[:, 1:][selected])
+        """Masked language modelling: ids (B, L) with <|spe|> at masked words; ``selected`` marks the positions to
+        score, as a (B, L) bool mask or as their (M,) indices in the flattened (B * L) text (what training passes:
+        a mask's count is data the device would have to hand back to the host). Returns logits (M, V) for the M
+        selected positions, in row-major order."""
+        out = self.encode_text_tokens(ids, padding, routing=Routing(("text_input",)), side="input")[:, 1:]
+        scored = out[selected] if selected.dtype == torch.bool else out.flatten(0, 1).index_select(0, selected)
+        query = self.head.project(scored)
         return self.head.logits(query, vocabulary, "text_mlm")
 
     # ------------------------------------------------------------------ convenience inference

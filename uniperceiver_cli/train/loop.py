@@ -282,19 +282,8 @@ def _loop(run: _Run, end: int, log: RunLog) -> None:
         for _ in range(spec.accumulation):
             name, batch = _draw(run)
             run.consumed += 1
-            with autocast(ctx.device, spec.precision), engine.model.router_log() as routed:
-                loss, metrics = run.tasks[name].loss(engine.model, batch, run.generator)
-            window.add(step, name, loss, metrics, len(batch["keys"]))
-            stats = routed.stats()
-            if stats is not None:  # token and context routing
-                extra = router_loss(stats, spec.moe_balance_weight, spec.moe_z_weight)
-                window.add_router(step, stats, extra)
-                loss = loss + extra
-            engine.backward(loss)
-            engine.micro_step()
-        norm = engine.step()
-        if norm is not None:  # a device tensor, or DeepSpeed's Python float on some paths
-            window.add_norm(step, torch.as_tensor(norm, dtype=torch.float32, device=ctx.device).detach())
+            micro_step(engine, run.tasks[name], batch, window, step, run.generator, spec, ctx.device)
+        optimizer_step(engine, window, step, ctx.device)
         checkpointing = bool(spec.checkpoint_every and step % spec.checkpoint_every == 0)
         logging = step % spec.log_every == 0 or step == end
         if logging or checkpointing:
@@ -314,6 +303,29 @@ def _loop(run: _Run, end: int, log: RunLog) -> None:
             if run.waiting is not None:  # the others wait here, not in the next step's collectives
                 torch.distributed.barrier(group=run.waiting)
             engine.model.train()
+
+
+def micro_step(engine: Engine, task: TrainTask, batch: dict[str, Any], window: Window, step: int,
+               generator: torch.Generator, spec: TrainSpec, device: torch.device) -> None:
+    """One micro-batch of ``task``: forward, loss (with the router loss of token and context routing), backward;
+    the loss and metrics stay on the device in ``window``."""
+    with autocast(device, spec.precision), engine.model.router_log() as routed:
+        loss, metrics = task.loss(engine.model, batch, generator)
+    window.add(step, task.spec.name, loss, metrics, len(batch["keys"]))
+    stats = routed.stats()
+    if stats is not None:  # token and context routing
+        extra = router_loss(stats, spec.moe_balance_weight, spec.moe_z_weight)
+        window.add_router(step, stats, extra)
+        loss = loss + extra
+    engine.backward(loss)
+    engine.micro_step()
+
+
+def optimizer_step(engine: Engine, window: Window, step: int, device: torch.device) -> None:
+    """The step after the micro-batches; the gradient norm stays on the device in ``window``."""
+    norm = engine.step()
+    if norm is not None:  # a device tensor, or DeepSpeed's Python float on some paths
+        window.add_norm(step, torch.as_tensor(norm, dtype=torch.float32, device=device).detach())
 
 
 def _finish(run: _Run) -> Path:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from uniperceiver_cli.data.corpus import corpus_tokens
-from uniperceiver_cli.data.loader import Batch, visual_input
+from uniperceiver_cli.data.loader import Batch, to_device, visual_input
 from uniperceiver_cli.data.shards import Manifest
 from uniperceiver_cli.model.config import EOT_ID
 from uniperceiver_cli.model.tokenizer import get_tokenizer
@@ -33,6 +33,7 @@ class TrainTask:
     mixup: Any = None  # timm Mixup for soft-target classification
     split: TargetSplit | None = None  # several processes: large target sets encoded across them
     _label_text: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    _device_cache: tuple[torch.device, dict[str, torch.Tensor]] | None = field(default=None, repr=False)
 
     @classmethod
     def build(cls, spec: TaskSpec, data_root: Path, split: TargetSplit | None = None) -> TrainTask:
@@ -92,8 +93,8 @@ class TrainTask:
         if family == "classification":
             loss, metrics = self._classification(model, batch, device)
         elif family == "retrieval":
-            logits = model.retrieval_logits(visual_input(batch, device), batch["text_ids"].to(device),
-                                            batch["text_padding"].to(device))
+            logits = model.retrieval_logits(visual_input(batch, device), to_device(batch["text_ids"], device),
+                                            to_device(batch["text_padding"], device))
             loss, metrics = retrieval_loss(logits, self.spec.label_smoothing), {}
         elif family == "caption":
             loss, metrics = self._caption(model, batch, device, generator)
@@ -101,31 +102,42 @@ class TrainTask:
             loss, metrics = self._mlm(model, batch, device, generator)
         return loss * self.spec.loss_weight, metrics
 
+    def _on(self, model: UniPerceiver) -> dict[str, torch.Tensor]:
+        """What every step of the task uses, on the model's device, copied there once: the class names' ids and
+        padding; the vocabulary target set's token ids and the map from token id to row (full and corpus)."""
+        device, vocab_size = model.device, model.config.vocab_size
+        if self._device_cache is None or self._device_cache[0] != device:
+            cache = {}
+            if self._label_text is not None:
+                cache["label_ids"], cache["label_padding"] = (t.to(device) for t in self._label_text)
+            if self.kind.family in ("caption", "mlm") and self.spec.vocabulary != "sampled":
+                ids = torch.arange(vocab_size) if self.spec.vocabulary == "full" else self.vocab_ids
+                cache["vocab_ids"], cache["vocab_rows"] = ids.to(device), _rows(ids, vocab_size).to(device)
+            self._device_cache = device, cache
+        return self._device_cache[1]
+
     def _classification(self, model: UniPerceiver, batch: Batch, device: torch.device):  # noqa: ANN202
-        inputs, labels = visual_input(batch, device), batch["labels"].to(device)
+        inputs, labels = visual_input(batch, device), to_device(batch["labels"], device)
         target: torch.Tensor = labels
         if self.mixup is not None and inputs.dim() == 4 and inputs.shape[0] % 2 == 0:
             inputs, target = self.mixup(inputs, labels)
-        ids, padding = self._label_text
-        targets = self._encode(model.encode_text, ids.to(device), padding.to(device))  # re-encoded: it is learning
+        on = self._on(model)
+        targets = self._encode(model.encode_text, on["label_ids"], on["label_padding"])  # re-encoded: it is learning
         logits = model.classification_logits(inputs, targets)
         loss = cross_entropy(logits, target, self.spec.label_smoothing)
         return loss, {"acc": (logits.argmax(-1) == labels).float().mean()}
 
     def _targets(self, model: UniPerceiver, used: torch.Tensor, device: torch.device,
                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The vocabulary target set's features and a map from token id to row (-1 when absent)."""
-        vocab_size = model.config.vocab_size
+        """The vocabulary target set's features and a map from token id to row (-1 when absent). ``used``: the
+        batch's token ids on the host, the rows of a sampled set."""
         if self.spec.vocabulary == "sampled":  # the batch's own tokens plus sampled negatives: each process its own
+            vocab_size = model.config.vocab_size
             negatives = torch.randint(0, vocab_size, (self.spec.negatives,), generator=generator)
-            ids = torch.cat([used.cpu(), negatives, torch.tensor([EOT_ID])]).unique()
-            features = model.vocabulary_targets(ids)
-        else:  # full, corpus: the same set on every process
-            ids = torch.arange(vocab_size) if self.spec.vocabulary == "full" else self.vocab_ids
-            features = self._encode(model.vocabulary_targets, ids)
-        rows = torch.full((vocab_size,), -1, dtype=torch.long)
-        rows[ids] = torch.arange(len(ids))
-        return features, rows.to(device)
+            ids = torch.cat([used, negatives, torch.tensor([EOT_ID])]).unique()  # on the host: no device sync
+            return model.vocabulary_targets(to_device(ids, device)), to_device(_rows(ids, vocab_size), device)
+        on = self._on(model)  # full, corpus: the same set on every process
+        return self._encode(model.vocabulary_targets, on["vocab_ids"]), on["vocab_rows"]
 
     def _encode(self, encode: Any, *rows: torch.Tensor) -> torch.Tensor:
         """A target set shared by every process: split across them when it is large (:class:`TargetSplit`)."""
@@ -133,22 +145,33 @@ class TrainTask:
 
     def _caption(self, model: UniPerceiver, batch: Batch, device: torch.device,
                  generator: torch.Generator | None):  # noqa: ANN202
-        ids, padding = batch["text_ids"].to(device), batch["text_padding"].to(device)
-        vocabulary, rows = self._targets(model, ids[~padding].unique(), device, generator)
+        used = batch["text_ids"][~batch["text_padding"]] if self.spec.vocabulary == "sampled" else None
+        ids, padding = to_device(batch["text_ids"], device), to_device(batch["text_padding"], device)
+        vocabulary, rows = self._targets(model, used, device, generator)
         logits = model.caption_logits(visual_input(batch, device), ids, padding, vocabulary)  # (B, n, K)
         target = rows[ids].masked_fill(padding, -1)
         loss = cross_entropy(logits.flatten(0, 1), target.flatten(), self.spec.label_smoothing)
         valid = target != -1
-        return loss, {"acc": (logits.argmax(-1)[valid] == target[valid]).float().mean()}
+        hits = (logits.argmax(-1) == target) & valid
+        return loss, {"acc": hits.sum() / valid.sum().clamp(min=1)}
 
     def _mlm(self, model: UniPerceiver, batch: Batch, device: torch.device,
              generator: torch.Generator | None):  # noqa: ANN202
-        ids, padding = batch["text_ids"], batch["text_padding"]
+        ids, padding = batch["text_ids"], batch["text_padding"]  # masked on the host (train/masking.py)
         masked, labels = whole_word_mask(ids, padding, probability=self.spec.mask_probability,
                                          vocab_size=model.config.vocab_size, generator=generator)
-        selected = labels != -1
-        vocabulary, rows = self._targets(model, labels[selected].to(device), device, generator)
-        logits = model.mlm_logits(masked.to(device), padding.to(device), selected.to(device), vocabulary)
-        target = rows[labels[selected].to(device)]
+        positions = (labels.flatten() != -1).nonzero().squeeze(1)  # the scored tokens: their count is known here
+        chosen = labels.flatten()[positions]
+        vocabulary, rows = self._targets(model, chosen, device, generator)
+        logits = model.mlm_logits(to_device(masked, device), to_device(padding, device),
+                                  to_device(positions, device), vocabulary)
+        target = rows[to_device(chosen, device)]
         loss = cross_entropy(logits, target, self.spec.label_smoothing)
         return loss, {"acc": (logits.argmax(-1) == target).float().mean()}
+
+
+def _rows(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """The map from token id to the row of ``ids`` holding it, -1 for the ids not among them. (vocab_size,)"""
+    rows = torch.full((vocab_size,), -1, dtype=torch.long)
+    rows[ids] = torch.arange(len(ids))
+    return rows
