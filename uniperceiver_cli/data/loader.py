@@ -60,6 +60,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.overrides import handle_torch_function, has_torch_function_unary
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -287,6 +288,7 @@ class Collate:
     task: TaskType
     train: bool
     max_text_len: int
+    text_multiple: int = 1  # texts padded to a multiple of this many tokens (at most max_text_len)
 
     def __call__(self, samples: list[dict[str, Any]]) -> Batch:
         batch: Batch = {"keys": [s["key"] for s in samples]}
@@ -304,10 +306,21 @@ class Collate:
             batch["labels"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
         if "text" in samples[0]:
             ids, padding = get_tokenizer().encode_batch([s["text"] for s in samples], max_len=self.max_text_len)
+            ids, padding = _bucketed(ids, padding, self.text_multiple, self.max_text_len)
             batch["text_ids"], batch["text_padding"] = ids, padding
         if "captions" in samples[0]:
             batch["captions"] = [s["captions"] for s in samples]
         return batch
+
+
+def _bucketed(ids: torch.Tensor, padding: torch.Tensor, multiple: int, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text ids and padding (B, L) padded on the right to a multiple of ``multiple`` tokens, at most ``limit`` (or
+    L): fewer distinct shapes for a compiled model."""
+    length = ids.shape[1]
+    target = max(length, min(-(-length // multiple) * multiple, limit))
+    if target == length:
+        return ids, padding
+    return F.pad(ids, (0, target - length)), F.pad(padding, (0, target - length), value=True)
 
 
 # ---------------------------------------------------------------------------------------------------- shards
@@ -1020,6 +1033,7 @@ def make_loader(
     world_size: int | None = None,
     stream_timeout: float = STREAM_TIMEOUT,
     pin_memory: bool = False,
+    text_multiple: int = 1,
 ) -> ShardLoader:
     """A streaming loader of task batches from WebDataset shards.
 
@@ -1055,6 +1069,8 @@ def make_loader(
         stream_timeout: seconds an http(s) shard may take to answer or to send its next bytes before it is
             skipped as unreadable; ``UNIPERCEIVER_STREAM_TIMEOUT`` overrides it.
         pin_memory: put the batches in page-locked memory (for a GPU: faster, asynchronous copies).
+        text_multiple: pad texts to a multiple of this many tokens (at most ``max_text_len``), for a compiled
+            model.
 
     Returns:
         A :class:`ShardLoader` of :class:`Batch` dicts.
@@ -1084,7 +1100,8 @@ def make_loader(
         shards = [s for s in shards if Path(s.url).name in holding]  # read only the shards the subset draws from
     decoder = SampleDecoder(kind, train, image_size, num_frames, num_views, num_clips, label_set, augment,
                             frame_stride)
-    collate = Collate(kind, train, max_text_len or (128 if kind.family == "mlm" else 30))  # passages, captions
+    collate = Collate(kind, train, max_text_len or (128 if kind.family == "mlm" else 30),  # passages, captions
+                      text_multiple)
     stream = ShardStream(shards, decoder, collate, batch_size=batch_size, train=train, seed=seed, epochs=epochs,
                          shuffle_buffer=shuffle_buffer, subset=chosen, rank=rank, world_size=world_size,
                          stream_timeout=timeout)

@@ -24,6 +24,8 @@ from uniperceiver_cli.model.tokenizer import get_tokenizer
 VISUAL = Routing(("visual_input",))
 TEXT_TARGET = Routing(("text_target",))
 VOCABULARY = Routing(("vocabulary",))
+COMPILE_BACKEND = "inductor"  # torch.compile's backend for compile_blocks
+RECOMPILE_LIMIT = 64  # graphs of the block code (torch's default, 8, is a task mix of attribute MoE's)
 
 
 def two_stream_mask(prefix: int, words: int, queries: int, device: torch.device | None = None) -> torch.Tensor:
@@ -274,6 +276,19 @@ class UniPerceiver(nn.Module):
             x, kv = block(x, allowed, routing, None if past is None else past[i], side)
             caches.append(kv)
         return x, caches
+
+    def compile_blocks(self, backend: str | None = None) -> UniPerceiver:
+        """``torch.compile`` each encoder block in place (torchtitan's per-block compile): the blocks share their
+        code, so one graph per input shape serves every layer, and the parameters' names do not change. The
+        first sequence length seen compiles static, the next ones one dynamic graph (torch's automatic dynamic
+        shapes). Each kind of call (its mask: none, padding, the captioning layout; its routing rows; an expert or
+        a dense block) is a graph of its own, so the recompile limit is raised to :data:`RECOMPILE_LIMIT` for a
+        task mix. ``backend``: torch.compile's, default :data:`COMPILE_BACKEND`. Returns the model."""
+        dynamo = torch._dynamo.config
+        dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
+        for block in self.blocks:
+            block.compile(backend=backend or COMPILE_BACKEND)
+        return self
 
     def checkpoints(self, past: list[KV] | None = None) -> bool:
         """Whether :meth:`encode` runs its blocks checkpointed: ``activation_checkpointing`` is on and a backward

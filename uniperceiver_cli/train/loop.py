@@ -57,6 +57,8 @@ from uniperceiver_cli.train.recipe import Recipe, TrainSpec
 from uniperceiver_cli.train.run_log import RunLog, Window
 from uniperceiver_cli.train.tasks import TrainTask
 
+TEXT_MULTIPLE = 8  # a compiled model's text lengths: multiples of 8 tokens
+
 
 def build_model(recipe: Recipe) -> UniPerceiver:
     """The recipe's model, initialised from ``init`` when given. Prompt parameters that the checkpoint lacks
@@ -77,6 +79,8 @@ def build_model(recipe: Recipe) -> UniPerceiver:
             raise CheckpointError(f"init {recipe.init} does not fit the recipe's model: {report.summary()}")
     if recipe.stage == "prompt-tune":
         freeze_for_prompt_tuning(model)
+    if recipe.train.compile:
+        model.compile_blocks()
     return model
 
 
@@ -125,8 +129,22 @@ def train(recipe: Recipe, run_dir: Path, *, resume: str | None = None, ctx: Cont
             no ``final/`` is written.
     """
     ctx = ctx or Context()
-    with _torch_threads(compute_threads(recipe.train)), run_lock(run_dir, ctx):
+    with _torch_threads(compute_threads(recipe.train)), _tf32(recipe.train.tf32 and ctx.device.type == "cuda"), \
+            run_lock(run_dir, ctx):
         return _train(recipe, run_dir, resume=resume, ctx=ctx, stop_after=stop_after)
+
+
+@contextlib.contextmanager
+def _tf32(enabled: bool) -> Iterator[None]:
+    """CUDA float32 matmuls and convolutions in TensorFloat-32 while the run lasts (``train.tf32``)."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = matmul.fp32_precision, conv.fp32_precision
+    if enabled:
+        matmul.fp32_precision = conv.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = saved
 
 
 @dataclass
@@ -205,7 +223,8 @@ def _setup(recipe: Recipe, run_dir: Path, resume: str | None, ctx: Context) -> _
                                  max_text_len=t.spec.max_text_len, seed=spec.seed, subset=t.spec.subset,
                                  num_workers=workers[name], epochs=None, label_set=t.spec.label_set,
                                  augment=t.spec.augment, frame_stride=t.spec.frame_stride,
-                                 rank=ctx.rank, world_size=ctx.world_size, pin_memory=ctx.device.type == "cuda")
+                                 rank=ctx.rank, world_size=ctx.world_size, pin_memory=ctx.device.type == "cuda",
+                                 text_multiple=TEXT_MULTIPLE if spec.compile else 1)
                for name, t in tasks.items()}
     generator = torch.Generator().manual_seed(seed + 1)
     state = _restore(checkpoint, client, ctx, loaders, generator, spec.accumulation)

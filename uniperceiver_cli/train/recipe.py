@@ -193,6 +193,11 @@ class TrainSpec:
     moe_z_weight: NonNegative = 0.001
     # Keep only each encoder block's inputs for the backward, which runs the block again: less memory, more time.
     activation_checkpointing: bool = False
+    # torch.compile each encoder block (one graph serves every layer); text batches are then padded to a multiple
+    # of 8 tokens, so the task mix stays within the recompile limit. The first steps of each task shape compile.
+    compile: bool = False
+    # On CUDA, float32 matmuls and convolutions in TensorFloat-32 (fp32 runs, and what autocast leaves in fp32).
+    tf32: bool = True
 
     @field_validator("min_lr")
     @classmethod
