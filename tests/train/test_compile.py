@@ -30,12 +30,13 @@ TASKS = [
 ]
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-moe"])
-def test_a_block_compiles_whole_on_the_visual_and_text_paths(preset: str) -> None:
+@pytest.mark.parametrize(("preset", "moe"), [("tiny", None), ("tiny-moe", {}),
+                                            ("tiny-moe", {"routing": "token", "capacity_factor": 1.25})])
+def test_a_block_compiles_whole_on_the_visual_and_text_paths(preset: str, moe: dict | None) -> None:
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = UniPerceiver(get_config(preset, image_size=32)).eval()
-    block = model.blocks[0]  # an expert block in tiny-moe
+    model = UniPerceiver(get_config(preset, image_size=32, **({"moe": moe} if moe is not None else {}))).eval()
+    block = model.blocks[0]  # an expert block in tiny-moe (token routing with a capacity: no host read)
     visual = model.visual_prefix(torch.randn(2, 1, 3, 32, 32))
     ids, padding = torch.randint(0, 1000, (2, 7)), torch.zeros(2, 8, dtype=torch.bool)
     padding[0, -3:] = True
@@ -93,3 +94,15 @@ def test_a_compiled_task_mix_has_no_graph_break_and_eager_losses(toyworld: Path,
                 tasks.add(key)
                 assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
     assert len(tasks) == len(TASKS)
+
+
+def test_tf32_is_set_for_the_run_and_restored() -> None:
+    from uniperceiver_cli.train.loop import _tf32
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    with _tf32(True):
+        assert matmul.fp32_precision == "tf32" and torch.backends.cudnn.conv.fp32_precision == "tf32"
+    assert matmul.fp32_precision == before
+    with _tf32(False):
+        assert matmul.fp32_precision == before
