@@ -25,16 +25,16 @@ class TargetSplit:
     world_size: int
     min_rows: int
 
-    def encode(self, encode: Callable[..., torch.Tensor], *rows: torch.Tensor) -> torch.Tensor:
-        """``encode(*rows)`` for a whole set (every tensor of ``rows`` has one entry per target along dim 0),
-        each process encoding its slice. Every process must call it with the same set. The slices are of equal
+    def encode(self, encode: Callable[..., torch.Tensor], *rows: torch.Tensor | None) -> torch.Tensor:
+        """``encode(*rows)`` for a whole set (every tensor of ``rows`` has one entry per target along dim 0; a None,
+        such as no padding, is passed on as it is), each process encoding its slice. Every process must call it with the same set. The slices are of equal
         size (the last padded with copies of the last row, dropped after the gather)."""
         n = rows[0].shape[0]
         if self.world_size == 1 or n < max(self.min_rows, 1):
             return encode(*rows)
         per = -(-n // self.world_size)
         mine = torch.arange(self.rank * per, (self.rank + 1) * per, device=rows[0].device).clamp(max=n - 1)
-        features = encode(*(r[mine] for r in rows))
+        features = encode(*(None if r is None else r[mine] for r in rows))
         # fp32 (features are bf16 under autocast): the backward sums every process's gradient of a slice
         wide = features.to(torch.promote_types(features.dtype, torch.float32))
         return torch.cat(all_gather(wide.contiguous()))[:n]

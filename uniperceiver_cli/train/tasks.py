@@ -33,7 +33,7 @@ class TrainTask:
     mixup: Any = None  # timm Mixup for soft-target classification
     split: TargetSplit | None = None  # several processes: large target sets encoded across them
     _label_text: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
-    _device_cache: tuple[torch.device, dict[str, torch.Tensor]] | None = field(default=None, repr=False)
+    _device_cache: tuple[torch.device, dict[str, torch.Tensor | None]] | None = field(default=None, repr=False)
 
     @classmethod
     def build(cls, spec: TaskSpec, data_root: Path, split: TargetSplit | None = None) -> TrainTask:
@@ -94,7 +94,7 @@ class TrainTask:
             loss, metrics = self._classification(model, batch, device)
         elif family == "retrieval":
             logits = model.retrieval_logits(visual_input(batch, device), to_device(batch["text_ids"], device),
-                                            to_device(batch["text_padding"], device))
+                                            _padding(batch["text_padding"], device))
             loss, metrics = retrieval_loss(logits, self.spec.label_smoothing), {}
         elif family == "caption":
             loss, metrics = self._caption(model, batch, device, generator)
@@ -102,14 +102,15 @@ class TrainTask:
             loss, metrics = self._mlm(model, batch, device, generator)
         return loss * self.spec.loss_weight, metrics
 
-    def _on(self, model: UniPerceiver) -> dict[str, torch.Tensor]:
+    def _on(self, model: UniPerceiver) -> dict[str, torch.Tensor | None]:
         """What every step of the task uses, on the model's device, copied there once: the class names' ids and
         padding; the vocabulary target set's token ids and the map from token id to row (full and corpus)."""
         device, vocab_size = model.device, model.config.vocab_size
         if self._device_cache is None or self._device_cache[0] != device:
             cache = {}
             if self._label_text is not None:
-                cache["label_ids"], cache["label_padding"] = (t.to(device) for t in self._label_text)
+                ids, padding = self._label_text
+                cache["label_ids"], cache["label_padding"] = ids.to(device), _padding(padding, device)
             if self.kind.family in ("caption", "mlm") and self.spec.vocabulary != "sampled":
                 ids = torch.arange(vocab_size) if self.spec.vocabulary == "full" else self.vocab_ids
                 cache["vocab_ids"], cache["vocab_rows"] = ids.to(device), _rows(ids, vocab_size).to(device)
@@ -163,11 +164,17 @@ class TrainTask:
         positions = (labels.flatten() != -1).nonzero().squeeze(1)  # the scored tokens: their count is known here
         chosen = labels.flatten()[positions]
         vocabulary, rows = self._targets(model, chosen, device, generator)
-        logits = model.mlm_logits(to_device(masked, device), to_device(padding, device),
+        logits = model.mlm_logits(to_device(masked, device), _padding(padding, device),
                                   to_device(positions, device), vocabulary)
         target = rows[to_device(chosen, device)]
         loss = cross_entropy(logits, target, self.spec.label_smoothing)
         return loss, {"acc": (logits.argmax(-1) == target).float().mean()}
+
+
+def _padding(padding: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """A host padding mask on ``device``; None when nothing is padded (read on the host), so attention runs
+    without a mask and flash kernels can serve it."""
+    return to_device(padding, device) if padding.any() else None
 
 
 def _rows(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
