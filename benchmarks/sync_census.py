@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -22,7 +24,7 @@ from uniperceiver_cli.parallel.context import Context
 from uniperceiver_cli.train.engines.single import SingleEngine
 from uniperceiver_cli.train.host_syncs import HostSyncCensus
 from uniperceiver_cli.train.loop import build_model, micro_step, optimizer_step
-from uniperceiver_cli.train.recipe import validate
+from uniperceiver_cli.train.recipe import TrainSpec, validate
 from uniperceiver_cli.train.run_log import Window
 from uniperceiver_cli.train.tasks import TrainTask
 
@@ -39,6 +41,7 @@ TASKS = {
     "mlm (sampled)": {"type": "text_mlm", "data": "text/train", "batch_size": 2, "max_text_len": 32,
                       "vocabulary": "sampled", "negatives": 64},
 }
+CPU = torch.device("cpu")
 MODELS = {
     "tiny": {"preset": "tiny"},
     "tiny-moe attribute": {"preset": "tiny-moe", "moe": {"routing": "attribute"}},
@@ -47,8 +50,25 @@ MODELS = {
 }
 
 
-def step_census(root: Path, model: str, task: str) -> HostSyncCensus:
-    """The census of one step of ``task`` (a key of :data:`TASKS`) on ``model`` (a key of :data:`MODELS`)."""
+@dataclass
+class Step:
+    """A one-task training set-up on ToyWorld: :meth:`run` takes a training step as the loop does."""
+
+    engine: SingleEngine
+    task: TrainTask
+    batches: Iterator[dict]
+    spec: TrainSpec
+    generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(1))
+    window: Window = field(default_factory=lambda: Window(check_norms=True))
+
+    def run(self, step: int, batch: dict | None = None) -> None:
+        batch = batch if batch is not None else next(self.batches)
+        micro_step(self.engine, self.task, batch, self.window, step, self.generator, self.spec, CPU)
+        optimizer_step(self.engine, self.window, step, CPU)
+
+
+def setup_step(root: Path, model: str, task: str) -> Step:
+    """``task`` (a key of :data:`TASKS`) on ``model`` (a key of :data:`MODELS`), ToyWorld at ``root``."""
     preset = dict(MODELS[model])
     overrides = {"image_size": 32, "layers": 2, "max_frames": 2}
     if "moe" in preset:
@@ -57,27 +77,30 @@ def step_census(root: Path, model: str, task: str) -> HostSyncCensus:
                        "tasks": [{"name": "t", **TASKS[task]}],
                        "model": {**preset, "overrides": overrides},
                        "train": {"steps": 2, "lr": 1e-3, "warmup_steps": 1, "grad_clip": 1.0, "num_workers": 0}})
-    ctx, spec = Context(), recipe.train
     torch.manual_seed(0)
-    engine = SingleEngine(build_model(recipe), recipe, ctx)
-    train_task = TrainTask.build(recipe.tasks[0], root)
-    loader = make_loader(train_task.directory, task=train_task.spec.type, batch_size=train_task.spec.batch_size,
-                         train=True, image_size=32, num_frames=train_task.spec.num_frames,
-                         max_text_len=train_task.spec.max_text_len, label_set=train_task.spec.label_set,
-                         augment=False, frame_stride=train_task.spec.frame_stride, epochs=None)
-    batches, generator, window = iter(loader), torch.Generator().manual_seed(1), Window(check_norms=True)
+    engine = SingleEngine(build_model(recipe), recipe, Context())
     engine.model.train()
+    spec = recipe.tasks[0]
+    train_task = TrainTask.build(spec, root)
+    loader = make_loader(train_task.directory, task=spec.type, batch_size=spec.batch_size, train=True,
+                         image_size=32, num_frames=spec.num_frames, max_text_len=spec.max_text_len,
+                         label_set=spec.label_set, augment=False, frame_stride=spec.frame_stride, epochs=None)
+    return Step(engine, train_task, iter(loader), recipe.train)
+
+
+def step_census(root: Path, model: str, task: str) -> HostSyncCensus:
+    """The census of one step of ``task`` on ``model``, after a first step that sets up (optimizer state,
+    caches), which the census follows without counting."""
+    setup = setup_step(root, model, task)
     census = HostSyncCensus()
-    census.counting = False  # the first step sets up (optimizer state, caches); the census sees what they hold
     with census:
         for step in (1, 2):
-            batch = next(batches)
+            batch = next(setup.batches)
             for value in batch.values():
                 if isinstance(value, torch.Tensor):
                     census.mark(value, pinned=True)  # the loader pins its batches on a GPU run
             census.counting = step == 2
-            micro_step(engine, train_task, batch, window, step, generator, spec, ctx.device)
-            optimizer_step(engine, window, step, ctx.device)
+            setup.run(step, batch)
     return census
 
 

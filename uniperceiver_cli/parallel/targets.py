@@ -25,14 +25,21 @@ class TargetSplit:
     world_size: int
     min_rows: int
 
+    def rows(self, n: int) -> int:
+        """The rows of a set of ``n`` this process encodes: ceil(n / world) when the set is split, else n."""
+        if self.world_size == 1 or n < max(self.min_rows, 1):
+            return n
+        return -(-n // self.world_size)
+
     def encode(self, encode: Callable[..., torch.Tensor], *rows: torch.Tensor | None) -> torch.Tensor:
         """``encode(*rows)`` for a whole set (every tensor of ``rows`` has one entry per target along dim 0; a None,
-        such as no padding, is passed on as it is), each process encoding its slice. Every process must call it with the same set. The slices are of equal
-        size (the last padded with copies of the last row, dropped after the gather)."""
+        such as no padding, is passed on as it is), each process encoding its slice. Every process must call it
+        with the same set. The slices are of equal size (the last padded with copies of the last row, dropped
+        after the gather)."""
         n = rows[0].shape[0]
-        if self.world_size == 1 or n < max(self.min_rows, 1):
+        per = self.rows(n)
+        if per == n:
             return encode(*rows)
-        per = -(-n // self.world_size)
         mine = torch.arange(self.rank * per, (self.rank + 1) * per, device=rows[0].device).clamp(max=n - 1)
         features = encode(*(None if r is None else r[mine] for r in rows))
         # fp32 (features are bf16 under autocast): the backward sums every process's gradient of a slice

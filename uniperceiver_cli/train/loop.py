@@ -51,6 +51,7 @@ from uniperceiver_cli.train.checkpointing import (
 )
 from uniperceiver_cli.train.engines.protocol import Engine
 from uniperceiver_cli.train.engines.single import SingleEngine
+from uniperceiver_cli.train.flops import peak_flops, step_flops
 from uniperceiver_cli.train.losses import router_loss
 from uniperceiver_cli.train.optim import freeze_for_prompt_tuning
 from uniperceiver_cli.train.recipe import Recipe, TrainSpec
@@ -293,7 +294,9 @@ def _draw(run: _Run) -> tuple[str, dict[str, Any]]:
 def _loop(run: _Run, end: int, log: RunLog) -> None:
     """Steps ``run.step + 1`` to ``end``: draw, forward, backward, step; check, log, checkpoint and evaluate."""
     spec, ctx, engine = run.recipe.train, run.ctx, run.engine
-    window = Window(check_norms=spec.precision != "fp16")
+    cuda = ctx.device.type == "cuda"
+    peak = peak_flops(torch.cuda.get_device_name(ctx.device), spec.precision, spec.tf32) if cuda else None
+    window = Window(check_norms=spec.precision != "fp16", peak_flops=peak)
     engine.model.train()
     while run.step < end:
         run.step += 1
@@ -310,6 +313,8 @@ def _loop(run: _Run, end: int, log: RunLog) -> None:
         if logging:
             record = {"step": step, "lr": engine.lr(), **window.record(ctx),
                       **{f"{n}/skipped": sum(c.values()) for n, c in _skipped(run.loaders, ctx).items()}}
+            if cuda:  # the allocator's count on the host: no device sync
+                record["max_memory_gib"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
             log.write(record)
             log.advance(record)
         if checkpointing:
@@ -331,6 +336,7 @@ def micro_step(engine: Engine, task: TrainTask, batch: dict[str, Any], window: W
     with autocast(device, spec.precision), engine.model.router_log() as routed:
         loss, metrics = task.loss(engine.model, batch, generator)
     window.add(step, task.spec.name, loss, metrics, len(batch["keys"]))
+    window.add_flops(step_flops(engine.model.config, task.shape))
     stats = routed.stats()
     if stats is not None:  # token and context routing
         extra = router_loss(stats, spec.moe_balance_weight, spec.moe_z_weight)

@@ -84,12 +84,13 @@ class Window:
     """What the loop collects between two log lines, as device tensors: each micro-batch's loss and metrics (with
     its step and task) and each step's gradient norm. :meth:`check` and :meth:`means` sync with the host once."""
 
-    def __init__(self, check_norms: bool) -> None:
+    def __init__(self, check_norms: bool, peak_flops: float | None = None) -> None:
         self.check_norms = check_norms  # fp16's loss scaler skips inf-gradient steps by design
+        self.peak_flops = peak_flops  # the device's, for the model FLOPs utilisation (train/flops.py)
         self.sums: dict[str, list[torch.Tensor]] = defaultdict(list)
         self.losses: list[tuple[int, str, torch.Tensor]] = []  # since the last check
         self.norms: list[tuple[int, torch.Tensor]] = []
-        self.samples, self.tic = 0, time.perf_counter()
+        self.samples, self.flops, self.tic = 0, 0, time.perf_counter()
 
     def add(self, step: int, task: str, loss: torch.Tensor, metrics: dict[str, torch.Tensor], samples: int) -> None:
         self.sums[f"{task}/loss"].append(loss.detach())
@@ -97,6 +98,10 @@ class Window:
         for key, value in metrics.items():
             self.sums[f"{task}/{key}"].append(value.detach())
         self.samples += samples
+
+    def add_flops(self, flops: int) -> None:
+        """A micro-step's model FLOPs on this process."""
+        self.flops += flops
 
     def add_router(self, step: int, stats: RouterStats, loss: torch.Tensor) -> None:
         """Token and context routing's statistics of one micro-batch (logged under moe/) and its router loss."""
@@ -122,15 +127,22 @@ class Window:
         self.norms.clear()
 
     def record(self, ctx: Context) -> dict[str, float]:
-        """The window's means over every process and its samples/s; starts the next window."""
-        rate = self.samples * ctx.world_size / (time.perf_counter() - self.tic)
+        """The window's means over every process, its samples/s and model FLOP/s (of every process, as if each did
+        this one's work), and the model FLOPs utilisation where the device's peak is known; starts the next
+        window."""
+        seconds = time.perf_counter() - self.tic
+        rate = self.samples * ctx.world_size / seconds
+        flops_per_s = self.flops * ctx.world_size / seconds
         means = torch.stack([_finite_mean(v) for v in self.sums.values()])
         if ctx.world_size > 1:  # the global batch's means: every process ran the same tasks on its own data
             torch.distributed.all_reduce(means)
             means /= ctx.world_size
-        record = {"samples_per_s": rate, **dict(zip(self.sums, means.tolist(), strict=True))}
+        record = {"samples_per_s": rate, "flops_per_s": flops_per_s}
+        if self.peak_flops:
+            record["mfu"] = flops_per_s / (self.peak_flops * ctx.world_size)
+        record.update(zip(self.sums, means.tolist(), strict=True))
         self.sums.clear()
-        self.samples, self.tic = 0, time.perf_counter()
+        self.samples, self.flops, self.tic = 0, 0, time.perf_counter()
         return record
 
 

@@ -17,6 +17,7 @@ from uniperceiver_cli.model.tokenizer import get_tokenizer
 from uniperceiver_cli.model.uniperceiver import UniPerceiver
 from uniperceiver_cli.parallel.targets import TargetSplit
 from uniperceiver_cli.task_types import TASKS, TaskType
+from uniperceiver_cli.train.flops import StepShape
 from uniperceiver_cli.train.losses import cross_entropy, retrieval_loss
 from uniperceiver_cli.train.masking import whole_word_mask
 from uniperceiver_cli.train.recipe import TaskSpec
@@ -34,6 +35,8 @@ class TrainTask:
     split: TargetSplit | None = None  # several processes: large target sets encoded across them
     _label_text: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
     _device_cache: tuple[torch.device, dict[str, torch.Tensor | None]] | None = field(default=None, repr=False)
+    _target_rows: tuple[int, int] = (0, 0)  # the last vocabulary target set: rows encoded here, rows in all
+    shape: StepShape | None = field(default=None, repr=False)  # what the last micro-step encoded (train/flops.py)
 
     @classmethod
     def build(cls, spec: TaskSpec, data_root: Path, split: TargetSplit | None = None) -> TrainTask:
@@ -96,6 +99,8 @@ class TrainTask:
             logits = model.retrieval_logits(visual_input(batch, device), to_device(batch["text_ids"], device),
                                             _padding(batch["text_padding"], device))
             loss, metrics = retrieval_loss(logits, self.spec.label_smoothing), {}
+            self.shape = StepShape("retrieval", logits.shape[0], _frames(batch.get("videos", batch.get("images"))),
+                                   text=batch["text_ids"].shape[1])
         elif family == "caption":
             loss, metrics = self._caption(model, batch, device, generator)
         else:
@@ -126,6 +131,9 @@ class TrainTask:
         targets = self._encode(model.encode_text, on["label_ids"], on["label_padding"])  # re-encoded: it is learning
         logits = model.classification_logits(inputs, targets)
         loss = cross_entropy(logits, target, self.spec.label_smoothing)
+        names = on["label_ids"].shape
+        self.shape = StepShape("classification", inputs.shape[0], _frames(inputs), targets=self._here(names[0]),
+                               target_tokens=names[1], target_rows=names[0])
         return loss, {"acc": (logits.argmax(-1) == labels).float().mean()}
 
     def _targets(self, model: UniPerceiver, used: torch.Tensor, device: torch.device,
@@ -136,9 +144,16 @@ class TrainTask:
             vocab_size = model.config.vocab_size
             negatives = torch.randint(0, vocab_size, (self.spec.negatives,), generator=generator)
             ids = torch.cat([used, negatives, torch.tensor([EOT_ID])]).unique()  # on the host: no device sync
+            self._target_rows = (len(ids), len(ids))
             return model.vocabulary_targets(to_device(ids, device)), to_device(_rows(ids, vocab_size), device)
         on = self._on(model)  # full, corpus: the same set on every process
+        rows = on["vocab_ids"].shape[0]
+        self._target_rows = (self._here(rows), rows)
         return self._encode(model.vocabulary_targets, on["vocab_ids"]), on["vocab_rows"]
+
+    def _here(self, rows: int) -> int:
+        """The rows of a shared target set of ``rows`` this process encodes."""
+        return rows if self.split is None else self.split.rows(rows)
 
     def _encode(self, encode: Any, *rows: torch.Tensor) -> torch.Tensor:
         """A target set shared by every process: split across them when it is large (:class:`TargetSplit`)."""
@@ -152,6 +167,9 @@ class TrainTask:
         logits = model.caption_logits(visual_input(batch, device), ids, padding, vocabulary)  # (B, n, K)
         target = rows[ids].masked_fill(padding, -1)
         loss = cross_entropy(logits.flatten(0, 1), target.flatten(), self.spec.label_smoothing)
+        here, rows = self._target_rows
+        self.shape = StepShape("caption", ids.shape[0], _frames(batch.get("videos", batch.get("images"))),
+                               text=ids.shape[1], targets=here, target_tokens=2, target_rows=rows)
         valid = target != -1
         hits = (logits.argmax(-1) == target) & valid
         return loss, {"acc": hits.sum() / valid.sum().clamp(min=1)}
@@ -168,7 +186,15 @@ class TrainTask:
                                   to_device(positions, device), vocabulary)
         target = rows[to_device(chosen, device)]
         loss = cross_entropy(logits, target, self.spec.label_smoothing)
+        here, width = self._target_rows
+        self.shape = StepShape("mlm", ids.shape[0], text=ids.shape[1], targets=here, target_tokens=2,
+                               target_rows=width, scored=len(positions))
         return loss, {"acc": (logits.argmax(-1) == target).float().mean()}
+
+
+def _frames(pixels: torch.Tensor) -> int:
+    """Frames per sample of an image (B, 3, S, S) or video (B, T, 3, S, S) batch."""
+    return pixels.shape[1] if pixels.dim() == 5 else 1
 
 
 def _padding(padding: torch.Tensor, device: torch.device) -> torch.Tensor | None:
