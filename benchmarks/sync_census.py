@@ -58,17 +58,19 @@ class Step:
     task: TrainTask
     batches: Iterator[dict]
     spec: TrainSpec
+    device: torch.device = CPU
     generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(1))
     window: Window = field(default_factory=lambda: Window(check_norms=True))
 
     def run(self, step: int, batch: dict | None = None) -> None:
         batch = batch if batch is not None else next(self.batches)
-        micro_step(self.engine, self.task, batch, self.window, step, self.generator, self.spec, CPU)
-        optimizer_step(self.engine, self.window, step, CPU)
+        micro_step(self.engine, self.task, batch, self.window, step, self.generator, self.spec, self.device)
+        optimizer_step(self.engine, self.window, step, self.device)
 
 
-def setup_step(root: Path, model: str, task: str) -> Step:
-    """``task`` (a key of :data:`TASKS`) on ``model`` (a key of :data:`MODELS`), ToyWorld at ``root``."""
+def setup_step(root: Path, model: str, task: str, device: torch.device = CPU) -> Step:
+    """``task`` (a key of :data:`TASKS`) on ``model`` (a key of :data:`MODELS`), ToyWorld at ``root``, on
+    ``device``."""
     preset = dict(MODELS[model])
     overrides = {"image_size": 32, "layers": 2, "max_frames": 2}
     if "moe" in preset:
@@ -78,14 +80,15 @@ def setup_step(root: Path, model: str, task: str) -> Step:
                        "model": {**preset, "overrides": overrides},
                        "train": {"steps": 2, "lr": 1e-3, "warmup_steps": 1, "grad_clip": 1.0, "num_workers": 0}})
     torch.manual_seed(0)
-    engine = SingleEngine(build_model(recipe), recipe, Context())
+    engine = SingleEngine(build_model(recipe), recipe, Context(device=device))
     engine.model.train()
     spec = recipe.tasks[0]
     train_task = TrainTask.build(spec, root)
     loader = make_loader(train_task.directory, task=spec.type, batch_size=spec.batch_size, train=True,
                          image_size=32, num_frames=spec.num_frames, max_text_len=spec.max_text_len,
-                         label_set=spec.label_set, augment=False, frame_stride=spec.frame_stride, epochs=None)
-    return Step(engine, train_task, iter(loader), recipe.train)
+                         label_set=spec.label_set, augment=False, frame_stride=spec.frame_stride, epochs=None,
+                         pin_memory=device.type == "cuda")
+    return Step(engine, train_task, iter(loader), recipe.train, device)
 
 
 def step_census(root: Path, model: str, task: str) -> HostSyncCensus:
