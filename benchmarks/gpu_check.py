@@ -17,7 +17,8 @@ Sections (``--skip NAME`` leaves one out):
 - ``deepspeed``: a DeepSpeed world of one (bf16, ZeRO 0 and 1) trains ToyWorld through the CLI.
 
 On one H100 (the default sizes: base, ViT-B/16, batch 128) it should take under 8 minutes; it is never part of
-``make test``. ``--device cpu --small`` runs every section at tiny sizes (tests/test_gpu_check.py).
+``make test``. ``--device cpu --small`` runs every section at tiny sizes, fewer sync models and ZeRO 1 only
+(tests/test_gpu_check.py).
 
     python benchmarks/gpu_check.py
     python benchmarks/gpu_check.py --device cpu --small
@@ -78,10 +79,13 @@ class Sizes:
     steps: int  # timed throughput steps (after 2 warm-up steps)
     memory_batches: tuple[int, ...]  # caption steps
     negatives: int  # the caption step's sampled vocabulary: the batch's tokens plus these
+    sync_models: tuple[str, ...]  # models of benchmarks/sync_census.py whose steps are checked
+    zero_stages: tuple[int, ...]  # the DeepSpeed world of one's
 
 
-FULL = Sizes("base", "vit_base_patch16_224", 224, 128, 10, (16, 32, 64), 8192)
-SMALL = Sizes("tiny", "vit_tiny_patch16_224", 32, 4, 2, (2, 4), 64)
+FULL = Sizes("base", "vit_base_patch16_224", 224, 128, 10, (16, 32, 64), 8192, ("tiny", "tiny-moe token"), (0, 1))
+# The CPU test's: tiny-moe's steps run its dense and expert blocks; ZeRO 1 runs the DeepSpeed path ZeRO 0 does.
+SMALL = Sizes("tiny", "vit_tiny_patch16_224", 32, 4, 2, (2, 4), 64, ("tiny-moe token",), (1,))
 Row = tuple[str, str, str]
 
 
@@ -150,8 +154,8 @@ def attention(device: torch.device, sizes: Sizes) -> Iterator[Row]:
         yield "attention", name, ", ".join(served) or "none"
 
 
-def syncs(device: torch.device, root: Path) -> Iterator[Row]:
-    for model in ("tiny", "tiny-moe token"):
+def syncs(device: torch.device, root: Path, sizes: Sizes) -> Iterator[Row]:
+    for model in sizes.sync_models:
         for task in sync_census.TASKS:
             if device.type == "cuda":
                 setup = sync_census.setup_step(root, model, task, device)
@@ -265,8 +269,8 @@ def resume(device: torch.device, root: Path, out: Path) -> Iterator[Row]:
         f"losses {'equal' if same else 'differ'}, weights differ by at most {diff:.2e}"
 
 
-def deepspeed_world_of_one(device: torch.device, root: Path, out: Path) -> Iterator[Row]:
-    for zero in (0, 1):
+def deepspeed_world_of_one(device: torch.device, root: Path, out: Path, sizes: Sizes) -> Iterator[Row]:
+    for zero in sizes.zero_stages:
         recipe = _toyworld_recipe(root, device, kind="deepspeed", zero_stage=zero)
         recipe["train"]["precision"] = "bf16"
         path = out / f"deepspeed-{zero}.yaml"
@@ -295,11 +299,11 @@ def run(device: torch.device, sizes: Sizes, skip: set[str], compile: bool) -> li
         sections = {
             "environment": lambda: environment(device),
             "attention": lambda: attention(device, sizes),
-            "syncs": lambda: syncs(device, root),
+            "syncs": lambda: syncs(device, root, sizes),
             "memory": lambda: memory(device, sizes),
             "throughput": lambda: throughput(device, sizes, compile),
             "resume": lambda: resume(device, root, out),
-            "deepspeed": lambda: deepspeed_world_of_one(device, root, out),
+            "deepspeed": lambda: deepspeed_world_of_one(device, root, out, sizes),
         }
         for name, section in sections.items():
             if name in skip:

@@ -20,7 +20,6 @@ def test_gpu_check_runs_on_the_cpu() -> None:
     assert {section for section, _ in results} == {"environment", "attention", "syncs", "memory", "throughput",
                                                     "resume", "deepspeed"}
     assert results[("attention", "images, videos (no mask)")].startswith("flash")
-    assert results[("syncs", "tiny: caption (full vocabulary)")] == "0 (census)"
     assert results[("syncs", "tiny-moe token: image classification")] == "4 (census)"
     assert "(plan " in results[("memory", "tiny caption step, batch 2")]
     assert results[("throughput", "ours, eager, batch 4")].endswith("images/s")

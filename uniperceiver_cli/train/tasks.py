@@ -167,9 +167,9 @@ class TrainTask:
         logits = model.caption_logits(visual_input(batch, device), ids, padding, vocabulary)  # (B, n, K)
         target = rows[ids].masked_fill(padding, -1)
         loss = cross_entropy(logits.flatten(0, 1), target.flatten(), self.spec.label_smoothing)
-        here, rows = self._target_rows
+        here, width = self._target_rows
         self.shape = StepShape("caption", ids.shape[0], _frames(batch.get("videos", batch.get("images"))),
-                               text=ids.shape[1], targets=here, target_tokens=2, target_rows=rows)
+                               text=ids.shape[1], targets=here, target_tokens=2, target_rows=width)
         valid = target != -1
         hits = (logits.argmax(-1) == target) & valid
         return loss, {"acc": hits.sum() / valid.sum().clamp(min=1)}
