@@ -76,3 +76,11 @@ def test_imports_run_down_the_layers(path: Path):
         elif "engines" in path.parts and name.startswith("uniperceiver_cli.train.loop"):
             wrong.append(f"line {line}: {name} (an engine imports the protocol, not the loop)")
     assert not wrong, f"{path.relative_to(PACKAGE)}: " + "; ".join(wrong)
+
+
+def test_pyproject_lists_every_package():
+    import tomllib
+
+    listed = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    found = {".".join(("uniperceiver_cli", *p.parent.relative_to(PACKAGE).parts)) for p in PACKAGE.rglob("__init__.py")}
+    assert set(listed) == found | {"uniperceiver_cli.recipes"}  # and the shipped recipes (package-dir)

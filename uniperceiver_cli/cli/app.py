@@ -8,7 +8,7 @@ from uniperceiver_cli.cli import evaluate, export, predict, prepare_data, preset
 from uniperceiver_cli.version import __version__
 
 # The help is the root callback's docstring.
-app = typer.Typer(name="uniperceiver", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+app = typer.Typer(name="uniperceiver", no_args_is_help=True, pretty_exceptions_enable=False)
 
 
 def _version(value: bool) -> None:

@@ -78,3 +78,10 @@ def one_line_warnings() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.showwarning = show
         yield
+
+
+def complete_recipe(incomplete: str) -> list[str]:
+    """Shell completion of a shipped recipe's name (``uniperceiver --install-completion`` turns it on)."""
+    from uniperceiver_cli.train.catalogue import shipped_names
+
+    return [name for name in shipped_names() if name.startswith(incomplete)]

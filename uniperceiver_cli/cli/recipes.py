@@ -12,7 +12,7 @@ import yaml
 from rich.console import Console
 from rich.table import Column, Table
 
-from uniperceiver_cli.cli.common import report, user_errors
+from uniperceiver_cli.cli.common import complete_recipe, report, user_errors
 from uniperceiver_cli.train.catalogue import RECIPES_DIR, file_problems, load_checked, resolve_recipe, shipped_names
 
 if TYPE_CHECKING:
@@ -38,7 +38,7 @@ def list_recipes() -> None:
 
 @app.command("show")
 def show(
-    recipe: str = typer.Argument(..., help="A shipped recipe's name or a YAML file."),
+    recipe: str = typer.Argument(..., help="A shipped recipe's name or a YAML file.", autocompletion=complete_recipe),
     overrides: list[str] | None = typer.Argument(None, help="Dotted overrides: train.lr=3e-4 tasks.0.batch_size=64"),
 ) -> None:
     """Print the resolved recipe (defaults filled in, overrides applied) as YAML."""
@@ -50,7 +50,7 @@ def show(
 
 @app.command("cp")
 def copy(
-    recipe: str = typer.Argument(..., help="A shipped recipe's name."),
+    recipe: str = typer.Argument(..., help="A shipped recipe's name.", autocompletion=complete_recipe),
     dest: Path = typer.Argument(..., help="The file to write, or a folder to write <name>.yaml into."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
 ) -> None:
@@ -128,7 +128,7 @@ def plan_summary(plan: RecipePlan, gpu_memory: float) -> list[str]:
 
 @app.command("plan")
 def plan(
-    recipe: str = typer.Argument(..., help="A shipped recipe's name or a YAML file."),
+    recipe: str = typer.Argument(..., help="A shipped recipe's name or a YAML file.", autocompletion=complete_recipe),
     overrides: list[str] | None = typer.Argument(None, help="Dotted overrides: train.split_targets=0 "
                                                                "tasks.0.batch_size=64"),
     gpus: int | None = typer.Option(None, "--gpus", min=1,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from uniperceiver_cli.cli.common import err_console, one_line_warnings, pick_device, user_errors
+from uniperceiver_cli.cli.common import complete_recipe, err_console, one_line_warnings, pick_device, user_errors
 
 
 def _run(stage: str, recipe: str, overrides: list[str] | None, run_dir: Path | None, resume: str | None,
@@ -40,7 +40,8 @@ def _run(stage: str, recipe: str, overrides: list[str] | None, run_dir: Path | N
 
 def _command(stage: str):  # noqa: ANN202
     def command(
-        recipe: str = typer.Option(..., "--recipe", help="A shipped recipe name (see `recipes ls`) or a YAML path."),
+        recipe: str = typer.Option(..., "--recipe", help="A shipped recipe name (see `recipes ls`) or a YAML path.",
+                                   autocompletion=complete_recipe),
         overrides: list[str] | None = typer.Argument(None, help="Dotted overrides: train.lr=3e-4"),
         run_dir: Path | None = typer.Option(None, "--run-dir", help="Output folder (default runs/<recipe name>)."),
         resume: str | None = typer.Option(None, help="auto (the run dir's last checkpoint) or a checkpoint folder."),

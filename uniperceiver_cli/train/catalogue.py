@@ -12,7 +12,20 @@ from uniperceiver_cli.task_types import TASKS
 from uniperceiver_cli.text_files import shorten
 from uniperceiver_cli.train.recipe import EvalTaskSpec, Recipe, TaskSpec, load_recipe
 
-RECIPES_DIR = Path(os.environ.get("UNIPERCEIVER_RECIPES") or Path(__file__).resolve().parents[2] / "recipes")
+PACKAGE = Path(__file__).resolve().parents[1]
+
+
+def _recipes_dir() -> Path:
+    """Where the shipped recipes are: ``UNIPERCEIVER_RECIPES``; else ``uniperceiver_cli/recipes`` (an installed
+    wheel carries them there, pyproject.toml maps the top-level ``recipes/`` into the package); else the source
+    checkout's ``recipes/`` (an editable install)."""
+    if os.environ.get("UNIPERCEIVER_RECIPES"):
+        return Path(os.environ["UNIPERCEIVER_RECIPES"])
+    packaged = PACKAGE / "recipes"
+    return packaged if packaged.is_dir() else PACKAGE.parent / "recipes"
+
+
+RECIPES_DIR = _recipes_dir()
 
 
 def shipped_names() -> list[str]:
