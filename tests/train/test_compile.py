@@ -99,10 +99,10 @@ def test_a_compiled_task_mix_has_no_graph_break_and_eager_losses(toyworld: Path,
 def test_tf32_is_set_for_the_run_and_restored() -> None:
     from uniperceiver_cli.train.loop import _tf32
 
-    matmul = torch.backends.cuda.matmul
-    before = matmul.fp32_precision
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
     with _tf32(True):
-        assert matmul.fp32_precision == "tf32" and torch.backends.cudnn.conv.fp32_precision == "tf32"
-    assert matmul.fp32_precision == before
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert torch.get_float32_matmul_precision() == "high"  # readable: what torch.compile reads
+    assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == before
     with _tf32(False):
-        assert matmul.fp32_precision == before
+        assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32) == before

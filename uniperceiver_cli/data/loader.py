@@ -119,13 +119,15 @@ def visual_input(batch: Batch, device: torch.device) -> torch.Tensor:
     return pixels
 
 
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``tensor``, in host memory, on ``device`` without making the host wait: on a GPU through pinned memory (a
-    copy from pageable memory waits for the device's queue), with ``non_blocking``. (It is a torch function, so
-    the host-sync census, ``train/host_syncs.py``, sees it as the asynchronous copy it is.)"""
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``tensor`` on ``device`` without making the host wait: from host memory to a GPU through pinned memory (a
+    copy from pageable memory waits for the device's queue), with ``non_blocking``; already there, as it is. (It
+    is a torch function, so the host-sync census, ``train/host_syncs.py``, sees it as the asynchronous copy it
+    is.)"""
     if has_torch_function_unary(tensor):
         return handle_torch_function(to_device, (tensor,), tensor, device)
-    if device.type == "cuda" and not tensor.is_pinned():
+    device = torch.device(device)
+    if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
         tensor = tensor.pin_memory()
     return tensor.to(device, non_blocking=True)
 

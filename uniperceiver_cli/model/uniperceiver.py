@@ -285,7 +285,8 @@ class UniPerceiver(nn.Module):
         a dense block) is a graph of its own, so the recompile limit is raised to :data:`RECOMPILE_LIMIT` for a
         task mix. ``backend``: torch.compile's, default :data:`COMPILE_BACKEND`. Returns the model."""
         dynamo = torch._dynamo.config
-        dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
+        limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"  # before torch 2.7
+        setattr(dynamo, limit, max(getattr(dynamo, limit), RECOMPILE_LIMIT))
         for block in self.blocks:
             block.compile(backend=backend or COMPILE_BACKEND)
         return self

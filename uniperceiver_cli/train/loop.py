@@ -137,15 +137,18 @@ def train(recipe: Recipe, run_dir: Path, *, resume: str | None = None, ctx: Cont
 
 @contextlib.contextmanager
 def _tf32(enabled: bool) -> Iterator[None]:
-    """CUDA float32 matmuls and convolutions in TensorFloat-32 while the run lasts (``train.tf32``)."""
-    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
-    saved = matmul.fp32_precision, conv.fp32_precision
+    """CUDA float32 matmuls and convolutions in TensorFloat-32 while the run lasts (``train.tf32``), through the
+    settings every torch version has and torch.compile reads (setting torch 2.9's ``fp32_precision`` alone leaves
+    them unreadable: "a mix of the legacy and new APIs")."""
+    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
     if enabled:
-        matmul.fp32_precision = conv.fp32_precision = "tf32"
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.allow_tf32 = True
     try:
         yield
     finally:
-        matmul.fp32_precision, conv.fp32_precision = saved
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32 = saved[1]
 
 
 @dataclass

@@ -342,7 +342,9 @@ class StepShape:
 
 
 def _batch(spec: TaskSpec, shape: StepShape, vocab_size: int) -> dict[str, torch.Tensor]:
-    """A batch of the loader's shapes and dtypes: float32 normalised pixels, int64 ids, bool padding."""
+    """A batch of the loader's shapes: int64 ids, bool padding, and pixels as the step sees them on the device,
+    float32 and normalised (the loader's uint8 pixels, converted and erased before anything is saved for the
+    backward: the pixels need no gradient)."""
     kind, b, s = TASKS[spec.type], shape.batch, shape.image_size
     batch: dict[str, torch.Tensor] = {}
     if kind.modality == "image":
