@@ -17,7 +17,7 @@ Sections (``--skip NAME`` leaves one out):
 - ``deepspeed``: a DeepSpeed world of one (bf16, ZeRO 0 and 1) trains ToyWorld through the CLI.
 
 On one H100 (the default sizes: base, ViT-B/16, batch 128) it should take under 8 minutes; it is never part of
-``make test``. ``--device cpu --small`` runs every section at tiny sizes, fewer sync models and ZeRO 1 only
+``make test``. ``--device cpu --small`` runs every section at tiny sizes, with fewer sync steps and ZeRO 1 only
 (tests/test_gpu_check.py).
 
     python benchmarks/gpu_check.py
@@ -80,12 +80,15 @@ class Sizes:
     memory_batches: tuple[int, ...]  # caption steps
     negatives: int  # the caption step's sampled vocabulary: the batch's tokens plus these
     sync_models: tuple[str, ...]  # models of benchmarks/sync_census.py whose steps are checked
+    sync_tasks: tuple[str, ...]  # and tasks
     zero_stages: tuple[int, ...]  # the DeepSpeed world of one's
 
 
-FULL = Sizes("base", "vit_base_patch16_224", 224, 128, 10, (16, 32, 64), 8192, ("tiny", "tiny-moe token"), (0, 1))
+FULL = Sizes("base", "vit_base_patch16_224", 224, 128, 10, (16, 32, 64), 8192, ("tiny", "tiny-moe token"),
+             tuple(sync_census.TASKS), (0, 1))
 # The CPU test's: tiny-moe's steps run its dense and expert blocks; ZeRO 1 runs the DeepSpeed path ZeRO 0 does.
-SMALL = Sizes("tiny", "vit_tiny_patch16_224", 32, 4, 2, (2, 4), 64, ("tiny-moe token",), (1,))
+SMALL = Sizes("tiny", "vit_tiny_patch16_224", 32, 4, 2, (2, 4), 64, ("tiny-moe token",),
+              ("image classification", "caption (corpus)", "mlm (sampled)"), (1,))
 Row = tuple[str, str, str]
 
 
@@ -156,7 +159,7 @@ def attention(device: torch.device, sizes: Sizes) -> Iterator[Row]:
 
 def syncs(device: torch.device, root: Path, sizes: Sizes) -> Iterator[Row]:
     for model in sizes.sync_models:
-        for task in sync_census.TASKS:
+        for task in sizes.sync_tasks:
             if device.type == "cuda":
                 setup = sync_census.setup_step(root, model, task, device)
                 setup.run(1)

@@ -27,9 +27,11 @@ def toyworld(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.mark.parametrize("model", ["tiny-moe attribute", "tiny-moe token, capacity 1.25"])  # dense blocks too
+@pytest.mark.parametrize("model", ["tiny", "tiny-moe attribute", "tiny-moe token, capacity 1.25"])
 def test_the_formula_is_within_5_percent_of_flop_counter_mode(toyworld: Path, model: str) -> None:
     for task in flops_check.sync_census.TASKS:
+        if model != "tiny" and task == "caption (full vocabulary)":
+            continue  # 49,411 rows through expert blocks (10-20 s); the corpus caption is the same formula
         formula, counted = flops_check.compare(toyworld, model, task)
         assert formula == pytest.approx(counted, rel=0.05), (model, task)
 

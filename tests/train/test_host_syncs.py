@@ -55,6 +55,8 @@ def toyworld(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("model", ["tiny", "tiny-moe attribute", "tiny-moe token, capacity 1.25"])
 def test_a_training_step_makes_the_host_wait_for_nothing(toyworld: Path, model: str) -> None:
     for task in sync_census.TASKS:
+        if "token" in model and task == "caption (full vocabulary)":
+            continue  # 49,411 token-routed rows (20 s); the corpus caption runs the same code on fewer
         census = sync_census.step_census(toyworld, model, task)
         assert census.total == 0, f"{model}, {task}: {dict(census.places)}"
 
