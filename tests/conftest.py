@@ -25,3 +25,14 @@ def ref_io(reference_dir: Path) -> dict:
 @pytest.fixture(scope="session")
 def ref_moe_io(reference_dir: Path) -> dict:
     return torch.load(reference_dir / "ref_moe_io.pt", map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def toyworld_32(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny ToyWorld at 32 px with 2-frame clips, one shard per split: the data of the one-step harness
+    (benchmarks/sync_census.py) and the compile, FLOPs and host-sync tests, which only read it."""
+    from uniperceiver_cli.data.toyworld import generate
+
+    root = tmp_path_factory.mktemp("toyworld_32")
+    generate(root, size="tiny", image_size=32, num_frames=2, min_shards=1, progress=False)
+    return root

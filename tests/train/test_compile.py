@@ -11,7 +11,6 @@ from torch._dynamo.utils import counters
 
 import uniperceiver_cli.model.uniperceiver as uniperceiver
 from uniperceiver_cli.data.loader import _bucketed
-from uniperceiver_cli.data.toyworld import generate
 from uniperceiver_cli.model.config import get_config
 from uniperceiver_cli.model.uniperceiver import RECOMPILE_LIMIT, TEXT_TARGET, VISUAL, UniPerceiver
 from uniperceiver_cli.train.loop import train
@@ -60,23 +59,16 @@ def test_texts_are_padded_to_a_multiple_of_8_within_the_limit() -> None:
     assert _bucketed(ids[:, :8], padding[:, :8], 8, 30)[0].shape == (2, 8)
 
 
-@pytest.fixture(scope="module")
-def toyworld(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("toyworld")
-    generate(root, size="tiny", image_size=32, num_frames=2, min_shards=1, progress=False)
-    return root
-
-
 def _losses(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_a_compiled_task_mix_has_no_graph_break_and_eager_losses(toyworld: Path, tmp_path: Path,
+def test_a_compiled_task_mix_has_no_graph_break_and_eager_losses(toyworld_32: Path, tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     preset = "tiny-moe"  # expert blocks (0, 2) and a dense one (1)
     monkeypatch.setattr(uniperceiver, "COMPILE_BACKEND", "aot_eager")  # the graphs inductor gets, run eagerly
     def recipe(compile: bool):  # noqa: ANN202
-        return validate({"name": "t", "stage": "pretrain", "data_root": str(toyworld), "tasks": TASKS,
+        return validate({"name": "t", "stage": "pretrain", "data_root": str(toyworld_32), "tasks": TASKS,
                          "model": {"preset": preset, "overrides": {"image_size": 32, "max_frames": 2}},
                          "train": {"steps": 20, "lr": 1e-3, "warmup_steps": 2, "log_every": 1, "grad_clip": 1.0,
                                    "compile": compile}})

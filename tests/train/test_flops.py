@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from uniperceiver_cli.data.toyworld import generate
 from uniperceiver_cli.train.flops import peak_flops
 from uniperceiver_cli.train.loop import train
 from uniperceiver_cli.train.recipe import validate
@@ -20,24 +19,17 @@ sys.modules["flops_check"] = flops_check
 spec.loader.exec_module(flops_check)
 
 
-@pytest.fixture(scope="module")
-def toyworld(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("toyworld")
-    generate(root, size="tiny", image_size=32, num_frames=2, min_shards=1, progress=False)
-    return root
-
-
 @pytest.mark.parametrize("model", ["tiny", "tiny-moe attribute", "tiny-moe token, capacity 1.25"])
-def test_the_formula_is_within_5_percent_of_flop_counter_mode(toyworld: Path, model: str) -> None:
+def test_the_formula_is_within_5_percent_of_flop_counter_mode(toyworld_32: Path, model: str) -> None:
     for task in flops_check.sync_census.TASKS:
         if model != "tiny" and task == "caption (full vocabulary)":
             continue  # 49,411 rows through expert blocks (10-20 s); the corpus caption is the same formula
-        formula, counted = flops_check.compare(toyworld, model, task)
+        formula, counted = flops_check.compare(toyworld_32, model, task)
         assert formula == pytest.approx(counted, rel=0.05), (model, task)
 
 
-def test_dropless_token_routing_counts_a_lower_bound(toyworld: Path) -> None:
-    formula, counted = flops_check.compare(toyworld, "tiny-moe token", "image classification")
+def test_dropless_token_routing_counts_a_lower_bound(toyworld_32: Path) -> None:
+    formula, counted = flops_check.compare(toyworld_32, "tiny-moe token", "image classification")
     assert formula < counted  # the balanced depth; the busiest expert sets the real one
 
 
@@ -50,8 +42,8 @@ def test_device_peaks() -> None:
     assert peak_flops("NVIDIA GeForce RTX 4090", "bf16", tf32=True) is None
 
 
-def test_metrics_record_the_model_flops_rate(toyworld: Path, tmp_path: Path) -> None:
-    recipe = validate({"name": "t", "stage": "pretrain", "data_root": str(toyworld),
+def test_metrics_record_the_model_flops_rate(toyworld_32: Path, tmp_path: Path) -> None:
+    recipe = validate({"name": "t", "stage": "pretrain", "data_root": str(toyworld_32),
                        "tasks": [{"name": "shape", "type": "image_classification", "data": "images/train",
                                   "label_set": "shape", "batch_size": 4, "augment": False}],
                        "model": {"preset": "tiny", "overrides": {"image_size": 32, "layers": 1}},

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from uniperceiver_cli.data.loader import to_device
-from uniperceiver_cli.data.toyworld import generate
 from uniperceiver_cli.train.host_syncs import HostSyncCensus
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
@@ -45,25 +44,18 @@ def test_the_census_counts_what_waits_for_the_device_and_nothing_on_the_host() -
     assert census.places["item @ outside the package"] == 1
 
 
-@pytest.fixture(scope="module")
-def toyworld(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("toyworld")
-    generate(root, size="tiny", image_size=32, num_frames=2, min_shards=1, progress=False)
-    return root
-
-
 @pytest.mark.parametrize("model", ["tiny", "tiny-moe attribute", "tiny-moe token, capacity 1.25"])
-def test_a_training_step_makes_the_host_wait_for_nothing(toyworld: Path, model: str) -> None:
+def test_a_training_step_makes_the_host_wait_for_nothing(toyworld_32: Path, model: str) -> None:
     for task in sync_census.TASKS:
         if "token" in model and task == "caption (full vocabulary)":
             continue  # 49,411 token-routed rows (20 s); the corpus caption runs the same code on fewer
-        census = sync_census.step_census(toyworld, model, task)
+        census = sync_census.step_census(toyworld_32, model, task)
         assert census.total == 0, f"{model}, {task}: {dict(census.places)}"
 
 
-def test_dropless_token_routing_waits_once_per_gate_call(toyworld: Path) -> None:
+def test_dropless_token_routing_waits_once_per_gate_call(toyworld_32: Path) -> None:
     for task in ["image classification", "mlm (sampled)"]:
-        census = sync_census.step_census(toyworld, "tiny-moe token", task)
+        census = sync_census.step_census(toyworld_32, "tiny-moe token", task)
         # one MoE layer (tiny-moe's layer 0 of 2), its attention and MLP gates, the input and the target set
         assert census.counts == {"item": 4}, dict(census.places)
         assert all("model/moe.py" in place and "item" in place for place in census.places)
