@@ -3,7 +3,8 @@
 Public API::
 
     import uniperceiver_cli as up
-    model = up.create_model("base")            # or up.load_model("bundle_dir" | "official.pth")
+    model = up.create_model("base")            # or up.load_model("bundle_dir" | "official.pth" | "uni-perceiver-base")
+    model, image_tf, video_tf, tokenizer = up.load_model_and_transforms("bundle_dir")
     tokenizer = up.get_tokenizer()
     feats = model.encode_image(images)         # (B, D), L2-normalised
 """
@@ -18,7 +19,8 @@ from uniperceiver_cli.version import __version__
 if TYPE_CHECKING:
     from uniperceiver_cli.checkpoints.bundle import save_bundle
     from uniperceiver_cli.checkpoints.errors import CheckpointError
-    from uniperceiver_cli.checkpoints.loading import load_checkpoint, load_model
+    from uniperceiver_cli.checkpoints.loading import load_checkpoint, load_model, load_model_and_transforms
+    from uniperceiver_cli.checkpoints.pretrained import list_pretrained
     from uniperceiver_cli.model.config import PRESETS, ModelConfig, MoEConfig, PromptConfig, get_config
     from uniperceiver_cli.model.tokenizer import Tokenizer, get_tokenizer
     from uniperceiver_cli.model.uniperceiver import UniPerceiver
@@ -28,6 +30,8 @@ if TYPE_CHECKING:
 _LAZY = {
     "CheckpointError": "uniperceiver_cli.checkpoints.errors", "save_bundle": "uniperceiver_cli.checkpoints.bundle",
     "load_checkpoint": "uniperceiver_cli.checkpoints.loading", "load_model": "uniperceiver_cli.checkpoints.loading",
+    "load_model_and_transforms": "uniperceiver_cli.checkpoints.loading",
+    "list_pretrained": "uniperceiver_cli.checkpoints.pretrained",
     "PRESETS": "uniperceiver_cli.model.config", "ModelConfig": "uniperceiver_cli.model.config",
     "MoEConfig": "uniperceiver_cli.model.config", "PromptConfig": "uniperceiver_cli.model.config",
     "get_config": "uniperceiver_cli.model.config",
@@ -54,5 +58,6 @@ def create_model(preset: str | ModelConfig = "base", **overrides: Any) -> UniPer
 
 __all__ = [
     "PRESETS", "CheckpointError", "ModelConfig", "MoEConfig", "PromptConfig", "Tokenizer", "UniPerceiver",
-    "__version__", "create_model", "get_config", "get_tokenizer", "load_checkpoint", "load_model", "save_bundle",
+    "__version__", "create_model", "get_config", "get_tokenizer", "list_pretrained", "load_checkpoint", "load_model",
+    "load_model_and_transforms", "save_bundle",
 ]

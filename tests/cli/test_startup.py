@@ -35,6 +35,6 @@ def test_the_package_imports_its_api_on_first_use():
 
 
 @pytest.mark.parametrize("args", [["--version"], ["--help"], ["recipes", "ls"], ["recipes", "show", "toyworld-tiny"],
-                                  ["recipes", "cp", "toyworld-tiny", "."]])
+                                  ["recipes", "cp", "toyworld-tiny", "."], ["models"]])
 def test_commands_without_a_model_do_not_import_torch(args, tmp_path):
     assert heavy_imports(*args, cwd=tmp_path) == set()

@@ -66,8 +66,7 @@ def save_bundle(model: UniPerceiver, directory: str | Path, *, dtype: str | torc
         "version": 1,
         "model": model.config.to_dict(),
         "tokenizer": {"type": "clip-bpe", "vocab_size": model.config.vocab_size, "eot_id": EOT_ID, "spe_id": SPE_ID},
-        "preprocessing": {"image_size": model.config.image_size, "image_mean": IMAGENET_MEAN,
-                          "image_std": IMAGENET_STD, "video_mean": VIDEO_MEAN, "video_std": VIDEO_STD},
+        "preprocessing": preprocessing(model.config),
         "targets": {"class_names": model.class_names,
                     "caption_vocabulary": None if vocabulary is None else vocabulary.tolist()},
     }
@@ -77,6 +76,26 @@ def save_bundle(model: UniPerceiver, directory: str | Path, *, dtype: str | torc
     tmp.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, directory / BUNDLE_CONFIG)
     return directory
+
+
+def preprocessing(config: ModelConfig) -> dict[str, Any]:
+    """What a bundle records of its inputs' preprocessing: the reference's, at the model's image size."""
+    return {"image_size": config.image_size, "image_mean": list(IMAGENET_MEAN), "image_std": list(IMAGENET_STD),
+            "video_mean": list(VIDEO_MEAN), "video_std": list(VIDEO_STD)}
+
+
+def check_preprocessing(directory: Path, config: ModelConfig) -> None:
+    """Refuse a bundle whose recorded preprocessing is not the one this version builds for its model (a hand-edited
+    ``config.json``): transforms built otherwise would feed the weights pixels they were not trained on. Bundles
+    written before it was recorded have none and get the model's."""
+    path = directory / BUNDLE_CONFIG
+    recorded = json.loads(read_side_file(path)).get("preprocessing") if path.is_file() else None
+    expected = preprocessing(config)
+    if recorded is not None and recorded != expected:
+        differ = sorted(k for k in set(expected) | set(recorded) if recorded.get(k) != expected.get(k)) \
+            if isinstance(recorded, dict) else ["preprocessing"]
+        raise CheckpointError(f"{path} records preprocessing this version does not build for its model "
+                              f"({', '.join(differ)} differ from the reference's {expected})")
 
 
 def staging_folders(out: Path) -> tuple[Path, Path]:

@@ -6,11 +6,11 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from uniperceiver_cli.checkpoints.bundle import read_bundle, read_safetensors
+from uniperceiver_cli.checkpoints.bundle import check_preprocessing, read_bundle, read_safetensors
 from uniperceiver_cli.checkpoints.errors import CheckpointError, CheckpointWarning
 from uniperceiver_cli.checkpoints.official import convert_official, infer_config, preset_of
 from uniperceiver_cli.checkpoints.runs import read_model_config, run_recipe
@@ -18,6 +18,13 @@ from uniperceiver_cli.checkpoints.sources import Source, find_source, sha256_of
 from uniperceiver_cli.model.config import ModelConfig, get_config, trained_config
 from uniperceiver_cli.model.uniperceiver import Targets, UniPerceiver
 from uniperceiver_cli.version import __version__
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from PIL import Image
+
+    from uniperceiver_cli.model.tokenizer import Tokenizer
 
 
 @dataclass
@@ -210,6 +217,34 @@ def load_model(path: str | Path | Source, *, preset: str | None = None, strict: 
     source = path if isinstance(path, Source) else find_source(path, kind=kind, step=step, latest=latest)
     weights = read_weights(source, fold_video_type)
     return build_model(source, weights, model_config(source, weights, preset, **overrides), strict)
+
+
+class ModelAndTransforms(NamedTuple):
+    """What :func:`load_model_and_transforms` returns; it unpacks as a 4-tuple."""
+
+    model: UniPerceiver
+    image_transform: Callable[[Image.Image], torch.Tensor]  # a PIL image -> (3, S, S)
+    video_transform: Callable[[torch.Tensor], torch.Tensor]  # uint8 frames (T, H, W, 3) -> views (V, T, 3, S, S)
+    tokenizer: Tokenizer
+
+
+def load_model_and_transforms(src: str | Path, *, task: str = "classification", num_crops: int = 3,
+                              **kwargs: Any) -> ModelAndTransforms:
+    """The model of ``src`` (anything :func:`load_model` takes, with its keyword arguments) with the evaluation
+    transforms and the tokenizer it expects: the image transform for ``task`` ("classification", or "caption" and
+    "retrieval", which resize the short side straight to the image size) and the video transform with ``num_crops``
+    views, at the image size the bundle records (a bundle whose recorded preprocessing differs from the reference's
+    is refused), else the config's."""
+    from uniperceiver_cli.model.preprocess import image_transform, video_transform
+    from uniperceiver_cli.model.tokenizer import get_tokenizer
+
+    source = find_source(src, kind=kwargs.pop("kind", None), step=kwargs.pop("step", None),
+                         latest=kwargs.pop("latest", False))
+    model = load_model(source, **kwargs)
+    if source.kind == "bundle":
+        check_preprocessing(source.path, model.config)
+    return ModelAndTransforms(model, image_transform(model.config, task), video_transform(model.config, num_crops),
+                              get_tokenizer())
 
 
 def source_provenance(source: Source, weights: Weights) -> dict[str, Any]:

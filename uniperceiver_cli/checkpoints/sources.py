@@ -15,6 +15,7 @@ from uniperceiver_cli.checkpoints import runs
 from uniperceiver_cli.checkpoints.bundle import BUNDLE_CONFIG, BUNDLE_WEIGHTS, read_safetensors, recover_export
 from uniperceiver_cli.checkpoints.errors import CheckpointError
 from uniperceiver_cli.checkpoints.official import key_naming
+from uniperceiver_cli.checkpoints.pretrained import resolve_model
 from uniperceiver_cli.checkpoints.safe_load import CHECKPOINT_GLOBALS, torch_load
 
 # What ``load_model`` and ``uniperceiver export`` accept, told apart in two steps: where the weights sit (a
@@ -169,7 +170,7 @@ def model_identity(path: str | Path | None) -> dict[str, Any]:
     training checkpoint's weights file)."""
     if path is None:
         return {"path": None, "sha256": None, "note": "freshly initialised model"}
-    path = Path(path)
+    path = resolve_model(path)
     return {"path": str(path.resolve()), "sha256": sha256_of(find_source(path).weights if path.is_dir() else path)}
 
 
@@ -185,9 +186,10 @@ def find_source(path: str | Path, *, kind: str | None = None, step: int | None =
       ``deepspeed/`` folder, the tag folder or ``mp_rank_00_model_states.pt``); only the module states are read;
     - an official "torch" or "ds" file.
 
-    What an export to ``path`` stopped midway left beside it is put right first (:func:`recover_export`).
+    ``path`` may also name a released checkpoint or an ``hf-hub:`` bundle (:func:`resolve_model`). What an export to
+    ``path`` stopped midway left beside it is put right first (:func:`recover_export`).
     """
-    path = Path(path)
+    path = resolve_model(path)
     if kind is not None and kind not in KIND_LABELS:
         raise CheckpointError(f"unknown source kind {kind!r}; choose one of: {', '.join(KIND_LABELS)}")
     recover_export(path)

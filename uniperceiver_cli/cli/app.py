@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from uniperceiver_cli.cli import evaluate, export, predict, prepare_data, presets, recipes, train
+from uniperceiver_cli.cli import evaluate, export, models, predict, prepare_data, presets, recipes, train
 from uniperceiver_cli.version import __version__
 
 # The help is the root callback's docstring.
@@ -24,6 +24,7 @@ def root(version: bool = typer.Option(False, "--version", callback=_version, is_
 
 
 app.command("presets")(presets.presets)
+app.command("models")(models.models)
 app.command("evaluate")(evaluate.evaluate)
 app.command("predict")(predict.predict)
 app.command("export")(export.export)

@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 
 err_console = Console(stderr=True)
 
+MODEL_HELP = ("A bundle, run, training checkpoint or .pth file, a released model by name (uniperceiver models) or "
+              "hf-hub:ORG/NAME.")
 USER_ERRORS = (ValueError, OSError, KeyError)  # OSError: a missing file, a folder that cannot be written, ...
 
 
@@ -56,8 +58,6 @@ def load_any_model(model: Path | None, preset: str | None, device: torch.device)
         if preset is None:
             raise ValueError("give --model PATH (a bundle, run, training checkpoint or official file) or --preset NAME")
         return UniPerceiver(get_config(preset)).eval().to(device)
-    if not model.exists():
-        raise FileNotFoundError(f"model {model} does not exist")
     return load_model(model, preset=preset).to(device)
 
 

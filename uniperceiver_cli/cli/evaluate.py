@@ -7,7 +7,14 @@ from pathlib import Path
 
 import typer
 
-from uniperceiver_cli.cli.common import Vocabulary, load_any_model, one_line_warnings, pick_device, user_errors
+from uniperceiver_cli.cli.common import (
+    MODEL_HELP,
+    Vocabulary,
+    load_any_model,
+    one_line_warnings,
+    pick_device,
+    user_errors,
+)
 from uniperceiver_cli.data.shards import Manifest
 from uniperceiver_cli.task_types import TASKS
 from uniperceiver_cli.train.recipe import EvalTaskSpec
@@ -17,7 +24,7 @@ SPEC = {field.name: field.default for field in dataclasses.fields(EvalTaskSpec)}
 
 def evaluate(
     data: Path = typer.Option(..., "--data", help="A converted split: the folder holding manifest.json."),
-    model: Path | None = typer.Option(None, "--model", help="A bundle, run, training checkpoint or .pth file."),
+    model: Path | None = typer.Option(None, "--model", help=MODEL_HELP),
     preset: str | None = typer.Option(None, help="Model preset: the shape of an official file, or a fresh model."),
     task: str | None = typer.Option(None, help=f"One of {', '.join(TASKS)}; default: the split's first task."),
     labels: Path | None = typer.Option(None, help="Zero-shot class names, one per line (default: the split's)."),

@@ -26,7 +26,8 @@ class Dtype(str, Enum):
 
 def export(
     src: Path = typer.Argument(..., help="A bundle, a run directory, a training checkpoint (checkpoints/step-N, "
-                               "state.pt, a DeepSpeed folder) or an official .pth file."),
+                               "state.pt, a DeepSpeed folder), an official .pth file, a released model by name "
+                               "(uniperceiver models) or hf-hub:ORG/NAME."),
     out: Path = typer.Option(..., "--out", help="The bundle folder to write (model.safetensors + config.json)."),
     source_kind: SourceKind | None = typer.Option(None, "--from", help="Take SRC as this kind instead of "
                                                   "detecting it."),

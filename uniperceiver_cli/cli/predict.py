@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from uniperceiver_cli.cli.common import (
+    MODEL_HELP,
     Vocabulary,
     err_console,
     load_any_model,
@@ -38,7 +39,7 @@ def _collect(paths: list[Path]) -> list[Path]:
 
 def predict(
     files: list[Path] = typer.Argument(..., help="Image and video files, or folders of them."),
-    model: Path | None = typer.Option(None, "--model", help="A bundle, run, training checkpoint or .pth file."),
+    model: Path | None = typer.Option(None, "--model", help=MODEL_HELP),
     preset: str | None = typer.Option(None, help="Model preset: the shape of an official file, or a fresh model."),
     labels: Path | None = typer.Option(None, help="Class names, one per line: print the top-k labels."),
     label: list[str] | None = typer.Option(None, help="A class name (repeat the option for several)."),
