@@ -1,8 +1,14 @@
-"""The answers of ``predict`` for one file: zero-shot labels, best-matching texts or a caption, from a PyTorch
-model or an exported ONNX folder. Only the PyTorch answerer imports torch."""
+"""The answers of ``predict`` for a batch of files: zero-shot labels, best-matching texts or a caption, from a PyTorch
+model or an exported ONNX folder. Only the PyTorch answerer imports torch.
+
+A file is read into its own array: an image as ``(1, 3, S, S)``, a video as its spatial views ``(V, T, 3, S, S)``.
+A batch stacks the files of one shape into one forward pass (its images, its videos), and each file's answer is read
+from its rows: a video's softmax (or feature) is averaged over its views, its caption is that of its centre view.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,12 +19,16 @@ if TYPE_CHECKING:
 
     from uniperceiver_cli.model.uniperceiver import UniPerceiver
 
+# answer(files' arrays, top_k) -> one answer per file; read(path, num_frames) -> the file's array
+Answer = Callable[[Sequence[Any], int], list[dict]]
+Read = Callable[[Path, int], Any]
+
 
 def torch_answerer(net: UniPerceiver, dev: torch.device, names: list[str], templates: list[str] | None,
                    candidates: list[str], vocabulary: str, beam_size: int, max_len: int,
-                   routing_task: str | None):  # noqa: ANN201
-    """The answer to give for one file's inputs, and how to read a file, with the PyTorch model ``net`` on ``dev``
-    (a task-routed one as ``routing_task``); ``vocabulary`` is "trained" or "full", as for ``evaluate``."""
+                   routing_task: str | None) -> tuple[Answer, Read]:
+    """How to answer a batch of files and how to read one, with the PyTorch model ``net`` on ``dev`` (a task-routed
+    one as ``routing_task``); ``vocabulary`` is "trained" or "full", as for ``evaluate``."""
     import torch
 
     from uniperceiver_cli.evaluate.runners import label_features
@@ -32,24 +42,23 @@ def torch_answerer(net: UniPerceiver, dev: torch.device, names: list[str], templ
             rows = net.classifier_rows(names)  # before encoding: a name the classifier lacks is refused
             features = label_features(net, names, templates)
 
-            def answer(inputs: torch.Tensor, top_k: int) -> dict:
-                """A video arrives as its spatial views (V, T, 3, S, S); the softmax is averaged over them."""
-                scores = net.classification_logits(inputs, features, rows).float().softmax(-1).mean(0)
-                return _top(scores, names, top_k, "prob")
+            def run(inputs: torch.Tensor, views: int, top_k: int) -> list[dict]:
+                probs = net.classification_logits(inputs, features, rows).float().softmax(-1)
+                return [_top(p, names, top_k, "prob") for p in probs.view(-1, views, len(names)).mean(1).cpu().numpy()]
         elif candidates:
-            features = net.encode_text(candidates)
+            features = net.encode_text(candidates).float()
 
-            def answer(inputs: torch.Tensor, top_k: int) -> dict:
-                """Cosine similarity; a video's views are averaged."""
+            def run(inputs: torch.Tensor, views: int, top_k: int) -> list[dict]:
                 feats = net.encode_video(inputs) if inputs.dim() == 5 else net.encode_image(inputs)
-                scores = torch.nn.functional.normalize(feats.float().mean(0), dim=-1) @ features.float().t()
-                return _top(scores, candidates, top_k, "similarity")
+                feats = torch.nn.functional.normalize(feats.float().view(-1, views, feats.shape[-1]).mean(1), dim=-1)
+                return [_top(s, candidates, top_k, "similarity") for s in (feats @ features.t()).cpu().numpy()]
         else:
             targets = net.caption_targets(caption_vocabulary(net, vocabulary))
 
-            def answer(inputs: torch.Tensor, top_k: int) -> dict:
-                one = inputs[len(inputs) // 2:len(inputs) // 2 + 1]  # a video's centre view, or the image
-                return {"caption": net.caption(one, beam_size=beam_size, max_len=max_len, targets=targets)[0]}
+            def run(inputs: torch.Tensor, views: int, top_k: int) -> list[dict]:
+                centre = inputs.view(-1, views, *inputs.shape[1:])[:, views // 2]  # a video's centre view
+                return [{"caption": c} for c in net.caption(centre, beam_size=beam_size, max_len=max_len,
+                                                            targets=targets)]
 
     def read(path: Path, num_frames: int) -> torch.Tensor:
         if path.suffix.lower() in VIDEO_SUFFIXES:
@@ -57,15 +66,15 @@ def torch_answerer(net: UniPerceiver, dev: torch.device, names: list[str], templ
         return transform(load_image(path))[None].to(dev)
 
     @torch.inference_mode()
-    def respond(inputs: torch.Tensor, top_k: int) -> dict:
+    def answer(items: Sequence[torch.Tensor], top_k: int) -> list[dict]:
         with net.routing_task(routing_task):
-            return answer(inputs, top_k)
+            return _by_shape(items, torch.cat, lambda inputs, views: run(inputs, views, top_k))
 
-    return respond, read
+    return answer, read
 
 
 def onnx_answerer(folder: Path, names: list[str], templates: list[str] | None, candidates: list[str],
-                  vocabulary: str, beam_size: int, max_len: int):  # noqa: ANN201
+                  vocabulary: str, beam_size: int, max_len: int) -> tuple[Answer, Read]:
     """As :func:`torch_answerer`, on onnxruntime with numpy preprocessing (no PyTorch)."""
     import numpy as np
 
@@ -81,36 +90,55 @@ def onnx_answerer(folder: Path, names: list[str], templates: list[str] | None, c
         rows = net.classifier_rows(names)
         features = net.label_features(names, templates)
 
-        def answer(inputs: np.ndarray, top_k: int) -> dict:
-            probs = softmax(net.classification_logits(inputs, features, rows)).mean(0)
-            return _top(probs, names, top_k, "prob")
+        def run(inputs: np.ndarray, views: int, top_k: int) -> list[dict]:
+            probs = softmax(net.classification_logits(inputs, features, rows))
+            return [_top(p, names, top_k, "prob") for p in probs.reshape(-1, views, len(names)).mean(1)]
     elif candidates:
         features = net.encode_text(candidates)
 
-        def answer(inputs: np.ndarray, top_k: int) -> dict:
-            feats = net.encode_visual(inputs).mean(0)
-            return _top(features @ (feats / max(float(np.linalg.norm(feats)), 1e-12)), candidates, top_k, "similarity")
+        def run(inputs: np.ndarray, views: int, top_k: int) -> list[dict]:
+            feats = net.encode_visual(inputs)
+            feats = feats.reshape(-1, views, feats.shape[-1]).mean(1)
+            feats = feats / np.maximum(np.linalg.norm(feats, axis=-1, keepdims=True), 1e-12)
+            return [_top(s, candidates, top_k, "similarity") for s in feats @ features.T]
     else:
         # As with the bundle: "trained" decodes over the recorded caption set (a graph exported with the whole
         # vocabulary is masked to it), "full" over every token.
         only = net.manifest.trained_caption_token_ids if vocabulary == "trained" else None
 
-        def answer(inputs: np.ndarray, top_k: int) -> dict:
-            one = inputs[len(inputs) // 2:len(inputs) // 2 + 1]  # a video's centre view, or the image
-            return {"caption": net.caption(one, beam_size=beam_size, max_len=max_len, only=only)[0]}
+        def run(inputs: np.ndarray, views: int, top_k: int) -> list[dict]:
+            centre = inputs.reshape(-1, views, *inputs.shape[1:])[:, views // 2]  # a video's centre view
+            return [{"caption": c} for c in net.caption(centre, beam_size=beam_size, max_len=max_len, only=only)]
 
     def read(path: Path, num_frames: int) -> np.ndarray:
         if path.suffix.lower() in VIDEO_SUFFIXES:
             return video_views(read_video_frames(path, num_frames), size)
         return image_array(load_image(path), size, "classification" if names else "caption")[None]
 
+    def answer(items: Sequence[np.ndarray], top_k: int) -> list[dict]:
+        return _by_shape(items, np.concatenate, lambda inputs, views: run(inputs, views, top_k))
+
     return answer, read
 
 
+def _by_shape(items: Sequence[Any], cat: Callable[[list[Any]], Any], run: Callable[[Any, int], list[dict]]
+              ) -> list[dict]:
+    """``run`` once per shape among ``items`` (the images, the videos of one frame count), on their rows stacked;
+    the answers in the items' order."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault(tuple(item.shape), []).append(i)
+    answers: list[dict] = [{}] * len(items)
+    for shape, members in groups.items():
+        for i, found in zip(members, run(cat([items[i] for i in members]), shape[0]), strict=True):
+            answers[i] = found
+    return answers
+
+
 def _top(scores: Any, entries: list[str], top_k: int, key: str) -> dict:
-    """The ``top_k`` best of ``entries`` by ``scores`` (a numpy array or a tensor, one score per entry)."""
+    """The ``top_k`` best of ``entries`` by ``scores`` (a numpy array, one score per entry)."""
     import numpy as np
 
-    scores = np.asarray(scores.float().cpu() if hasattr(scores, "cpu") else scores, dtype=np.float64)
+    scores = np.asarray(scores, dtype=np.float64)
     order = np.argsort(-scores, kind="stable")[:top_k]
     return {"top": [{"text": entries[int(i)], key: round(float(scores[i]), 6)} for i in order]}

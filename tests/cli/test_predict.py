@@ -154,3 +154,90 @@ def test_the_module_does_not_import_torch():
     code = ("import sys, uniperceiver_cli.cli.predict, uniperceiver_cli.cli.evaluate; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory):
+    torch.manual_seed(0)
+    return up.save_bundle(up.create_model("tiny", image_size=32, layer_scale_init=1.0),
+                          tmp_path_factory.mktemp("tiny") / "bundle")
+
+
+def _jsonl(text):
+    return [json.loads(line) for line in text.splitlines()]
+
+
+@pytest.mark.parametrize("mode", [["--label", "a red square", "--label", "a dog", "--label", "a star"],
+                                  ["--texts", "TEXTS"], ["--caption", "--max-len", "4"]])
+def test_batch_1_and_batch_16_give_the_same_answers(files, tiny_bundle, tmp_path, mode):
+    (tmp_path / "texts.txt").write_text("a red square\na blue circle\na green star\n")
+    mode = [str(tmp_path / "texts.txt") if a == "TEXTS" else a for a in mode]
+    rng = np.random.default_rng(0)
+    from PIL import Image
+    for i in range(14):
+        Image.fromarray(rng.integers(0, 256, (24 + i, 40, 3), dtype=np.uint8)).save(tmp_path / f"r{i:02d}.png")
+    inputs = [*sorted(tmp_path.glob("r*.png"))[:7], files / "clip.mp4", files / "broken.jpg",
+              *sorted(tmp_path.glob("r*.png"))[7:], files / "clip.mp4"]
+    runs = {}
+    for size in (1, 16):
+        result, out = _invoke([*inputs, "--model", tiny_bundle, *mode, "--batch-size", size, "--jsonl"])
+        assert result.exit_code == 1  # broken.jpg
+        runs[size] = _jsonl(out)
+    assert [r["file"] for r in runs[1]] == [r["file"] for r in runs[16]] == [str(p) for p in inputs]
+    assert "cannot read image" in runs[16][8]["error"] and runs[1][8] == runs[16][8]
+    for one, sixteen in zip(runs[1], runs[16], strict=True):
+        if "top" in one:
+            assert [e["text"] for e in one["top"]] == [e["text"] for e in sixteen["top"]]
+            key = next(k for k in one["top"][0] if k != "text")
+            assert [e[key] for e in one["top"]] == pytest.approx([e[key] for e in sixteen["top"]], abs=1e-5)
+        else:
+            assert one == sixteen
+
+
+def test_500_images_stream_through_a_pipe(files, tiny_bundle, tmp_path):
+    """Paths on stdin, one JSON line per file out as each batch is done: the first batch's lines arrive before
+    the rest of the list is written."""
+    import select
+
+    paths = []
+    for i in range(500):
+        path = tmp_path / f"img_{i:03d}.png"
+        path.write_bytes((files / f"img_{i % 2}.png").read_bytes())
+        paths.append(path)
+    paths[250] = tmp_path / "missing.png"
+    process = subprocess.Popen([sys.executable, "-m", "uniperceiver_cli", "predict", "-", "--model", str(tiny_bundle),
+                                "--label", "tench", "--label", "goldfish", "--jsonl", "--batch-size", "20"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process.stdin.write("".join(f"{p}\n" for p in paths[:20]))
+    process.stdin.flush()
+    ready, _, _ = select.select([process.stdout], [], [], 120)
+    assert ready, "no line came back for the first batch while the list was still open"
+    first = process.stdout.readline()
+    process.stdin.write("".join(f"{p}\n" for p in paths[20:]))
+    process.stdin.close()
+    rest, stderr = process.stdout.read(), process.stderr.read()
+    assert process.wait() == 1, stderr[-2000:]  # the missing file
+    rows = _jsonl(first + rest)
+    assert [r["file"] for r in rows] == [str(p) for p in paths]
+    assert rows[250]["error"].endswith("missing.png': no such file")
+    answers = [r for r in rows if "top" in r]
+    assert len(answers) == 499
+    assert {r["top"][0]["text"] for r in answers[::2]} <= {"tench", "goldfish"}
+    assert rows[0]["top"] == rows[2]["top"]  # the same image, in another batch position
+
+
+def test_out_writes_a_new_file_from_a_list(files, tiny_bundle, tmp_path):
+    (tmp_path / "list.txt").write_text(f"{files / 'img_0.png'}\n{files / 'broken.jpg'}\n\n{files / 'clip.mp4'}\n")
+    out = tmp_path / "answers.jsonl"
+    result, stdout = _invoke(["--files-from", tmp_path / "list.txt", "--model", tiny_bundle, "--caption",
+                              "--max-len", "3", "--out", out])
+    assert result.exit_code == 1 and stdout == ""
+    rows = _jsonl(out.read_text())
+    assert [r["file"].rsplit("/", 1)[1] for r in rows] == ["img_0.png", "broken.jpg", "clip.mp4"]
+    assert "error" in rows[1] and "caption" in rows[0] and "caption" in rows[2]
+    before = out.read_text()
+    result, _ = _invoke([files / "img_0.png", "--model", tiny_bundle, "--caption", "--out", out])
+    assert result.exit_code == 2 and "exists; give a new file for --out" in result.stderr
+    assert out.read_text() == before
+    result, _ = _invoke([files / "img_0.png", "--model", tiny_bundle, "--caption", "--out", out, "--json"])
+    assert result.exit_code == 2 and "choose one of --json, --jsonl or --out" in result.stderr

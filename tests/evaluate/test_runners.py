@@ -89,10 +89,15 @@ def test_captioning_runner_writes_every_sample(model):
 def test_mlm_masking_and_runner(model):
     ids = torch.tensor([[320, 1929, 269, 49407, 0], [320, 49407, 0, 0, 0]])
     padding = ids == 0
-    masked, chosen = mask_tokens(ids, padding, 0.0, torch.Generator().manual_seed(0))
+    masked, chosen = mask_tokens(ids, padding, 0.0, 0, ["a", "b"])
     assert chosen.sum(1).tolist() == [1, 1] and (masked[chosen] == 49410).all()
-    masked, chosen = mask_tokens(ids, padding, 1.0, torch.Generator().manual_seed(0))
+    masked, chosen = mask_tokens(ids, padding, 1.0, 0, ["a", "b"])
     assert chosen.tolist() == [[True, True, True, False, False], [True, False, False, False, False]]
+    # a row's draws follow its key, whatever the batch it comes in
+    long = torch.tensor([[320 + i for i in range(40)]])
+    _, alone = mask_tokens(long, None, 0.5, 7, ["k"])
+    _, paired = mask_tokens(torch.cat([long.flip(1), long]), None, 0.5, 7, ["j", "k"])
+    assert torch.equal(alone[0], paired[1]) and not torch.equal(paired[0], paired[1])
     result = run_mlm(model, [{"text_ids": ids, "text_padding": padding, "keys": ["a", "b"]}])
     assert result.metrics["masked_tokens"] >= 2 and 0 <= result.metrics["masked_acc"] <= 100
 

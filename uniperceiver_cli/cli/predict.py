@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from uniperceiver_cli.cli.common import (
@@ -20,25 +30,72 @@ from uniperceiver_cli.cli.common import (
     user_errors,
 )
 from uniperceiver_cli.data.shards import IMAGE_SUFFIXES, VIDEO_SUFFIXES
-from uniperceiver_cli.predict import onnx_answerer, torch_answerer
+from uniperceiver_cli.predict import Answer, Read, onnx_answerer, torch_answerer
+
+STDIN = "-"
 
 
-def _collect(paths: list[Path]) -> list[Path]:
-    files: list[Path] = []
-    for path in paths:
-        if path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES + VIDEO_SUFFIXES))
-        elif path.exists():
-            files.append(path)
-        else:
+def _expand(path: Path) -> list[Path]:
+    """A folder's image and video files (sorted, recursively), or the path itself."""
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES + VIDEO_SUFFIXES)
+    return [path]
+
+
+def _inputs(files: list[Path], files_from: Path | None) -> tuple[Iterator[Path], int | None]:
+    """The files to answer, and how many when known beforehand. A path given on the command line must exist (one
+    line, before any work); the lines of a list file or of standard input (``-``) are read as they come, and one
+    that does not exist is answered with an error line, as an unreadable file is."""
+    from uniperceiver_cli.text_files import read_lines
+
+    sources = [*files, *([files_from] if files_from is not None else [])]
+    if not sources:
+        raise ValueError("give files or folders, or --files-from LIST (- for standard input)")
+    streamed = any(str(p) == STDIN for p in sources)
+    for path in sources:
+        if str(path) != STDIN and not path.exists():
             raise FileNotFoundError(f"{path} does not exist")
-    if not files:
-        raise ValueError("no image or video files found in " + ", ".join(map(str, paths)))
-    return files
+
+    def listed(path: Path) -> Iterator[Path]:
+        if str(path) == STDIN:
+            yield from (Path(line.strip()) for line in sys.stdin if line.strip())
+        elif path == files_from:
+            yield from map(Path, read_lines(path, "file list"))
+        else:
+            yield from _expand(path)
+
+    paths = (found for source in sources for listed_path in listed(source) for found in _expand(listed_path))
+    if streamed:
+        return paths, None
+    collected = list(paths)
+    if not collected:
+        raise ValueError("no image or video files found in " + ", ".join(map(str, sources)))
+    return iter(collected), len(collected)
+
+
+def _batches(paths: Iterator[Path], size: int) -> Iterator[list[Path]]:
+    batch: list[Path] = []
+    for path in paths:
+        batch.append(path)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _progress() -> Progress:
+    """Files done, the time taken and the time left (known for a given list, not for standard input), on stderr;
+    only on a terminal, so nothing is written into a log."""
+    return Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=err_console, disable=not err_console.is_terminal)
 
 
 def predict(
-    files: list[Path] = typer.Argument(..., help="Image and video files, or folders of them."),
+    files: list[Path] | None = typer.Argument(None, help="Image and video files, or folders of them; - reads "
+                                              "paths from standard input, one per line."),
+    files_from: Path | None = typer.Option(None, "--files-from", help="A file listing paths, one per line "
+                                           "(- for standard input)."),
     model: Path | None = typer.Option(None, "--model", help=MODEL_HELP),
     preset: str | None = typer.Option(None, help="Model preset: the shape of an official file, or a fresh model."),
     labels: Path | None = typer.Option(None, help="Class names, one per line: print the top-k labels."),
@@ -53,20 +110,29 @@ def predict(
         Vocabulary.trained, help="Captions: decode over the tokens the model's caption task trained on (trained; all "
         "when the bundle records none) or all 49,411 (full)."),
     num_frames: int = typer.Option(8, min=1, help="Frames sampled evenly over each video."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1, help="Files per forward pass."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON array at the end instead of a table."),
+    jsonl: bool = typer.Option(False, "--jsonl", help="Print one JSON line per file as each batch is done."),
+    out: Path | None = typer.Option(None, "--out", help="Write one JSON line per file to this new file as each "
+                                    "batch is done (an existing file is not replaced)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda[:N]."),
     routing_task: str | None = typer.Option(None, "--routing-task", help="Task-routed MoE models: the training "
                                             "task whose experts to use."),
 ) -> None:
-    """Zero-shot labels (--labels/--label), best-matching texts (--texts) or captions (--caption) for files.
-    --model DIR/onnx runs an exported model on onnxruntime, without importing PyTorch."""
+    """Zero-shot labels (--labels/--label), best-matching texts (--texts) or captions (--caption) for files, in
+    batches. --jsonl and --out stream one JSON line per file (an unreadable file gets an "error" line); the exit code
+    is 1 when a file was skipped. --model DIR/onnx runs an exported model on onnxruntime, without importing PyTorch."""
     from uniperceiver_cli.onnx.runtime import is_onnx_folder
     from uniperceiver_cli.text_files import read_lines
 
     with user_errors(), one_line_warnings():
         if sum([labels is not None or bool(label), texts is not None, caption]) != 1:
             raise ValueError("choose exactly one of --labels/--label, --texts or --caption")
-        paths = _collect(files)
+        if sum([as_json, jsonl, out is not None]) > 1:
+            raise ValueError("choose one of --json, --jsonl or --out")
+        if out is not None and (out.exists() or out.is_symlink()):
+            raise FileExistsError(f"{out} exists; give a new file for --out")
+        paths, total = _inputs(list(files or []), files_from)
         names = (read_lines(labels, "labels") if labels else []) + list(label or [])
         candidates = read_lines(texts, "texts") if texts else []
         template_list = read_lines(templates, "templates") if templates else None
@@ -80,17 +146,52 @@ def predict(
             dev = pick_device(device)
             answer, read = torch_answerer(load_any_model(model, preset, dev), dev, names, template_list, candidates,
                                           vocabulary.value, beam_size, max_len, routing_task)
-        results = []
-        for path in paths:
-            try:
-                inputs = read(path, num_frames)
-            except (ValueError, FileNotFoundError) as e:
-                err_console.print(f"[red]skipped:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
-                continue
-            results.append({"file": str(path), **answer(inputs, top_k)})
-    _show(results, as_json)
-    if len(results) < len(paths):  # a file was skipped
+        stream = out.open("x", encoding="utf-8") if out is not None else sys.stdout if jsonl else None
+        results, answered, skipped = [], 0, 0
+        try:
+            with _progress() as progress:
+                task = progress.add_task("predict", total=total)
+                for batch in _batches(paths, batch_size):
+                    rows = _answer_batch(batch, answer, read, num_frames, top_k)
+                    for row in rows:
+                        if "error" in row and stream is None:
+                            err_console.print(f"[red]skipped:[/red] {escape(row['error'])}", highlight=False,
+                                              soft_wrap=True)
+                    skipped += sum("error" in row for row in rows)
+                    answered += len(rows)
+                    if stream is not None:
+                        stream.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+                        stream.flush()
+                    else:
+                        results.extend(row for row in rows if "error" not in row)
+                    progress.advance(task, len(rows))
+        finally:
+            if out is not None and stream is not None:
+                stream.close()
+        if not answered:
+            raise ValueError("no image or video files were given")
+    if stream is None:
+        _show(results, as_json)
+    if skipped:
         raise typer.Exit(1)
+
+
+def _answer_batch(batch: list[Path], answer: Answer, read: Read, num_frames: int, top_k: int) -> list[dict]:
+    """One row per file of ``batch``: its answer, or the reason it could not be read."""
+    rows: list[dict] = []
+    inputs, read_rows = [], []
+    for path in batch:
+        try:
+            inputs.append(read(path, num_frames))
+        except (ValueError, OSError) as e:  # OSError: a listed file that does not exist or cannot be opened
+            rows.append({"file": str(path), "error": " ".join(str(e).split())})
+            continue
+        row = {"file": str(path)}
+        rows.append(row)
+        read_rows.append(row)
+    for row, found in zip(read_rows, answer(inputs, top_k) if inputs else [], strict=True):
+        row.update(found)
+    return rows
 
 
 def _show(results: list[dict], as_json: bool) -> None:

@@ -115,10 +115,11 @@ class Manifest:
     def load(cls, path: str | Path) -> Manifest:
         """The manifest of a split folder (or of its ``manifest.json``); a one-line ValueError on an invalid one."""
         path = Path(path)
+        folder = path.parent if path.name == MANIFEST else path
         if path.is_dir():
             path = path / MANIFEST
         if path.name != MANIFEST or not path.is_file():
-            raise FileNotFoundError(f"no {MANIFEST} at {path.parent}: run `uniperceiver prepare-data` first")
+            raise FileNotFoundError(f"no {MANIFEST} at {folder}: run `uniperceiver prepare-data` first")
         data = read_json(path, "shard manifest")
         try:
             if not isinstance(data, dict):

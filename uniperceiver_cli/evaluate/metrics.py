@@ -13,7 +13,11 @@ SPICE_NOTE = "SPICE is not computed: it downloads Stanford CoreNLP at run time, 
 
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
     """Percent of rows whose label is among the k highest logits. logits (N, C), labels (N,)."""
-    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices  # (N, kmax)
+    return top_accuracy(logits.topk(min(max(ks), logits.shape[1]), dim=1).indices, labels, ks)
+
+
+def top_accuracy(top: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """:func:`topk_accuracy` from each row's highest-first class indices (N, kmax), kmax >= max(ks) or all classes."""
     hits = top == labels[:, None]
     return {f"acc@{k}": 100.0 * hits[:, :k].any(dim=1).float().mean().item() for k in ks}
 

@@ -2,12 +2,15 @@
 
 Each runner takes any iterable of loader batches (``uniperceiver_cli.data.loader``), so the training
 loop can call the same code every N steps. Target sets (class names, the vocabulary) are encoded once
-per evaluation.
+per evaluation. Given a ``ctx`` of several processes, each runner takes this process's share of the split and
+gathers the per-sample outputs of all of them (:mod:`.gather`) before the metrics; the predictions list each
+process's samples in turn.
 """
 
 from __future__ import annotations
 
 import warnings
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -16,13 +19,14 @@ import torch
 import torch.nn.functional as F
 
 from uniperceiver_cli.data.loader import visual_input
+from uniperceiver_cli.evaluate.gather import gather
 from uniperceiver_cli.evaluate.metrics import (
     SPICE_NOTE,
     average_views,
     caption_metrics,
     mlm_accuracy,
     retrieval_recall,
-    topk_accuracy,
+    top_accuracy,
 )
 from uniperceiver_cli.model.config import SOT_ID, SPE_ID
 from uniperceiver_cli.model.decoding import beam_search
@@ -33,6 +37,7 @@ from uniperceiver_cli.text_files import prompted
 
 if TYPE_CHECKING:
     from uniperceiver_cli.data.loader import Batch
+    from uniperceiver_cli.parallel.context import Context
 
 
 @dataclass
@@ -68,7 +73,8 @@ def _visual(batch: Batch, device: torch.device) -> tuple[torch.Tensor, int]:
 @torch.inference_mode()
 def run_classification(model: UniPerceiver, batches: Iterable[Batch], names: Sequence[str], *,
                        templates: Sequence[str] | None = None, truth_names: Sequence[str] | None = None,
-                       precision: str = "auto", top_k: int = 5, task: str = "classification") -> EvalResult:
+                       precision: str = "auto", top_k: int = 5, task: str = "classification",
+                       ctx: Context | None = None) -> EvalResult:
     """acc@1 / acc@k of image or video classification; videos average the softmax over their views.
 
     ``names`` are the candidate labels; ``truth_names`` (default: ``names``) name the data's label ids. With
@@ -84,41 +90,46 @@ def run_classification(model: UniPerceiver, batches: Iterable[Batch], names: Seq
         raise ValueError(f"none of the {len(names)} labels ({_preview(names)}) is a class of the data "
                          f"({_preview(truth_names)}): no sample could be scored")
     rows = model.classifier_rows(names)
+    k = min(top_k, len(names))
     with autocast(device, precision):
         targets = label_features(model, names, templates)
-        all_probs, all_labels, keys = [], [], []
+        tops, all_labels, keys = [], [], []
         for batch in batches:
             inputs, views = _visual(batch, device)
             probs = model.classification_logits(inputs, targets, rows).float().softmax(dim=-1)
             if views > 1:
                 probs = average_views(probs, views)
-            all_probs.append(probs.cpu())
+            tops.append(probs.topk(k, dim=1))
             all_labels.append(batch["labels"])
             keys.extend(batch["keys"])
-    probs, labels = torch.cat(all_probs), torch.cat(all_labels)
-    k = min(top_k, len(names))
+    values = torch.cat([t.values for t in tops]).cpu() if tops else torch.empty(0, k)
+    indices = torch.cat([t.indices for t in tops]).cpu() if tops else torch.empty(0, k, dtype=torch.long)
+    labels = torch.cat(all_labels) if all_labels else torch.empty(0, dtype=torch.long)
+    parts = gather((values, indices, labels, keys), ctx)
+    values, indices, labels = (torch.cat([part[i] for part in parts]) for i in range(3))
+    keys = [key for part in parts for key in part[3]]
     index = {name.lower(): i for i, name in enumerate(names)}
     truth = [truth_names[int(y)] if 0 <= int(y) < len(truth_names) else None for y in labels]
-    target = torch.tensor([index.get(t.lower(), -1) if t is not None else -1 for t in truth])
+    target = torch.tensor([index.get(t.lower(), -1) if t is not None else -1 for t in truth], dtype=torch.long)
     scored = target >= 0
     if not scored.any():
         raise ValueError(f"none of the {len(keys)} evaluated samples is of a class among the {len(names)} labels "
                          f"({_preview(names)}): no sample could be scored")
     notes = []
-    metrics = topk_accuracy(probs[scored], target[scored], ks=sorted({1, k}))
+    metrics = top_accuracy(indices[scored], target[scored], ks=sorted({1, k}))
     if not scored.all():
         notes.append(f"accuracy over the {int(scored.sum())} of {len(keys)} samples whose class is a candidate")
         warnings.warn(notes[-1], stacklevel=2)
-    top = probs.topk(k, dim=1)
     predictions = [{"key": key, "label": t,
                     "top": [{"label": names[int(i)], "prob": round(float(p), 6)} for p, i in zip(ps, ids, strict=True)]}
-                   for key, t, ps, ids in zip(keys, truth, top.values, top.indices, strict=True)]
+                   for key, t, ps, ids in zip(keys, truth, values.tolist(), indices.tolist(), strict=True)]
     return EvalResult(task, metrics, len(keys), predictions, notes)
 
 
 @torch.inference_mode()
 def run_retrieval(model: UniPerceiver, batches: Iterable[Batch], *, max_text_len: int = 50,
-                  captions_per_item: int | None = None, precision: str = "auto", task: str = "retrieval") -> EvalResult:
+                  captions_per_item: int | None = None, precision: str = "auto", task: str = "retrieval",
+                  ctx: Context | None = None) -> EvalResult:
     """R@1/5/10 and means, item-to-text and text-to-item, over every caption of every item (or its first
     ``captions_per_item``). Captions are cut to ``max_text_len`` tokens: 50 in the reference's pre-training,
     30 when fine-tuning."""
@@ -137,9 +148,22 @@ def run_retrieval(model: UniPerceiver, batches: Iterable[Batch], *, max_text_len
                 texts.extend(captions)
                 keys.append(key)
             items.append(feats.float())
-        ids, padding = tokenizer.encode_batch(texts, max_len=max_text_len)
-        text_feats = model.encode_text(ids, padding).float()
-    item_feats = torch.cat(items)
+        width = model.config.width
+        text_feats = torch.empty(0, width, device=device)
+        if texts:
+            ids, padding = tokenizer.encode_batch(texts, max_len=max_text_len)
+            text_feats = model.encode_text(ids, padding).float()
+    item_feats = torch.cat(items) if items else torch.empty(0, width, device=device)
+    if ctx is not None and ctx.world_size > 1:  # every process's features, on this device
+        parts = gather((item_feats.cpu(), text_feats.cpu(), owners, keys, texts), ctx)
+        item_feats = torch.cat([part[0] for part in parts]).to(device)
+        text_feats = torch.cat([part[1] for part in parts]).to(device)
+        owners, keys, texts, offset = [], [], [], 0
+        for _, _, part_owners, part_keys, part_texts in parts:
+            owners.extend(owner + offset for owner in part_owners)
+            keys.extend(part_keys)
+            texts.extend(part_texts)
+            offset += len(part_keys)
     similarity = (item_feats @ text_feats.t()).cpu()
     metrics = retrieval_recall(similarity, torch.tensor(owners))
     best = similarity.argmax(dim=1)
@@ -151,12 +175,13 @@ def run_retrieval(model: UniPerceiver, batches: Iterable[Batch], *, max_text_len
 @torch.inference_mode()
 def run_captioning(model: UniPerceiver, batches: Iterable[Batch], *, beam_size: int = 2, max_len: int = 21,
                    len_penalty: float = 0.0, vocab_ids: torch.Tensor | None = None, precision: str = "auto",
-                   task: str = "captioning") -> EvalResult:
+                   task: str = "captioning", ctx: Context | None = None) -> EvalResult:
     """BLEU-1..4, METEOR, ROUGE-L, CIDEr of beam-search captions (cached decoding) against all references.
 
     ``vocab_ids`` restricts decoding to these token ids (with end-of-text), e.g. a model trained with a
     corpus-restricted target set (``model.caption_vocabulary``); by default every one of the 49,411 tokens is a
-    candidate. Bytes of a character left incomplete are dropped from the captions."""
+    candidate. Bytes of a character left incomplete are dropped from the captions. With several processes only the
+    main one scores the gathered captions (METEOR runs Java); the others return no metrics."""
     device = _evaluating(model)
     tokenizer = get_tokenizer()
     predictions, references = {}, {}
@@ -171,18 +196,24 @@ def run_captioning(model: UniPerceiver, batches: Iterable[Batch], *, beam_size: 
             for key, caption, refs in zip(batch["keys"], tokenizer.decode_batch(result.tokens.cpu(), errors="ignore"),
                                           batch["captions"], strict=True):
                 predictions[key], references[key] = caption, list(refs)
-    metrics = caption_metrics(predictions, references)
+    parts = gather((predictions, references), ctx)
+    predictions = {k: v for part, _ in parts for k, v in part.items()}
+    references = {k: v for _, part in parts for k, v in part.items()}
+    metrics = caption_metrics(predictions, references) if ctx is None or ctx.main else {}
     rows = [{"key": k, "caption": predictions[k], "references": references[k]} for k in predictions]
     return EvalResult(task, metrics, len(rows), rows, notes=[SPICE_NOTE])
 
 
-def mask_tokens(ids: torch.Tensor, padding: torch.Tensor | None, probability: float,
-                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_tokens(ids: torch.Tensor, padding: torch.Tensor | None, probability: float, seed: int,
+                keys: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Replace a random ``probability`` of the real tokens (never end-of-text) by <|spe|>, the reference's
-    mask token. Returns the masked ids and the selection (B, L) bool (at least one per row)."""
+    mask token. Returns the masked ids and the selection (B, L) bool (at least one per row). Each row's draws come
+    from ``seed`` and its sample key, so a sample is masked alike whatever its batch or process."""
     real = torch.ones_like(ids, dtype=torch.bool) if padding is None else ~padding
     real &= ids < SOT_ID
-    chosen = (torch.rand(ids.shape, generator=generator) < probability) & real
+    draws = torch.stack([torch.rand(ids.shape[1], generator=torch.Generator().manual_seed(
+        zlib.crc32(f"{seed}/{key}".encode()))) for key in keys])
+    chosen = (draws < probability) & real
     first = real.float().argmax(dim=1)  # guarantee one masked token where the row has any
     has_real = real.any(dim=1)
     chosen[torch.arange(ids.shape[0])[has_real], first[has_real]] = True
@@ -191,24 +222,26 @@ def mask_tokens(ids: torch.Tensor, padding: torch.Tensor | None, probability: fl
 
 @torch.inference_mode()
 def run_mlm(model: UniPerceiver, batches: Iterable[Batch], *, probability: float = 0.15, seed: int = 0,
-            vocab_ids: torch.Tensor | None = None, precision: str = "auto", task: str = "mlm") -> EvalResult:
+            vocab_ids: torch.Tensor | None = None, precision: str = "auto", task: str = "mlm",
+            ctx: Context | None = None) -> EvalResult:
     """Masked-token accuracy with a seeded 15% token masking (every masked token becomes <|spe|>), over the whole
     vocabulary or only ``vocab_ids`` (with end-of-text), e.g. the corpus tokens a model's MLM task trained on."""
     device = _evaluating(model)
-    generator = torch.Generator().manual_seed(seed)
     predicted, labels, count = [], [], 0
     with autocast(device, precision):
         vocabulary, row_ids = model.caption_targets(vocab_ids)
         for batch in batches:
             ids, padding = batch["text_ids"], batch["text_padding"]
-            masked, chosen = mask_tokens(ids, padding, probability, generator)
+            masked, chosen = mask_tokens(ids, padding, probability, seed, batch["keys"])
             out = model.mlm_logits(masked.to(device), padding.to(device), chosen.to(device), vocabulary)
             best = out.argmax(dim=-1).cpu()
             predicted.append(best if row_ids is None else row_ids[best])
             labels.append(ids[chosen])
             count += ids.shape[0]
-    target = torch.cat(labels)
-    accuracy = mlm_accuracy(torch.cat(predicted), target)
+    empty = torch.empty(0, dtype=torch.long)
+    parts = gather((torch.cat(predicted) if predicted else empty, torch.cat(labels) if labels else empty, count), ctx)
+    target, count = torch.cat([part[1] for part in parts]), sum(part[2] for part in parts)
+    accuracy = mlm_accuracy(torch.cat([part[0] for part in parts]), target)
     return EvalResult(task, {"masked_acc": accuracy, "masked_tokens": float(target.numel())}, count)
 
 

@@ -10,7 +10,7 @@ from typing import Literal
 from uniperceiver_cli.data.shards import MANIFEST, Manifest
 from uniperceiver_cli.task_types import TASKS
 from uniperceiver_cli.text_files import shorten
-from uniperceiver_cli.train.recipe import EvalTaskSpec, Recipe, TaskSpec, load_recipe
+from uniperceiver_cli.train.recipe import EvalSuite, EvalTaskSpec, Recipe, TaskSpec, load_recipe, load_suite
 
 PACKAGE = Path(__file__).resolve().parents[1]
 
@@ -48,6 +48,11 @@ def resolve_recipe(name_or_path: str) -> Path:
 def load_checked(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
     """A shipped recipe (by name) or a recipe file, validated, with dotted overrides."""
     return load_recipe(resolve_recipe(name_or_path), overrides)
+
+
+def load_suite_checked(name_or_path: str) -> EvalSuite:
+    """The evaluation tasks of a shipped recipe (by name), a recipe file or a suite file."""
+    return load_suite(resolve_recipe(name_or_path))
 
 
 def _is(path: Path, kind: Literal["folder", "file"]) -> bool:

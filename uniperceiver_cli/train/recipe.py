@@ -297,6 +297,26 @@ class Recipe:
         return trained_config(self.model.preset, self.model.overrides, [t.name for t in self.tasks])
 
 
+@dataclass(config=STRICT)
+class EvalSuite:
+    """Evaluation tasks on their own (``uniperceiver evaluate --suite FILE``): a recipe's ``evaluation.tasks``, with
+    the folder their ``data`` paths are relative to (relative to the current directory, as a recipe's)."""
+
+    tasks: list[EvalTaskSpec]
+    data_root: LocalPath = "."
+
+    @field_validator("tasks")
+    @classmethod
+    def _named_once(cls, tasks: list[EvalTaskSpec]) -> list[EvalTaskSpec]:
+        names = [task.name for task in tasks]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if not tasks:
+            raise ValueError("must hold at least one evaluation task")
+        if repeated:
+            raise ValueError(f"repeated task name(s) {', '.join(repeated)}")
+        return tasks
+
+
 def _location(error: dict[str, Any]) -> str:
     return shorten(".".join(str(part) for part in error["loc"] if not str(part).startswith("function-")) or "<root>")
 
@@ -387,17 +407,16 @@ def validate(data: Any, source: str = "recipe") -> Recipe:
     return recipe
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read, override and validate a recipe file."""
-    path = Path(path)
+def _read(path: Path, what: str) -> Any:
+    """A recipe or suite file's YAML, read within :data:`MAX_RECIPE_BYTES`; any problem is one line."""
     if not path.is_file():
-        raise FileNotFoundError(f"recipe {path} does not exist")
+        raise FileNotFoundError(f"{what} {path} does not exist")
     try:
-        raw = read_small(path, "recipe", MAX_RECIPE_BYTES)  # no more, whatever the file holds
+        raw = read_small(path, what, MAX_RECIPE_BYTES)  # no more, whatever the file holds
     except OSError as e:
         raise RecipeError(f"{path}: cannot be read ({e.strerror or e})") from None
     except ValueError:
-        raise RecipeError(f"{path}: is over {MAX_RECIPE_BYTES} bytes (1 MiB); a recipe is a few kilobytes") from None
+        raise RecipeError(f"{path}: is over {MAX_RECIPE_BYTES} bytes (1 MiB); a {what} is a few kilobytes") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -405,9 +424,36 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
                           "UTF-8)") from None
     data = read_yaml(text, str(path))
     if data is None:
-        raise RecipeError(f"{path}: is empty; a recipe is a YAML mapping")
+        raise RecipeError(f"{path}: is empty; a {what} is a YAML mapping")
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe file."""
+    path = Path(path)
+    data = _read(path, "recipe")
     if overrides:
         if not isinstance(data, dict):
             raise RecipeError(f"{path}: a recipe is a YAML mapping, got {type(data).__name__}")
         data = apply_overrides(data, overrides)
     return validate(data, str(path))
+
+
+def load_suite(path: str | Path) -> EvalSuite:
+    """The evaluation tasks of a recipe file (one with a ``stage``), or of a suite file: ``data_root`` and ``tasks``,
+    each task as in a recipe's ``evaluation.tasks``."""
+    path = Path(path)
+    data = _read(path, "suite")
+    if isinstance(data, dict) and "stage" in data:
+        recipe = validate(data, str(path))
+        if not recipe.evaluation.tasks:
+            raise RecipeError(f"{path}: the recipe has no evaluation tasks")
+        return EvalSuite(tasks=recipe.evaluation.tasks, data_root=recipe.data_root)
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a suite is a YAML mapping (data_root, tasks), got {type(data).__name__}")
+    try:
+        return TypeAdapter(EvalSuite).validate_python(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+        raise RecipeError(f"{path}: {_location(first)}: {_message(first)}{more}") from None
