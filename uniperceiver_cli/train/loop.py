@@ -57,6 +57,7 @@ from uniperceiver_cli.train.optim import freeze_for_prompt_tuning
 from uniperceiver_cli.train.recipe import Recipe, TrainSpec
 from uniperceiver_cli.train.run_log import RunLog, Window
 from uniperceiver_cli.train.tasks import TrainTask
+from uniperceiver_cli.train.trackers import check_available
 
 TEXT_MULTIPLE = 8  # a compiled model's text lengths: multiples of 8 tokens
 
@@ -181,10 +182,12 @@ def _skipped(loaders: dict[str, Any], ctx: Context) -> dict[str, Counter[str]]:
 
 def _train(recipe: Recipe, run_dir: Path, *, resume: str | None, ctx: Context,
            stop_after: int | None) -> Path:
+    if ctx.main:
+        check_available(recipe.train.report_to)  # before the data and model are set up
     run = _setup(recipe, run_dir, resume, ctx)
     spec = recipe.train
     end = spec.steps if stop_after is None else min(spec.steps, run.step + stop_after)
-    log = RunLog(run_dir, spec.steps, ctx.main, start=run.step)
+    log = RunLog(run_dir, spec.steps, ctx.main, start=run.step, report_to=spec.report_to, config=recipe.to_dict())
     try:
         _loop(run, end, log)
         if end < spec.steps:  # stopped early (stop_after), as if interrupted: leave a checkpoint to resume from

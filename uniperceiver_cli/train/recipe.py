@@ -198,6 +198,15 @@ class TrainSpec:
     compile: bool = False
     # On CUDA, float32 matmuls and convolutions in TensorFloat-32 (fp32 runs, and what autocast leaves in fp32).
     tf32: bool = True
+    # Where the logged values go besides metrics.jsonl (train/trackers.py); wandb and mlflow are optional extras.
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=lambda: ["tensorboard"])
+
+    @field_validator("report_to")
+    @classmethod
+    def _once_each(cls, trackers: list[str]) -> list[str]:
+        if len(set(trackers)) != len(trackers):
+            raise ValueError(f"names a tracker twice ({', '.join(trackers)})")
+        return trackers
 
     @field_validator("min_lr")
     @classmethod

@@ -1,5 +1,5 @@
-"""The run log: metrics.jsonl, TensorBoard events and the console progress, and the metric window the loop
-collects between two log lines."""
+"""The run log: metrics.jsonl, the trackers (TensorBoard events by default, :mod:`.trackers`) and the console
+progress, and the metric window the loop collects between two log lines."""
 
 from __future__ import annotations
 
@@ -12,25 +12,27 @@ from typing import Any
 
 import torch
 
-from uniperceiver_cli.checkpoints.runs import METRICS_FILE, TENSORBOARD_DIR
+from uniperceiver_cli.checkpoints.runs import METRICS_FILE
 from uniperceiver_cli.model.moe import RouterStats
 from uniperceiver_cli.parallel.context import Context, on_any_process
 from uniperceiver_cli.train.checkpointing import TrainingStopped, err_console, last_good
+from uniperceiver_cli.train.trackers import open_trackers
 
 
 class RunLog:
-    """metrics.jsonl, TensorBoard events and the console progress (main process only): a progress bar on a
-    terminal; where stderr is not one (a SLURM output file, ``| tee``), one plain line per logged step."""
+    """metrics.jsonl, the trackers of ``report_to`` and the console progress (main process only): a progress bar
+    on a terminal; where stderr is not one (a SLURM output file, ``| tee``), one plain line per logged step."""
 
-    def __init__(self, run_dir: Path, total: int, enabled: bool, start: int = 0) -> None:
+    def __init__(self, run_dir: Path, total: int, enabled: bool, start: int = 0,
+                 report_to: tuple[str, ...] | list[str] = ("tensorboard",), config: dict[str, Any] | None = None
+                 ) -> None:
         self.enabled = enabled
         if not enabled:
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-        from torch.utils.tensorboard import SummaryWriter
 
+        self.trackers = open_trackers(list(report_to), run_dir, config or {})
         self.file = open(run_dir / METRICS_FILE, "a")  # noqa: SIM115 - closed in close()
-        self.writer = SummaryWriter(str(run_dir / TENSORBOARD_DIR))
         self.total, self.start, self.began = total, start, time.monotonic()
         self.progress = None
         if err_console.is_terminal:
@@ -46,9 +48,9 @@ class RunLog:
         plain = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         self.file.write(json.dumps(plain, allow_nan=False) + "\n")  # standard JSON: no NaN or Infinity
         self.file.flush()
-        for key, value in record.items():
-            if isinstance(value, (int, float)) and key != "step":
-                self.writer.add_scalar(key, value, record["step"])
+        values = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        for tracker in self.trackers:
+            tracker.log(values, record["step"])
 
     def advance(self, record: dict[str, Any]) -> None:
         """Show a logged step: its task losses and samples/s, with the elapsed time and an estimate of the rest."""
@@ -72,7 +74,8 @@ class RunLog:
             if self.progress is not None:
                 self.progress.stop()
             self.file.close()
-            self.writer.close()
+            for tracker in self.trackers:
+                tracker.close()
 
 
 def _clock(seconds: float) -> str:
