@@ -14,15 +14,16 @@ from pathlib import Path
 import pytest
 
 from uniperceiver_cli.data.corpus import corpus_tokens
-from uniperceiver_cli.data.loader import (
+from uniperceiver_cli.data.loader import UNREADABLE_SHARD, ShardLoader, make_loader
+from uniperceiver_cli.data.shards import (
     STREAM_TIMEOUT_ENV,
     STREAMING_ENV,
-    UNREADABLE_SHARD,
-    ShardLoader,
+    Manifest,
+    Sample,
     is_remote,
-    make_loader,
+    read_metas,
+    write_shards,
 )
-from uniperceiver_cli.data.shards import Manifest, Sample, read_metas, write_shards
 
 PER_SHARD = 3
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from uniperceiver_cli.cli.app import app
 from uniperceiver_cli.train.catalogue import RECIPES_DIR
-from uniperceiver_cli.train.recipe import MAX_RECIPE_BYTES, RecipeError, local_path, read_yaml
+from uniperceiver_cli.train.recipe import MAX_RECIPE_BYTES, RecipeError, local_path, read_yaml, split_path
 
 runner = CliRunner()
 TOY_PATH = RECIPES_DIR / "toyworld-tiny.yaml"
@@ -144,6 +144,11 @@ def test_validate_prints_the_models_parameter_count():
 def test_a_pipe_or_url_is_not_a_local_path(source: str):
     with pytest.raises(ValueError, match="is a pipe or URL, not a local path"):
         local_path(source)
+    if not source.startswith("http"):  # a task's split may be an http(s) URL, and nothing else remote
+        with pytest.raises(ValueError, match="is a pipe or URL, not a local path"):
+            split_path(source)
+    else:
+        assert split_path(source) == source
 
 
 @pytest.mark.parametrize("path", ["data/coco/train", "/abs/pipe:x", "C:/data", "C:data", "data/x:y", "a:b"])
@@ -162,4 +167,4 @@ def test_a_local_path_is_kept(path: str):
 def test_every_data_source_of_a_recipe_is_local(override: str, key: str):
     value = override.split("=", 1)[1].strip("[]")
     assert _show(override) == (f"error: {TOY_PATH}: {key}: {value!r} is a pipe or URL, not a local path; recipes "
-                               "read local folders and files")
+                               "read local folders and files (a task's data may be an http(s) split URL)")

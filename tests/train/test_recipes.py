@@ -325,11 +325,13 @@ def test_a_folder_named_like_a_pipe_is_refused(workdir: Path, data_root: str):
     result = runner.invoke(app, ["validate", "--check-files", _write(data)])
     assert result.exit_code == 2
     assert _errors(result) == ["error: mine.yaml: tasks.0.data: 'pipe:touch MARKER' is a pipe or URL, not a local "
-                               "path; recipes read local folders and files (and 1 more)"]
+                               "path; recipes read local folders and files (a task's data may be an http(s) split "
+                               "URL) (and 1 more)"]
     data["tasks"][0]["data"] = "data/toyworld/images/train"
     result = runner.invoke(app, ["validate", "--check-files", _write(data)])
     assert _errors(result) == ["error: mine.yaml: evaluation.tasks.3.vocabulary_from.0: './pipe:touch MARKER' is a "
-                               "pipe or URL, not a local path; recipes read local folders and files"]
+                               "pipe or URL, not a local path; recipes read local folders and files (a task's data "
+                               "may be an http(s) split URL)"]
     assert not list(workdir.rglob("MARKER"))
 
 

@@ -20,7 +20,7 @@ from uniperceiver_cli.cli.common import (
     report,
     user_errors,
 )
-from uniperceiver_cli.data.shards import Manifest
+from uniperceiver_cli.data.shards import Manifest, is_split_url
 from uniperceiver_cli.task_types import TASKS
 from uniperceiver_cli.train.recipe import EvalTaskSpec
 
@@ -31,7 +31,8 @@ SPEC = {field.name: field.default for field in dataclasses.fields(EvalTaskSpec)}
 
 
 def evaluate(
-    data: Path | None = typer.Option(None, "--data", help="A converted split: the folder holding manifest.json."),
+    data: str | None = typer.Option(None, "--data", help="A converted split: the folder holding manifest.json, or "
+                                    "its http(s) URL (streamed with UNIPERCEIVER_STREAMING=1)."),
     suite: str | None = typer.Option(None, "--suite", help="Run a list of tasks instead: a recipe's evaluation "
                                      "tasks (a shipped name or a file) or a suite file (data_root, tasks).",
                                      autocompletion=complete_recipe),
@@ -95,7 +96,8 @@ def evaluate(
             raise ValueError("--skip-existing goes with --suite")
         if data is None:
             raise ValueError("give --data SPLIT (one task) or --suite RECIPE|FILE (a list of tasks)")
-        manifest = Manifest.load(data)
+        source = data if is_split_url(data) else Path(data)
+        manifest = Manifest.load(source)
         task = task or manifest.tasks[0]
         if task not in TASKS:
             raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
@@ -104,7 +106,8 @@ def evaluate(
         if vocabulary_from and vocabulary is Vocabulary.full:
             raise ValueError("--vocabulary full and --vocabulary-from contradict each other: give one")
         template_list = read_lines(templates, "templates") if templates else None
-        spec = EvalTaskSpec(name=routing_task or task, type=task, data=str(data.resolve()))
+        spec = EvalTaskSpec(name=routing_task or task, type=task,
+                            data=data if isinstance(source, str) else str(source.resolve()))
         vars(spec).update(  # the options as they are: the loader and the runners check them, as for a recipe
             batch_size=batch_size, label_set=label_set, labels=labels and str(labels), templates=template_list,
             max_samples=limit, beam_size=beam_size, max_len=max_len, vocabulary=vocabulary.value,

@@ -43,7 +43,6 @@ import functools
 import io
 import json
 import lzma
-import math
 import os
 import random
 import re
@@ -69,7 +68,19 @@ from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
-from uniperceiver_cli.data.shards import IMAGE_EXTS, VIDEO_EXTS, Manifest, Skip, is_remote, shard_path
+from uniperceiver_cli.data.shards import (
+    IMAGE_EXTS,
+    STREAM_TIMEOUT,
+    VIDEO_EXTS,
+    Manifest,
+    Skip,
+    is_remote,
+    is_split_url,
+    require_streaming,
+    shard_path,
+    shard_urls,
+)
+from uniperceiver_cli.data.shards import stream_timeout as shards_stream_timeout
 from uniperceiver_cli.data.transforms import build_image_transform, erasing_box
 from uniperceiver_cli.data.video import STRIDE, eval_clip, train_clip
 from uniperceiver_cli.model.config import IMAGENET_MEAN, IMAGENET_STD, VIDEO_MEAN, VIDEO_STD
@@ -83,9 +94,6 @@ SKIPPED = "__skipped__"  # per-batch skip counts travelling from the workers to 
 POSITION = "__position__"  # where a batch leaves its worker's stream (ShardStream.position), for resuming
 UNREADABLE_SHARD = "unreadable shard"
 UNREADABLE_MEMBER = "unreadable member"
-STREAMING_ENV = "UNIPERCEIVER_STREAMING"  # "1": shard URLs and pipes may be opened
-STREAM_TIMEOUT_ENV = "UNIPERCEIVER_STREAM_TIMEOUT"  # seconds, overrides make_loader's stream_timeout
-STREAM_TIMEOUT = 60.0  # seconds an http(s) shard may stall (connecting or between reads)
 
 
 class Batch(TypedDict, total=False):
@@ -158,12 +166,6 @@ class Shard:
     url: str
     samples: int | None = None
     remote: bool = False
-
-
-def require_streaming(url: str) -> None:
-    """ValueError unless streaming was enabled (``UNIPERCEIVER_STREAMING=1``): a URL or pipe is opened only then."""
-    if os.environ.get(STREAMING_ENV) != "1":
-        raise ValueError(f"shard source {url} is a URL or pipe; set {STREAMING_ENV}=1 to stream shards from it")
 
 
 def open_shard(shard: Shard, timeout: float) -> BinaryIO:
@@ -979,6 +981,10 @@ def _shards(source: str | Path | Sequence[str]) -> list[Shard]:
     list, never a ``Path``: a recipe's folder is a ``Path`` and is never expanded as a pattern)."""
     if isinstance(source, Path) and not source.is_dir():
         raise FileNotFoundError(f"{source} is not a shard folder (a folder with manifest.json)")
+    if isinstance(source, str) and is_split_url(source):  # a split's URL: its manifest names the shards
+        manifest = Manifest.load(source)
+        return [Shard(url, s.samples, remote=True) for url, s in zip(shard_urls(source, manifest), manifest.shards,
+                                                                          strict=True)]
     if isinstance(source, (str, Path)) and Path(source).is_dir():
         directory = Path(source)
         manifest = Manifest.load(directory)
@@ -990,16 +996,6 @@ def _shards(source: str | Path | Sequence[str]) -> list[Shard]:
         return shards
     urls = expand_urls(str(source)) if isinstance(source, (str, Path)) else [str(url) for url in source]
     return [Shard(url, remote=is_remote(url)) for url in urls]
-
-
-def _stream_timeout(seconds: float) -> float:
-    """``seconds``, or ``UNIPERCEIVER_STREAM_TIMEOUT`` where it is set; ValueError unless it is positive."""
-    value = os.environ.get(STREAM_TIMEOUT_ENV) or str(seconds)
-    with contextlib.suppress(ValueError):
-        if 0 < float(value) < math.inf:
-            return float(value)
-    raise ValueError(f"stream timeout ({STREAM_TIMEOUT_ENV} or stream_timeout) must be a finite number of seconds > 0, "
-                     f"got {value[:80]!r}")
 
 
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -1090,7 +1086,7 @@ def make_loader(
     if min(batch_size, num_frames, num_clips, shuffle_buffer) < 1 or num_workers < 0:
         raise ValueError("batch_size, num_frames, num_clips and shuffle_buffer must be >= 1, num_workers >= 0")
     rank, world_size = _rank_and_world(rank, world_size)
-    timeout = _stream_timeout(stream_timeout)
+    timeout = shards_stream_timeout(stream_timeout)
     shards = _shards(source)
     for shard in shards:
         if shard.remote:

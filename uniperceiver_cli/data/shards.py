@@ -21,6 +21,7 @@ import math
 import os
 import re
 import tarfile
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -28,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -41,6 +43,10 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 VIDEO_SUFFIXES = tuple(f".{ext}" for ext in VIDEO_EXTS)
 MAX_SKIP_EXAMPLES = 100
 SHARD_NAME = re.compile(r"shard-[0-9]{6,}\.tar")  # what write_shards names a shard: a file in the split's folder
+STREAMING_ENV = "UNIPERCEIVER_STREAMING"  # "1": shard URLs and pipes may be opened
+STREAM_TIMEOUT_ENV = "UNIPERCEIVER_STREAM_TIMEOUT"  # seconds, overrides make_loader's stream_timeout
+STREAM_TIMEOUT = 60.0  # seconds an http(s) shard may stall (connecting or between reads)
+MAX_MANIFEST = 64 << 20  # bytes of a fetched manifest.json (a local one is read within read_json's limit)
 
 
 class Skip(Exception):  # noqa: N818 - a control-flow signal, not an error
@@ -113,14 +119,21 @@ class Manifest:
 
     @classmethod
     def load(cls, path: str | Path) -> Manifest:
-        """The manifest of a split folder (or of its ``manifest.json``); a one-line ValueError on an invalid one."""
+        """The manifest of a split folder (or of its ``manifest.json``), or of a split URL (:func:`is_split_url`,
+        fetched with streaming enabled); a one-line ValueError on an invalid one."""
+        if isinstance(path, str) and is_split_url(path):
+            return cls.parse(fetch_manifest(path), f"{path.rstrip('/')}/{MANIFEST}")
         path = Path(path)
         folder = path.parent if path.name == MANIFEST else path
         if path.is_dir():
             path = path / MANIFEST
         if path.name != MANIFEST or not path.is_file():
             raise FileNotFoundError(f"no {MANIFEST} at {folder}: run `uniperceiver prepare-data` first")
-        data = read_json(path, "shard manifest")
+        return cls.parse(read_json(path, "shard manifest"), str(path))
+
+    @classmethod
+    def parse(cls, data: Any, where: str) -> Manifest:
+        """A manifest from its JSON data; a one-line ValueError naming ``where`` on an invalid one."""
         try:
             if not isinstance(data, dict):
                 raise ValueError("not a JSON object")
@@ -132,7 +145,7 @@ class Manifest:
                     raise ValueError(f"shard {str(shard.file)[:300]!r} is not a shard-NNNNNN.tar file of its folder")
             return cls(**data)
         except (TypeError, KeyError, ValueError) as e:
-            raise ValueError(f"{path} is not a valid shard manifest: {' '.join(str(e).split())[:1000]}") from None
+            raise ValueError(f"{where} is not a valid shard manifest: {' '.join(str(e).split())[:1000]}") from None
 
     def label_names(self, label_set: str | None = None) -> list[str]:
         """Class names, index = label: those of ``label_set`` (``extra["label_sets"]``), else ``classes``."""
@@ -156,6 +169,60 @@ SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:")  # a URL scheme; one letter wou
 def is_remote(source: str) -> bool:
     """Whether a shard source is a URL or pipe (``pipe:``, ``http://``, ``s3://``, any ``scheme:``), not a path."""
     return SCHEME.match(source) is not None
+
+
+def is_split_url(source: str) -> bool:
+    """Whether ``source`` is the http(s) URL of a converted split (the folder's URL: its ``manifest.json`` and shards
+    are under it), rather than a shard's URL (``.tar``) or a pattern of them."""
+    return urlparse(source).scheme.lower() in ("http", "https") and not source.endswith(".tar") and "{" not in source
+
+
+def split_source(data_root: str | Path, data: str) -> str | Path:
+    """Where a recipe's split is: an http(s) split URL as it is, else the folder ``data_root / data``."""
+    return data if is_split_url(data) else Path(data_root) / data
+
+
+def require_streaming(url: str) -> None:
+    """ValueError unless streaming was enabled (``UNIPERCEIVER_STREAMING=1``): a URL or pipe is opened only then. The
+    switch is the user's environment, never a file's: a recipe or manifest naming a URL does not enable it."""
+    if os.environ.get(STREAMING_ENV) != "1":
+        raise ValueError(f"shard source {url} is a URL or pipe; set {STREAMING_ENV}=1 to stream shards from it")
+
+
+def stream_timeout(seconds: float = STREAM_TIMEOUT) -> float:
+    """Seconds an http(s) server may take to answer or to send the next bytes: ``seconds``, or
+    ``UNIPERCEIVER_STREAM_TIMEOUT`` where it is set; ValueError unless it is positive."""
+    value = os.environ.get(STREAM_TIMEOUT_ENV) or str(seconds)
+    with contextlib.suppress(ValueError):
+        if 0 < float(value) < math.inf:
+            return float(value)
+    raise ValueError(f"stream timeout ({STREAM_TIMEOUT_ENV} or stream_timeout) must be a finite number of seconds > 0, "
+                     f"got {value[:80]!r}")
+
+
+def fetch_manifest(url: str) -> Any:
+    """A split URL's ``manifest.json``, fetched (streaming enabled) within :data:`MAX_MANIFEST` bytes and parsed; any
+    failure is one line."""
+    require_streaming(url)
+    target = f"{url.rstrip('/')}/{MANIFEST}"
+    try:
+        with urllib.request.urlopen(target, timeout=stream_timeout()) as response:  # noqa: S310 - the user's URL
+            data = response.read(MAX_MANIFEST + 1)
+    except (OSError, ValueError) as e:  # URLError and HTTPError are OSErrors; a timeout too
+        raise ValueError(f"cannot fetch {target}: {' '.join(str(e).split())[:300]}") from None
+    if len(data) > MAX_MANIFEST:
+        raise ValueError(f"{target} is larger than {MAX_MANIFEST >> 20} MB; not read")
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as e:
+        reason = "nested too deeply" if isinstance(e, RecursionError) else " ".join(str(e).split())[:200]
+        raise ValueError(f"{target} is not valid JSON ({reason})") from None
+
+
+def shard_urls(url: str, manifest: Manifest) -> list[str]:
+    """The URLs of a split URL's shards (each a ``shard-N.tar`` name checked by :meth:`Manifest.parse`, so all lie
+    under ``url``)."""
+    return [f"{url.rstrip('/')}/{shard.file}" for shard in manifest.shards]
 
 
 def shard_path(directory: Path, name: str) -> Path:

@@ -13,7 +13,7 @@ import torch
 
 from uniperceiver_cli.data.corpus import vocabulary_of
 from uniperceiver_cli.data.loader import make_loader
-from uniperceiver_cli.data.shards import Manifest
+from uniperceiver_cli.data.shards import Manifest, split_source
 from uniperceiver_cli.evaluate import runners
 from uniperceiver_cli.evaluate.gather import gather
 from uniperceiver_cli.evaluate.report import write_results
@@ -61,7 +61,7 @@ def evaluate_task(model: UniPerceiver, spec: Any, data_root: Path = Path("."), *
 
 def _evaluate(model: UniPerceiver, spec: Any, data_root: Path, *, num_workers: int, precision: str,
               len_penalty: float, ctx: Context, progress: bool) -> Evaluation:
-    directory = data_root / spec.data
+    directory = split_source(data_root, spec.data)
     manifest = Manifest.load(directory)
     loader = make_loader(directory, task=spec.type, batch_size=spec.batch_size, train=False,
                          image_size=model.config.image_size, num_frames=spec.num_frames, num_views=spec.views,

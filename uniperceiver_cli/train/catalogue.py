@@ -7,7 +7,7 @@ import warnings
 from pathlib import Path
 from typing import Literal
 
-from uniperceiver_cli.data.shards import MANIFEST, Manifest
+from uniperceiver_cli.data.shards import MANIFEST, Manifest, is_split_url
 from uniperceiver_cli.task_types import TASKS
 from uniperceiver_cli.text_files import shorten
 from uniperceiver_cli.train.recipe import EvalSuite, EvalTaskSpec, Recipe, TaskSpec, load_recipe, load_suite
@@ -80,7 +80,14 @@ def file_problems(recipe: Recipe) -> list[str]:
              for i, task in enumerate(specs)]
     keys: dict[Path, list[str]] = {}
     for key, task in tasks:
-        keys.setdefault(root / task.data, []).append(f"{key}.data")
+        if is_split_url(task.data):  # fetched (streaming enabled) and checked here; not a folder
+            try:
+                problem = task_problem(key, task, Manifest.load(task.data), task.data)
+            except (OSError, ValueError) as e:
+                problem = f"{key}.data: {e}"
+            problems.extend([problem] if problem else [])
+        else:
+            keys.setdefault(root / task.data, []).append(f"{key}.data")
         if isinstance(task, EvalTaskSpec):
             for j, folder in enumerate(task.vocabulary_from):
                 keys.setdefault(root / folder, []).append(f"{key}.vocabulary_from.{j}")
@@ -107,7 +114,7 @@ def file_problems(recipe: Recipe) -> list[str]:
     return problems
 
 
-def task_problem(key: str, task: TaskSpec | EvalTaskSpec, manifest: Manifest, split: Path) -> str | None:
+def task_problem(key: str, task: TaskSpec | EvalTaskSpec, manifest: Manifest, split: str | Path) -> str | None:
     """What a task asks of its split that the split's manifest does not have, if anything."""
     if task.type not in manifest.tasks:
         return f"{key}.type: {split} serves {', '.join(manifest.tasks) or 'no task'}, not {task.type}"

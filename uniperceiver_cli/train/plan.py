@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from uniperceiver_cli.data.corpus import corpus_tokens
-from uniperceiver_cli.data.shards import Manifest
+from uniperceiver_cli.data.shards import Manifest, split_source
 from uniperceiver_cli.model.moe import ExpertLinear, Routing
 from uniperceiver_cli.model.tokenizer import get_tokenizer
 from uniperceiver_cli.model.uniperceiver import UniPerceiver
@@ -273,7 +273,7 @@ def target_set(spec: TaskSpec, recipe: Recipe, vocab_size: int) -> TargetSet:
     """The target set of a task: from its data folder where it is there (class names, corpus tokens), else the
     whole vocabulary or :data:`KNOWN_CLASSES` (noted)."""
     family = TASKS[spec.type].family
-    directory = Path(recipe.data_root) / spec.data
+    directory = split_source(recipe.data_root, spec.data)
     manifest = _manifest(directory)
     if family == "classification":
         if manifest is not None:
@@ -296,7 +296,7 @@ def target_set(spec: TaskSpec, recipe: Recipe, vocab_size: int) -> TargetSet:
                      note="sampled: every batch token assumed distinct")
 
 
-def _manifest(directory: Path) -> Manifest | None:
+def _manifest(directory: str | Path) -> Manifest | None:
     try:
         return Manifest.load(directory)
     except (FileNotFoundError, ValueError):
@@ -496,7 +496,7 @@ def measure_step(recipe: Recipe, index: int, seed: int = 0) -> dict[str, int]:
     spec = recipe.tasks[index]
     model = fake_model(recipe)
     targets = target_set(spec, recipe, model.config.vocab_size)
-    task = TrainTask(spec, TASKS[spec.type], Path(recipe.data_root) / spec.data, None)  # no manifest read
+    task = TrainTask(spec, TASKS[spec.type], split_source(recipe.data_root, spec.data), None)  # no manifest read
     if targets.label_ids is not None:
         task.class_names = [str(i) for i in range(targets.label_ids.shape[0])]
         task._label_text = (targets.label_ids, targets.label_padding)

@@ -24,7 +24,7 @@ from pydantic import (
 )
 from pydantic.dataclasses import dataclass
 
-from uniperceiver_cli.data.shards import is_remote
+from uniperceiver_cli.data.shards import is_remote, is_split_url
 from uniperceiver_cli.model.config import LIMITS, ModelConfig, trained_config
 from uniperceiver_cli.task_types import TASKS
 from uniperceiver_cli.text_files import read_small, shorten, shown
@@ -115,13 +115,21 @@ def local_path(value: str) -> str:
     """Refuse a pipe or URL: the data loader would run or fetch it. Checked as the path is joined (``./pipe:x`` is
     ``pipe:x``)."""
     if is_remote(str(Path(value))):
-        raise ValueError(f"{shown(value)} is a pipe or URL, not a local path; recipes read local folders and files")
+        raise ValueError(f"{shown(value)} is a pipe or URL, not a local path; recipes read local folders and files "
+                         f"(a task's data may be an http(s) split URL)")
     return value
+
+
+def split_path(value: str) -> str:
+    """A task's split: a local folder, or the http(s) URL of a converted split. The URL is opened only where the user
+    set ``UNIPERCEIVER_STREAMING=1`` (a recipe cannot); a pipe or another scheme is refused as :func:`local_path`."""
+    return value if is_split_url(value) else local_path(value)
 
 
 Name = Annotated[str, AfterValidator(plain_name)]
 Template = Annotated[str, AfterValidator(template)]
 LocalPath = Annotated[str, AfterValidator(local_path)]
+SplitPath = Annotated[str, AfterValidator(split_path)]
 
 
 @dataclass(config=STRICT)
@@ -146,7 +154,7 @@ class MixupSpec:
 class TaskSpec:
     name: Name
     type: TaskType
-    data: LocalPath  # a converted split folder, relative to the recipe's data_root
+    data: SplitPath  # a converted split folder, relative to the recipe's data_root, or an http(s) split URL
     batch_size: BatchSize = 32
     sampling_weight: Weight = 1.0  # 0: never drawn (another task must have a positive weight)
     loss_weight: NonNegative = 1.0
@@ -240,7 +248,7 @@ class EngineSpec:
 class EvalTaskSpec:
     name: Name
     type: TaskType
-    data: LocalPath
+    data: SplitPath
     batch_size: BatchSize = 64
     label_set: str | None = None
     labels: LocalPath | None = None  # a file of class names (default: the split's)

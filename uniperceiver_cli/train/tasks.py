@@ -11,7 +11,7 @@ import torch
 
 from uniperceiver_cli.data.corpus import corpus_tokens
 from uniperceiver_cli.data.loader import Batch, to_device, visual_input
-from uniperceiver_cli.data.shards import Manifest
+from uniperceiver_cli.data.shards import Manifest, split_source
 from uniperceiver_cli.model.config import EOT_ID
 from uniperceiver_cli.model.tokenizer import get_tokenizer
 from uniperceiver_cli.model.uniperceiver import UniPerceiver
@@ -27,7 +27,7 @@ from uniperceiver_cli.train.recipe import TaskSpec
 class TrainTask:
     spec: TaskSpec
     kind: TaskType
-    directory: Path
+    directory: str | Path  # a split folder, or an http(s) split URL
     manifest: Manifest
     class_names: list[str] | None = None
     vocab_ids: torch.Tensor | None = None  # the restricted target set ("corpus"), else None
@@ -40,7 +40,7 @@ class TrainTask:
 
     @classmethod
     def build(cls, spec: TaskSpec, data_root: Path, split: TargetSplit | None = None) -> TrainTask:
-        directory = data_root / spec.data
+        directory = split_source(data_root, spec.data)
         manifest = Manifest.load(directory)
         if spec.type not in manifest.tasks:
             raise ValueError(f"task {spec.name}: {directory} serves {', '.join(manifest.tasks)}, not {spec.type}")
