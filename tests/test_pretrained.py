@@ -121,6 +121,11 @@ def test_hf_hub_bundles_load_from_the_cache_offline(hub):
         up.load_model("hf-hub:someone/absent")
     with pytest.raises(up.CheckpointError, match=r"give hf-hub:ORG/NAME"):
         up.load_model("hf-hub:../../etc")
+    weights = next(hub.glob("models--someone--tiny-up/snapshots/*/model.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])  # a download cut short
+    with pytest.raises(up.CheckpointError, match=r"model.safetensors: truncated or corrupt") as info:
+        up.load_model("hf-hub:someone/tiny-up")
+    assert "\n" not in str(info.value)
 
 
 def test_load_model_and_transforms_equals_building_them_by_hand(tmp_path, hub):

@@ -4,6 +4,7 @@ that fails among others, and the same suite on 2 processes under torchrun giving
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 import uniperceiver_cli as up
+from tests.helpers import image_split
 from uniperceiver_cli.cli.app import app
 from uniperceiver_cli.evaluate.suite import existing_result
 from uniperceiver_cli.train.recipe import load_suite
@@ -33,10 +35,16 @@ tasks:
 
 @pytest.fixture(scope="module")
 def suite(toyworld_32, tmp_path_factory):
+    """The suite, with a split of one sample (which leaves a second process's share empty), its model, and its
+    results on one process in ``one/``."""
     folder = tmp_path_factory.mktemp("suite")
     torch.manual_seed(0)
     up.save_bundle(up.create_model("tiny", image_size=32, layer_scale_init=1.0), folder / "bundle")
-    (folder / "suite.yaml").write_text(SUITE.format(root=toyworld_32))
+    image_split(folder / "single", 1, min_shards=1)
+    (folder / "suite.yaml").write_text(SUITE.format(root=toyworld_32) + f"  - {{name: single, type: "
+                                       f"image_classification, data: {folder / 'single'}}}\n")
+    result = _run("--suite", folder / "suite.yaml", "--model", folder / "bundle", "--out", folder / "one")
+    assert result.exit_code == 0, result.output
     return folder
 
 
@@ -51,17 +59,16 @@ def _run(*args) -> object:
 
 def test_a_suite_writes_every_task_and_a_summary_then_skips_what_exists(suite, tmp_path):
     out = tmp_path / "out"
-    result = _run("--suite", suite / "suite.yaml", "--model", suite / "bundle", "--out", out)
-    assert result.exit_code == 0, result.output
+    shutil.copytree(suite / "one", out)
     rows = _summary(out)
     assert [r["task"] for r in rows][:2] == ["shape", "shape"]  # acc@1, acc@5
-    assert {r["task"] for r in rows} == {"shape", "captions", "retrieval", "mlm"}
+    assert {r["task"] for r in rows} == {"shape", "captions", "retrieval", "mlm", "single"}
     assert {r["status"] for r in rows} == {"evaluated"}
     for row in rows:
         results = json.loads((out / row["task"] / "results.json").read_text())
         assert float(row["value"]) == pytest.approx(results["metrics"][row["metric"]])
         assert row["model_sha256"] == results["model"]["sha256"] and len(row["model_sha256"]) == 64
-    assert {r["samples"] for r in rows if r["task"] != "mlm"} == {"32"}
+    assert {r["samples"] for r in rows if r["task"] not in ("mlm", "single")} == {"32"}
     written = {task: (out / task / "results.json").stat().st_mtime_ns for task in ("shape", "mlm")}
 
     (suite / "changed.yaml").write_text((suite / "suite.yaml").read_text().replace(
@@ -69,16 +76,19 @@ def test_a_suite_writes_every_task_and_a_summary_then_skips_what_exists(suite, t
     result = _run("--suite", suite / "changed.yaml", "--model", suite / "bundle", "--out", out, "--skip-existing")
     assert result.exit_code == 0, result.output
     status = {r["task"]: r["status"] for r in _summary(out)}
-    assert status == {"shape": "kept", "captions": "kept", "retrieval": "kept", "mlm": "evaluated"}
+    assert status == {"shape": "kept", "captions": "kept", "retrieval": "kept", "mlm": "evaluated", "single": "kept"}
     assert (out / "shape" / "results.json").stat().st_mtime_ns == written["shape"]
     assert (out / "mlm" / "results.json").stat().st_mtime_ns != written["mlm"]
     assert [r["value"] for r in _summary(out) if r["task"] == "shape"] == [r["value"] for r in rows
                                                                            if r["task"] == "shape"]
-    spec = load_suite(suite / "changed.yaml").tasks[0]
+    settings = json.loads((out / "shape" / "results.json").read_text())["settings"]
+    assert settings["precision"] == "auto" and settings["data_root"] == str(Path(load_suite(
+        suite / "suite.yaml").data_root).resolve())
     sha = rows[0]["model_sha256"]
-    assert existing_result(out / "shape", {"sha256": sha}, spec)["status"] == "kept"
-    assert existing_result(out / "shape", {"sha256": "0" * 64}, spec) is None  # another model's weights
-    assert existing_result(out / "shape", {"sha256": None}, spec) is None  # a fresh model is always evaluated
+    assert existing_result(out / "shape", {"sha256": sha}, settings)["status"] == "kept"
+    assert existing_result(out / "shape", {"sha256": sha}, {**settings, "precision": "bf16"}) is None
+    assert existing_result(out / "shape", {"sha256": "0" * 64}, settings) is None  # another model's weights
+    assert existing_result(out / "shape", {"sha256": None}, settings) is None  # a fresh model is always evaluated
 
 
 def test_a_failing_task_is_one_line_and_the_others_are_kept(suite, tmp_path):
@@ -108,9 +118,7 @@ def test_suite_options_are_checked(suite, tmp_path, monkeypatch):
 
 
 def test_two_processes_under_torchrun_give_one_process_metrics(suite, tmp_path):
-    one = tmp_path / "one"
-    result = _run("--suite", suite / "suite.yaml", "--model", suite / "bundle", "--out", one)
-    assert result.exit_code == 0, result.output
+    one = suite / "one"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "-m", "uniperceiver_cli", "evaluate", "--suite", str(suite / "suite.yaml"), "--model",
@@ -123,7 +131,8 @@ def test_two_processes_under_torchrun_give_one_process_metrics(suite, tmp_path):
                                                                        for r in twos]
     for a, b in zip(ones, twos, strict=True):
         assert float(a["value"]) == pytest.approx(float(b["value"]), abs=1e-9), (a, b)
-    for task in ("shape", "captions", "retrieval"):
+    assert [r["samples"] for r in twos if r["task"] == "single"] == ["1", "1"]
+    for task in ("shape", "captions", "retrieval", "single"):
         keys = [json.loads(line)["key"] for line in (tmp_path / "two" / task / "predictions.jsonl").open()]
         assert sorted(keys) == sorted(json.loads(line)["key"] for line in (one / task / "predictions.jsonl").open())
         assert json.loads((tmp_path / "two" / task / "results.json").read_text())["data"]["processes"] == 2

@@ -241,3 +241,18 @@ def test_out_writes_a_new_file_from_a_list(files, tiny_bundle, tmp_path):
     assert out.read_text() == before
     result, _ = _invoke([files / "img_0.png", "--model", tiny_bundle, "--caption", "--out", out, "--json"])
     assert result.exit_code == 2 and "choose one of --json, --jsonl or --out" in result.stderr
+
+
+def test_progress_on_a_terminal(files, tiny_bundle, monkeypatch):
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+    result, out = _invoke([files / "img_0.png", files / "img_1.png", files / "clip.mp4", "--model", tiny_bundle,
+                           "--label", "a", "--label", "b", "--jsonl", "--batch-size", "2"])
+    assert result.exit_code == 0 and len(out.splitlines()) == 3
+    assert "predict" in result.stderr and "3/3" in result.stderr
+
+
+def test_out_is_not_created_when_nothing_is_answered(tiny_bundle, tmp_path):
+    out = tmp_path / "answers.jsonl"
+    result = runner.invoke(app, ["predict", "-", "--model", str(tiny_bundle), "--caption", "--out", str(out)], input="")
+    assert result.exit_code == 2 and "no image or video files were given" in result.stderr
+    assert not out.exists()  # so the same command can run again

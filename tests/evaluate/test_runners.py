@@ -14,6 +14,7 @@ from uniperceiver_cli.evaluate.runners import (
     run_mlm,
     run_retrieval,
 )
+from uniperceiver_cli.evaluate.tasks import with_progress
 from uniperceiver_cli.model.decoding import beam_search
 from uniperceiver_cli.model.tokenizer import _bytes_to_unicode, get_tokenizer
 
@@ -93,11 +94,13 @@ def test_mlm_masking_and_runner(model):
     assert chosen.sum(1).tolist() == [1, 1] and (masked[chosen] == 49410).all()
     masked, chosen = mask_tokens(ids, padding, 1.0, 0, ["a", "b"])
     assert chosen.tolist() == [[True, True, True, False, False], [True, False, False, False, False]]
-    # a row's draws follow its key, whatever the batch it comes in
+    # a row's draws follow its key, whatever the batch it comes in and however far that batch is padded
     long = torch.tensor([[320 + i for i in range(40)]])
     _, alone = mask_tokens(long, None, 0.5, 7, ["k"])
-    _, paired = mask_tokens(torch.cat([long.flip(1), long]), None, 0.5, 7, ["j", "k"])
-    assert torch.equal(alone[0], paired[1]) and not torch.equal(paired[0], paired[1])
+    padded = torch.cat([torch.cat([long.flip(1), long], dim=1), torch.cat([long, torch.zeros_like(long)], dim=1)])
+    _, paired = mask_tokens(padded, padded == 0, 0.5, 7, ["j", "k"])
+    assert torch.equal(alone[0], paired[1, :40]) and not paired[1, 40:].any()
+    assert not torch.equal(paired[0, :40], paired[1, :40]) and 10 < int(alone.sum()) < 30  # about half of 40
     result = run_mlm(model, [{"text_ids": ids, "text_padding": padding, "keys": ["a", "b"]}])
     assert result.metrics["masked_tokens"] >= 2 and 0 <= result.metrics["masked_acc"] <= 100
 
@@ -148,3 +151,14 @@ def test_labels_naming_no_class_of_the_data_are_refused(model):
         result = run_classification(model, _image_batches(), ["Circle", "star"],
                                     truth_names=["circle", "square", "star"])
     assert "acc@1" in result.metrics
+
+
+def test_progress_shows_samples_and_time_on_a_terminal_only(monkeypatch, capsys):
+    batches = _image_batches(n=10, batch=4)
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich takes stderr for a terminal
+    assert list(with_progress(batches, 10, "shape_classification")) == batches
+    shown = capsys.readouterr().err
+    assert "shape_classification" in shown and "10/10" in shown and "0:00:00" in shown
+    monkeypatch.setenv("TTY_COMPATIBLE", "0")  # a log file: nothing written into it
+    assert list(with_progress(batches, 10, "shape_classification")) == batches
+    assert capsys.readouterr().err == ""

@@ -147,7 +147,7 @@ def _context(device: str) -> Context:
 def _run_suite(name: str, model: Path | None, preset: str | None, out: Path | None, skip_existing: bool,
                workers: int, device: str, precision: str, len_penalty: float) -> None:
     """Each task of the suite into OUT/<task>/, then OUT/summary.csv and a table; a task that fails is reported in
-    one line and the others go on (exit code 1)."""
+    one line and the others go on (exit code 1), except under several processes, where it ends them all."""
     from uniperceiver_cli.checkpoints.sources import model_identity
     from uniperceiver_cli.evaluate.gather import gather
     from uniperceiver_cli.evaluate.suite import existing_result, print_summary, read_result, summary_rows, write_summary
@@ -161,8 +161,10 @@ def _run_suite(name: str, model: Path | None, preset: str | None, out: Path | No
     identity = model_identity(model) if ctx.main else {}
     results: dict[str, dict] = {}
     errors: dict[str, str] = {}
+    root = str(Path(tasks.data_root).resolve())
     for spec in tasks.tasks:
-        kept = existing_result(out / spec.name, identity, spec) if skip_existing and ctx.main else None
+        settings = {**dataclasses.asdict(spec), "data_root": root, "precision": precision, "len_penalty": len_penalty}
+        kept = existing_result(out / spec.name, identity, settings) if skip_existing and ctx.main else None
         kept = gather(kept, ctx)[0]  # the main process decides for all
         if kept is not None:
             results[spec.name] = kept
@@ -171,11 +173,13 @@ def _run_suite(name: str, model: Path | None, preset: str | None, out: Path | No
             evaluation = evaluate_task(net, spec, Path(tasks.data_root), num_workers=workers, precision=precision,
                                        len_penalty=len_penalty, ctx=ctx, progress=True)
         except USER_ERRORS as e:
+            if ctx.world_size > 1:  # the processes may not have failed alike: stop them all (torchrun does)
+                raise
             errors[spec.name] = " ".join(str(e).split())
             report(f"{spec.name}: {errors[spec.name]}")
             continue
         if ctx.main:
-            results[spec.name] = read_result(evaluation.write(out / spec.name, identity), "evaluated")
+            results[spec.name] = read_result(evaluation.write(out / spec.name, identity, settings), "evaluated")
     if not ctx.main:
         return
     rows = summary_rows(tasks.tasks, results, errors, identity)

@@ -88,7 +88,8 @@ def _progress() -> Progress:
     """Files done, the time taken and the time left (known for a given list, not for standard input), on stderr;
     only on a terminal, so nothing is written into a log."""
     return Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=err_console, disable=not err_console.is_terminal)
+                    TimeRemainingColumn(), console=err_console, disable=not err_console.is_terminal,
+                    redirect_stdout=False, redirect_stderr=False)  # the JSON lines go to stdout, not into the bar
 
 
 def predict(
@@ -146,31 +147,35 @@ def predict(
             dev = pick_device(device)
             answer, read = torch_answerer(load_any_model(model, preset, dev), dev, names, template_list, candidates,
                                           vocabulary.value, beam_size, max_len, routing_task)
-        stream = out.open("x", encoding="utf-8") if out is not None else sys.stdout if jsonl else None
+        lines = out is not None or jsonl  # one JSON line per file as each batch is done
+        opened = None  # --out: created with the first batch's lines, so a run that answers nothing leaves no file
         results, answered, skipped = [], 0, 0
         try:
             with _progress() as progress:
                 task = progress.add_task("predict", total=total)
                 for batch in _batches(paths, batch_size):
                     rows = _answer_batch(batch, answer, read, num_frames, top_k)
-                    for row in rows:
-                        if "error" in row and stream is None:
-                            err_console.print(f"[red]skipped:[/red] {escape(row['error'])}", highlight=False,
-                                              soft_wrap=True)
                     skipped += sum("error" in row for row in rows)
                     answered += len(rows)
-                    if stream is not None:
-                        stream.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-                        stream.flush()
-                    else:
-                        results.extend(row for row in rows if "error" not in row)
                     progress.advance(task, len(rows))
+                    if not lines:
+                        for row in rows:
+                            if "error" in row:
+                                err_console.print(f"[red]skipped:[/red] {escape(row['error'])}", highlight=False,
+                                                  soft_wrap=True)
+                        results.extend(row for row in rows if "error" not in row)
+                        continue
+                    if out is not None and opened is None:
+                        opened = out.open("x", encoding="utf-8")
+                    stream = opened or sys.stdout
+                    stream.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+                    stream.flush()
         finally:
-            if out is not None and stream is not None:
-                stream.close()
+            if opened is not None:
+                opened.close()
         if not answered:
             raise ValueError("no image or video files were given")
-    if stream is None:
+    if not lines:
         _show(results, as_json)
     if skipped:
         raise typer.Exit(1)

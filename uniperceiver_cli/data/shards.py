@@ -47,6 +47,7 @@ STREAMING_ENV = "UNIPERCEIVER_STREAMING"  # "1": shard URLs and pipes may be ope
 STREAM_TIMEOUT_ENV = "UNIPERCEIVER_STREAM_TIMEOUT"  # seconds, overrides make_loader's stream_timeout
 STREAM_TIMEOUT = 60.0  # seconds an http(s) shard may stall (connecting or between reads)
 MAX_MANIFEST = 64 << 20  # bytes of a fetched manifest.json (a local one is read within read_json's limit)
+_FETCHED: dict[str, bytes] = {}  # manifest URL -> the bytes fetched by this process
 
 
 class Skip(Exception):  # noqa: N818 - a control-flow signal, not an error
@@ -173,8 +174,11 @@ def is_remote(source: str) -> bool:
 
 def is_split_url(source: str) -> bool:
     """Whether ``source`` is the http(s) URL of a converted split (the folder's URL: its ``manifest.json`` and shards
-    are under it), rather than a shard's URL (``.tar``) or a pattern of them."""
-    return urlparse(source).scheme.lower() in ("http", "https") and not source.endswith(".tar") and "{" not in source
+    are under it), rather than a shard's URL (``.tar``) or a pattern of them. One with a query or fragment (a signed
+    URL) is not: the file names could not be appended to it."""
+    url = urlparse(source)
+    return url.scheme.lower() in ("http", "https") and not (url.query or url.fragment) \
+        and not source.endswith(".tar") and "{" not in source
 
 
 def split_source(data_root: str | Path, data: str) -> str | Path:
@@ -205,13 +209,16 @@ def fetch_manifest(url: str) -> Any:
     failure is one line."""
     require_streaming(url)
     target = f"{url.rstrip('/')}/{MANIFEST}"
-    try:
-        with urllib.request.urlopen(target, timeout=stream_timeout()) as response:  # noqa: S310 - the user's URL
-            data = response.read(MAX_MANIFEST + 1)
-    except (OSError, ValueError) as e:  # URLError and HTTPError are OSErrors; a timeout too
-        raise ValueError(f"cannot fetch {target}: {' '.join(str(e).split())[:300]}") from None
-    if len(data) > MAX_MANIFEST:
-        raise ValueError(f"{target} is larger than {MAX_MANIFEST >> 20} MB; not read")
+    data = _FETCHED.get(target)
+    if data is None:
+        try:
+            with urllib.request.urlopen(target, timeout=stream_timeout()) as response:  # noqa: S310 - the user's URL
+                data = response.read(MAX_MANIFEST + 1)
+        except (OSError, ValueError) as e:  # URLError and HTTPError are OSErrors; a timeout too
+            raise ValueError(f"cannot fetch {target}: {' '.join(str(e).split())[:300]}") from None
+        if len(data) > MAX_MANIFEST:
+            raise ValueError(f"{target} is larger than {MAX_MANIFEST >> 20} MB; not read")
+        _FETCHED[target] = data  # once per process: the class names and the shards a run reads come from one copy
     try:
         return json.loads(data)
     except (ValueError, RecursionError) as e:

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -211,13 +212,25 @@ def mask_tokens(ids: torch.Tensor, padding: torch.Tensor | None, probability: fl
     from ``seed`` and its sample key, so a sample is masked alike whatever its batch or process."""
     real = torch.ones_like(ids, dtype=torch.bool) if padding is None else ~padding
     real &= ids < SOT_ID
-    draws = torch.stack([torch.rand(ids.shape[1], generator=torch.Generator().manual_seed(
-        zlib.crc32(f"{seed}/{key}".encode()))) for key in keys])
-    chosen = (draws < probability) & real
+    seeds = np.array([zlib.crc32(f"{seed}/{key}".encode()) for key in keys], dtype=np.uint64)
+    chosen = (_uniform(seeds, ids.shape[1]) < probability) & real
     first = real.float().argmax(dim=1)  # guarantee one masked token where the row has any
     has_real = real.any(dim=1)
     chosen[torch.arange(ids.shape[0])[has_real], first[has_real]] = True
     return ids.masked_fill(chosen, SPE_ID), chosen
+
+
+def _uniform(seeds: np.ndarray, length: int) -> torch.Tensor:
+    """Uniform draws in [0, 1), (rows, ``length``): entry (r, i) a hash of ``seeds[r]`` and ``i`` (splitmix64's
+    mixer), so a row's draws do not depend on the batch or its padded length."""
+    with np.errstate(over="ignore"):
+        x = seeds[:, None] + np.arange(1, length + 1, dtype=np.uint64)[None] * np.uint64(0x9E3779B97F4A7C15)
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return torch.from_numpy((x >> np.uint64(11)).astype(np.float64) / 2.0**53)
 
 
 @torch.inference_mode()

@@ -7,7 +7,6 @@ import csv
 import io
 import json
 import os
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +24,10 @@ def read_result(path: Path, status: str) -> dict[str, Any]:
     return {**read_json(path, "results"), "status": status}
 
 
-def existing_result(folder: Path, model: dict[str, Any], spec: Any) -> dict[str, Any] | None:
+def existing_result(folder: Path, model: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any] | None:
     """The results a task already has in ``folder`` when they are of this model (its weights' sha256; a freshly
-    initialised model has none, so is always evaluated) and of the same settings; else None. A results file that
-    cannot be read is evaluated again."""
+    initialised model has none, so is always evaluated) and of the same ``settings`` (the task's, the data root, the
+    precision and length penalty); else None. A results file that cannot be read is evaluated again."""
     path = folder / "results.json"
     if model.get("sha256") is None or not path.is_file():
         return None
@@ -37,7 +36,7 @@ def existing_result(folder: Path, model: dict[str, Any], spec: Any) -> dict[str,
     except ValueError:
         return None
     same_model = isinstance(found.get("model"), dict) and found["model"].get("sha256") == model["sha256"]
-    same_settings = found.get("settings") == json.loads(json.dumps(asdict(spec)))
+    same_settings = found.get("settings") == json.loads(json.dumps(settings))
     return found if same_model and same_settings else None
 
 

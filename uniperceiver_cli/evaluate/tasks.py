@@ -115,7 +115,7 @@ def with_progress(batches: Iterable[dict[str, Any]], total: int, label: str) -> 
 
     console = Console(stderr=True)
     with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                  console=console, disable=not console.is_terminal) as bar:
+                  console=console, disable=not console.is_terminal, redirect_stdout=False) as bar:
         task = bar.add_task(label, total=total)
         for batch in batches:
             yield batch

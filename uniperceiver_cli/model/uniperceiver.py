@@ -412,8 +412,13 @@ class UniPerceiver(nn.Module):
     def retrieval_logits(self, inputs: torch.Tensor, text_ids: torch.Tensor,
                          text_padding: torch.Tensor | None = None) -> torch.Tensor:
         """Visual inputs (B, ...) against texts (B', L) -> image-to-text logits (B, B'); transpose for t2i."""
+        return self.head.logits(*self.retrieval_features(inputs, text_ids, text_padding), "retrieve")
+
+    def retrieval_features(self, inputs: torch.Tensor, text_ids: torch.Tensor,
+                           text_padding: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The visual features (B, D) and the text features (B', D) that :meth:`retrieval_logits` scores."""
         query = self.encode_video(inputs) if inputs.dim() == 5 else self.encode_image(inputs)
-        return self.head.logits(query, self.encode_text(text_ids, text_padding), "retrieve")
+        return query, self.encode_text(text_ids, text_padding)
 
     def caption_logits(self, inputs: torch.Tensor, ids: torch.Tensor, padding: torch.Tensor | None,
                        vocabulary: torch.Tensor) -> torch.Tensor:

@@ -45,3 +45,12 @@ class TargetSplit:
         # fp32 (features are bf16 under autocast): the backward sums every process's gradient of a slice
         wide = features.to(torch.promote_types(features.dtype, torch.float32))
         return torch.cat(all_gather(wide.contiguous()))[:n]
+
+
+def with_others(local: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """``local`` (B, D) followed by every other process's (B, D) in rank order, without gradient through theirs:
+    the reference's ``FEATURE_GATHER`` retrieval negatives. Every process must call it with the same shape (a
+    training batch is always full)."""
+    parts = [torch.empty_like(local) for _ in range(world_size)]
+    torch.distributed.all_gather(parts, local.detach().contiguous())
+    return torch.cat([local, *(part for i, part in enumerate(parts) if i != rank)])

@@ -7,6 +7,8 @@ import warnings
 from pathlib import Path
 from typing import Literal
 
+from uniperceiver_cli.checkpoints.errors import CheckpointError
+from uniperceiver_cli.checkpoints.pretrained import resolve_model
 from uniperceiver_cli.data.shards import MANIFEST, Manifest, is_split_url
 from uniperceiver_cli.task_types import TASKS
 from uniperceiver_cli.text_files import shorten
@@ -132,7 +134,11 @@ def task_problem(key: str, task: TaskSpec | EvalTaskSpec, manifest: Manifest, sp
 
 def init_problem(recipe: Recipe) -> str | None:
     """Why ``init`` cannot start the recipe's model, if it cannot: checked exactly as training loads it."""
-    if not (_is(Path(recipe.init), "folder") or _is(Path(recipe.init), "file")):
+    try:
+        source = resolve_model(recipe.init)  # a released model's name: its downloaded file
+    except CheckpointError as e:
+        return f"init: {e}"
+    if not (_is(source, "folder") or _is(source, "file")):
         return f"init: {shorten(recipe.init)} does not exist"
     # torch and the model only here: the other recipe commands start without them.
     import torch

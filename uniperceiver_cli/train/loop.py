@@ -211,7 +211,8 @@ def _setup(recipe: Recipe, run_dir: Path, resume: str | None, ctx: Context) -> _
     model = build_model(recipe)
     split = TargetSplit(ctx.rank, ctx.world_size, spec.split_targets) if ctx.world_size > 1 and spec.split_targets \
         else None
-    tasks = {t.name: TrainTask.build(t, Path(recipe.data_root), split) for t in recipe.tasks}
+    tasks = {t.name: TrainTask.build(t, Path(recipe.data_root), split, (ctx.rank, ctx.world_size))
+             for t in recipe.tasks}
     TrainTask.record_targets(model, tasks.values())  # class names, caption vocabulary: for evaluations, the bundle
     seed = rank_seed(spec.seed, ctx.rank)  # drop path, gate noise and masking differ per process
     seed_everything(seed)

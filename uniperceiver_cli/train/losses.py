@@ -21,10 +21,12 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing: float =
     return F.cross_entropy(logits, target, label_smoothing=smoothing, ignore_index=-1)
 
 
-def retrieval_loss(logits: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
-    """Image-to-text plus text-to-image cross entropy over in-batch pairs (row i matches column i)."""
+def retrieval_loss(logits: torch.Tensor, smoothing: float = 0.0, t2i: torch.Tensor | None = None) -> torch.Tensor:
+    """Image-to-text plus text-to-image cross entropy: row i matches column i. ``t2i`` defaults to the transpose
+    of the image-to-text ``logits`` (in-batch negatives); with gathered negatives each direction has its own."""
     target = torch.arange(logits.shape[0], device=logits.device)
-    return cross_entropy(logits, target, smoothing) + cross_entropy(logits.t(), target, smoothing)
+    return cross_entropy(logits, target, smoothing) + cross_entropy(logits.t() if t2i is None else t2i, target,
+                                                                    smoothing)
 
 
 def router_loss(stats: RouterStats, balance_weight: float, z_weight: float) -> torch.Tensor:

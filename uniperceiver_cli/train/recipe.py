@@ -171,6 +171,17 @@ class TaskSpec:
     negatives: Negatives = 1024
     mask_probability: Probability = 0.15  # text_mlm: whole-word masking rate (80% <|spe|>, 10% random, 10% kept)
     subset: Fraction | None = None  # a fraction of the data (prompt tuning's 1%), chosen once from the seed
+    # Retrieval under several processes: every process's features serve as negatives (the reference's
+    # FEATURE_GATHER, on in its retrieval fine-tuning), without gradient through the other processes'.
+    gather_negatives: bool = False
+
+    @field_validator("gather_negatives")
+    @classmethod
+    def _retrieval_only(cls, gather: bool, info: ValidationInfo) -> bool:
+        kind = info.data.get("type")
+        if gather and kind is not None and TASKS[kind].family != "retrieval":
+            raise ValueError(f"gathers retrieval negatives; {kind} is not a retrieval task")
+        return gather
 
 
 @dataclass(config=STRICT)
@@ -291,7 +302,9 @@ class Recipe:
     tasks: list[TaskSpec]
     description: str = ""
     model: ModelSpec = field(default_factory=ModelSpec)
-    init: str | None = None  # a bundle, run, training checkpoint or official file to start from
+    # A bundle, run, training checkpoint, official file or released model's name (downloaded) to start from; never a
+    # URL or hf-hub: name (a recipe does not reach the network: export such a model to a folder first).
+    init: LocalPath | None = None
     data_root: LocalPath = "."
     train: TrainSpec = field(default_factory=TrainSpec)
     engine: EngineSpec = field(default_factory=EngineSpec)

@@ -15,7 +15,7 @@ from uniperceiver_cli.data.shards import Manifest, split_source
 from uniperceiver_cli.model.config import EOT_ID
 from uniperceiver_cli.model.tokenizer import get_tokenizer
 from uniperceiver_cli.model.uniperceiver import UniPerceiver
-from uniperceiver_cli.parallel.targets import TargetSplit
+from uniperceiver_cli.parallel.targets import TargetSplit, with_others
 from uniperceiver_cli.task_types import TASKS, TaskType
 from uniperceiver_cli.train.flops import StepShape
 from uniperceiver_cli.train.losses import cross_entropy, retrieval_loss
@@ -33,18 +33,22 @@ class TrainTask:
     vocab_ids: torch.Tensor | None = None  # the restricted target set ("corpus"), else None
     mixup: Any = None  # timm Mixup for soft-target classification
     split: TargetSplit | None = None  # several processes: large target sets encoded across them
+    negatives: tuple[int, int] | None = None  # gather_negatives under several processes: (rank, world size)
     _label_text: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
     _device_cache: tuple[torch.device, dict[str, torch.Tensor | None]] | None = field(default=None, repr=False)
     _target_rows: tuple[int, int] = (0, 0)  # the last vocabulary target set: rows encoded here, rows in all
     shape: StepShape | None = field(default=None, repr=False)  # what the last micro-step encoded (train/flops.py)
 
     @classmethod
-    def build(cls, spec: TaskSpec, data_root: Path, split: TargetSplit | None = None) -> TrainTask:
+    def build(cls, spec: TaskSpec, data_root: Path, split: TargetSplit | None = None,
+              world: tuple[int, int] = (0, 1)) -> TrainTask:
+        """The task of ``spec``; ``world`` is this process's (rank, world size)."""
         directory = split_source(data_root, spec.data)
         manifest = Manifest.load(directory)
         if spec.type not in manifest.tasks:
             raise ValueError(f"task {spec.name}: {directory} serves {', '.join(manifest.tasks)}, not {spec.type}")
-        task = cls(spec, TASKS[spec.type], directory, manifest, split=split)
+        negatives = world if spec.gather_negatives and world[1] > 1 else None
+        task = cls(spec, TASKS[spec.type], directory, manifest, split=split, negatives=negatives)
         if task.kind.family == "classification":
             task.class_names = manifest.label_names(spec.label_set)
             task._label_text = get_tokenizer().encode_batch(task.class_names)
@@ -96,9 +100,10 @@ class TrainTask:
         if family == "classification":
             loss, metrics = self._classification(model, batch, device)
         elif family == "retrieval":
-            logits = model.retrieval_logits(visual_input(batch, device), to_device(batch["text_ids"], device),
-                                            _padding(batch["text_padding"], device))
-            loss, metrics = retrieval_loss(logits, self.spec.label_smoothing), {}
+            query, text = model.retrieval_features(visual_input(batch, device), to_device(batch["text_ids"], device),
+                                                   _padding(batch["text_padding"], device))
+            logits, t2i = self.retrieval_logits(model, query, text)
+            loss, metrics = retrieval_loss(logits, self.spec.label_smoothing, t2i), {}
             self.shape = StepShape("retrieval", logits.shape[0], _frames(batch.get("videos", batch.get("images"))),
                                    text=batch["text_ids"].shape[1])
         elif family == "caption":
@@ -106,6 +111,16 @@ class TrainTask:
         else:
             loss, metrics = self._mlm(model, batch, device, generator)
         return loss * self.spec.loss_weight, metrics
+
+    def retrieval_logits(self, model: UniPerceiver, query: torch.Tensor, text: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Image-to-text logits (B, B') and, with gathered negatives, text-to-image logits (B, B'); each against
+        this process's pairs first, then every other process's (None: the transpose, in-batch negatives)."""
+        if self.negatives is None:
+            return model.head.logits(query, text, "retrieve"), None
+        rank, world_size = self.negatives
+        return (model.head.logits(query, with_others(text, rank, world_size), "retrieve"),
+                model.head.logits(text, with_others(query, rank, world_size), "retrieve"))
 
     def _on(self, model: UniPerceiver) -> dict[str, torch.Tensor | None]:
         """What every step of the task uses, on the model's device, copied there once: the class names' ids and

@@ -6,6 +6,7 @@ files stay in the run directory unless the tracker's own settings point elsewher
 (online, or offline with ``WANDB_MODE=offline``; project ``WANDB_PROJECT``, default "uniperceiver"); MLflow logs to
 ``MLFLOW_TRACKING_URI``, default a file store ``RUN/mlruns`` (experiment ``MLFLOW_EXPERIMENT_NAME``, default
 "uniperceiver"). A resumed run continues the same W&B and MLflow runs (their ids are kept in ``RUN/trackers.json``).
+Where the values go is the environment's (and the user's login), never the recipe's: a recipe only picks trackers.
 """
 
 from __future__ import annotations
@@ -49,12 +50,17 @@ def open_trackers(report_to: list[str], run_dir: Path, config: dict[str, Any]) -
     ids = _read_ids(run_dir)
     opened: dict[str, Tracker] = {}
     for name in report_to:
-        if name == "tensorboard":
-            opened[name] = TensorBoard(run_dir)
-        elif name == "wandb":
-            opened[name] = WandB(run_dir, config, ids.get("wandb"))
-        else:
-            opened[name] = MLflow(run_dir, config, ids.get("mlflow"))
+        try:
+            if name == "tensorboard":
+                opened[name] = TensorBoard(run_dir)
+            elif name == "wandb":
+                opened[name] = WandB(run_dir, config, ids.get("wandb"))
+            else:
+                opened[name] = MLflow(run_dir, config, ids.get("mlflow"))
+        except Exception as e:  # noqa: BLE001 - not logged in, a tracking server not reached, ...: one line
+            for tracker in opened.values():
+                tracker.close()
+            raise ValueError(f"train.report_to: {name} could not start: {' '.join(str(e).split())[:300]}") from None
     new = {name: tracker.run_id for name, tracker in opened.items() if getattr(tracker, "run_id", None)}
     if new != {k: v for k, v in ids.items() if k in new}:
         tmp = run_dir / (IDS_FILE + ".tmp")
