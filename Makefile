@@ -13,9 +13,11 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[test]"
 
+# Two pytest workers: most tests run one process on one core; those that start several processes share one
+# worker (the xdist_group "processes"), so they never run two at a time.
 test: install
 	$(BIN)/ruff check uniperceiver_cli tests benchmarks
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadgroup
 
 lint: install
 	$(BIN)/ruff check uniperceiver_cli tests benchmarks

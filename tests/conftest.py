@@ -5,6 +5,8 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # make test runs two workers on two cores: one compute thread each
+    torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = Path(os.environ.get("UNIPERCEIVER_REFERENCE", REPO.parent / "shared" / "reference"))

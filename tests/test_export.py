@@ -28,6 +28,9 @@ from uniperceiver_cli.train.engines.deepspeed import safe_load
 from uniperceiver_cli.train.engines.single import load_state_file
 from uniperceiver_cli.train.recipe import validate
 
+# Its tests share module fixtures that take a while to make: one xdist worker runs them all (Makefile).
+pytestmark = pytest.mark.xdist_group("export")
+
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["red", "green", "blue"]
 
@@ -199,6 +202,7 @@ def test_deepspeed_checkpoint_bf16_exports_fp32(deepspeed_run: Path, tmp_path: P
     assert load_model(deepspeed_run, step=2).config.image_size == 32
 
 
+@pytest.mark.xdist_group("processes")  # with the other tests that start several processes (Makefile)
 def test_two_process_zero2_checkpoint(data_root: Path, tmp_path: Path):
     from tests.train.test_deepspeed import _launch, _recipe
 

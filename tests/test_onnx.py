@@ -23,6 +23,9 @@ from uniperceiver_cli.model.uniperceiver import UniPerceiver
 from uniperceiver_cli.onnx import export as onnx_export
 from uniperceiver_cli.onnx.runtime import GRAPHS, MANIFEST, OnnxModel, OnnxModelError
 
+# Its tests share module fixtures that take a while to make: one xdist worker runs them all (Makefile).
+pytestmark = pytest.mark.xdist_group("onnx")
+
 REPO = Path(__file__).resolve().parents[1]
 FEATS = {"atol": 1e-5, "rtol": 0}
 LOGITS = {"atol": 1e-4, "rtol": 1e-5}

@@ -10,6 +10,9 @@ from typer.testing import CliRunner
 import uniperceiver_cli as up
 from uniperceiver_cli.cli.app import app
 
+# Its tests share module fixtures that take a while to make: one xdist worker runs them all (Makefile).
+pytestmark = pytest.mark.xdist_group("evaluate-cli")
+
 runner = CliRunner()
 
 

@@ -19,6 +19,9 @@ from uniperceiver_cli.cli.app import app
 from uniperceiver_cli.evaluate.suite import existing_result
 from uniperceiver_cli.train.recipe import load_suite
 
+# Tests that start several processes run one after another on one xdist worker (Makefile: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("processes")
+
 REPO = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 

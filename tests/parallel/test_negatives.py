@@ -19,6 +19,9 @@ from uniperceiver_cli.train.losses import retrieval_loss
 from uniperceiver_cli.train.recipe import validate
 from uniperceiver_cli.train.tasks import TrainTask
 
+# Tests that start several processes run one after another on one xdist worker (Makefile: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("processes")
+
 REPO = Path(__file__).resolve().parents[2]
 WORLD, PER = 2, 3
 

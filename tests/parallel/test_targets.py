@@ -17,6 +17,9 @@ from uniperceiver_cli.model.config import get_config
 from uniperceiver_cli.model.uniperceiver import UniPerceiver
 from uniperceiver_cli.parallel.targets import TargetSplit
 
+# Tests that start several processes run one after another on one xdist worker (Makefile: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("processes")
+
 REPO = Path(__file__).resolve().parents[2]
 WORLD = 2
 # No gate noise: it is drawn per call, so splitting would draw other noise (equal in distribution only).

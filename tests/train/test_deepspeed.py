@@ -43,6 +43,8 @@ from uniperceiver_cli.train.engines.deepspeed import deepspeed_config
 from uniperceiver_cli.train.recipe import validate
 
 pytest.importorskip("deepspeed")
+# Tests that start several processes run one after another on one xdist worker (Makefile: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("processes")
 
 REPO = Path(__file__).resolve().parents[2]
 B = 2  # samples per process per micro-batch; the single process takes 2 * B
@@ -349,6 +351,7 @@ def test_nodes_without_a_shared_run_directory_are_refused_and_an_incomplete_chec
 SLOW_EVALUATION = """
 import time
 from uniperceiver_cli.train import loop
+
 evaluate = loop._evaluate
 def slow(*args, **kwargs):
     time.sleep(20)

@@ -23,6 +23,9 @@ from uniperceiver_cli.export import export
 from uniperceiver_cli.train import loop
 from uniperceiver_cli.train.recipe import validate
 
+# Tests that start several processes run one after another on one xdist worker (Makefile: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("processes")
+
 pytest.importorskip("deepspeed")
 
 B, STEPS, ATOL = 2, 4, 1e-5

@@ -18,7 +18,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from rich.table import Table
+from rich.table import Column, Table
 
 from uniperceiver_cli.cli.common import (
     MODEL_HELP,
@@ -203,7 +203,8 @@ def _show(results: list[dict], as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps(results, indent=2, ensure_ascii=False))
         return
-    table = Table("file", "prediction")
+    table = Table("prediction")
+    table.columns.insert(0, Column("file", overflow="fold"))  # a path folds onto more lines, never cut
     for row in results:
         if "caption" in row:
             table.add_row(row["file"], row["caption"])
