@@ -101,3 +101,46 @@ def caption_metrics(predictions: Mapping[str | int, str],
             score, _ = scorer.compute_score(gts, res)
             scores[name] = 100.0 * float(score)
     return scores
+
+
+def matthews_correlation(predicted: torch.Tensor, labels: torch.Tensor) -> float:
+    """Matthews correlation coefficient (CoLA's metric), in percent, of integer predictions and labels (N,), for
+    any number of classes (the multiclass form, which is the usual one for two); 0 where it is undefined."""
+    classes = int(max(predicted.max(), labels.max())) + 1 if len(labels) else 1
+    confusion = torch.zeros(classes, classes, dtype=torch.float64)
+    confusion.index_put_((labels.long(), predicted.long()), torch.ones(len(labels), dtype=torch.float64),
+                         accumulate=True)
+    t, p = confusion.sum(1), confusion.sum(0)  # true and predicted counts per class
+    n, correct = confusion.sum(), confusion.trace()
+    denominator = torch.sqrt((n**2 - (p * p).sum()) * (n**2 - (t * t).sum()))
+    return 0.0 if float(denominator) == 0 else 100.0 * float((correct * n - (t * p).sum()) / denominator)
+
+
+def binary_f1(predicted: torch.Tensor, labels: torch.Tensor, positive: int = 1) -> float:
+    """F1 of the ``positive`` class (MRPC's and QQP's metric, beside accuracy), in percent; 0 with no true or
+    predicted positive."""
+    hits = int(((predicted == positive) & (labels == positive)).sum())
+    guessed, actual = int((predicted == positive).sum()), int((labels == positive).sum())
+    return 0.0 if hits == 0 else 100.0 * 2 * hits / (guessed + actual)
+
+
+def _average_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Ranks 1..N, ties sharing the mean of their ranks (as Spearman's coefficient takes them)."""
+    order = values.argsort(stable=True)
+    ranks = torch.empty(len(values), dtype=torch.float64)
+    ranks[order] = torch.arange(1, len(values) + 1, dtype=torch.float64)
+    unique, inverse = values.unique(return_inverse=True)
+    sums = torch.zeros(len(unique), dtype=torch.float64).index_add_(0, inverse, ranks)
+    counts = torch.zeros(len(unique), dtype=torch.float64).index_add_(0, inverse, torch.ones_like(ranks))
+    return (sums / counts)[inverse]
+
+
+def correlations(predicted: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    """Pearson's and Spearman's correlation coefficients (STS-B's metrics), in percent."""
+    def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+        x, y = x - x.mean(), y - y.mean()
+        denominator = torch.sqrt((x * x).sum() * (y * y).sum())
+        return 0.0 if float(denominator) == 0 else 100.0 * float((x * y).sum() / denominator)
+
+    x, y = predicted.double(), target.double()
+    return {"pearson": pearson(x, y), "spearman": pearson(_average_ranks(x), _average_ranks(y))}
