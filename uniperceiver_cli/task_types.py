@@ -11,7 +11,7 @@ from typing import Literal
 class TaskType:
     name: str
     modality: Literal["image", "video", "text"]  # of the input; the targets are text
-    family: Literal["classification", "caption", "retrieval", "mlm"]
+    family: Literal["classification", "caption", "retrieval", "mlm", "text_classification"]
     temperature: str  # its logit scale, one of model/heads.py TEMPERATURES
     attributes: tuple[str, ...]  # the MoE attribute rows (model/moe.py ATTRIBUTES) of its input, then its targets
 
@@ -24,6 +24,9 @@ TASKS = {task.name: task for task in (
     TaskType("image_retrieval", "image", "retrieval", "retrieve", ("visual_input", "text_target")),
     TaskType("video_retrieval", "video", "retrieval", "retrieve", ("visual_input", "text_target")),
     TaskType("text_mlm", "text", "mlm", "text_mlm", ("text_input", "vocabulary")),
+    # GLUE as a cloze: the text holds a <|spe|> slot, scored at the MLM scale against label words as vocabulary rows
+    # (the reference's rows: its text_classification input is the MLM input row, its label sets the word row).
+    TaskType("text_classification", "text", "text_classification", "text_mlm", ("text_input", "vocabulary")),
 )}
 
 

@@ -44,6 +44,18 @@ def test_the_papers_recipes_are_shipped():
     for bench in ("imagenet", "kinetics400", "coco-caption", "coco-retrieval", "flickr30k-caption",
                   "flickr30k-retrieval", "msvd-caption", "msvd-retrieval"):
         assert {f"base-finetune-{bench}", f"base-prompt-tune-{bench}"} <= names
+    assert {f"base-finetune-glue-{task}" for task in ("sst2", "cola", "rte", "mrpc", "qqp", "qnli", "mnli")} <= names
+
+
+def test_glue_recipes_take_the_references_settings():
+    for task, lr in (("rte", 2e-5), ("sst2", 1e-5), ("mnli", 1e-5)):
+        recipe = load_checked(f"base-finetune-glue-{task}")
+        spec, train = recipe.tasks[0], recipe.train
+        assert (spec.type, spec.max_text_len, spec.label_smoothing) == ("text_classification", 256, 0.1)
+        assert (train.lr, train.betas, train.eps, train.weight_decay, train.grad_clip) == (lr, (0.9, 0.98), 1e-8,
+                                                                                          0.1, 0.5)
+    assert [t.data for t in load_checked("base-finetune-glue-mnli").evaluation.tasks] == [
+        "glue/MNLI/dev_matched", "glue/MNLI/dev_mismatched"]
 
 
 @pytest.mark.parametrize("path", FILES, ids=[path.stem for path in FILES])

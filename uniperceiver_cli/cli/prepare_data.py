@@ -17,7 +17,17 @@ from rich.table import Table
 
 from uniperceiver_cli.cli.common import user_errors
 from uniperceiver_cli.data.shards import Manifest
-from uniperceiver_cli.data.sources import coco, flickr30k, image_text, imagenet21k, kinetics, msvd, text, visual_genome
+from uniperceiver_cli.data.sources import (
+    coco,
+    flickr30k,
+    glue,
+    image_text,
+    imagenet21k,
+    kinetics,
+    msvd,
+    text,
+    visual_genome,
+)
 from uniperceiver_cli.data.sources import imagenet as imagenet1k
 from uniperceiver_cli.data.sources.common import Conversion
 
@@ -180,6 +190,24 @@ def text_corpus(
     """A plain-text corpus (BookCorpus, Wikipedia) as passages for masked language modelling."""
     _convert(lambda: text.plan(sources, min_words=min_words, split=split, name=name),
              out, min_shards, max_per_shard, workers, no_progress)
+
+
+@app.command("glue")
+def glue_tasks(
+    source: Path = typer.Argument(..., help="The GLUE folder: one folder per task holding its TSV files."),
+    out: Path = OUT, task: list[str] | None = typer.Option(None, "--task", help="Convert only this task "
+                                                           "(repeatable; default: every task folder found)."),
+    min_shards: int = MIN_SHARDS, max_per_shard: int = MAX_PER_SHARD, workers: int = WORKERS,
+    no_progress: bool = NO_PROGRESS,
+) -> None:
+    """GLUE (SST-2, CoLA, RTE, MRPC, QQP, QNLI, MNLI) as cloze prompts for text classification: OUT/<TASK>/<split>."""
+    with user_errors():
+        tasks = task or [name for name in glue.TASKS if (source / name).is_dir()]
+        if not tasks:
+            raise ValueError(f"{source} holds no GLUE task folder ({', '.join(glue.TASKS)})")
+    for name in tasks:
+        _convert(lambda name=name: glue.plan(source / name, name), out / name, min_shards, max_per_shard, workers,
+                 no_progress)
 
 
 @app.command("toyworld")

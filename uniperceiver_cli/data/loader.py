@@ -83,7 +83,7 @@ from uniperceiver_cli.data.shards import (
 from uniperceiver_cli.data.shards import stream_timeout as shards_stream_timeout
 from uniperceiver_cli.data.transforms import build_image_transform, erasing_box
 from uniperceiver_cli.data.video import STRIDE, eval_clip, train_clip
-from uniperceiver_cli.model.config import IMAGENET_MEAN, IMAGENET_STD, VIDEO_MEAN, VIDEO_STD
+from uniperceiver_cli.model.config import IMAGENET_MEAN, IMAGENET_STD, SPE_ID, VIDEO_MEAN, VIDEO_STD
 from uniperceiver_cli.model.preprocess import VIDEO_NUM_CROPS
 from uniperceiver_cli.model.tokenizer import get_tokenizer
 from uniperceiver_cli.random_state import global_rng_state, python_state, set_global_rng_state
@@ -104,8 +104,9 @@ class Batch(TypedDict, total=False):
     erase: torch.Tensor  # classification training: (B, 4) long, each image's erasing box (top, left, height, width)
     videos: torch.Tensor  # video tasks, uint8: (B, T, 3, S, S) in training, (B * num_views, T, 3, S, S) in evaluation
     num_views: int  # evaluation videos: V = clips x crops, row sample * V + clip * crops + crop
-    labels: torch.Tensor  # classification: (B,) long
-    text_ids: torch.Tensor  # (B, L) long: one caption per sample (caption, retrieval) or the passage (mlm)
+    labels: torch.Tensor  # classification, text classification: (B,) long
+    text_ids: torch.Tensor  # (B, L) long: one caption per sample (caption, retrieval), the passage (mlm) or prompt
+    slots: torch.Tensor  # text classification: (B,) long, the position of each prompt's <|spe|> in text_ids
     text_padding: torch.Tensor  # (B, L) bool, True at padding
     captions: list[list[str]]  # caption and retrieval: every caption of each sample
 
@@ -249,6 +250,7 @@ class SampleDecoder:
     label_set: str | None
     augment: bool = True  # False: training samples get the deterministic evaluation transform
     stride: float = STRIDE  # video: source frames between sampled frames at 30 fps
+    max_text_len: int | None = None  # text classification: prompts are cut to this many tokens, keeping the slot
 
     def __post_init__(self) -> None:
         self.image_transform = (
@@ -263,7 +265,11 @@ class SampleDecoder:
             text = " ".join(sample_text(raw).split())
             if not text:
                 raise Skip("empty text")
-            sample["text"] = text
+            if self.task.family == "text_classification":
+                sample["ids"] = cloze_ids(get_tokenizer().encode(text), self.max_text_len or 256)
+                sample["label"] = _label(raw, self.label_set)
+            else:
+                sample["text"] = text
             return sample
         if self.task.family in ("caption", "retrieval"):
             captions = _captions(raw)
@@ -283,6 +289,21 @@ class SampleDecoder:
                               self.num_clips, self.stride)
             sample["input"] = views[0] if self.train else views
         return sample
+
+
+def cloze_ids(ids: list[int], max_len: int) -> list[int]:
+    """A cloze prompt's token ids within ``max_len``, its first <|spe|> slot kept, as the reference cuts GLUE pairs:
+    the slot and what follows it (ending in <|endoftext|>) to at most half, then the text before it to the rest.
+    A prompt without a slot is skipped ("no <|spe|> slot")."""
+    if SPE_ID not in ids:
+        raise Skip("no <|spe|> slot", "a text classification prompt holds <|spe|> where its answer goes")
+    if len(ids) <= max_len:
+        return ids
+    slot = ids.index(SPE_ID)
+    before, after = ids[:slot], ids[slot:]
+    if len(after) > max_len // 2:
+        after = after[:max_len // 2 - 1] + after[-1:]
+    return before[:max_len - len(after)] + after
 
 
 @dataclass
@@ -306,12 +327,21 @@ class Collate:
             else:
                 batch["videos"] = torch.cat([s["input"] for s in samples])  # (B * views, T, 3, S, S)
                 batch["num_views"] = samples[0]["input"].shape[0]
-        if self.task.family == "classification":
+        if self.task.family in ("classification", "text_classification"):
             batch["labels"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
         if "text" in samples[0]:
             ids, padding = get_tokenizer().encode_batch([s["text"] for s in samples], max_len=self.max_text_len)
             ids, padding = _bucketed(ids, padding, self.text_multiple, self.max_text_len)
             batch["text_ids"], batch["text_padding"] = ids, padding
+        if "ids" in samples[0]:  # text classification: prompts tokenized (and cut around their slot) per sample
+            lengths = torch.tensor([len(s["ids"]) for s in samples])
+            ids = torch.zeros(len(samples), int(lengths.max()), dtype=torch.long)
+            for row, sample in enumerate(samples):
+                ids[row, :len(sample["ids"])] = torch.tensor(sample["ids"])
+            padding = torch.arange(ids.shape[1]) >= lengths[:, None]
+            ids, padding = _bucketed(ids, padding, self.text_multiple, self.max_text_len)
+            batch["text_ids"], batch["text_padding"] = ids, padding
+            batch["slots"] = (ids == SPE_ID).int().argmax(dim=1)  # each prompt's first <|spe|>: its answer's slot
         if "captions" in samples[0]:
             batch["captions"] = [s["captions"] for s in samples]
         return batch
@@ -1096,10 +1126,10 @@ def make_loader(
         chosen = choose_subset([s.url for s in shards], subset, seed, balanced=kind.family == "classification")
         holding = {name for name, _ in chosen}
         shards = [s for s in shards if Path(s.url).name in holding]  # read only the shards the subset draws from
+    text_len = max_text_len or {"mlm": 128, "text_classification": 256}.get(kind.family, 30)  # passages, captions
     decoder = SampleDecoder(kind, train, image_size, num_frames, num_views, num_clips, label_set, augment,
-                            frame_stride)
-    collate = Collate(kind, train, max_text_len or (128 if kind.family == "mlm" else 30),  # passages, captions
-                      text_multiple)
+                            frame_stride, text_len)
+    collate = Collate(kind, train, text_len, text_multiple)
     stream = ShardStream(shards, decoder, collate, batch_size=batch_size, train=train, seed=seed, epochs=epochs,
                          shuffle_buffer=shuffle_buffer, subset=chosen, rank=rank, world_size=world_size,
                          stream_timeout=timeout)

@@ -53,12 +53,15 @@ MOVING = {"moving left": "moving to the left", "moving right": "moving to the ri
 ROTATING_SHAPES = ("square", "triangle", "star", "cross", "heart", "diamond")  # visibly turn at 64 pixels
 SPLIT_COUNTS = {
     "tiny": {"images/train": 64, "images/val": 32, "images/test": 32, "videos/train": 24, "videos/val": 12,
-             "videos/test": 12, "text/train": 64, "text/val": 16},
+             "videos/test": 12, "text/train": 64, "text/val": 16, "sentences/train": 64, "sentences/val": 32},
     # 32,000 training images: the tiny demo model overfits 8,000 (shape: 94% train, 82% test accuracy).
     "default": {"images/train": 32000, "images/val": 500, "images/test": 1000, "videos/train": 2000,
-                "videos/val": 250, "videos/test": 500, "text/train": 10000, "text/val": 500},
+                "videos/val": 250, "videos/test": 500, "text/train": 10000, "text/val": 500,
+                "sentences/train": 4000, "sentences/val": 500},
 }
-TASKS = {"images": task_names("image"), "videos": task_names("video"), "text": task_names("text")}
+TASKS = {"images": task_names("image"), "videos": task_names("video"), "text": task_names("text", "mlm"),
+         "sentences": task_names("text", "text_classification")}
+ANSWERS = ["no", "yes"]  # the label words of the sentence classification, one token each
 TRAINING_TASKS = [
     {"name": "shape_classification", "task": "image_classification", "data": "images", "label_set": "shape"},
     {"name": "image_captioning", "task": "image_caption", "data": "images", "label_set": None},
@@ -376,6 +379,17 @@ def text_sample(index: int, *, split: str, seed: int) -> Sample:
     return Sample(key, text=" ".join(s[0].upper() + s[1:] + "." for s in sentences))
 
 
+def sentence_sample(index: int, *, split: str, seed: int) -> Sample:
+    """Cloze ``index`` of ``split``, for text classification: does a relation's claimed converse follow (label 1,
+    "yes") or not ("no", another relation claimed)? Half follow. The <|spe|> slot ends the prompt."""
+    rng = _rng(seed, f"sentences/{split}", index)
+    a, b, relation = _random_thing(rng), _random_thing(rng), _pick(rng, RELATIONS)
+    follows = bool(rng.random() < 0.5)
+    claimed = INVERSE[relation] if follows else _pick(rng, [r for r in RELATIONS if r != INVERSE[relation]])
+    text = f"If {_a(a.full)} is {relation} {_a(b.full)}, is the {b.full} {claimed} the {a.full}? <|spe|>"
+    return Sample(f"{DATASET}-sen-{split}-{index:06d}", text=text, label=int(follows))
+
+
 # --- what is true of a sample ------------------------------------------------------------------------------------
 
 
@@ -436,10 +450,25 @@ def _conversion(name: str, count: int, *, seed: int, image_size: int, num_frames
         manifest = Manifest(f"{DATASET}-videos", split, "video", TASKS[kind], source, classes=list(MOTIONS),
                             extra={"label_sets": {"motion": list(MOTIONS)}, "image_size": image_size,
                                    "num_frames": num_frames})
+    elif kind == "sentences":
+        make = partial(sentence_sample, split=split, seed=seed)
+        manifest = Manifest(f"{DATASET}-sentences", split, "text", TASKS[kind], source, classes=ANSWERS)
     else:
         make = partial(text_sample, split=split, seed=seed)
         manifest = Manifest(f"{DATASET}-text", split, "text", TASKS[kind], source)
     return Conversion(manifest, range(count), make)
+
+
+def _extended_by(found: Any, summary: dict[str, Any]) -> bool:
+    """Whether a folder's summary is ``summary``'s, or that of version 2 with the same settings, whose splits are
+    all drawn alike by version 3 (which adds the sentence splits): its splits are kept and the new ones drawn."""
+    if found == summary:
+        return True
+    if not isinstance(found, dict) or found.get("version") != 2 or not isinstance(found.get("splits"), dict):
+        return False
+    same = {k: v for k, v in found.items() if k not in ("version", "splits")} == \
+        {k: v for k, v in summary.items() if k not in ("version", "splits")}
+    return same and found["splits"].items() <= summary["splits"].items()
 
 
 def generate(out: str | Path, *, size: str = "default", seed: int = 0, image_size: int = 64, num_frames: int = 8,
@@ -457,7 +486,8 @@ def generate(out: str | Path, *, size: str = "default", seed: int = 0, image_siz
         progress: show progress bars.
 
     Returns:
-        The manifests keyed "images/train", "images/val", "images/test", "videos/...", "text/train", "text/val".
+        The manifests keyed "images/train", "images/val", "images/test", "videos/...", "text/train", "text/val",
+        "sentences/train", "sentences/val".
 
     Raises:
         ValueError: on an unknown size or bad settings, or when ``out`` holds a ToyWorld drawn differently.
@@ -467,12 +497,12 @@ def generate(out: str | Path, *, size: str = "default", seed: int = 0, image_siz
     if seed < 0 or image_size < 16 or image_size % 2 or num_frames < 2:
         raise ValueError("need seed >= 0, an even image_size >= 16 and num_frames >= 2")
     out = Path(out)
-    summary = {"dataset": DATASET, "version": 2, "seed": seed, "size": size, "image_size": image_size,
+    summary = {"dataset": DATASET, "version": 3, "seed": seed, "size": size, "image_size": image_size,
                "num_frames": num_frames, "splits": SPLIT_COUNTS[size],
                "label_sets": {"shape": list(SHAPES), "colour": list(COLOURS), "motion": list(MOTIONS)},
                "training_tasks": TRAINING_TASKS, "zero_shot_tasks": ZERO_SHOT_TASKS}
     path = out / SUMMARY
-    if path.exists() and json.loads(path.read_text()) != summary:
+    if path.exists() and not _extended_by(json.loads(path.read_text()), summary):
         raise ValueError(f"{out} holds a ToyWorld drawn with other settings or by an older version; "
                          "delete it or use an empty folder")
     out.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,9 @@ from uniperceiver_cli.evaluate.gather import gather
 from uniperceiver_cli.evaluate.metrics import (
     SPICE_NOTE,
     average_views,
+    binary_f1,
     caption_metrics,
+    matthews_correlation,
     mlm_accuracy,
     retrieval_recall,
     top_accuracy,
@@ -32,7 +34,7 @@ from uniperceiver_cli.evaluate.metrics import (
 from uniperceiver_cli.model.config import SOT_ID, SPE_ID
 from uniperceiver_cli.model.decoding import beam_search
 from uniperceiver_cli.model.precision import autocast
-from uniperceiver_cli.model.tokenizer import get_tokenizer
+from uniperceiver_cli.model.tokenizer import get_tokenizer, label_word_ids
 from uniperceiver_cli.model.uniperceiver import UniPerceiver
 from uniperceiver_cli.text_files import prompted
 
@@ -256,6 +258,38 @@ def run_mlm(model: UniPerceiver, batches: Iterable[Batch], *, probability: float
     target, count = torch.cat([part[1] for part in parts]), sum(part[2] for part in parts)
     accuracy = mlm_accuracy(torch.cat([part[0] for part in parts]), target)
     return EvalResult(task, {"masked_acc": accuracy, "masked_tokens": float(target.numel())}, count)
+
+
+@torch.inference_mode()
+def run_text_classification(model: UniPerceiver, batches: Iterable[Batch], words: Sequence[str], *,
+                            precision: str = "auto", task: str = "text_classification",
+                            ctx: Context | None = None) -> EvalResult:
+    """Accuracy and Matthews correlation (and, with two label words, the F1 of the second) of cloze prompts: each
+    prompt's <|spe|> slot scored against the label words (each one token) at the MLM scale."""
+    device = _evaluating(model)
+    predicted, labels, keys = [], [], []
+    with autocast(device, precision):
+        targets = model.vocabulary_targets(torch.tensor(label_word_ids(words), device=device))
+        for batch in batches:
+            logits = model.cloze_logits(batch["text_ids"].to(device), batch["text_padding"].to(device),
+                                        batch["slots"].to(device), targets)
+            predicted.append(logits.argmax(dim=-1))
+            labels.append(batch["labels"])
+            keys.extend(batch["keys"])
+    empty = torch.empty(0, dtype=torch.long)
+    parts = gather((torch.cat(predicted).cpu() if predicted else empty, torch.cat(labels) if labels else empty,
+                    keys), ctx)
+    predicted, labels = torch.cat([part[0] for part in parts]), torch.cat([part[1] for part in parts])
+    keys = [key for part in parts for key in part[2]]
+    if not len(keys):
+        raise ValueError("no sample was evaluated")
+    metrics = {"accuracy": 100.0 * float((predicted == labels).double().mean()),
+               "matthews": matthews_correlation(predicted, labels)}
+    if len(words) == 2:
+        metrics["f1"] = binary_f1(predicted, labels)
+    predictions = [{"key": key, "label": words[int(y)] if 0 <= int(y) < len(words) else None,
+                    "predicted": words[int(p)]} for key, y, p in zip(keys, labels, predicted, strict=True)]
+    return EvalResult(task, metrics, len(keys), predictions)
 
 
 def limited(batches: Iterable[Batch], max_samples: int | None) -> Iterator[Batch]:

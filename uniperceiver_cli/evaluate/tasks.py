@@ -89,6 +89,10 @@ def _evaluate(model: UniPerceiver, spec: Any, data_root: Path, *, num_workers: i
         result = runners.run_captioning(model, batches, beam_size=spec.beam_size, max_len=spec.max_len,
                                         len_penalty=len_penalty, vocab_ids=vocab_ids, precision=precision,
                                         task=spec.name, ctx=ctx)
+    elif family == "text_classification":
+        names = manifest.label_names(spec.label_set)
+        result = runners.run_text_classification(model, batches, names, precision=precision, task=spec.name,
+                                                  ctx=ctx)
     else:
         vocab_ids = vocabulary_of([data_root / f for f in spec.vocabulary_from]) if spec.vocabulary_from else None
         result = runners.run_mlm(model, batches, vocab_ids=vocab_ids, precision=precision, task=spec.name, ctx=ctx)

@@ -249,6 +249,21 @@ class Tokenizer:
                              for i in range(self.vocab_size)])
 
 
+def label_word_ids(words: Sequence[str]) -> list[int]:
+    """The token id of each label word of a cloze task (text classification): each must be one BPE token, the
+    vocabulary row its <|spe|> slot is scored against."""
+    tokenizer = get_tokenizer()
+    ids = []
+    for word in words:
+        tokens = tokenizer.encode(word, add_eot=False)
+        if len(tokens) != 1:
+            raise ValueError(f"label word {word!r} is {len(tokens)} tokens; a cloze answer must be one token")
+        ids.append(tokens[0])
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"label words {', '.join(map(repr, words))} repeat a token")
+    return ids
+
+
 @functools.lru_cache(maxsize=1)
 def get_tokenizer() -> Tokenizer:
     """Returns the shared tokenizer, built on the first call."""

@@ -444,6 +444,14 @@ class UniPerceiver(nn.Module):
         query = self.head.project(scored)
         return self.head.logits(query, vocabulary, "text_mlm")
 
+    def cloze_logits(self, ids: torch.Tensor, padding: torch.Tensor | None, slots: torch.Tensor,
+                     words: torch.Tensor) -> torch.Tensor:
+        """Text classification as a cloze: prompts (B, L) with a <|spe|> at ``slots`` (B,), scored there against
+        label-word features ``words`` (C, D) (:meth:`vocabulary_targets` of their token ids), as masked language
+        modelling scores a masked word. Returns (B, C)."""
+        positions = torch.arange(ids.shape[0], device=ids.device) * ids.shape[1] + slots
+        return self.mlm_logits(ids, padding, positions, words)
+
     # ------------------------------------------------------------------ convenience inference
     @torch.inference_mode()
     def classify(self, inputs: torch.Tensor, labels: Sequence[str] | torch.Tensor) -> torch.Tensor:

@@ -127,7 +127,7 @@ def task_problem(key: str, task: TaskSpec | EvalTaskSpec, manifest: Manifest, sp
             return f"{key}.label_set: {e}"
         return None
     named = isinstance(task, EvalTaskSpec) and task.labels  # an evaluation's labels file names the classes
-    if TASKS[task.type].family == "classification" and not manifest.classes and not named:
+    if TASKS[task.type].family in ("classification", "text_classification") and not manifest.classes and not named:
         return f"{key}: {split} names no classes; set label_set{' or labels' if isinstance(task, EvalTaskSpec) else ''}"
     return None
 

@@ -283,6 +283,9 @@ def target_set(spec: TaskSpec, recipe: Recipe, vocab_size: int) -> TargetSet:
         ids = torch.randint(1, vocab_size, (count, ASSUMED_NAME_TOKENS))
         return TargetSet(ids, torch.zeros_like(ids, dtype=torch.bool), shared=True,
                          note=f"{count} classes of {ASSUMED_NAME_TOKENS} tokens assumed (no data)")
+    if family == "text_classification":  # the label words, each a vocabulary row
+        words = len(manifest.label_names(spec.label_set)) if manifest is not None else 2
+        return TargetSet(vocab_rows=words, note="" if manifest is not None else "2 label words assumed (no data)")
     if family not in ("caption", "mlm"):
         return TargetSet()
     if spec.vocabulary == "full":
@@ -351,11 +354,13 @@ def _batch(spec: TaskSpec, shape: StepShape, vocab_size: int) -> dict[str, torch
         batch["images"] = torch.randn(b, 3, s, s)
     elif kind.modality == "video":
         batch["videos"] = torch.randn(b, shape.frames, 3, s, s)
-    if kind.family == "classification":
+    if kind.family in ("classification", "text_classification"):
         batch["labels"] = torch.randint(0, 2, (b,))
-    if kind.family in ("caption", "retrieval", "mlm"):
+    if kind.family in ("caption", "retrieval", "mlm", "text_classification"):
         batch["text_ids"] = torch.randint(1, vocab_size, (b, shape.text_len))
         batch["text_padding"] = torch.zeros(b, shape.text_len, dtype=torch.bool)
+    if kind.family == "text_classification":
+        batch["slots"] = torch.randint(0, shape.text_len, (b,))
     return batch
 
 
@@ -387,7 +392,8 @@ def _loss(model: UniPerceiver, spec: TaskSpec, batch: dict[str, torch.Tensor], t
     # MLM: mlm_logits with the M scored positions gathered by index (a boolean mask has a data-dependent size)
     text, padding = batch["text_ids"], batch["text_padding"]
     out = model.encode_text_tokens(text, padding, routing=Routing(("text_input",)), side="input")
-    scored = torch.randint(0, text.shape[0] * (text.shape[1] - 1), (_masked(spec),))
+    count = text.shape[0] if family == "text_classification" else _masked(spec)  # one slot per prompt
+    scored = torch.randint(0, text.shape[0] * (text.shape[1] - 1), (count,))
     query = model.head.project(out[:, 1:].flatten(0, 1)[scored])
     logits = model.head.logits(query, vocabulary, "text_mlm")
     return cross_entropy(logits, torch.randint(0, targets.vocab_rows, (scored.shape[0],)), spec.label_smoothing)
@@ -434,7 +440,7 @@ def _loader_bytes(spec: TaskSpec, recipe: Recipe, image_size: int) -> int:
     kind = TASKS[spec.type]
     b = spec.batch_size
     pixels = b * 3 * image_size**2 * (spec.num_frames if kind.modality == "video" else 1)  # uint8 (data/loader.py)
-    text = b * spec.max_text_len * 9 if kind.family in ("caption", "retrieval", "mlm") else 0  # int64 + bool
+    text = b * spec.max_text_len * 9 if kind.family != "classification" else 0  # int64 + bool
     batch = (pixels if kind.modality in ("image", "video") else 0) + text + b * 8
     workers = share_workers(recipe.train.num_workers, {t.name: t.sampling_weight for t in recipe.tasks})[spec.name]
     return batch * (workers * PREFETCH_FACTOR + 1)

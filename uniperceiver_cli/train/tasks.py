@@ -13,7 +13,7 @@ from uniperceiver_cli.data.corpus import corpus_tokens
 from uniperceiver_cli.data.loader import Batch, to_device, visual_input
 from uniperceiver_cli.data.shards import Manifest, split_source
 from uniperceiver_cli.model.config import EOT_ID
-from uniperceiver_cli.model.tokenizer import get_tokenizer
+from uniperceiver_cli.model.tokenizer import get_tokenizer, label_word_ids
 from uniperceiver_cli.model.uniperceiver import UniPerceiver
 from uniperceiver_cli.parallel.targets import TargetSplit, with_others
 from uniperceiver_cli.task_types import TASKS, TaskType
@@ -61,6 +61,12 @@ class TrainTask:
                                    num_classes=len(task.class_names))
         elif task.kind.family in ("caption", "mlm") and spec.vocabulary == "corpus":
             task.vocab_ids = corpus_tokens(directory, manifest)
+        elif task.kind.family == "text_classification":
+            task.class_names = manifest.label_names(spec.label_set)
+            try:
+                task.vocab_ids = torch.tensor(label_word_ids(task.class_names))
+            except ValueError as e:
+                raise ValueError(f"task {spec.name}: {e}") from None
         return task
 
     @staticmethod
@@ -108,6 +114,8 @@ class TrainTask:
                                    text=batch["text_ids"].shape[1])
         elif family == "caption":
             loss, metrics = self._caption(model, batch, device, generator)
+        elif family == "text_classification":
+            loss, metrics = self._cloze(model, batch, device)
         else:
             loss, metrics = self._mlm(model, batch, device, generator)
         return loss * self.spec.loss_weight, metrics
@@ -131,7 +139,9 @@ class TrainTask:
             if self._label_text is not None:
                 ids, padding = self._label_text
                 cache["label_ids"], cache["label_padding"] = ids.to(device), _padding(padding, device)
-            if self.kind.family in ("caption", "mlm") and self.spec.vocabulary != "sampled":
+            if self.kind.family == "text_classification":
+                cache["label_words"] = self.vocab_ids.to(device)
+            elif self.kind.family in ("caption", "mlm") and self.spec.vocabulary != "sampled":
                 ids = torch.arange(vocab_size) if self.spec.vocabulary == "full" else self.vocab_ids
                 cache["vocab_ids"], cache["vocab_rows"] = ids.to(device), _rows(ids, vocab_size).to(device)
             self._device_cache = device, cache
@@ -205,6 +215,19 @@ class TrainTask:
         self.shape = StepShape("mlm", ids.shape[0], text=ids.shape[1], targets=here, target_tokens=2,
                                target_rows=width, scored=len(positions))
         return loss, {"acc": (logits.argmax(-1) == target).float().mean()}
+
+
+    def _cloze(self, model: UniPerceiver, batch: Batch, device: torch.device):  # noqa: ANN202
+        """Text classification: each prompt's <|spe|> slot against the label words (re-encoded: they are
+        learning), label-smoothed cross entropy as the reference's GLUE fine-tuning."""
+        ids, labels = batch["text_ids"], to_device(batch["labels"], device)
+        words = model.vocabulary_targets(self._on(model)["label_words"])
+        logits = model.cloze_logits(to_device(ids, device), _padding(batch["text_padding"], device),
+                                    to_device(batch["slots"], device), words)
+        loss = cross_entropy(logits, labels, self.spec.label_smoothing)
+        self.shape = StepShape("mlm", ids.shape[0], text=ids.shape[1], targets=words.shape[0], target_tokens=2,
+                               target_rows=words.shape[0], scored=ids.shape[0])
+        return loss, {"acc": (logits.argmax(-1) == labels).float().mean()}
 
 
 def _frames(pixels: torch.Tensor) -> int:

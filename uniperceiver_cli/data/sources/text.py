@@ -46,7 +46,7 @@ def plan(sources: Sequence[Path], *, min_words: int = 128, split: str = "train",
     items = [passage for path in files for passage in _passages(path, min_words)]
     keys = iter(unique_keys(p.key for p in items if p.start < p.end))
     items = [p._replace(key=next(keys)) if p.start < p.end else p for p in items]
-    manifest = Manifest(dataset=name, split=split, modality="text", tasks=task_names("text"),
+    manifest = Manifest(dataset=name, split=split, modality="text", tasks=task_names("text", "mlm"),
                         source=", ".join(str(s) for s in sources), extra={"min_words": min_words})
     return Conversion(manifest, items, text_sample)
 
