@@ -122,25 +122,3 @@ def binary_f1(predicted: torch.Tensor, labels: torch.Tensor, positive: int = 1) 
     hits = int(((predicted == positive) & (labels == positive)).sum())
     guessed, actual = int((predicted == positive).sum()), int((labels == positive).sum())
     return 0.0 if hits == 0 else 100.0 * 2 * hits / (guessed + actual)
-
-
-def _average_ranks(values: torch.Tensor) -> torch.Tensor:
-    """Ranks 1..N, ties sharing the mean of their ranks (as Spearman's coefficient takes them)."""
-    order = values.argsort(stable=True)
-    ranks = torch.empty(len(values), dtype=torch.float64)
-    ranks[order] = torch.arange(1, len(values) + 1, dtype=torch.float64)
-    unique, inverse = values.unique(return_inverse=True)
-    sums = torch.zeros(len(unique), dtype=torch.float64).index_add_(0, inverse, ranks)
-    counts = torch.zeros(len(unique), dtype=torch.float64).index_add_(0, inverse, torch.ones_like(ranks))
-    return (sums / counts)[inverse]
-
-
-def correlations(predicted: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
-    """Pearson's and Spearman's correlation coefficients (STS-B's metrics), in percent."""
-    def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
-        x, y = x - x.mean(), y - y.mean()
-        denominator = torch.sqrt((x * x).sum() * (y * y).sum())
-        return 0.0 if float(denominator) == 0 else 100.0 * float((x * y).sum() / denominator)
-
-    x, y = predicted.double(), target.double()
-    return {"pearson": pearson(x, y), "spearman": pearson(_average_ranks(x), _average_ranks(y))}
