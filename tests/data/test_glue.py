@@ -30,6 +30,9 @@ def _glue(root: Path) -> Path:
            "eats.\t{}\n"
     for split, label in (("train", "entailment"), ("dev_matched", "neutral"), ("dev_mismatched", "contradiction")):
         put(root / "MNLI" / f"{split}.tsv", mnli.format(label))
+    mrpc = "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\tHe left.\tHe went away.\n"  # with GLUE's BOM
+    put(root / "MRPC" / "train.tsv", mrpc)
+    put(root / "MRPC" / "dev.tsv", mrpc)
     put(root / "STS-B" / "train.tsv", "index\tsentence1\tsentence2\tscore\n")
     return root
 
@@ -53,6 +56,9 @@ def test_glue_tasks_become_cloze_prompts(tmp_path: Path):
     assert sorted(p.name for p in (out / "MNLI").iterdir()) == ["dev_matched", "dev_mismatched", "train"]
     manifest, samples = read_split(out / "MNLI" / "dev_mismatched")
     assert manifest.classes == ["no", "maybe", "yes"] and [s["cls"] for s in samples.values()] == [b"0"]
+    prepare("glue", root, "--out", out, "--task", "MRPC", "--min-shards", "1")
+    _, samples = read_split(out / "MRPC" / "dev")
+    assert [(s["txt"].decode(), s["cls"]) for s in samples.values()] == [("He left . <|spe|> , He went away.", b"1")]
     result = prepare("glue", root, "--out", out, "--task", "STS-B", code=2)
     assert "STS-B is a regression" in result.output and result.output.count("\n") == 1
 

@@ -5,7 +5,6 @@ evaluation."""
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -29,8 +28,10 @@ def test_prompts_carry_their_slot_and_label(toyworld_32: Path):
     ids, slots = batch["text_ids"], batch["slots"]
     assert (ids[torch.arange(8), slots] == SPE_ID).all()
     assert set(batch["labels"].tolist()) <= {0, 1}
-    counts = Counter(json.loads((toyworld_32 / "sentences" / "train" / "manifest.json").read_text())["classes"])
-    assert counts == Counter(ANSWERS)
+    assert json.loads((toyworld_32 / "sentences" / "train" / "manifest.json").read_text())["classes"] == ANSWERS
+    labels = [int(b["labels"].sum()) for b in make_loader(toyworld_32 / "sentences" / "train", batch_size=64,
+                                                           task="text_classification", image_size=32, train=False)]
+    assert 20 < sum(labels) < 44  # about half of the 64 prompts' converses follow
     decoder = SampleDecoder(TASKS["text_classification"], False, 32, 1, 1, 1, None, max_text_len=8)
     sample = decoder({"__key__": "k", "txt": b"if a red circle is above a blue star, is the star below it? <|spe|>",
                       "cls": b"1"}, None)

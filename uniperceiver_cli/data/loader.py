@@ -302,8 +302,8 @@ def cloze_ids(ids: list[int], max_len: int) -> list[int]:
     slot = ids.index(SPE_ID)
     before, after = ids[:slot], ids[slot:]
     if len(after) > max_len // 2:
-        after = after[:max_len // 2 - 1] + after[-1:]
-    return before[:max_len - len(after)] + after
+        after = after[:max(1, max_len // 2 - 1)] + after[-1:]  # the slot always stays
+    return before[:max(0, max_len - len(after))] + after
 
 
 @dataclass

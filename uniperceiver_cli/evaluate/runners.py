@@ -281,15 +281,20 @@ def run_text_classification(model: UniPerceiver, batches: Iterable[Batch], words
                     keys), ctx)
     predicted, labels = torch.cat([part[0] for part in parts]), torch.cat([part[1] for part in parts])
     keys = [key for part in parts for key in part[2]]
-    if not len(keys):
-        raise ValueError("no sample was evaluated")
-    metrics = {"accuracy": 100.0 * float((predicted == labels).double().mean()),
-               "matthews": matthews_correlation(predicted, labels)}
+    scored = (labels >= 0) & (labels < len(words))
+    if not bool(scored.any()):
+        raise ValueError(f"none of the {len(keys)} evaluated samples has a label among the {len(words)} label words")
+    notes = []
+    if not bool(scored.all()):
+        notes.append(f"metrics over the {int(scored.sum())} of {len(keys)} samples whose label is a label word")
+        warnings.warn(notes[-1], stacklevel=2)
+    metrics = {"accuracy": 100.0 * float((predicted[scored] == labels[scored]).double().mean()),
+               "matthews": matthews_correlation(predicted[scored], labels[scored])}
     if len(words) == 2:
-        metrics["f1"] = binary_f1(predicted, labels)
+        metrics["f1"] = binary_f1(predicted[scored], labels[scored])
     predictions = [{"key": key, "label": words[int(y)] if 0 <= int(y) < len(words) else None,
                     "predicted": words[int(p)]} for key, y, p in zip(keys, labels, predicted, strict=True)]
-    return EvalResult(task, metrics, len(keys), predictions)
+    return EvalResult(task, metrics, len(keys), predictions, notes)
 
 
 def limited(batches: Iterable[Batch], max_samples: int | None) -> Iterator[Batch]:

@@ -90,6 +90,9 @@ def _evaluate(model: UniPerceiver, spec: Any, data_root: Path, *, num_workers: i
                                         len_penalty=len_penalty, vocab_ids=vocab_ids, precision=precision,
                                         task=spec.name, ctx=ctx)
     elif family == "text_classification":
+        if spec.labels:
+            raise ValueError(f"evaluation {spec.name}: a text classification split names its label words; labels "
+                             f"does not apply")
         names = manifest.label_names(spec.label_set)
         result = runners.run_text_classification(model, batches, names, precision=precision, task=spec.name,
                                                   ctx=ctx)

@@ -506,6 +506,8 @@ def measure_step(recipe: Recipe, index: int, seed: int = 0) -> dict[str, int]:
     if targets.label_ids is not None:
         task.class_names = [str(i) for i in range(targets.label_ids.shape[0])]
         task._label_text = (targets.label_ids, targets.label_padding)
+    elif TASKS[spec.type].family == "text_classification":  # the label words
+        task.vocab_ids = torch.randperm(model.config.vocab_size)[:targets.vocab_rows]
     elif targets.vocab_rows and spec.vocabulary == "corpus":
         task.vocab_ids = torch.randperm(model.config.vocab_size)[:targets.vocab_rows].sort().values
     shape = StepShape(spec.batch_size, model.config.image_size, spec.num_frames, spec.max_text_len)

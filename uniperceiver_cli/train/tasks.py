@@ -80,7 +80,7 @@ class TrainTask:
         corpus; None (the whole vocabulary) when one trained on all or sampled tokens.
         """
         tasks = list(tasks)
-        lists = {tuple(t.class_names) for t in tasks if t.class_names is not None}
+        lists = {tuple(t.class_names) for t in tasks if t.class_names is not None and t.kind.family == "classification"}
         if lists and model.config.prompt.classifier_classes:
             names = next(iter(lists))
             fits = len(lists) == 1 and len(names) == model.config.prompt.classifier_classes
@@ -220,8 +220,12 @@ class TrainTask:
     def _cloze(self, model: UniPerceiver, batch: Batch, device: torch.device):  # noqa: ANN202
         """Text classification: each prompt's <|spe|> slot against the label words (re-encoded: they are
         learning), label-smoothed cross entropy as the reference's GLUE fine-tuning."""
-        ids, labels = batch["text_ids"], to_device(batch["labels"], device)
+        ids, labels = batch["text_ids"], batch["labels"]
         words = model.vocabulary_targets(self._on(model)["label_words"])
+        if bool(((labels < 0) | (labels >= words.shape[0])).any()):  # host tensors: a shard's label, never a sync
+            raise ValueError(f"task {self.spec.name}: a label is outside the {words.shape[0]} label words "
+                             f"({', '.join(self.class_names or [])})")
+        labels = to_device(labels, device)
         logits = model.cloze_logits(to_device(ids, device), _padding(batch["text_padding"], device),
                                     to_device(batch["slots"], device), words)
         loss = cross_entropy(logits, labels, self.spec.label_smoothing)

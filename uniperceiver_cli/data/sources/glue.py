@@ -90,7 +90,7 @@ def plan(folder: Path, task: str, *, name: str = "glue") -> list[Conversion]:
 def _rows(path: Path, spec: GlueTask, prefix: str) -> list[Row]:
     """The file's rows (GLUE's TSVs are unquoted: a quote is a character); a row missing a column keeps its place
     and is skipped when written ("bad row")."""
-    with path.open(encoding="utf-8", newline="") as f:
+    with path.open(encoding="utf-8-sig", newline="") as f:  # MRPC's files start with a byte-order mark
         lines = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     header = lines.pop(0) if spec.header and lines else []
     positions = [_column(c, header, path) for c in (*spec.columns, spec.label)]
