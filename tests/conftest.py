@@ -5,8 +5,18 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+DEFAULT_THREADS = torch.get_num_threads()
 if os.environ.get("PYTEST_XDIST_WORKER"):  # make test runs two workers on two cores: one compute thread each
     torch.set_num_threads(1)
+
+
+@pytest.fixture
+def default_threads():
+    """torch's own thread count for a test whose bit-exact result depends on it (a parallel reduction's order)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(DEFAULT_THREADS)
+    yield
+    torch.set_num_threads(threads)
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = Path(os.environ.get("UNIPERCEIVER_REFERENCE", REPO.parent / "shared" / "reference"))

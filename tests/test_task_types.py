@@ -19,4 +19,5 @@ def test_the_recipe_schema_and_the_splits_take_the_table_names():
     assert typing.get_args(TaskType) == tuple(TASKS)
     assert task_names("image") == ["image_classification", "image_caption", "image_retrieval"]
     assert task_names("video", "caption", "retrieval") == ["video_caption", "video_retrieval"]
-    assert task_names("text") == ["text_mlm"]
+    assert task_names("text") == ["text_mlm", "text_classification"]
+    assert task_names("text", "mlm") == ["text_mlm"]  # what a corpus split serves

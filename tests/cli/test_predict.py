@@ -43,7 +43,7 @@ def files(tmp_path_factory, reference_dir):
 
 
 def _invoke(args):
-    result = runner.invoke(app, ["predict", *map(str, args)])
+    result = runner.invoke(app, ["predict", *map(str, args)], env={"COLUMNS": "300"})  # a path in the table on one line
     return result, result.stdout
 
 

@@ -33,7 +33,7 @@ def test_images_match_fixture(
     assert torch.equal(batch, sample["data"])
 
 
-def test_video_matches_fixture(ref_io: dict, config: ModelConfig) -> None:
+def test_video_matches_fixture(ref_io: dict, config: ModelConfig, default_threads: None) -> None:
     inputs = ref_io["video_cls"]["inputs"]
     frames = inputs["raw_frames_uint8"]  # [1, 4, 240, 320, 3]
     expected = inputs["input_sample_list"][0]["data"]  # [3, 4, 3, 224, 224]
