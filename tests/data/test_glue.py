@@ -4,6 +4,7 @@ trains and evaluates as text classification."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -71,3 +72,12 @@ def test_glue_tasks_become_cloze_prompts(tmp_path: Path):
     spec = EvalTaskSpec(name="rte", type="text_classification", data=str(out / "RTE" / "dev"))
     result = evaluate_task(model, spec).result
     assert result.num_samples == 1 and set(result.metrics) == {"accuracy", "matthews", "f1"}
+    from typer.testing import CliRunner
+
+    from uniperceiver_cli.cli.app import app
+
+    cli = CliRunner().invoke(app, ["evaluate", "--data", str(out / "RTE" / "dev"), "--model", str(tmp_path / "bundle"),
+                                   "--out", str(tmp_path / "eval")])  # the split's task: text_classification
+    assert cli.exit_code == 0, cli.output
+    settings = json.loads((tmp_path / "eval" / "results.json").read_text())["settings"]
+    assert settings["max_text_len"] == 256  # the prompts' default, not retrieval's 50

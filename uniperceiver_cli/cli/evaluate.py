@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from uniperceiver_cli.parallel.context import Context
 
 SPEC = {field.name: field.default for field in dataclasses.fields(EvalTaskSpec)}  # the recipes' defaults
+PROMPT_LEN = 256  # text classification's prompts: the reference's GLUE length
 
 
 def evaluate(
@@ -55,7 +56,9 @@ def evaluate(
         "when the bundle records none) or all 49,411 (full)."),
     vocabulary_from: list[Path] | None = typer.Option(None, help="Captioning (and MLM): decode (score) only over "
                                                       "the tokens of this split's texts (repeatable)."),
-    max_text_len: int = typer.Option(SPEC["max_text_len"], min=2, help="Retrieval: cut captions to this many tokens."),
+    max_text_len: int | None = typer.Option(None, min=2, help=f"Retrieval: cut captions to this many tokens (default "
+                                            f"{SPEC['max_text_len']}); text classification: prompts, around their "
+                                            f"slot (default {PROMPT_LEN})."),
     captions_per_item: int | None = typer.Option(None, min=1, help="Retrieval: use only each item's first N."),
     num_frames: int = typer.Option(SPEC["num_frames"], min=1, help="Frames per video clip."),
     frame_stride: float = typer.Option(SPEC["frame_stride"], min=0.01, help="Source frames between "
@@ -83,9 +86,9 @@ def evaluate(
                      "--templates": templates, "--vocabulary-from": vocabulary_from, "--routing-task": routing_task,
                      "--captions-per-item": captions_per_item, "--limit": limit}
             given.update({f"--{k.replace('_', '-')}": v for k, v in (
-                ("batch_size", batch_size), ("beam_size", beam_size), ("max_len", max_len), ("max_text_len",
-                max_text_len), ("num_frames", num_frames), ("frame_stride", frame_stride), ("views", views),
-                ("clips", clips)) if v != SPEC[k]})
+                ("batch_size", batch_size), ("beam_size", beam_size), ("max_len", max_len), ("num_frames", num_frames),
+                ("frame_stride", frame_stride), ("views", views), ("clips", clips)) if v != SPEC[k]})
+            given["--max-text-len"] = max_text_len
             given["--vocabulary"] = None if vocabulary is Vocabulary.trained else vocabulary
             clash = [name for name, value in given.items() if value]
             if clash:
@@ -111,7 +114,8 @@ def evaluate(
         vars(spec).update(  # the options as they are: the loader and the runners check them, as for a recipe
             batch_size=batch_size, label_set=label_set, labels=labels and str(labels), templates=template_list,
             max_samples=limit, beam_size=beam_size, max_len=max_len, vocabulary=vocabulary.value,
-            vocabulary_from=[str(f) for f in vocabulary_from or []], max_text_len=max_text_len,
+            vocabulary_from=[str(f) for f in vocabulary_from or []],
+            max_text_len=max_text_len or (PROMPT_LEN if task == "text_classification" else SPEC["max_text_len"]),
             captions_per_item=captions_per_item, num_frames=num_frames, frame_stride=frame_stride, views=views,
             clips=clips)
         ctx = _context(device)
@@ -128,7 +132,7 @@ def evaluate(
                     "views": views, "clips": clips, "num_frames": num_frames, "frame_stride": frame_stride,
                     "label_set": label_set, "templates": template_list, "vocabulary": vocabulary.value,
                     "vocabulary_from": spec.vocabulary_from, "labels": evaluation.labels, "precision": precision,
-                    "device": str(ctx.device), "limit": limit}
+                    "device": str(ctx.device), "limit": limit, "max_text_len": spec.max_text_len}
         path = evaluation.write(out, model_identity(model), settings)
     print_results(result, f"{manifest.dataset}/{manifest.split} - {task}")
     typer.echo(f"wrote {path}")
