@@ -13,7 +13,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "uniperceiver_cli"
 LAYERS = {
-    "text_files": 0, "task_types": 0, "version": 0, "random_state": 0,
+    "text_files": 0, "task_types": 0, "version": 0, "random_state": 0, "progress": 0,
     "model": 1,
     "data": 2, "parallel": 2, "checkpoints": 2,
     "evaluate": 3, "onnx": 3,

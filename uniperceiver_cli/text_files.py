@@ -96,10 +96,19 @@ def read_small(path: Path, what: str, limit: int = MAX_TEXT_FILE) -> bytes:
 def read_json(path: Path, what: str, limit: int = MAX_TEXT_FILE) -> Any:
     """A handed JSON file, parsed; any problem (too large, not UTF-8, not JSON, nested too deeply) is one line."""
     try:
-        return json.loads(read_small(path, what, limit))
+        data = read_small(path, what, limit)
+    except ValueError as e:
+        raise ValueError(f"{what} {path} is not valid JSON ({' '.join(str(e).split())[:200]})") from None
+    return parse_json(data, f"{what} {path}")
+
+
+def parse_json(data: bytes, where: str) -> Any:
+    """Handed JSON bytes, parsed; not UTF-8, not JSON or nested too deeply is one line naming ``where``."""
+    try:
+        return json.loads(data)
     except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         reason = "nested too deeply" if isinstance(e, RecursionError) else " ".join(str(e).split())[:200]
-        raise ValueError(f"{what} {path} is not valid JSON ({reason})") from None
+        raise ValueError(f"{where} is not valid JSON ({reason})") from None
 
 
 def read_lines(path: Path, what: str) -> list[str]:

@@ -10,14 +10,6 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Column, Table
 
 from uniperceiver_cli.cli.common import (
@@ -31,6 +23,7 @@ from uniperceiver_cli.cli.common import (
 )
 from uniperceiver_cli.data.shards import IMAGE_SUFFIXES, VIDEO_SUFFIXES
 from uniperceiver_cli.predict import Answer, Read, onnx_answerer, torch_answerer
+from uniperceiver_cli.progress import terminal_progress
 
 STDIN = "-"
 
@@ -82,14 +75,6 @@ def _batches(paths: Iterator[Path], size: int) -> Iterator[list[Path]]:
             batch = []
     if batch:
         yield batch
-
-
-def _progress() -> Progress:
-    """Files done, the time taken and the time left (known for a given list, not for standard input), on stderr;
-    only on a terminal, so nothing is written into a log."""
-    return Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=err_console, disable=not err_console.is_terminal,
-                    redirect_stdout=False, redirect_stderr=False)  # the JSON lines go to stdout, not into the bar
 
 
 def predict(
@@ -151,7 +136,7 @@ def predict(
         opened = None  # --out: created with the first batch's lines, so a run that answers nothing leaves no file
         results, answered, skipped = [], 0, 0
         try:
-            with _progress() as progress:
+            with terminal_progress("predict", err_console) as progress:  # files done, time left
                 task = progress.add_task("predict", total=total)
                 for batch in _batches(paths, batch_size):
                     rows = _answer_batch(batch, answer, read, num_frames, top_k)

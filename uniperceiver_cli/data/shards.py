@@ -33,7 +33,7 @@ from urllib.parse import urlparse
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from uniperceiver_cli.text_files import read_json
+from uniperceiver_cli.text_files import parse_json, read_json
 
 FORMAT = "uniperceiver-shards"
 MANIFEST = "manifest.json"
@@ -219,11 +219,7 @@ def fetch_manifest(url: str) -> Any:
         if len(data) > MAX_MANIFEST:
             raise ValueError(f"{target} is larger than {MAX_MANIFEST >> 20} MB; not read")
         _FETCHED[target] = data  # once per process: the class names and the shards a run reads come from one copy
-    try:
-        return json.loads(data)
-    except (ValueError, RecursionError) as e:
-        reason = "nested too deeply" if isinstance(e, RecursionError) else " ".join(str(e).split())[:200]
-        raise ValueError(f"{target} is not valid JSON ({reason})") from None
+    return parse_json(data, target)
 
 
 def shard_urls(url: str, manifest: Manifest) -> list[str]:

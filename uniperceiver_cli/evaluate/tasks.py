@@ -19,6 +19,7 @@ from uniperceiver_cli.evaluate.gather import gather
 from uniperceiver_cli.evaluate.report import write_results
 from uniperceiver_cli.model.uniperceiver import UniPerceiver
 from uniperceiver_cli.parallel.context import Context
+from uniperceiver_cli.progress import terminal_progress
 from uniperceiver_cli.task_types import TASKS
 from uniperceiver_cli.text_files import read_lines
 
@@ -111,18 +112,8 @@ def with_progress(batches: Iterable[dict[str, Any]], total: int, label: str) -> 
     """``batches`` as they are, with the samples done, the time taken and the time left on stderr (on a terminal
     only: nothing goes into a log)."""
     from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
 
-    console = Console(stderr=True)
-    with Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                  console=console, disable=not console.is_terminal, redirect_stdout=False) as bar:
+    with terminal_progress(label, Console(stderr=True)) as bar:
         task = bar.add_task(label, total=total)
         for batch in batches:
             yield batch
