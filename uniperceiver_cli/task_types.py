@@ -11,7 +11,7 @@ from typing import Literal
 class TaskType:
     name: str
     modality: Literal["image", "video", "text"]  # of the input; the targets are text
-    family: Literal["classification", "caption", "retrieval", "mlm", "text_classification"]
+    family: Literal["classification", "caption", "retrieval", "mlm", "text_classification", "vqa"]
     temperature: str  # its logit scale, one of model/heads.py TEMPERATURES
     attributes: tuple[str, ...]  # the MoE attribute rows (model/moe.py ATTRIBUTES) of its input, then its targets
 
@@ -27,6 +27,11 @@ TASKS = {task.name: task for task in (
     # GLUE as a cloze: the text holds a <|spe|> slot, scored at the MLM scale against label words as vocabulary rows
     # (the reference's rows: its text_classification input is the MLM input row, its label sets the word row).
     TaskType("text_classification", "text", "text_classification", "text_mlm", ("text_input", "vocabulary")),
+    # VQA as a cloze on an image: [<|spe|>, image, question, <|spe|> slot, <|endoftext|>], the slot scored against
+    # the answer set at the downstream scale. The reference has no rows for it; these follow its table's bits: the
+    # visual segment of an image+text input (the captioning input's row), the question as a non-causal input text
+    # segment of an image+text input (a row of its own), and the answers as word targets of an image+text task.
+    TaskType("vqa", "image", "vqa", "downstream", ("caption_visual", "vqa_question", "vocabulary")),
 )}
 
 

@@ -16,6 +16,7 @@ from uniperceiver_cli.data.toyworld import (
     SHAPES,
     SINGLE_TEMPLATES,
     SPLIT_COUNTS,
+    VQA_ANSWERS,
     generate,
     strict_recall_ceiling,
     true_caption_recall,
@@ -64,7 +65,7 @@ def test_same_seed_gives_identical_files_for_any_worker_count(world, tmp_path: P
     _generate(tmp_path / "other", seed=1)
     other, first = _checksums(tmp_path / "other"), _checksums(out)
     tars = [name for name in first if name.endswith(".tar")]
-    assert len(tars) == 40 and all(other[name] != first[name] for name in tars)  # 10 splits of 4 shards
+    assert len(tars) == 48 and all(other[name] != first[name] for name in tars)  # 12 splits of 4 shards
 
 
 def test_manifests_and_summary(world) -> None:
@@ -95,7 +96,8 @@ def test_manifests_and_summary(world) -> None:
                         "motion_classification": ("video_classification", "videos", "motion")}
     assert zero_shot == {"colour_classification": ("image_classification", "images", "colour"),
                          "video_captioning": ("video_caption", "videos", None),
-                         "video_text_retrieval": ("video_retrieval", "videos", None)}
+                         "video_text_retrieval": ("video_retrieval", "videos", None),
+                         "vqa": ("vqa", "questions", None)}
 
 
 def test_images_decode_and_captions_name_the_main_object(world) -> None:
@@ -150,6 +152,38 @@ def test_text_passages(world) -> None:
         text = sample["txt"].decode()
         assert 2 <= text.count(".") <= 6 and text.endswith(".")
         assert any(shape in text for shape in SHAPES)
+
+
+def test_questions_are_answered_by_their_scene(world) -> None:
+    out, manifests = world
+    assert manifests["questions/train"].classes == VQA_ANSWERS and manifests["questions/train"].tasks == ["vqa"]
+    samples = _samples(out / "questions" / "train")
+    assert len(samples) == SPLIT_COUNTS["tiny"]["questions/train"]
+    kinds = []
+    for sample in samples.values():
+        meta = json.loads(sample["json"])
+        question, answer, objects = sample["txt"].decode(), meta["answers"][0], meta["objects"]
+        main = objects[0]
+        assert meta["answers"] == [answer] * 10 and meta["targets"] == [[VQA_ANSWERS.index(answer), 1.0]]
+        assert Image.open(io.BytesIO(sample["png"])).size == (SIDE, SIDE)
+        kind = meta["answer_type"]
+        kinds.append(kind)
+        if kind == "colour":
+            assert question == f"what colour is the {main['shape']}?" and answer == main["colour"]
+        elif kind == "shape":
+            assert answer == main["shape"] and main["colour"] in question
+        elif kind == "count":
+            assert answer == str(len(objects))
+        elif kind == "position":
+            assert answer in ("left", "right", "top", "bottom", "center") and main["shape"] in question
+        else:
+            asked = question.removeprefix("is there ").removesuffix("?").split()[-2:]
+            there = any([o["colour"], o["shape"]] == asked for o in objects)
+            assert answer == ("yes" if there else "no")
+    assert {k: kinds.count(k) for k in set(kinds)} == {k: 64 // 5 + (i < 64 % 5) for i, k in enumerate(
+        ("colour", "shape", "count", "position", "exists"))}
+    answers = [json.loads(s["json"])["answers"][0] for s in samples.values()]
+    assert {"1", "2", "yes", "no"} <= set(answers)
 
 
 def test_resume_rewrites_only_the_missing_shard(tmp_path: Path) -> None:

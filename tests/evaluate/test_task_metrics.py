@@ -1,11 +1,42 @@
-"""The GLUE metrics against scikit-learn on generated cases."""
+"""The VQA accuracy of the official evaluation on hand-computed cases, and the GLUE metrics against scikit-learn on
+generated cases."""
 
 import numpy as np
 import pytest
 import torch
 from sklearn.metrics import f1_score, matthews_corrcoef
 
+from uniperceiver_cli.data.vqa_answers import answer_scores, normalise_answer, vqa_accuracy
 from uniperceiver_cli.evaluate.metrics import binary_f1, matthews_correlation
+
+
+@pytest.mark.parametrize(("humans", "prediction", "expected"), [
+    (["2"] * 10, "2", 1.0),
+    (["2"] * 10, "3", 0.0),
+    # 3 of 10 said "red": leaving one of those 3 out leaves 2 (2/3), leaving out another human leaves 3 (1)
+    (["red"] * 3 + ["blue"] * 7, "red", (3 * 2 / 3 + 7 * 1) / 10),
+    (["red"] * 2 + ["blue"] * 8, "red", (2 * 1 / 3 + 8 * 2 / 3) / 10),
+    (["red"] * 1 + ["blue"] * 9, "red", (1 * 0 + 9 * 1 / 3) / 10),
+    (["red"] * 4 + ["blue"] * 6, "red", 1.0),
+    # the official normalisation of the prediction: articles, number words, case, punctuation, contractions
+    (["2"] * 10, "Two", 1.0),
+    (["dog"] * 10, "a dog.", 1.0),
+    (["yes"] * 10, "Yes!", 1.0),
+    (["don't know"] * 10, "dont know", 1.0),
+    (["1000"] * 10, "1,000", 1.0),  # a comma within a number goes (VQA v2 stores answers normalised)
+])
+def test_vqa_accuracy_by_hand(humans, prediction, expected):
+    assert vqa_accuracy(prediction, humans) == pytest.approx(expected)
+
+
+def test_the_official_normalisation_and_soft_scores():
+    assert normalise_answer("The Two dogs") == "2 dogs"
+    assert normalise_answer("  left-hand side ") == "left hand side"
+    assert normalise_answer("3.5") == "3.5" and normalise_answer("end.") == "end"
+    # the human answers are taken as given (VQA v2's are normalised already): "Red!" is not "red"
+    assert answer_scores(["red"] * 3 + ["blue"] * 6 + ["Red!"]) == pytest.approx({"red": 0.9, "blue": 1.0})
+    with pytest.raises(ValueError, match="at least one human answer"):
+        vqa_accuracy("red", [])
 
 
 def test_glue_metrics_against_scikit_learn():

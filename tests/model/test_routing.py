@@ -15,6 +15,7 @@ from uniperceiver_cli.model.config import MoEConfig
 from uniperceiver_cli.model.decoding import beam_search
 from uniperceiver_cli.model.folding import dense_view, fold_experts
 from uniperceiver_cli.model.moe import (
+    ATTRIBUTES,
     ExpertLinear,
     FeatureGate,
     FoldedGate,
@@ -216,7 +217,7 @@ def test_folding_refuses_token_features(routing):
 def test_folded_models_compute_the_unfolded_ones(routing):
     model = _model(routing).eval()
     folded = fold_experts(model)
-    keys = {"modality": 6, "task": 2}[routing]  # the attribute rows, or the tasks
+    keys = {"modality": len(ATTRIBUTES), "task": 2}[routing]  # the attribute rows, or the tasks
     assert all(g.ids.shape[0] == keys for g in folded.modules() if isinstance(g, FoldedGate))
     assert folded.blocks[0].mlp.fc1.weight.shape[0] == 2  # merged linears: per modality, or per task
     images, ids = torch.randn(2, 3, 32, 32), torch.randint(0, 1000, (2, 5))

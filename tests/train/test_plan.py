@@ -82,3 +82,11 @@ def test_cli_exit_code_says_whether_it_fits():
     tight = runner.invoke(app, ["plan", "toyworld-tiny", *NO_DATA, "--gpu-memory", "0.5"])
     assert tight.exit_code == 2
     assert "does NOT fit 0.5 GiB" in tight.output
+
+
+def test_a_vqa_step_is_traced_as_a_real_one():
+    recipe = load_checked("toyworld-tiny-finetune-vqa", ["data_root=/nonexistent", "tasks.0.batch_size=8"])
+    plan = plan_recipe(recipe)
+    measured = measure_step(recipe, 0)
+    assert within(plan.tasks[0].activations, measured["activations"], TOLERANCE), (plan.tasks[0], measured)
+    assert plan.tasks[0].backward >= measured["largest"] and plan.tasks[0].target_rows == 1000  # assumed: no data

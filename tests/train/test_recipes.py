@@ -313,13 +313,13 @@ def test_check_files_checks_types_label_sets_and_labels(workdir: Path):
     assert result.exit_code == 2
     assert _errors(result) == [
         "error: mine.yaml: engine.deepspeed_config: ds.json does not exist",
-        "error: mine.yaml: evaluation.tasks.4.data, evaluation.tasks.10.data: data/toyworld/text/val/manifest.json "
+        "error: mine.yaml: evaluation.tasks.4.data, evaluation.tasks.11.data: data/toyworld/text/val/manifest.json "
         "is not a valid shard "
         "manifest: format is None, not 'uniperceiver-shards'",
         "error: mine.yaml: tasks.0.label_set: label set 'size' is not in toyworld-images/train; it has: shape, colour",
         "error: mine.yaml: tasks.3.type: data/toyworld/text/train serves text_mlm, not image_caption",
         "error: mine.yaml: evaluation.tasks.1.labels: data/toyworld/colours.txt does not exist",
-        "error: mine.yaml: evaluation.tasks.8: data/toyworld/images/val names no classes; set label_set or labels",
+        "error: mine.yaml: evaluation.tasks.9: data/toyworld/images/val names no classes; set label_set or labels",
     ]
 
 

@@ -80,11 +80,12 @@ def test_a_short_fine_tuning_and_its_evaluation(toyworld_32: Path, tmp_path: Pat
     assert set(predicted) <= set(ANSWERS) and result.metrics["accuracy"] == pytest.approx(100 * hits / 32)
 
 
-def test_a_version_2_toyworld_gains_the_sentence_splits(tmp_path: Path):
+@pytest.mark.parametrize(("version", "added"), [(2, ("sentences", "questions")), (3, ("questions",))])
+def test_an_older_toyworld_gains_the_new_splits(tmp_path: Path, version: int, added: tuple[str, ...]):
     generate(tmp_path, size="tiny", image_size=16, num_frames=2, min_shards=1, progress=False)
     summary = json.loads((tmp_path / SUMMARY).read_text())
-    old = {**summary, "version": 2, "splits": {k: v for k, v in summary["splits"].items()
-                                               if not k.startswith("sentences")}}
+    old = {**summary, "version": version, "splits": {k: v for k, v in summary["splits"].items()
+                                                     if not k.startswith(added)}}
     (tmp_path / SUMMARY).write_text(json.dumps(old))
     before = (tmp_path / "images" / "train" / "shard-000000.tar").read_bytes()
     generate(tmp_path, size="tiny", image_size=16, num_frames=2, min_shards=1, progress=False)

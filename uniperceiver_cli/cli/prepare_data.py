@@ -27,6 +27,7 @@ from uniperceiver_cli.data.sources import (
     msvd,
     text,
     visual_genome,
+    vqa,
 )
 from uniperceiver_cli.data.sources import imagenet as imagenet1k
 from uniperceiver_cli.data.sources.common import Conversion
@@ -208,6 +209,44 @@ def glue_tasks(
     for name in tasks:
         _convert(lambda name=name: glue.plan(source / name, name), out / name, min_shards, max_per_shard, workers,
                  no_progress)
+
+
+@app.command("vqa")
+def vqa_questions(
+    source: Path = typer.Argument(..., help="The folder of the official v2_OpenEnded_mscoco_<split>_questions.json and "
+                                            "v2_mscoco_<split>_annotations.json."),
+    images: Path = typer.Option(..., "--images", help="The COCO images: IMAGES/<split>/COCO_<split>_<id>.jpg or "
+                                                      "IMAGES/COCO_<split>_<id>.jpg."),
+    out: Path = OUT, split: list[str] | None = SELECT,
+    answers: Path | None = typer.Option(None, "--answers", help="The answer vocabulary, one normalised answer a line "
+                                                                "(e.g. an earlier OUT/answers.txt); default: built "
+                                                                "from the converted splits."),
+    min_answer_count: int | None = typer.Option(None, "--min-answer-count", min=1,
+                                                help=f"Build the vocabulary from the answers given at least this "
+                                                     f"many times (default {vqa.MIN_ANSWER_COUNT})."),
+    hold_out: int = typer.Option(0, "--hold-out", min=0, help="Move the last N questions of --hold-out-from to "
+                                                              f"split {vqa.HOLD_OUT_SPLIT}."),
+    hold_out_from: str = typer.Option("val2014", "--hold-out-from", help="The split --hold-out takes from."),
+    visual_genome_qa: Path | None = typer.Option(None, "--visual-genome-qa", help="Visual Genome's "
+                                                 f"question_answers.json: adds split {vqa.VG_SPLIT} (for training)."),
+    visual_genome_images: Path | None = typer.Option(None, "--visual-genome-images", help="The Visual Genome images: "
+                                                     "DIR/<id>.jpg, DIR/VG_100K/<id>.jpg or DIR/VG_100K_2/<id>.jpg."),
+    name: str = typer.Option("vqa", "--name", help=NAME_HELP), min_shards: int = MIN_SHARDS,
+    max_per_shard: int = MAX_PER_SHARD, workers: int = WORKERS, no_progress: bool = NO_PROGRESS,
+) -> None:
+    """VQA v2 (and Visual Genome QA): one sample per question with its answers' soft scores over an answer
+    vocabulary, which OUT/answers.txt keeps."""
+    def plan() -> list[Conversion]:
+        if answers is not None and min_answer_count is not None:
+            raise ValueError("give --answers or --min-answer-count, not both")
+        conversions = vqa.plan(source, images, splits=split, answers=answers,
+                               min_answer_count=min_answer_count or vqa.MIN_ANSWER_COUNT, hold_out=hold_out,
+                               hold_out_from=hold_out_from, visual_genome_qa=visual_genome_qa,
+                               visual_genome_images=visual_genome_images, name=name)
+        vqa.write_answers(out / vqa.ANSWERS_FILE, conversions[0].manifest.classes or [])
+        return conversions
+
+    _convert(plan, out, min_shards, max_per_shard, workers, no_progress)
 
 
 @app.command("toyworld")

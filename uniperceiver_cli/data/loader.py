@@ -104,9 +104,12 @@ class Batch(TypedDict, total=False):
     erase: torch.Tensor  # classification training: (B, 4) long, each image's erasing box (top, left, height, width)
     videos: torch.Tensor  # video tasks, uint8: (B, T, 3, S, S) in training, (B * num_views, T, 3, S, S) in evaluation
     num_views: int  # evaluation videos: V = clips x crops, row sample * V + clip * crops + crop
-    labels: torch.Tensor  # classification, text classification: (B,) long
+    labels: torch.Tensor  # classification, text classification, VQA training (a drawn answer): (B,) long
     text_ids: torch.Tensor  # (B, L) long: one caption per sample (caption, retrieval), the passage (mlm) or prompt
-    slots: torch.Tensor  # text classification: (B,) long, the position of each prompt's <|spe|> in text_ids
+    slots: torch.Tensor  # text classification, VQA: (B,) long, the position of each prompt's <|spe|> in text_ids
+    answer_scores: torch.Tensor  # VQA training: (B, A) float, each answer's score (0 for most)
+    answers: list[list[str]]  # VQA evaluation: the human answers of each question
+    answer_types: list[str]  # VQA evaluation: each question's answer type ("" where the data names none)
     text_padding: torch.Tensor  # (B, L) bool, True at padding
     captions: list[list[str]]  # caption and retrieval: every caption of each sample
 
@@ -250,7 +253,8 @@ class SampleDecoder:
     label_set: str | None
     augment: bool = True  # False: training samples get the deterministic evaluation transform
     stride: float = STRIDE  # video: source frames between sampled frames at 30 fps
-    max_text_len: int | None = None  # text classification: prompts are cut to this many tokens, keeping the slot
+    max_text_len: int | None = None  # text classification, VQA: prompts are cut to this many tokens, keeping the slot
+    answers: Sequence[str] = ()  # VQA: the answer set (the split's classes), which the left/right flip maps
 
     def __post_init__(self) -> None:
         self.image_transform = (
@@ -258,6 +262,8 @@ class SampleDecoder:
             if self.task.modality == "image" else None
         )
         self.erasing = self.task.family == "classification" and self.train and self.augment
+        self.flip = self.task.family == "vqa" and self.train and self.augment
+        self.flipped = flipped_answers(self.answers) if self.flip else {}
 
     def __call__(self, raw: dict[str, Any], rng: random.Random) -> dict[str, Any]:
         sample: dict[str, Any] = {"key": raw["__key__"]}
@@ -271,6 +277,8 @@ class SampleDecoder:
             else:
                 sample["text"] = text
             return sample
+        if self.task.family == "vqa":
+            return self._vqa(raw, rng, sample)
         if self.task.family in ("caption", "retrieval"):
             captions = _captions(raw)
             sample["captions"] = captions
@@ -289,6 +297,60 @@ class SampleDecoder:
                               self.num_clips, self.stride)
             sample["input"] = views[0] if self.train else views
         return sample
+
+
+    def _vqa(self, raw: dict[str, Any], rng: random.Random, sample: dict[str, Any]) -> dict[str, Any]:
+        """A VQA sample: the image, the question's ids with its answer slot (``ids``), the answer targets (index,
+        score) and, in training, one answer drawn in proportion to its score (``label``; a question none of whose
+        answers is in the answer set is skipped), in evaluation the human answers. Training flips half the images
+        left to right and swaps "left" and "right" in the question and the answers (the reference's flip, whose
+        swap of a sub-word id missed the question's words)."""
+        meta = sample_json(raw)
+        question = " ".join(sample_text(raw).split())
+        if not question:
+            raise Skip("empty question")
+        targets = _answer_targets(meta, len(self.answers))
+        image = _image(raw)
+        if self.flip and rng.random() < 0.5:
+            image, question = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), swap_left_right(question)
+            targets = [(self.flipped[i], score) for i, score in targets if self.flipped.get(i) is not None]
+        sample["ids"] = cloze_ids(get_tokenizer().encode(f"{question} <|spe|>"), self.max_text_len or 23)
+        sample["input"] = self.image_transform(image)
+        if self.train:
+            if not targets:
+                raise Skip("no answer in the answer set")
+            sample["targets"] = targets
+            sample["label"] = rng.choices([i for i, _ in targets], weights=[score for _, score in targets])[0]
+        else:
+            sample["answers"] = [str(answer) for answer in meta.get("answers") or []]
+            sample["answer_type"] = str(meta.get("answer_type") or "")
+        return sample
+
+
+_LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+
+
+def swap_left_right(text: str) -> str:
+    """``text`` with the words "left" and "right" swapped (what a horizontal flip does to their meaning)."""
+    return _LEFT_RIGHT.sub(lambda m: "right" if m.group(0).lower() == "left" else "left", text)
+
+
+def flipped_answers(answers: Sequence[str]) -> dict[int, int | None]:
+    """Each answer's index -> the index of the answer it becomes under a horizontal flip (itself, without "left" or
+    "right"; None when its swapped form is not an answer)."""
+    index = {answer: i for i, answer in enumerate(answers)}
+    return {i: index.get(swap_left_right(answer)) for i, answer in enumerate(answers)}
+
+
+def _answer_targets(meta: dict[str, Any], size: int) -> list[tuple[int, float]]:
+    """A VQA sample's ``targets``: (answer index, score) pairs, checked against the answer set's ``size``."""
+    try:
+        targets = [(int(i), float(score)) for i, score in meta.get("targets") or []]
+    except (TypeError, ValueError) as error:
+        raise Skip("bad answer targets", str(error)[:200]) from error
+    if any(not 0 <= i < size or not 0 < score <= 1 for i, score in targets):
+        raise Skip("bad answer targets", f"an index outside the {size} answers or a score outside (0, 1]")
+    return targets
 
 
 def cloze_ids(ids: list[int], max_len: int) -> list[int]:
@@ -314,6 +376,7 @@ class Collate:
     train: bool
     max_text_len: int
     text_multiple: int = 1  # texts padded to a multiple of this many tokens (at most max_text_len)
+    answers: int = 0  # VQA: the size of the answer set
 
     def __call__(self, samples: list[dict[str, Any]]) -> Batch:
         batch: Batch = {"keys": [s["key"] for s in samples]}
@@ -327,13 +390,22 @@ class Collate:
             else:
                 batch["videos"] = torch.cat([s["input"] for s in samples])  # (B * views, T, 3, S, S)
                 batch["num_views"] = samples[0]["input"].shape[0]
-        if self.task.family in ("classification", "text_classification"):
+        if "label" in samples[0]:
             batch["labels"] = torch.tensor([s["label"] for s in samples], dtype=torch.long)
+        if "targets" in samples[0]:  # VQA training: each answer's score
+            scores = torch.zeros(len(samples), self.answers)
+            for row, sample in enumerate(samples):
+                for i, score in sample["targets"]:
+                    scores[row, i] = score
+            batch["answer_scores"] = scores
+        if "answers" in samples[0]:
+            batch["answers"] = [s["answers"] for s in samples]
+            batch["answer_types"] = [s["answer_type"] for s in samples]
         if "text" in samples[0]:
             ids, padding = get_tokenizer().encode_batch([s["text"] for s in samples], max_len=self.max_text_len)
             ids, padding = _bucketed(ids, padding, self.text_multiple, self.max_text_len)
             batch["text_ids"], batch["text_padding"] = ids, padding
-        if "ids" in samples[0]:  # text classification: prompts tokenized (and cut around their slot) per sample
+        if "ids" in samples[0]:  # text classification, VQA: prompts tokenized (and cut around their slot) per sample
             lengths = torch.tensor([len(s["ids"]) for s in samples])
             ids = torch.zeros(len(samples), int(lengths.max()), dtype=torch.long)
             for row, sample in enumerate(samples):
@@ -1062,6 +1134,7 @@ def make_loader(
     stream_timeout: float = STREAM_TIMEOUT,
     pin_memory: bool = False,
     text_multiple: int = 1,
+    answers: Sequence[str] = (),
 ) -> ShardLoader:
     """A streaming loader of task batches from WebDataset shards.
 
@@ -1077,7 +1150,7 @@ def make_loader(
         num_views: spatial crops per video in evaluation, 1 (centre) or 3 (start, centre, end).
         num_clips: temporal clips per video in evaluation (the reference's multi-view).
         max_text_len: keep at most this many text ids (the last one, EOT, is kept); default 128 for
-            ``text_mlm``, 30 otherwise.
+            ``text_mlm``, 256 for text classification, 23 for VQA, 30 otherwise.
         seed: seed of shard order, sample shuffle, augmentation and subset.
         subset: keep only this fraction of the data, chosen once from ``seed`` and the same in every process:
             class-balanced for classification, a uniform draw otherwise. Needs local shards with their stats
@@ -1099,6 +1172,7 @@ def make_loader(
         pin_memory: put the batches in page-locked memory (for a GPU: faster, asynchronous copies).
         text_multiple: pad texts to a multiple of this many tokens (at most ``max_text_len``), for a compiled
             model.
+        answers: VQA: the answer set (the split's classes), needed to size the answer scores and to flip.
 
     Returns:
         A :class:`ShardLoader` of :class:`Batch` dicts.
@@ -1126,10 +1200,12 @@ def make_loader(
         chosen = choose_subset([s.url for s in shards], subset, seed, balanced=kind.family == "classification")
         holding = {name for name, _ in chosen}
         shards = [s for s in shards if Path(s.url).name in holding]  # read only the shards the subset draws from
-    text_len = max_text_len or {"mlm": 128, "text_classification": 256}.get(kind.family, 30)  # passages, captions
+    text_len = max_text_len or {"mlm": 128, "text_classification": 256, "vqa": 23}.get(kind.family, 30)
+    if kind.family == "vqa" and not answers:
+        raise ValueError("a VQA loader needs the answer set (the split's classes)")
     decoder = SampleDecoder(kind, train, image_size, num_frames, num_views, num_clips, label_set, augment,
-                            frame_stride, text_len)
-    collate = Collate(kind, train, text_len, text_multiple)
+                            frame_stride, text_len, tuple(answers))
+    collate = Collate(kind, train, text_len, text_multiple, len(answers))
     stream = ShardStream(shards, decoder, collate, batch_size=batch_size, train=train, seed=seed, epochs=epochs,
                          shuffle_buffer=shuffle_buffer, subset=chosen, rank=rank, world_size=world_size,
                          stream_timeout=timeout)

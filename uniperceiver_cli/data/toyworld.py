@@ -8,6 +8,8 @@ captioning, image-text retrieval, MLM, motion classification) leave tasks that a
     OUT/images/{train,val,test}/   PNG images: label = shape of the main object, 2-5 captions
     OUT/videos/{train,val,test}/   MP4 clips: label = motion, 2-4 captions
     OUT/text/{train,val}/          passages of 2-6 sentences for masked language modelling
+    OUT/sentences/{train,val}/     cloze prompts for text classification (does a relation's converse follow?)
+    OUT/questions/{train,val}/     PNG images with a question each and its one-word answer, for VQA
     OUT/toyworld.json              settings, label sets, training and zero-shot tasks
 
 Every sample is drawn from its own generator seeded by (seed, split, index), so the shards are
@@ -53,15 +55,19 @@ MOVING = {"moving left": "moving to the left", "moving right": "moving to the ri
 ROTATING_SHAPES = ("square", "triangle", "star", "cross", "heart", "diamond")  # visibly turn at 64 pixels
 SPLIT_COUNTS = {
     "tiny": {"images/train": 64, "images/val": 32, "images/test": 32, "videos/train": 24, "videos/val": 12,
-             "videos/test": 12, "text/train": 64, "text/val": 16, "sentences/train": 64, "sentences/val": 32},
+             "videos/test": 12, "text/train": 64, "text/val": 16, "sentences/train": 64, "sentences/val": 32,
+             "questions/train": 64, "questions/val": 32},
     # 32,000 training images: the tiny demo model overfits 8,000 (shape: 94% train, 82% test accuracy).
     "default": {"images/train": 32000, "images/val": 500, "images/test": 1000, "videos/train": 2000,
                 "videos/val": 250, "videos/test": 500, "text/train": 10000, "text/val": 500,
-                "sentences/train": 4000, "sentences/val": 500},
+                "sentences/train": 4000, "sentences/val": 500, "questions/train": 4000, "questions/val": 500},
 }
-TASKS = {"images": task_names("image"), "videos": task_names("video"), "text": task_names("text", "mlm"),
-         "sentences": task_names("text", "text_classification")}
+TASKS = {"images": task_names("image", "classification", "caption", "retrieval"), "videos": task_names("video"),
+         "text": task_names("text", "mlm"), "sentences": task_names("text", "text_classification"),
+         "questions": task_names("image", "vqa")}
 ANSWERS = ["no", "yes"]  # the label words of the sentence classification, one token each
+# The answer set of the questions: one word each, as the official evaluation normalises them (numbers as digits).
+VQA_ANSWERS = [*COLOURS, *SHAPES, "1", "2", *POSITIONS, "no", "yes"]
 TRAINING_TASKS = [
     {"name": "shape_classification", "task": "image_classification", "data": "images", "label_set": "shape"},
     {"name": "image_captioning", "task": "image_caption", "data": "images", "label_set": None},
@@ -73,6 +79,7 @@ ZERO_SHOT_TASKS = [
     {"name": "colour_classification", "task": "image_classification", "data": "images", "label_set": "colour"},
     {"name": "video_captioning", "task": "video_caption", "data": "videos", "label_set": None},
     {"name": "video_text_retrieval", "task": "video_retrieval", "data": "videos", "label_set": None},
+    {"name": "vqa", "task": "vqa", "data": "questions", "label_set": None},
 ]
 SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down: smooth edges
 FPS = 8
@@ -390,6 +397,42 @@ def sentence_sample(index: int, *, split: str, seed: int) -> Sample:
     return Sample(f"{DATASET}-sen-{split}-{index:06d}", text=text, label=int(follows))
 
 
+# --- questions ---------------------------------------------------------------------------------------------------
+
+QUESTION_TYPES = ("colour", "shape", "count", "position", "exists")
+
+
+def _question(rng: np.random.Generator, kind: str, things: list[Thing], position: str) -> tuple[str, str]:
+    """A question of ``kind`` about a scene (main thing first) and its answer."""
+    main = things[0]
+    if kind == "colour":
+        return f"what colour is the {main.shape}?", main.colour
+    if kind == "shape":
+        return f"what shape is the {main.colour} {main.size} object?", main.shape
+    if kind == "count":
+        return _pick(rng, ("how many shapes are there?", "how many objects are in the picture?")), str(len(things))
+    if kind == "position":
+        return f"where is the {main.plain}?", position
+    asked = main if rng.random() < 0.5 else _random_thing(rng)
+    there = any((t.shape, t.colour) == (asked.shape, asked.colour) for t in things)
+    return f"is there {_a(asked.plain)}?", "yes" if there else "no"
+
+
+def question_sample(index: int, *, split: str, seed: int, image_size: int) -> Sample:
+    """Question ``index`` of ``split``: a drawn scene (as the images) and a question of each type in turn (colour,
+    shape, count, position, whether a thing is there) with its answer, which all 10 "humans" give."""
+    rng = _rng(seed, f"questions/{split}", index)
+    things, position, _ = _image_scene(rng, _pick(rng, SHAPES))
+    image = _draw(_background(rng, image_size), things)
+    kind = QUESTION_TYPES[index % len(QUESTION_TYPES)]
+    question, answer = _question(rng, kind, things, position)
+    key = f"{DATASET}-qa-{split}-{index:06d}"
+    meta = {"id": key, "question": question, "answers": [answer] * 10, "answer_type": kind,
+            "targets": [[VQA_ANSWERS.index(answer), 1.0]],
+            "objects": [{"shape": t.shape, "colour": t.colour, "size": t.size} for t in things]}
+    return Sample(key, image=_png(image), image_ext="png", text=question, meta=meta)
+
+
 # --- what is true of a sample ------------------------------------------------------------------------------------
 
 
@@ -450,6 +493,10 @@ def _conversion(name: str, count: int, *, seed: int, image_size: int, num_frames
         manifest = Manifest(f"{DATASET}-videos", split, "video", TASKS[kind], source, classes=list(MOTIONS),
                             extra={"label_sets": {"motion": list(MOTIONS)}, "image_size": image_size,
                                    "num_frames": num_frames})
+    elif kind == "questions":
+        make = partial(question_sample, split=split, seed=seed, image_size=image_size)
+        manifest = Manifest(f"{DATASET}-questions", split, "image", TASKS[kind], source, classes=VQA_ANSWERS,
+                            extra={"image_size": image_size, "question_types": list(QUESTION_TYPES)})
     elif kind == "sentences":
         make = partial(sentence_sample, split=split, seed=seed)
         manifest = Manifest(f"{DATASET}-sentences", split, "text", TASKS[kind], source, classes=ANSWERS)
@@ -460,14 +507,15 @@ def _conversion(name: str, count: int, *, seed: int, image_size: int, num_frames
 
 
 def _extended_by(found: Any, summary: dict[str, Any]) -> bool:
-    """Whether a folder's summary is ``summary``'s, or that of version 2 with the same settings, whose splits are
-    all drawn alike by version 3 (which adds the sentence splits): its splits are kept and the new ones drawn."""
+    """Whether a folder's summary is ``summary``'s, or that of version 2 or 3 with the same settings, whose splits
+    are all drawn alike by version 4 (version 3 added the sentence splits, 4 the question splits): its splits are
+    kept and the new ones drawn."""
     if found == summary:
         return True
-    if not isinstance(found, dict) or found.get("version") != 2 or not isinstance(found.get("splits"), dict):
+    if not isinstance(found, dict) or found.get("version") not in (2, 3) or not isinstance(found.get("splits"), dict):
         return False
-    same = {k: v for k, v in found.items() if k not in ("version", "splits")} == \
-        {k: v for k, v in summary.items() if k not in ("version", "splits")}
+    drawn = ("version", "splits", "zero_shot_tasks")  # what the new versions add to; the rest sets the draws
+    same = {k: v for k, v in found.items() if k not in drawn} == {k: v for k, v in summary.items() if k not in drawn}
     return same and found["splits"].items() <= summary["splits"].items()
 
 
@@ -487,7 +535,7 @@ def generate(out: str | Path, *, size: str = "default", seed: int = 0, image_siz
 
     Returns:
         The manifests keyed "images/train", "images/val", "images/test", "videos/...", "text/train", "text/val",
-        "sentences/train", "sentences/val".
+        "sentences/train", "sentences/val", "questions/train", "questions/val".
 
     Raises:
         ValueError: on an unknown size or bad settings, or when ``out`` holds a ToyWorld drawn differently.
@@ -497,7 +545,7 @@ def generate(out: str | Path, *, size: str = "default", seed: int = 0, image_siz
     if seed < 0 or image_size < 16 or image_size % 2 or num_frames < 2:
         raise ValueError("need seed >= 0, an even image_size >= 16 and num_frames >= 2")
     out = Path(out)
-    summary = {"dataset": DATASET, "version": 3, "seed": seed, "size": size, "image_size": image_size,
+    summary = {"dataset": DATASET, "version": 4, "seed": seed, "size": size, "image_size": image_size,
                "num_frames": num_frames, "splits": SPLIT_COUNTS[size],
                "label_sets": {"shape": list(SHAPES), "colour": list(COLOURS), "motion": list(MOTIONS)},
                "training_tasks": TRAINING_TASKS, "zero_shot_tasks": ZERO_SHOT_TASKS}

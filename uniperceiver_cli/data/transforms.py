@@ -6,6 +6,7 @@
 - Caption and retrieval, training: the reference's ``clip_transforms('train')``: resize the shorter side to
   ``S`` (bicubic), a random ``S`` x ``S`` crop, horizontal flip with p 0.5, ImageNet mean/std. No RandAugment,
   colour jitter or random erasing; the crop keeps the whole short side, so a caption's objects stay in view.
+- VQA, training: the same without the flip, which the loader does with the question's "left" and "right".
 - Evaluation: :func:`uniperceiver_cli.model.preprocess.image_transform` (the parity-tested eval transform).
 
 The loader's transforms (:func:`build_image_transform`) map a PIL RGB image to uint8 pixels ``(3, S, S)``,
@@ -75,12 +76,13 @@ def classification_train_transform(size: int) -> ImageTransform:
     return _clamp_posterize(transform)
 
 
-def caption_train_transform(size: int) -> ImageTransform:
-    """The reference's ``clip_transforms`` training transform for captioning and retrieval."""
+def caption_train_transform(size: int, flip: bool = True) -> ImageTransform:
+    """The reference's ``clip_transforms`` training transform for captioning and retrieval; without ``flip`` (VQA,
+    whose loader flips an image together with its question's "left" and "right") no horizontal flip."""
     return transforms.Compose([
         transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.RandomCrop(size),
-        transforms.RandomHorizontalFlip(0.5),
+        *([transforms.RandomHorizontalFlip(0.5)] if flip else []),
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
@@ -98,7 +100,7 @@ def build_image_transform(task: str, size: int, *, train: bool) -> ImageTransfor
         return _as_uint8(image_transform(ModelConfig(image_size=size), kind))
     if kind == "classification":
         return _as_uint8(transforms.Compose(classification_train_transform(size).transforms[:-1]))  # no erasing
-    return _as_uint8(caption_train_transform(size))
+    return _as_uint8(caption_train_transform(size, flip=kind != "vqa"))
 
 
 def erasing_box(size: int) -> tuple[int, int, int, int]:

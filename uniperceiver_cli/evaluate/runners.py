@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from uniperceiver_cli.data.loader import visual_input
+from uniperceiver_cli.data.vqa_answers import vqa_accuracy
 from uniperceiver_cli.evaluate.gather import gather
 from uniperceiver_cli.evaluate.metrics import (
     SPICE_NOTE,
@@ -294,6 +295,44 @@ def run_text_classification(model: UniPerceiver, batches: Iterable[Batch], words
         metrics["f1"] = binary_f1(predicted[scored], labels[scored])
     predictions = [{"key": key, "label": words[int(y)] if 0 <= int(y) < len(words) else None,
                     "predicted": words[int(p)]} for key, y, p in zip(keys, labels, predicted, strict=True)]
+    return EvalResult(task, metrics, len(keys), predictions, notes)
+
+
+@torch.inference_mode()
+def run_vqa(model: UniPerceiver, batches: Iterable[Batch], answers: Sequence[str], *, precision: str = "auto",
+            task: str = "vqa", ctx: Context | None = None) -> EvalResult:
+    """The official VQA accuracy (in percent, also per answer type where the data names them) of each question's
+    best answer: its <|spe|> slot scored against the answer set, encoded once. A question without human answers is
+    predicted but not scored (a note says how many)."""
+    device = _evaluating(model)
+    predicted, humans, types, keys = [], [], [], []
+    with autocast(device, precision):
+        targets = model.answer_features(answers)
+        for batch in batches:
+            logits = model.vqa_logits(visual_input(batch, device), batch["text_ids"].to(device),
+                                      batch["text_padding"].to(device), batch["slots"].to(device), targets)
+            predicted.append(logits.argmax(dim=-1))
+            humans.extend(batch["answers"])
+            types.extend(batch["answer_types"])
+            keys.extend(batch["keys"])
+    empty = torch.empty(0, dtype=torch.long)
+    parts = gather((torch.cat(predicted).cpu() if predicted else empty, humans, types, keys), ctx)
+    best = [answers[int(i)] for part in parts for i in part[0]]
+    humans, types, keys = ([x for part in parts for x in part[i]] for i in (1, 2, 3))
+    scores = [vqa_accuracy(answer, given) if given else None for answer, given in zip(best, humans, strict=True)]
+    scored = [(score, kind) for score, kind in zip(scores, types, strict=True) if score is not None]
+    if not scored:
+        raise ValueError(f"none of the {len(keys)} evaluated questions has human answers to score against")
+    notes = []
+    if len(scored) < len(keys):
+        notes.append(f"accuracy over the {len(scored)} of {len(keys)} questions with human answers")
+        warnings.warn(notes[-1], stacklevel=2)
+    metrics = {"vqa_accuracy": 100.0 * sum(score for score, _ in scored) / len(scored)}
+    for kind in sorted({kind for _, kind in scored if kind}):
+        of_kind = [score for score, k in scored if k == kind]
+        metrics[f"vqa_accuracy/{kind}"] = 100.0 * sum(of_kind) / len(of_kind)
+    predictions = [{"key": key, "answer": answer, "accuracy": None if score is None else round(score, 6)}
+                   for key, answer, score in zip(keys, best, scores, strict=True)]
     return EvalResult(task, metrics, len(keys), predictions, notes)
 
 

@@ -64,18 +64,22 @@ def _evaluate(model: UniPerceiver, spec: Any, data_root: Path, *, num_workers: i
               len_penalty: float, ctx: Context, progress: bool) -> Evaluation:
     directory = split_source(data_root, spec.data)
     manifest = Manifest.load(directory)
+    family, names = TASKS[spec.type].family, None
+    if family == "vqa":
+        if spec.labels:
+            raise ValueError(f"evaluation {spec.name}: a VQA split names its answer set; labels does not apply")
+        names = manifest.label_names(spec.label_set)
     loader = make_loader(directory, task=spec.type, batch_size=spec.batch_size, train=False,
                          image_size=model.config.image_size, num_frames=spec.num_frames, num_views=spec.views,
                          num_clips=spec.clips, max_text_len=spec.max_text_len, num_workers=num_workers,
                          label_set=spec.label_set, frame_stride=spec.frame_stride, rank=ctx.rank,
-                         world_size=ctx.world_size)
+                         world_size=ctx.world_size, answers=names or ())
     share = None if spec.max_samples is None else -(-spec.max_samples // ctx.world_size)
     batches = runners.limited(loader, share)
     if progress:
         total = -(-manifest.num_samples // ctx.world_size)
         batches = with_progress(batches, min(total, share or total), f"{spec.name}" +
                                 (f" (process {ctx.rank} of {ctx.world_size})" if ctx.world_size > 1 else ""))
-    family, names = TASKS[spec.type].family, None
     if family == "classification":
         truth = manifest.label_names(spec.label_set) if manifest.classes or spec.label_set else None
         names = read_lines(data_root / spec.labels, "labels") if spec.labels else manifest.label_names(spec.label_set)
@@ -97,6 +101,8 @@ def _evaluate(model: UniPerceiver, spec: Any, data_root: Path, *, num_workers: i
         names = manifest.label_names(spec.label_set)
         result = runners.run_text_classification(model, batches, names, precision=precision, task=spec.name,
                                                   ctx=ctx)
+    elif family == "vqa":
+        result = runners.run_vqa(model, batches, names, precision=precision, task=spec.name, ctx=ctx)
     else:
         vocab_ids = vocabulary_of([data_root / f for f in spec.vocabulary_from]) if spec.vocabulary_from else None
         result = runners.run_mlm(model, batches, vocab_ids=vocab_ids, precision=precision, task=spec.name, ctx=ctx)

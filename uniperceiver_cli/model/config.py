@@ -64,7 +64,7 @@ def _check_float(owner: object, name: str, low: float, high: float = math.inf, *
 ROUTINGS = ("attribute", "modality", "task", "token", "context")
 # Sizes that ModelConfig.num_parameters needs from modules that import torch (its test builds every kind of model):
 _TEMPERATURES = 6  # model/heads.py TEMPERATURES
-_ATTRIBUTE_ROWS = 6  # model/moe.py ATTRIBUTES
+_ATTRIBUTE_ROWS = 7  # model/moe.py ATTRIBUTES
 _MODALITIES = 2  # model/moe.py MODALITIES
 
 

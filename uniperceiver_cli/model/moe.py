@@ -34,10 +34,13 @@ from uniperceiver_cli.model.config import MoEConfig
 ATTRIBUTES: dict[str, tuple[int, ...]] = {
     "visual_input": (1, 0, 0, 1, 1, 0, 0, 0),  # classification and retrieval inputs, image or video
     "text_input": (0, 1, 0, 1, 0, 1, 0, 0),  # MLM and text classification inputs
-    "caption_visual": (1, 1, 0, 1, 1, 0, 0, 0),  # SPE + image/video part of a captioning input
+    "caption_visual": (1, 1, 0, 1, 1, 0, 0, 0),  # SPE + image/video part of a captioning or VQA input
     "caption_text": (1, 1, 0, 1, 0, 1, 0, 1),  # the causal text part of a captioning input
     "text_target": (1, 0, 0, 1, 0, 1, 1, 0),  # class names, retrieval captions
-    "vocabulary": (1, 1, 0, 1, 0, 1, 1, 0),  # the vocabulary and label-word target sets
+    "vocabulary": (1, 1, 0, 1, 0, 1, 1, 0),  # the vocabulary, label-word and VQA answer target sets
+    # Not in the reference (its VQA has no row): the question of a VQA input, by the bits' meaning an input text
+    # segment (b5), not a target or causal (b6, b7 clear), of a task whose input has an image and text (b0, b1).
+    "vqa_question": (1, 1, 0, 1, 0, 1, 0, 0),
 }
 _ROW_INDEX = {name: i for i, name in enumerate(ATTRIBUTES)}
 MODALITIES = ("visual", "text")

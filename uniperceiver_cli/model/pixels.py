@@ -16,7 +16,7 @@ from PIL import Image, UnidentifiedImageError
 
 from uniperceiver_cli.model.config import IMAGENET_MEAN, IMAGENET_STD, VIDEO_MEAN, VIDEO_STD
 
-IMAGE_TASKS = ("classification", "caption", "retrieval")
+IMAGE_TASKS = ("classification", "caption", "retrieval", "vqa")
 VIDEO_NUM_CROPS = (1, 3)
 
 

@@ -23,7 +23,7 @@ from uniperceiver_cli.model.tokenizer import get_tokenizer
 
 VISUAL = Routing(("visual_input",))
 TEXT_TARGET = Routing(("text_target",))
-VOCABULARY = Routing(("vocabulary",))
+VOCABULARY = Routing(("vocabulary",))  # also the label words and VQA answers: word targets
 COMPILE_BACKEND = "inductor"  # torch.compile's backend for compile_blocks
 RECOMPILE_LIMIT = 64  # graphs of the block code (torch's default, 8, is a task mix of attribute MoE's)
 
@@ -451,6 +451,26 @@ class UniPerceiver(nn.Module):
         modelling scores a masked word. Returns (B, C)."""
         positions = torch.arange(ids.shape[0], device=ids.device) * ids.shape[1] + slots
         return self.mlm_logits(ids, padding, positions, words)
+
+    def vqa_logits(self, images: torch.Tensor, ids: torch.Tensor, padding: torch.Tensor | None, slots: torch.Tensor,
+                   answers: torch.Tensor) -> torch.Tensor:
+        """Visual question answering as a cloze on an image: [<|spe|>, image, question ids (B, L) with a <|spe|> at
+        ``slots`` (B,)] through the encoder (the image and the question attend to each other), the slot's output
+        scored against answer features ``answers`` (A, D) (:meth:`encode_text` of the answers, routed as word
+        targets) at the downstream scale. images (B, 3, H, W). Returns (B, A)."""
+        prefix = self.visual_prefix(images[:, None])
+        p = prefix.shape[1]
+        x = torch.cat([prefix, self.embed_text(ids)], dim=1)
+        if padding is not None:
+            padding = torch.cat([padding.new_zeros(ids.shape[0], p), padding], dim=1)
+        out, _ = self.encode(x, padding=padding, routing=Routing(("caption_visual", "vqa_question"), (p,)))
+        query = self.head.project(out[torch.arange(ids.shape[0], device=ids.device), p + slots])
+        return self.head.logits(query, answers, "downstream")
+
+    def answer_features(self, answers: Sequence[str] | torch.Tensor, padding: torch.Tensor | None = None
+                        ) -> torch.Tensor:
+        """VQA answers (strings, or their ids (A, L) with padding) -> features (A, D), encoded as word targets."""
+        return self.encode_text(answers, padding, routing=VOCABULARY)
 
     # ------------------------------------------------------------------ convenience inference
     @torch.inference_mode()

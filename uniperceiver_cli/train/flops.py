@@ -115,6 +115,9 @@ def step_flops(config: ModelConfig, shape: StepShape) -> int:
                 forward += 2 * b * config.width * config.prompt.classifier_classes
         else:
             forward += encoder_flops(config, Call(b, 1 + shape.text)) + head_flops(config, b, b, 2 * b)
+    elif family == "vqa":  # [<|spe|>, image, question] in one call of two rows; the slot against the answers
+        forward = (encoder_flops(config, Call(b, visual_tokens(config, shape.frames) + shape.text, rows=2)) + targets
+                   + head_flops(config, b, width, b + shape.targets))
     elif family == "caption":
         prefix = visual_tokens(config, shape.frames)
         forward = (targets + encoder_flops(config, Call(b, prefix + 2 * shape.text, rows=2))

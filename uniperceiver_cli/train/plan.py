@@ -45,7 +45,8 @@ PREFETCH_FACTOR = 2  # torch DataLoader's default: batches each worker keeps rea
 # Class counts of the shipped recipes' datasets, by the data folder's first component, for when the folder is
 # not there to read the class names from; their names are assumed ASSUMED_NAME_TOKENS tokens long (the loader's
 # tokenizer pads the set to its longest name).
-KNOWN_CLASSES = {"imagenet21k": 21842, "imagenet": 1000, "kinetics700": 700, "kinetics400": 400, "mit": 339}
+KNOWN_CLASSES = {"imagenet21k": 21842, "imagenet": 1000, "kinetics700": 700, "kinetics400": 400, "mit": 339,
+                 "vqa": 3129}  # VQA v2's answer set
 ASSUMED_NAME_TOKENS = 16
 DEFAULT_CLASSES = 1000
 GPUS_IN_DESCRIPTION = re.compile(r"\bon (\d+) GPUs?\b")
@@ -275,14 +276,15 @@ def target_set(spec: TaskSpec, recipe: Recipe, vocab_size: int) -> TargetSet:
     family = TASKS[spec.type].family
     directory = split_source(recipe.data_root, spec.data)
     manifest = _manifest(directory)
-    if family == "classification":
+    if family in ("classification", "vqa"):  # class names, VQA answers: texts encoded each step
         if manifest is not None:
             ids, padding = get_tokenizer().encode_batch(manifest.label_names(spec.label_set))
             return TargetSet(ids, padding, shared=True)
         count = KNOWN_CLASSES.get(Path(spec.data).parts[0], DEFAULT_CLASSES)
         ids = torch.randint(1, vocab_size, (count, ASSUMED_NAME_TOKENS))
         return TargetSet(ids, torch.zeros_like(ids, dtype=torch.bool), shared=True,
-                         note=f"{count} classes of {ASSUMED_NAME_TOKENS} tokens assumed (no data)")
+                         note=f"{count} {'answers' if family == 'vqa' else 'classes'} of {ASSUMED_NAME_TOKENS} "
+                              f"tokens assumed (no data)")
     if family == "text_classification":  # the label words, each a vocabulary row
         words = len(manifest.label_names(spec.label_set)) if manifest is not None else 2
         return TargetSet(vocab_rows=words, note="" if manifest is not None else "2 label words assumed (no data)")
@@ -344,23 +346,25 @@ class StepShape:
     text_len: int
 
 
-def _batch(spec: TaskSpec, shape: StepShape, vocab_size: int) -> dict[str, torch.Tensor]:
+def _batch(spec: TaskSpec, shape: StepShape, vocab_size: int, answers: int = 0) -> dict[str, torch.Tensor]:
     """A batch of the loader's shapes: int64 ids, bool padding, and pixels as the step sees them on the device,
     float32 and normalised (the loader's uint8 pixels, converted and erased before anything is saved for the
-    backward: the pixels need no gradient)."""
+    backward: the pixels need no gradient); VQA: scores over ``answers`` answers."""
     kind, b, s = TASKS[spec.type], shape.batch, shape.image_size
     batch: dict[str, torch.Tensor] = {}
     if kind.modality == "image":
         batch["images"] = torch.randn(b, 3, s, s)
     elif kind.modality == "video":
         batch["videos"] = torch.randn(b, shape.frames, 3, s, s)
-    if kind.family in ("classification", "text_classification"):
+    if kind.family in ("classification", "text_classification", "vqa"):
         batch["labels"] = torch.randint(0, 2, (b,))
-    if kind.family in ("caption", "retrieval", "mlm", "text_classification"):
+    if kind.family != "classification":
         batch["text_ids"] = torch.randint(1, vocab_size, (b, shape.text_len))
         batch["text_padding"] = torch.zeros(b, shape.text_len, dtype=torch.bool)
-    if kind.family == "text_classification":
+    if kind.family in ("text_classification", "vqa"):
         batch["slots"] = torch.randint(0, shape.text_len, (b,))
+    if kind.family == "vqa":
+        batch["answer_scores"] = torch.zeros(b, answers).scatter_(1, batch["labels"][:, None], 1.0)
     return batch
 
 
@@ -380,6 +384,11 @@ def _loss(model: UniPerceiver, spec: TaskSpec, batch: dict[str, torch.Tensor], t
     if family == "retrieval":
         return retrieval_loss(model.retrieval_logits(visual, batch["text_ids"], batch["text_padding"]),
                               spec.label_smoothing)
+    if family == "vqa":
+        with tracker.during("target set"):
+            features = split.encode(model.answer_features, targets.label_ids, targets.label_padding)
+        logits = model.vqa_logits(visual, batch["text_ids"], batch["text_padding"], batch["slots"], features)
+        return cross_entropy(logits, batch["labels"], spec.label_smoothing)
     ids = torch.randint(0, model.config.vocab_size, (targets.vocab_rows,))
     with tracker.during("target set"):
         encode = split.encode if spec.vocabulary != "sampled" else (lambda f, *r: f(*r))
@@ -397,6 +406,11 @@ def _loss(model: UniPerceiver, spec: TaskSpec, batch: dict[str, torch.Tensor], t
     query = model.head.project(out[:, 1:].flatten(0, 1)[scored])
     logits = model.head.logits(query, vocabulary, "text_mlm")
     return cross_entropy(logits, torch.randint(0, targets.vocab_rows, (scored.shape[0],)), spec.label_smoothing)
+
+
+def _rows(targets: TargetSet) -> int:
+    """The rows of a target set: class names or answers, else vocabulary rows."""
+    return targets.label_ids.shape[0] if targets.label_ids is not None else targets.vocab_rows
 
 
 def _autocast(precision: str) -> contextlib.AbstractContextManager:
@@ -423,7 +437,7 @@ def _trace(model: UniPerceiver, recipe: Recipe, spec: TaskSpec, targets: TargetS
     config = model.config
     shape = StepShape(spec.batch_size, config.image_size, spec.num_frames, spec.max_text_len)
     tracker = SavedTracker({storage_key(p) for p in model.parameters()} | {storage_key(b) for b in model.buffers()})
-    batch = _batch(spec, shape, config.vocab_size)
+    batch = _batch(spec, shape, config.vocab_size, _rows(targets))
     with tracker.watching(model), _autocast(recipe.train.precision), model.routing_task(spec.name), \
             model.router_log() as routed:
         loss = _loss(model, spec, batch, targets, split, tracker)
@@ -450,7 +464,7 @@ def plan_task(model: UniPerceiver, recipe: Recipe, spec: TaskSpec, targets: Targ
     """One task's step on fake tensors; ``model`` was built under the active FakeTensorMode, ``targets`` outside
     it (the tokenizer reads its lengths back)."""
     split = _FakeSplit(gpus, recipe.train.split_targets)
-    rows = targets.label_ids.shape[0] if targets.label_ids is not None else targets.vocab_rows
+    rows = _rows(targets)
     encoded = -(-rows // gpus) if targets.shared and split.applies(rows) else rows
     phases, block, largest = _trace(model, recipe, spec, targets, split)
     backward = largest
@@ -511,7 +525,7 @@ def measure_step(recipe: Recipe, index: int, seed: int = 0) -> dict[str, int]:
     elif targets.vocab_rows and spec.vocabulary == "corpus":
         task.vocab_ids = torch.randperm(model.config.vocab_size)[:targets.vocab_rows].sort().values
     shape = StepShape(spec.batch_size, model.config.image_size, spec.num_frames, spec.max_text_len)
-    batch = _batch(spec, shape, model.config.vocab_size)
+    batch = _batch(spec, shape, model.config.vocab_size, _rows(targets))
     tracker = SavedTracker({storage_key(p) for p in model.parameters()} | {storage_key(b) for b in model.buffers()})
     with tracker.watching(model), _autocast(recipe.train.precision):
         loss, _ = task.loss(model, batch, torch.Generator().manual_seed(seed))

@@ -174,6 +174,9 @@ class TaskSpec:
     # Retrieval under several processes: every process's features serve as negatives (the reference's
     # FEATURE_GATHER, on in its retrieval fine-tuning), without gradient through the other processes'.
     gather_negatives: bool = False
+    # VQA: train on one answer drawn in proportion to the answers' scores (the reference's single-class mode), or
+    # on every answer at once, its score normalised into a target distribution ("soft").
+    answer_targets: Literal["sample", "soft"] = "sample"
 
     @field_validator("gather_negatives")
     @classmethod
@@ -182,6 +185,14 @@ class TaskSpec:
         if gather and kind is not None and TASKS[kind].family != "retrieval":
             raise ValueError(f"gathers retrieval negatives; {kind} is not a retrieval task")
         return gather
+
+    @field_validator("answer_targets")
+    @classmethod
+    def _vqa_only(cls, targets: str, info: ValidationInfo) -> str:
+        kind = info.data.get("type")
+        if targets != "sample" and kind is not None and TASKS[kind].family != "vqa":
+            raise ValueError(f"sets VQA answer targets; {kind} is not a VQA task")
+        return targets
 
 
 @dataclass(config=STRICT)

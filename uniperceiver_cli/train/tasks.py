@@ -49,7 +49,7 @@ class TrainTask:
             raise ValueError(f"task {spec.name}: {directory} serves {', '.join(manifest.tasks)}, not {spec.type}")
         negatives = world if spec.gather_negatives and world[1] > 1 else None
         task = cls(spec, TASKS[spec.type], directory, manifest, split=split, negatives=negatives)
-        if task.kind.family == "classification":
+        if task.kind.family in ("classification", "vqa"):
             task.class_names = manifest.label_names(spec.label_set)
             task._label_text = get_tokenizer().encode_batch(task.class_names)
             if spec.mixup is not None:
@@ -68,6 +68,11 @@ class TrainTask:
             except ValueError as e:
                 raise ValueError(f"task {spec.name}: {e}") from None
         return task
+
+    @property
+    def answers(self) -> list[str]:
+        """A VQA task's answer set (its split's classes), which its loader needs; empty for other tasks."""
+        return list(self.class_names or []) if self.kind.family == "vqa" else []
 
     @staticmethod
     def record_targets(model: UniPerceiver, tasks: Iterable[TrainTask]) -> UniPerceiver:
@@ -116,6 +121,8 @@ class TrainTask:
             loss, metrics = self._caption(model, batch, device, generator)
         elif family == "text_classification":
             loss, metrics = self._cloze(model, batch, device)
+        elif family == "vqa":
+            loss, metrics = self._vqa(model, batch, device)
         else:
             loss, metrics = self._mlm(model, batch, device, generator)
         return loss * self.spec.loss_weight, metrics
@@ -216,7 +223,6 @@ class TrainTask:
                                target_rows=width, scored=len(positions))
         return loss, {"acc": (logits.argmax(-1) == target).float().mean()}
 
-
     def _cloze(self, model: UniPerceiver, batch: Batch, device: torch.device):  # noqa: ANN202
         """Text classification: each prompt's <|spe|> slot against the label words (re-encoded: they are
         learning), label-smoothed cross entropy as the reference's GLUE fine-tuning."""
@@ -232,6 +238,24 @@ class TrainTask:
         self.shape = StepShape("mlm", ids.shape[0], text=ids.shape[1], targets=words.shape[0], target_tokens=2,
                                target_rows=words.shape[0], scored=ids.shape[0])
         return loss, {"acc": (logits.argmax(-1) == labels).float().mean()}
+
+    def _vqa(self, model: UniPerceiver, batch: Batch, device: torch.device):  # noqa: ANN202
+        """VQA: each question's slot against the answer set (re-encoded: it is learning), with cross entropy on the
+        drawn answer (label-smoothed) or on the scores normalised into a distribution ("soft"). ``acc`` is the
+        score of the predicted answer, the training estimate of the VQA accuracy."""
+        on = self._on(model)
+        answers = self._encode(model.answer_features, on["label_ids"], on["label_padding"])
+        ids, scores = batch["text_ids"], to_device(batch["answer_scores"], device)
+        logits = model.vqa_logits(visual_input(batch, device), to_device(ids, device),
+                                  _padding(batch["text_padding"], device), to_device(batch["slots"], device), answers)
+        if self.spec.answer_targets == "soft":
+            loss = cross_entropy(logits, scores / scores.sum(dim=1, keepdim=True))
+        else:
+            loss = cross_entropy(logits, to_device(batch["labels"], device), self.spec.label_smoothing)
+        rows, tokens = on["label_ids"].shape
+        self.shape = StepShape("vqa", ids.shape[0], 1, text=ids.shape[1], targets=self._here(rows),
+                               target_tokens=tokens, target_rows=rows)
+        return loss, {"acc": scores.gather(1, logits.argmax(-1, keepdim=True)).mean()}
 
 
 def _frames(pixels: torch.Tensor) -> int:
