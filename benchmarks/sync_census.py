@@ -40,6 +40,9 @@ TASKS = {
     "retrieval": {"type": "image_retrieval", "data": "images/train", "batch_size": 4, "augment": False},
     "mlm (sampled)": {"type": "text_mlm", "data": "text/train", "batch_size": 2, "max_text_len": 32,
                       "vocabulary": "sampled", "negatives": 64},
+    "text classification": {"type": "text_classification", "data": "sentences/train", "batch_size": 4,
+                            "max_text_len": 40},
+    "vqa": {"type": "vqa", "data": "questions/train", "batch_size": 4, "max_text_len": 23, "augment": False},
 }
 CPU = torch.device("cpu")
 MODELS = {
@@ -87,7 +90,7 @@ def setup_step(root: Path, model: str, task: str, device: torch.device = CPU) ->
     loader = make_loader(train_task.directory, task=spec.type, batch_size=spec.batch_size, train=True,
                          image_size=32, num_frames=spec.num_frames, max_text_len=spec.max_text_len,
                          label_set=spec.label_set, augment=False, frame_stride=spec.frame_stride, epochs=None,
-                         pin_memory=device.type == "cuda")
+                         pin_memory=device.type == "cuda", answers=train_task.answers)
     return Step(engine, train_task, iter(loader), recipe.train, device)
 
 

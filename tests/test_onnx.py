@@ -21,7 +21,7 @@ from uniperceiver_cli.export import export
 from uniperceiver_cli.model.config import get_config
 from uniperceiver_cli.model.uniperceiver import UniPerceiver
 from uniperceiver_cli.onnx import export as onnx_export
-from uniperceiver_cli.onnx.runtime import GRAPHS, MANIFEST, OnnxModel, OnnxModelError
+from uniperceiver_cli.onnx.runtime import GRAPHS, MANIFEST, TASK_GRAPHS, OnnxModel, OnnxModelError
 
 # Its tests share module fixtures that take a while to make: one xdist worker runs them all (Makefile).
 pytestmark = pytest.mark.xdist_group("onnx")
@@ -45,7 +45,8 @@ def exported(request, reference_dir: Path, tmp_path_factory: pytest.TempPathFact
 
 def test_every_graph_is_validated_and_recorded(exported):
     variant, done, runtime, _ = exported
-    assert [g.name for g in done.graphs] == list(GRAPHS)
+    task_graphs = TASK_GRAPHS if variant == "dense" else TASK_GRAPHS[:2]  # no VQA graph for an MoE model
+    assert [g.name for g in done.graphs] == [*GRAPHS, *task_graphs]
     assert all(0 <= g.max_abs_error <= 1e-4 for g in done.graphs)
     manifest = json.loads((done.out / "onnx" / MANIFEST).read_text())
     assert manifest["validation"] == {g.name: g.max_abs_error for g in done.graphs}
@@ -56,11 +57,43 @@ def test_every_graph_is_validated_and_recorded(exported):
 
     dense = UniPerceiver(get_config("tiny")).num_parameters()  # the fixtures' shape
     word_table = 49411 * 64
-    for name in GRAPHS:
+    for name in (*GRAPHS, *task_graphs):
         graph = onnx.load(str(done.out / "onnx" / f"{name}.onnx"))
         held = sum(int(np.prod(init.dims)) for init in graph.graph.initializer)
-        limit = dense + (49411 * 64 if name == "caption_step" else 0)  # + the caption target set's features
-        assert held <= limit and (name in ("text_encoder", "caption_step") or held < dense - word_table + 10**5)
+        # + the caption target set's features; the VQA graph, the only one with the word table and the visual
+        # embedding, + the spatial sin-cos table (a buffer, not a parameter: 14 x 14 positions of 64)
+        limit = dense + {"caption_step": 49411 * 64, "vqa_encoder": 14 * 14 * 64}.get(name, 0)
+        texts = ("text_encoder", "caption_step", "word_encoder", "cloze_encoder", "vqa_encoder")
+        assert held <= limit and (name in texts or held < dense - word_table + 10**5)
+
+
+def test_text_classification_and_vqa_through_onnxruntime(exported, files: Path):
+    variant, done, runtime, _ = exported
+    model = load_model(done.out)
+    prompts = ["if a red circle is above a blue star, is the star below it? <|spe|>", "a fine film. It is <|spe|>."]
+    with torch.inference_mode():
+        expected = model.classify_text(prompts, ["no", "yes"])
+    np.testing.assert_allclose(runtime.classify_text(prompts, ["no", "yes"]), expected.numpy(), **FEATS)
+    from PIL import Image
+
+    from uniperceiver_cli.model.pixels import image_array
+
+    image = image_array(Image.open(files / "img_0.png"), runtime.manifest.image_size, "vqa")[None]
+    answers = ["red", "two dogs", "left"]
+    if variant == "moe":
+        with pytest.raises(OnnxModelError, match="has no vqa_encoder.onnx: its model is a mixture of experts"):
+            runtime.answer(image, "what colour is it?", answers)
+        return
+    with torch.inference_mode():
+        expected = model.answer(torch.from_numpy(image), "what colour is it?", answers)
+    np.testing.assert_allclose(runtime.answer(np.repeat(image, 2, axis=0), "what colour is it?", answers),
+                               np.repeat(expected.numpy(), 2, axis=0), **FEATS)
+    (done.out / "onnx" / "cloze_encoder.onnx").rename(done.out / "onnx" / "cloze.bak")  # as an older export
+    try:
+        with pytest.raises(OnnxModelError, match="no cloze_encoder.onnx: it was exported before that graph existed"):
+            OnnxModel(done.out / "onnx").classify_text(prompts, ["no", "yes"])
+    finally:
+        (done.out / "onnx" / "cloze.bak").rename(done.out / "onnx" / "cloze_encoder.onnx")
 
 
 def test_fixture_classification_and_retrieval_through_onnxruntime(exported):
@@ -164,6 +197,29 @@ def test_predict_on_the_onnx_folder_gives_pytorchs_answers(exported, files: Path
             assert [e[value] for e in ours["top"]] == pytest.approx([e[value] for e in theirs["top"]], abs=2e-5)
 
 
+def test_predict_questions_and_sentences_on_the_onnx_folder(exported, files: Path):
+    variant, done, _, _ = exported
+    inputs = [files / "img_0.png", files / "img_1.png", files / "clip.mp4"]
+    question = ["--question", "what is on the left?", "--label", "red", "--label", "a fish", "--label", "2"]
+    code, torch_answers, _ = _predict(*inputs, "--model", done.out, *question)
+    onnx_code, onnx_answers, stderr = _predict(*inputs, "--model", done.out / "onnx", *question)
+    if variant == "moe":
+        assert onnx_code == 2 and "has no vqa_encoder.onnx: its model is a mixture of experts" in stderr
+    else:
+        assert code == onnx_code == 1 and "takes images, not videos" in stderr
+        for ours, theirs in zip(onnx_answers, torch_answers, strict=True):
+            assert [e["text"] for e in ours["top"]] == [e["text"] for e in theirs["top"]]
+            assert [e["prob"] for e in ours["top"]] == pytest.approx([e["prob"] for e in theirs["top"]], abs=2e-5)
+    sentences = ["--sentence", "a fine film. It is <|spe|>.", "--sentence", "is a star round? <|spe|>", "--label",
+                 "no", "--label", "yes"]
+    code, torch_answers, _ = _predict("--model", done.out, *sentences)
+    onnx_code, onnx_answers, _ = _predict("--model", done.out / "onnx", *sentences)
+    assert code == onnx_code == 0 and [a["sentence"] for a in onnx_answers] == [a["sentence"] for a in torch_answers]
+    for ours, theirs in zip(onnx_answers, torch_answers, strict=True):
+        assert {e["text"]: e["prob"] for e in ours["top"]} == pytest.approx(
+            {e["text"]: e["prob"] for e in theirs["top"]}, abs=2e-5)
+
+
 def test_predict_with_onnx_runs_without_torch(exported, files: Path):
     _, done, _, _ = exported
     code = ("import sys; sys.modules['torch'] = None; from uniperceiver_cli.cli.app import app; "
@@ -172,6 +228,12 @@ def test_predict_with_onnx_runs_without_torch(exported, files: Path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout)[0]["top"][0]["text"] in (files / "labels.txt").read_text()
+    code = ("import sys; sys.modules['torch'] = None; from uniperceiver_cli.cli.app import app; "
+            f"app(['predict', '--sentence', 'a fine film. It is <|spe|>.', '--model', {str(done.out / 'onnx')!r}, "
+            "'--label', 'bad', '--label', 'wonderful', '--json'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert {e["text"] for e in json.loads(out.stdout)[0]["top"]} == {"bad", "wonderful"}
 
 
 def test_prompt_tuned_bundle_keeps_its_classifier_and_caption_set(files: Path, tmp_path: Path):

@@ -26,9 +26,10 @@ Read = Callable[[Path, int], Any]
 
 def torch_answerer(net: UniPerceiver, dev: torch.device, names: list[str], templates: list[str] | None,
                    candidates: list[str], vocabulary: str, beam_size: int, max_len: int,
-                   routing_task: str | None) -> tuple[Answer, Read]:
+                   routing_task: str | None, question: str | None = None) -> tuple[Answer, Read]:
     """How to answer a batch of files and how to read one, with the PyTorch model ``net`` on ``dev`` (a task-routed
-    one as ``routing_task``); ``vocabulary`` is "trained" or "full", as for ``evaluate``."""
+    one as ``routing_task``); ``vocabulary`` is "trained" or "full", as for ``evaluate``. With a ``question``,
+    ``names`` are the candidate answers of visual question answering (images only)."""
     import torch
 
     from uniperceiver_cli.evaluate.runners import label_features
@@ -36,9 +37,16 @@ def torch_answerer(net: UniPerceiver, dev: torch.device, names: list[str], templ
     from uniperceiver_cli.model.pixels import read_video_frames
     from uniperceiver_cli.model.preprocess import image_transform, load_image, video_views
 
-    transform = image_transform(net.config, task="classification" if names else "caption")
+    kind = "vqa" if question is not None else "classification" if names else "caption"
+    transform = image_transform(net.config, task=kind)
     with torch.inference_mode(), net.routing_task(routing_task):
-        if names:
+        if question is not None:
+            answers = net.answer_features(names)
+
+            def run(inputs: torch.Tensor, views: int, top_k: int) -> list[dict]:
+                probs = net.answer(inputs, question, answers).float().cpu().numpy()
+                return [_top(p, names, top_k, "prob") for p in probs]
+        elif names:
             rows = net.classifier_rows(names)  # before encoding: a name the classifier lacks is refused
             features = label_features(net, names, templates)
 
@@ -62,6 +70,8 @@ def torch_answerer(net: UniPerceiver, dev: torch.device, names: list[str], templ
 
     def read(path: Path, num_frames: int) -> torch.Tensor:
         if path.suffix.lower() in VIDEO_SUFFIXES:
+            if question is not None:
+                raise ValueError(f"{path}: visual question answering takes images, not videos")
             return video_views(torch.from_numpy(read_video_frames(path, num_frames)), net.config.image_size).to(dev)
         return transform(load_image(path))[None].to(dev)
 
@@ -73,8 +83,41 @@ def torch_answerer(net: UniPerceiver, dev: torch.device, names: list[str], templ
     return answer, read
 
 
+def sentence_answerer(model: UniPerceiver | Path, words: list[str], max_len: int, routing_task: str | None
+                      ) -> Callable[[Sequence[str], int], list[dict]]:
+    """How to answer a batch of cloze prompts (text classification): the top label ``words`` at each prompt's
+    <|spe|> slot, with a PyTorch model or an exported ONNX folder (``model`` a path). A prompt without a slot is
+    answered with an error."""
+    from uniperceiver_cli.model.tokenizer import label_word_ids
+
+    label_word_ids(words)  # a word of several tokens is refused before any prompt is read
+    if isinstance(model, Path):
+        from uniperceiver_cli.onnx.runtime import OnnxModel
+
+        runtime = OnnxModel(model)
+
+        def probabilities(prompts: list[str]) -> Any:
+            return runtime.classify_text(prompts, words, max_len=max_len)
+    else:
+        def probabilities(prompts: list[str]) -> Any:
+            with model.routing_task(routing_task):
+                return model.classify_text(prompts, words, max_len=max_len).float().cpu().numpy()
+
+    def answer(prompts: Sequence[str], top_k: int) -> list[dict]:
+        rows: list[dict] = [{"sentence": prompt} for prompt in prompts]
+        good = [i for i, prompt in enumerate(prompts) if "<|spe|>" in prompt]
+        for i in set(range(len(prompts))) - set(good):
+            rows[i]["error"] = "the sentence holds no <|spe|> slot, where its label word goes"
+        if good:
+            for i, p in zip(good, probabilities([prompts[i] for i in good]), strict=True):
+                rows[i].update(_top(p, words, top_k, "prob"))
+        return rows
+
+    return answer
+
+
 def onnx_answerer(folder: Path, names: list[str], templates: list[str] | None, candidates: list[str],
-                  vocabulary: str, beam_size: int, max_len: int) -> tuple[Answer, Read]:
+                  vocabulary: str, beam_size: int, max_len: int, question: str | None = None) -> tuple[Answer, Read]:
     """As :func:`torch_answerer`, on onnxruntime with numpy preprocessing (no PyTorch)."""
     import numpy as np
 
@@ -86,7 +129,14 @@ def onnx_answerer(folder: Path, names: list[str], templates: list[str] | None, c
     if not names and not candidates and vocabulary == "full" and net.manifest.caption_token_ids is not None:
         raise ValueError(f"{folder}'s caption graph scores the {len(net.manifest.caption_token_ids)} tokens it was "
                          f"exported with; export again with --vocabulary full to decode over all of them")
-    if names:
+    kind = "vqa" if question is not None else "classification" if names else "caption"
+    if question is not None:
+        net.require_graph("vqa_encoder")  # before any file is read: a folder without it says why in one line
+        answers = net.encode_words(names)
+
+        def run(inputs: np.ndarray, views: int, top_k: int) -> list[dict]:
+            return [_top(p, names, top_k, "prob") for p in net.answer(inputs, question, answers)]
+    elif names:
         rows = net.classifier_rows(names)
         features = net.label_features(names, templates)
 
@@ -112,8 +162,10 @@ def onnx_answerer(folder: Path, names: list[str], templates: list[str] | None, c
 
     def read(path: Path, num_frames: int) -> np.ndarray:
         if path.suffix.lower() in VIDEO_SUFFIXES:
+            if question is not None:
+                raise ValueError(f"{path}: visual question answering takes images, not videos")
             return video_views(read_video_frames(path, num_frames), size)
-        return image_array(load_image(path), size, "classification" if names else "caption")[None]
+        return image_array(load_image(path), size, kind)[None]
 
     def answer(items: Sequence[np.ndarray], top_k: int) -> list[dict]:
         return _by_shape(items, np.concatenate, lambda inputs, views: run(inputs, views, top_k))

@@ -168,7 +168,9 @@ def _jsonl(text):
 
 
 @pytest.mark.parametrize("mode", [["--label", "a red square", "--label", "a dog", "--label", "a star"],
-                                  ["--texts", "TEXTS"], ["--caption", "--max-len", "4"]])
+                                  ["--texts", "TEXTS"], ["--caption", "--max-len", "4"],
+                                  ["--question", "what colour is it?", "--label", "red", "--label", "blue",
+                                   "--label", "two"]])
 def test_batch_1_and_batch_16_give_the_same_answers(files, tiny_bundle, tmp_path, mode):
     (tmp_path / "texts.txt").write_text("a red square\na blue circle\na green star\n")
     mode = [str(tmp_path / "texts.txt") if a == "TEXTS" else a for a in mode]
@@ -256,3 +258,44 @@ def test_out_is_not_created_when_nothing_is_answered(tiny_bundle, tmp_path):
     result = runner.invoke(app, ["predict", "-", "--model", str(tiny_bundle), "--caption", "--out", str(out)], input="")
     assert result.exit_code == 2 and "no image or video files were given" in result.stderr
     assert not out.exists()  # so the same command can run again
+
+
+def test_questions_about_images(files, tiny_bundle):
+    from PIL import Image
+
+    from uniperceiver_cli.model.preprocess import image_transform
+
+    answers = ["red", "blue", "two dogs"]
+    result, out = _invoke([files / "img_0.png", files / "clip.mp4", "--model", tiny_bundle, "--question",
+                           "what is on the left?", *[a for answer in answers for a in ("--label", answer)], "--jsonl"])
+    assert result.exit_code == 1  # the clip: questions are about images
+    rows = _jsonl(out)
+    assert rows[1] == {"file": str(files / "clip.mp4"),
+                       "error": f"{files / 'clip.mp4'}: visual question answering takes images, not videos"}
+    net = up.load_model(tiny_bundle)
+    pixels = image_transform(net.config, "vqa")(Image.open(files / "img_0.png").convert("RGB"))[None]
+    expected = net.answer(pixels, "what is on the left?", answers)[0]
+    got = {e["text"]: e["prob"] for e in rows[0]["top"]}
+    assert got == pytest.approx(dict(zip(answers, expected.tolist(), strict=True)), abs=1e-5)
+    result, _ = _invoke([files / "img_0.png", "--model", tiny_bundle, "--question", "what?"])
+    assert result.exit_code == 2 and "choose among the --labels/--label entries" in result.stderr
+
+
+def test_sentences_are_classified_at_their_slot(files, tiny_bundle, tmp_path):
+    prompts = ["if a red circle is above a blue star, is the star below it? <|spe|>", "a gripping film. It is <|spe|>."]
+    (tmp_path / "sentences.txt").write_text(prompts[1] + "\nno slot here\n")
+    result, out = _invoke(["--sentence", prompts[0], "--sentences", tmp_path / "sentences.txt", "--model", tiny_bundle,
+                           "--label", "no", "--label", "yes", "--jsonl"])
+    assert result.exit_code == 1  # the sentence without a slot
+    rows = _jsonl(out)
+    assert [r["sentence"] for r in rows] == [*prompts, "no slot here"] and "no <|spe|> slot" in rows[2]["error"]
+    expected = up.load_model(tiny_bundle).classify_text(prompts, ["no", "yes"])
+    for row, probs in zip(rows[:2], expected, strict=True):
+        assert {e["text"]: e["prob"] for e in row["top"]} == pytest.approx(
+            dict(zip(["no", "yes"], probs.tolist(), strict=True)), abs=1e-5)
+    result, out = _invoke(["--sentence", prompts[1], "--model", tiny_bundle, "--label", "no", "--label", "yes"])
+    assert result.exit_code == 0 and "gripping" in out and "sentence" in out  # the table
+    result, _ = _invoke([files / "img_0.png", "--sentence", prompts[1], "--preset", "tiny", "--label", "no"])
+    assert result.exit_code == 2 and "give no files with them" in result.stderr
+    result, _ = _invoke(["--sentence", prompts[1], "--preset", "tiny", "--label", "counterintuitively"])
+    assert result.exit_code == 2 and "must be one token" in result.stderr

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from uniperceiver_cli.data.loader import SampleDecoder, cloze_ids, make_loader
+from uniperceiver_cli.data.loader import SampleDecoder, make_loader
 from uniperceiver_cli.data.shards import Skip
 from uniperceiver_cli.data.toyworld import ANSWERS, SUMMARY, generate
 from uniperceiver_cli.evaluate.tasks import evaluate_task
 from uniperceiver_cli.model.config import SPE_ID, get_config
-from uniperceiver_cli.model.tokenizer import label_word_ids
+from uniperceiver_cli.model.tokenizer import cloze_ids, label_word_ids
 from uniperceiver_cli.model.uniperceiver import UniPerceiver
 from uniperceiver_cli.task_types import TASKS
 from uniperceiver_cli.train.loop import train

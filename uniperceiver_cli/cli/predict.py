@@ -1,4 +1,5 @@
-"""``uniperceiver predict``: labels, matching texts or captions for your own image and video files."""
+"""``uniperceiver predict``: labels, matching texts, captions or answers to a question for your own image and video
+files; or the label words of cloze sentences."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import typer
 from rich.console import Console
@@ -22,10 +24,12 @@ from uniperceiver_cli.cli.common import (
     user_errors,
 )
 from uniperceiver_cli.data.shards import IMAGE_SUFFIXES, VIDEO_SUFFIXES
-from uniperceiver_cli.predict import Answer, Read, onnx_answerer, torch_answerer
+from uniperceiver_cli.predict import Answer, Read, onnx_answerer, sentence_answerer, torch_answerer
 from uniperceiver_cli.progress import terminal_progress
 
 STDIN = "-"
+PROMPT_LEN = 256  # sentences are cut around their slot to this many tokens (the reference's GLUE length)
+T = TypeVar("T")
 
 
 def _expand(path: Path) -> list[Path]:
@@ -66,10 +70,10 @@ def _inputs(files: list[Path], files_from: Path | None) -> tuple[Iterator[Path],
     return iter(collected), len(collected)
 
 
-def _batches(paths: Iterator[Path], size: int) -> Iterator[list[Path]]:
-    batch: list[Path] = []
-    for path in paths:
-        batch.append(path)
+def _batches(items: Iterator[T], size: int) -> Iterator[list[T]]:
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
         if len(batch) == size:
             yield batch
             batch = []
@@ -89,6 +93,13 @@ def predict(
     templates: Path | None = typer.Option(None, help="Prompt templates for the labels, with {} for the name."),
     texts: Path | None = typer.Option(None, help="Candidate texts, one per line: print the best matches."),
     caption: bool = typer.Option(False, "--caption", help="Generate a caption for each file."),
+    question: str | None = typer.Option(None, "--question", help="Answer this question about each image, choosing "
+                                        "among the answers of --labels/--label (visual question answering)."),
+    sentence: list[str] | None = typer.Option(None, "--sentence", help="Classify this sentence instead of files: "
+                                              "the --labels/--label word (one token each) at its <|spe|> slot "
+                                              "(repeatable)."),
+    sentences: Path | None = typer.Option(None, "--sentences", help="Sentences to classify as --sentence does, one "
+                                          "per line."),
     top_k: int = typer.Option(5, min=1),
     beam_size: int = typer.Option(2, min=1),
     max_len: int = typer.Option(21, min=1),
@@ -105,41 +116,61 @@ def predict(
     routing_task: str | None = typer.Option(None, "--routing-task", help="Task-routed MoE models: the training "
                                             "task whose experts to use."),
 ) -> None:
-    """Zero-shot labels (--labels/--label), best-matching texts (--texts) or captions (--caption) for files, in
-    batches. --jsonl and --out stream one JSON line per file (an unreadable file gets an "error" line); the exit code
-    is 1 when a file was skipped. --model DIR/onnx runs an exported model on onnxruntime, without importing PyTorch."""
+    """Zero-shot labels (--labels/--label), best-matching texts (--texts), captions (--caption) or answers to a
+    question (--question, with --labels/--label as the answers) for files, in batches; or the label word of each
+    sentence's <|spe|> slot (--sentence/--sentences, text classification). --jsonl and --out stream one JSON line per
+    file (an unreadable file gets an "error" line); the exit code is 1 when a file was skipped. --model DIR/onnx runs
+    an exported model on onnxruntime, without importing PyTorch."""
     from uniperceiver_cli.onnx.runtime import is_onnx_folder
     from uniperceiver_cli.text_files import read_lines
 
     with user_errors(), one_line_warnings():
-        if sum([labels is not None or bool(label), texts is not None, caption]) != 1:
-            raise ValueError("choose exactly one of --labels/--label, --texts or --caption")
+        has_labels, classify = labels is not None or bool(label), bool(sentence) or sentences is not None
+        if sum([has_labels and question is None and not classify, texts is not None, caption, question is not None,
+                classify]) != 1:
+            raise ValueError("choose exactly one of --labels/--label, --texts, --caption, --question or "
+                             "--sentence/--sentences")
+        if (question is not None or classify) and not has_labels:
+            raise ValueError("--question and --sentence choose among the --labels/--label entries; give them")
+        if templates is not None and (question is not None or classify):
+            raise ValueError("--templates applies to class names, not to answers or label words")
         if sum([as_json, jsonl, out is not None]) > 1:
             raise ValueError("choose one of --json, --jsonl or --out")
         if out is not None and (out.exists() or out.is_symlink()):
             raise FileExistsError(f"{out} exists; give a new file for --out")
-        paths, total = _inputs(list(files or []), files_from)
         names = (read_lines(labels, "labels") if labels else []) + list(label or [])
         candidates = read_lines(texts, "texts") if texts else []
         template_list = read_lines(templates, "templates") if templates else None
-        if model is not None and is_onnx_folder(model):
-            if preset is not None:
-                raise ValueError("--preset does not apply to an exported ONNX folder: the graphs fix the model")
-            if device not in ("auto", "cpu"):
-                raise ValueError(f"--device {device}: the ONNX runtime here runs on the CPU")
-            answer, read = onnx_answerer(model, names, template_list, candidates, vocabulary.value, beam_size, max_len)
+        onnx = model is not None and is_onnx_folder(model)
+        if onnx and preset is not None:
+            raise ValueError("--preset does not apply to an exported ONNX folder: the graphs fix the model")
+        if onnx and device not in ("auto", "cpu"):
+            raise ValueError(f"--device {device}: the ONNX runtime here runs on the CPU")
+        if classify:
+            if files or files_from is not None:
+                raise ValueError("--sentence/--sentences classify sentences; give no files with them")
+            prompts = list(sentence or []) + (read_lines(sentences, "sentences") if sentences else [])
+            net = model if onnx else load_any_model(model, preset, pick_device(device))
+            classify_batch = sentence_answerer(net, names, PROMPT_LEN, routing_task)
+            work = (classify_batch(batch, top_k) for batch in _batches(iter(prompts), batch_size))
+            total = len(prompts)
         else:
-            dev = pick_device(device)
-            answer, read = torch_answerer(load_any_model(model, preset, dev), dev, names, template_list, candidates,
-                                          vocabulary.value, beam_size, max_len, routing_task)
+            paths, total = _inputs(list(files or []), files_from)
+            if onnx:
+                answer, read = onnx_answerer(model, names, template_list, candidates, vocabulary.value, beam_size,
+                                             max_len, question)
+            else:
+                dev = pick_device(device)
+                answer, read = torch_answerer(load_any_model(model, preset, dev), dev, names, template_list,
+                                              candidates, vocabulary.value, beam_size, max_len, routing_task, question)
+            work = (_answer_batch(batch, answer, read, num_frames, top_k) for batch in _batches(paths, batch_size))
         lines = out is not None or jsonl  # one JSON line per file as each batch is done
         opened = None  # --out: created with the first batch's lines, so a run that answers nothing leaves no file
         results, answered, skipped = [], 0, 0
         try:
             with terminal_progress("predict", err_console) as progress:  # files done, time left
                 task = progress.add_task("predict", total=total)
-                for batch in _batches(paths, batch_size):
-                    rows = _answer_batch(batch, answer, read, num_frames, top_k)
+                for rows in work:
                     skipped += sum("error" in row for row in rows)
                     answered += len(rows)
                     progress.advance(task, len(rows))
@@ -159,7 +190,7 @@ def predict(
             if opened is not None:
                 opened.close()
         if not answered:
-            raise ValueError("no image or video files were given")
+            raise ValueError("no sentences were given" if classify else "no image or video files were given")
     if not lines:
         _show(results, as_json)
     if skipped:
@@ -190,10 +221,13 @@ def _show(results: list[dict], as_json: bool) -> None:
         return
     table = Table("prediction")
     table.columns.insert(0, Column("file", overflow="fold"))  # a path folds onto more lines, never cut
+    if results and "sentence" in results[0]:
+        table.columns[0].header = "sentence"
     for row in results:
         if "caption" in row:
             table.add_row(row["file"], row["caption"])
         else:
             value = next(k for k in row["top"][0] if k != "text")
-            table.add_row(row["file"], "\n".join(f"{e['text']}  {e[value]:.3f}" for e in row["top"]))
+            table.add_row(row.get("file", row.get("sentence")), "\n".join(f"{e['text']}  {e[value]:.3f}"
+                                                                           for e in row["top"]))
     Console().print(table)

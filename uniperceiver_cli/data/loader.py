@@ -85,7 +85,7 @@ from uniperceiver_cli.data.transforms import build_image_transform, erasing_box
 from uniperceiver_cli.data.video import STRIDE, eval_clip, train_clip
 from uniperceiver_cli.model.config import IMAGENET_MEAN, IMAGENET_STD, SPE_ID, VIDEO_MEAN, VIDEO_STD
 from uniperceiver_cli.model.preprocess import VIDEO_NUM_CROPS
-from uniperceiver_cli.model.tokenizer import get_tokenizer
+from uniperceiver_cli.model.tokenizer import cloze_ids, get_tokenizer
 from uniperceiver_cli.random_state import global_rng_state, python_state, set_global_rng_state
 from uniperceiver_cli.task_types import TASKS, TaskType
 from uniperceiver_cli.text_files import read_json
@@ -272,7 +272,7 @@ class SampleDecoder:
             if not text:
                 raise Skip("empty text")
             if self.task.family == "text_classification":
-                sample["ids"] = cloze_ids(get_tokenizer().encode(text), self.max_text_len or 256)
+                sample["ids"] = prompt_ids(text, self.max_text_len or 256)
                 sample["label"] = _label(raw, self.label_set)
             else:
                 sample["text"] = text
@@ -314,7 +314,7 @@ class SampleDecoder:
         if self.flip and rng.random() < 0.5:
             image, question = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), swap_left_right(question)
             targets = [(self.flipped[i], score) for i, score in targets if self.flipped.get(i) is not None]
-        sample["ids"] = cloze_ids(get_tokenizer().encode(f"{question} <|spe|>"), self.max_text_len or 23)
+        sample["ids"] = prompt_ids(f"{question} <|spe|>", self.max_text_len or 23)
         sample["input"] = self.image_transform(image)
         if self.train:
             if not targets:
@@ -353,19 +353,13 @@ def _answer_targets(meta: dict[str, Any], size: int) -> list[tuple[int, float]]:
     return targets
 
 
-def cloze_ids(ids: list[int], max_len: int) -> list[int]:
-    """A cloze prompt's token ids within ``max_len``, its first <|spe|> slot kept, as the reference cuts GLUE pairs:
-    the slot and what follows it (ending in <|endoftext|>) to at most half, then the text before it to the rest.
-    A prompt without a slot is skipped ("no <|spe|> slot")."""
-    if SPE_ID not in ids:
-        raise Skip("no <|spe|> slot", "a text classification prompt holds <|spe|> where its answer goes")
-    if len(ids) <= max_len:
-        return ids
-    slot = ids.index(SPE_ID)
-    before, after = ids[:slot], ids[slot:]
-    if len(after) > max_len // 2:
-        after = after[:max(1, max_len // 2 - 1)] + after[-1:]  # the slot always stays
-    return before[:max(0, max_len - len(after))] + after
+def prompt_ids(text: str, max_len: int) -> list[int]:
+    """A cloze prompt's ids, cut around its slot (:func:`~uniperceiver_cli.model.tokenizer.cloze_ids`); a prompt
+    without a slot is skipped ("no <|spe|> slot")."""
+    try:
+        return cloze_ids(get_tokenizer().encode(text), max_len)
+    except ValueError as error:
+        raise Skip("no <|spe|> slot", "a text classification prompt holds <|spe|> where its answer goes") from error
 
 
 @dataclass

@@ -249,6 +249,24 @@ class Tokenizer:
                              for i in range(self.vocab_size)])
 
 
+def cloze_ids(ids: list[int], max_len: int) -> list[int]:
+    """A cloze prompt's token ids within ``max_len``, its first <|spe|> slot kept, as the reference cuts GLUE pairs:
+    the slot and what follows it (ending in <|endoftext|>) to at most half, then the text before it to the rest.
+
+    Raises:
+        ValueError: the prompt holds no <|spe|> slot.
+    """
+    if SPE_ID not in ids:
+        raise ValueError("a cloze prompt holds <|spe|> where its answer goes; this one has none")
+    if len(ids) <= max_len:
+        return ids
+    slot = ids.index(SPE_ID)
+    before, after = ids[:slot], ids[slot:]
+    if len(after) > max_len // 2:
+        after = after[:max(1, max_len // 2 - 1)] + after[-1:]  # the slot always stays
+    return before[:max(0, max_len - len(after))] + after
+
+
 def label_word_ids(words: Sequence[str]) -> list[int]:
     """The token id of each label word of a cloze task (text classification): each must be one BPE token, the
     vocabulary row its <|spe|> slot is scored against."""

@@ -19,7 +19,7 @@ from uniperceiver_cli.model.embeddings import TextEmbedding, VisualEmbedding
 from uniperceiver_cli.model.heads import SimilarityHead
 from uniperceiver_cli.model.layers import KV, Block, checkpointed_block
 from uniperceiver_cli.model.moe import GATES, ExpertLinear, FeatureGate, RouterLog, Routing, task_index
-from uniperceiver_cli.model.tokenizer import get_tokenizer
+from uniperceiver_cli.model.tokenizer import cloze_ids, get_tokenizer, label_word_ids
 
 VISUAL = Routing(("visual_input",))
 TEXT_TARGET = Routing(("text_target",))
@@ -492,6 +492,37 @@ class UniPerceiver(nn.Module):
         result = beam_search(self, inputs, beam_size=beam_size, max_len=max_len, vocabulary=vocabulary,
                              token_ids=token_ids, use_cache=self.decodes_with_cache)
         return get_tokenizer().decode_batch(result.tokens, errors="ignore")
+
+    @torch.inference_mode()
+    def answer(self, images: torch.Tensor, question: str, answers: Sequence[str] | torch.Tensor, *,
+               max_len: int = 23) -> torch.Tensor:
+        """Visual question answering: the probabilities (B, A) of ``answers`` (strings, or their
+        :meth:`answer_features`) to one ``question`` about each of the images (B, 3, H, W), preprocessed. The answer
+        slot goes at the end of the question unless it holds one (<|spe|>); it is cut to ``max_len`` tokens (the
+        reference's 23)."""
+        prompt = question if "<|spe|>" in question else f"{question} <|spe|>"
+        ids = torch.tensor(cloze_ids(get_tokenizer().encode(prompt), max_len), device=self.device)
+        ids = ids.expand(images.shape[0], -1)
+        features = answers if isinstance(answers, torch.Tensor) else self.answer_features(answers)
+        slots = (ids == SPE_ID).int().argmax(dim=1)
+        return self.vqa_logits(images, ids, None, slots, features).softmax(dim=-1)
+
+    @torch.inference_mode()
+    def classify_text(self, prompts: Sequence[str], words: Sequence[str], *, max_len: int = 256) -> torch.Tensor:
+        """Text classification as a cloze: the probabilities (N, C) of the label ``words`` (one token each) at the
+        <|spe|> slot of each prompt (e.g. "a gripping film. It is <|spe|>." against "bad", "wonderful"); prompts are
+        cut around their slot to ``max_len`` tokens. Raises ValueError for a prompt without a slot or a word of
+        several tokens."""
+        tokenizer = get_tokenizer()
+        rows = [cloze_ids(tokenizer.encode(prompt), max_len) for prompt in prompts]
+        ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, :len(row)] = torch.tensor(row)
+        padding = torch.arange(ids.shape[1]) >= torch.tensor([len(row) for row in rows])[:, None]
+        targets = self.vocabulary_targets(torch.tensor(label_word_ids(words), device=self.device))
+        slots = (ids == SPE_ID).int().argmax(dim=1)
+        logits = self.cloze_logits(ids.to(self.device), padding.to(self.device), slots.to(self.device), targets)
+        return logits.softmax(dim=-1)
 
     def num_parameters(self) -> int:
         """Unique parameter elements (tied tensors counted once)."""

@@ -33,8 +33,9 @@ from uniperceiver_cli.model.config import EOT_ID, SPE_ID
 from uniperceiver_cli.model.decoding import CAPTION_TEXT, CAPTION_VISUAL
 from uniperceiver_cli.model.folding import dense_view
 from uniperceiver_cli.model.heads import TEMPERATURES
+from uniperceiver_cli.model.moe import Routing
 from uniperceiver_cli.model.tokenizer import bpe_path
-from uniperceiver_cli.model.uniperceiver import TEXT_TARGET, VISUAL, UniPerceiver
+from uniperceiver_cli.model.uniperceiver import TEXT_TARGET, VISUAL, VOCABULARY, UniPerceiver
 from uniperceiver_cli.onnx.runtime import FORMAT, FORMAT_VERSION, MANIFEST, TOKENIZER_FILE
 
 TOLERANCE = 1e-4  # fp32: onnxruntime against PyTorch, max abs error of any output
@@ -87,6 +88,37 @@ class _Text(nn.Module):
         return self.model.features(self.model.encode_text_tokens(ids, padding, routing=TEXT_TARGET))
 
 
+class _Words(_Text):
+    """ids (B, L) and padding (B, L) -> features (B, D) as word targets (label words, VQA answers), as
+    ``answer_features`` on ids."""
+
+    def forward(self, ids: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        return self.model.features(self.model.encode_text_tokens(ids, padding, routing=VOCABULARY))
+
+
+class _Cloze(_Text):
+    """Prompts ids (B, L), padding (B, L) and the <|spe|> slot of each (B,) -> the slot's query feature (B, D), as
+    ``cloze_logits`` reads it before scoring."""
+
+    def forward(self, ids: torch.Tensor, padding: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        out = self.model.encode_text_tokens(ids, padding, routing=Routing(("text_input",)), side="input")[:, 1:]
+        return self.model.head.project(out[torch.arange(ids.shape[0]), slots])
+
+
+class _Vqa(_Prefixed):
+    """images (B, 3, S, S), question ids (B, L), padding (B, L) and slots (B,) -> the slot's query feature (B, D), as
+    ``vqa_logits`` reads it before scoring."""
+
+    def forward(self, images: torch.Tensor, ids: torch.Tensor, padding: torch.Tensor,
+                slots: torch.Tensor) -> torch.Tensor:
+        model, prefix = self.model, self.prefix(images[:, None])
+        p = prefix.shape[1]
+        padding = torch.cat([torch.zeros(ids.shape[0], p, dtype=torch.bool), padding], dim=1)
+        out, _ = model.encode(torch.cat([prefix, model.embed_text(ids)], dim=1), padding=padding,
+                              routing=Routing(("caption_visual", "vqa_question"), (p,)))
+        return model.head.project(out[torch.arange(ids.shape[0]), p + slots])
+
+
 class _CaptionPrefix(_Prefixed):
     """clips (B, T, 3, S, S) -> every layer's keys/values of [<|spe|>, visual tokens], deep prompts included."""
 
@@ -129,7 +161,7 @@ class _Graph:
 
 def _views(model: UniPerceiver) -> dict[str, UniPerceiver]:
     """The model each graph is traced from, by attribute row: the model itself, or an MoE model's dense view."""
-    rows = ("visual_input", "text_target", "caption_visual", "caption_text")
+    rows = ("visual_input", "text_target", "caption_visual", "caption_text", "vocabulary", "text_input")
     if model.config.moe is None:
         return dict.fromkeys(rows, model)
     return {row: dense_view(model, row) for row in rows}
@@ -161,7 +193,16 @@ def _graphs(model: UniPerceiver, targets: torch.Tensor) -> dict[str, _Graph]:
     with torch.inference_mode():
         cache = prefix(pixels(3, 1, 3, s, s)).clone()
     words = torch.cat([torch.randint(0, EOT_ID, (3, 1), generator=gen), torch.full((3, 1), SPE_ID)], dim=1)
-    return {
+
+    def prompts(b: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ids, padding = text(b, n)
+        lengths = (~padding).sum(1)
+        slots = torch.randint(0, n, (b,), generator=gen) % lengths
+        ids[torch.arange(b), slots] = SPE_ID
+        return ids, padding, slots
+
+    prompt_dims = {"ids": {0: batch, **length}, "padding": {0: batch, **length}, "slots": {0: batch}}
+    graphs = {
         "image_encoder": _Graph(visual, ("images",), visual_out, (pixels(2, 3, s, s),), {"images": {0: batch}},
                                 [(pixels(3, 3, s, s),)]),
         "video_encoder": _Graph(visual, ("video",), visual_out, (pixels(2, trace_frames, 3, s, s),),
@@ -175,7 +216,17 @@ def _graphs(model: UniPerceiver, targets: torch.Tensor) -> dict[str, _Graph]:
                                ("logits", "new_cache"), (words[:2], torch.tensor([4, 5]), cache[:, :, :2, :, :-1]),
                                {"tokens": {0: rows, 1: new}, "positions": {0: new}, "cache": {2: rows, 4: past}},
                                [(words[:, 1:], torch.tensor([0]), cache), (words, torch.tensor([4, 5]), cache)]),
+        "word_encoder": _Graph(_Words(views["vocabulary"]), ("ids", "padding"), ("features",), text(2, trace_len),
+                               {"ids": {0: batch, **length}, "padding": {0: batch, **length}}, [text(4, check_len)]),
+        "cloze_encoder": _Graph(_Cloze(views["text_input"]), ("ids", "padding", "slots"), ("query",),
+                                prompts(2, trace_len), prompt_dims, [prompts(4, check_len)]),
     }
+    if model.config.moe is None:  # one call routed by two attribute rows: no dense view of one row serves it
+        graphs["vqa_encoder"] = _Graph(_Vqa(model), ("images", "ids", "padding", "slots"), ("query",),
+                                       (pixels(2, 3, s, s), *prompts(2, trace_len)),
+                                       {"images": {0: batch}, **prompt_dims},
+                                       [(pixels(4, 3, s, s), *prompts(4, check_len))])
+    return graphs
 
 
 _OP = re.compile(r"(aten::[\w.]+|aten\.[\w.]+|<OpOverload\(op='([\w.:]+)'|[\w]+::[\w.]+)")
@@ -241,7 +292,9 @@ def require_onnx() -> None:
 
 def write_onnx(model: UniPerceiver, folder: Path, caption_token_ids: torch.Tensor | None,
                provenance: dict | None = None) -> list[GraphReport]:
-    """Write the five graphs, the tokenizer and the manifest into ``folder`` (created), each graph validated.
+    """Write the graphs (:data:`~uniperceiver_cli.onnx.runtime.GRAPHS` and
+    :data:`~uniperceiver_cli.onnx.runtime.TASK_GRAPHS`, the VQA graph for a dense model only), the tokenizer and the
+    manifest into ``folder`` (created), each graph validated.
 
     ``caption_token_ids`` restricts the caption target set to those tokens (plus <|endoftext|>); None: the whole
     vocabulary. The model is used in fp32 and eval mode.

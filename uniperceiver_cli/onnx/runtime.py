@@ -1,9 +1,10 @@
-"""Run an exported model with onnxruntime alone: zero-shot classification, retrieval features and captions.
+"""Run an exported model with onnxruntime alone: zero-shot classification, retrieval features, captions, text
+classification as a cloze and visual question answering.
 
-``uniperceiver export SRC --out DIR --onnx`` writes ``DIR/onnx/``: five graphs, the tokenizer's merges file and
-``uniperceiver-onnx.json`` (what the graphs need beside their weights: temperatures, the caption target set, class
-names, the preprocessing size). This module reads that folder with numpy, PIL, ``tokenizers`` and onnxruntime;
-it never imports torch. The graphs and their inputs:
+``uniperceiver export SRC --out DIR --onnx`` writes ``DIR/onnx/``: seven or eight graphs, the tokenizer's merges
+file and ``uniperceiver-onnx.json`` (what the graphs need beside their weights: temperatures, the caption target
+set, class names, the preprocessing size). This module reads that folder with numpy, PIL, ``tokenizers`` and
+onnxruntime; it never imports torch. The graphs and their inputs:
 
 - ``image_encoder``: images (B, 3, S, S) -> features (B, D) [and the classifier prompt's logits (B, C)]
 - ``video_encoder``: clips (B, T, 3, S, S) -> features (B, D) [and (B, C)]
@@ -11,6 +12,14 @@ it never imports torch. The graphs and their inputs:
 - ``caption_prefix``: clips (B, T, 3, S, S) -> the keys/values of every layer (layers, 2, B, heads, P, head_dim)
 - ``caption_step``: tokens (N, K), positions (K,) and that cache -> logits of the last token over the caption
   target set (N, V) and the keys/values of the first K - 1 tokens, to append to the cache.
+- ``word_encoder``: ids (B, L) and padding (B, L) -> features (B, D) as word targets: label words, VQA answers
+- ``cloze_encoder``: prompt ids (B, L), padding (B, L) and slots (B,) int64 -> the query feature (B, D) at each
+  prompt's <|spe|> slot (text classification)
+- ``vqa_encoder`` (dense models only): images (B, 3, S, S), question ids, padding and slots -> the query feature at
+  each question's answer slot. An MoE model's VQA call routes the image and the question by two attribute rows in
+  one pass, which a graph holding one row's dense weights cannot.
+
+The last three are optional: a folder exported before they existed serves the first five's tasks.
 
 Features are L2-normalised; logits are cosine similarity times the task's temperature, as in PyTorch.
 """
@@ -35,6 +44,7 @@ MANIFEST = "uniperceiver-onnx.json"
 FORMAT = "uniperceiver-onnx"
 FORMAT_VERSION = 1
 GRAPHS = ("image_encoder", "video_encoder", "text_encoder", "caption_prefix", "caption_step")
+TASK_GRAPHS = ("word_encoder", "cloze_encoder", "vqa_encoder")  # text classification and VQA; optional (doc above)
 TOKENIZER_FILE = "bpe_simple_vocab_16e6.txt.gz"
 MAX_MANIFEST = 8 << 20  # bytes: a larger manifest is refused unread
 
@@ -247,6 +257,60 @@ class OnnxModel:
         """Zero-shot class probabilities (B, C) of images or clips over class names."""
         rows = self.classifier_rows(names)
         return softmax(self.classification_logits(inputs, self.label_features(names, templates), rows))
+
+    def require_graph(self, graph: str) -> str:
+        """``graph``, one of :data:`TASK_GRAPHS`, when the folder has it; else a one-line error saying why not."""
+        if not _inside(self.folder, f"{graph}.onnx").is_file():
+            why = ("its model is a mixture of experts: a VQA call routes the image and the question by two attribute "
+                   "rows in one pass, and a graph holds one row's dense weights; answer questions with the PyTorch "
+                   "bundle" if graph == "vqa_encoder" else "it was exported before that graph existed; export the "
+                   "model again")
+            raise OnnxModelError(f"{self.folder} has no {graph}.onnx: {why}")
+        return graph
+
+    def encode_words(self, texts: Sequence[str]) -> np.ndarray:
+        """Label words or VQA answers -> L2-normalised features (B, D), encoded as word targets."""
+        if not texts:
+            raise ValueError("no texts given")
+        ids, padding = self.tokenize(texts)
+        return self._run(self.require_graph("word_encoder"), {"ids": ids, "padding": padding})[0]
+
+    def _prompts(self, prompts: Sequence[str], max_len: int) -> dict[str, np.ndarray]:
+        """Cloze prompts -> the ids, padding and slot of each, cut around the slot as the PyTorch model does."""
+        from uniperceiver_cli.model.tokenizer import cloze_ids
+
+        limit = min(max_len, self.manifest.max_text_len)
+        rows = [cloze_ids(self.tokenizer.encode(prompt), limit) for prompt in prompts]
+        lengths = np.array([len(r) for r in rows])
+        padding = np.arange(lengths.max())[None] >= lengths[:, None]
+        ids = np.zeros(padding.shape, dtype=np.int64)
+        ids[~padding] = np.concatenate(rows)
+        return {"ids": ids, "padding": padding, "slots": (ids == SPE_ID).argmax(axis=1).astype(np.int64)}
+
+    def classify_text(self, prompts: Sequence[str], words: Sequence[str], *, max_len: int = 256) -> np.ndarray:
+        """Text classification as a cloze: the probabilities (N, C) of the label ``words`` (one token each) at each
+        prompt's <|spe|> slot, as ``UniPerceiver.classify_text``."""
+        from uniperceiver_cli.model.tokenizer import label_word_ids
+
+        targets = self._run(self.require_graph("word_encoder"), {
+            "ids": np.array([[i, EOT_ID] for i in label_word_ids(words)], dtype=np.int64),
+            "padding": np.zeros((len(words), 2), dtype=bool)})[0]
+        query = self._run(self.require_graph("cloze_encoder"), self._prompts(prompts, max_len))[0]
+        return softmax(query @ targets.T * np.float32(self.manifest.temperatures["text_mlm"]))
+
+    def answer(self, images: np.ndarray, question: str, answers: Sequence[str] | np.ndarray, *,
+               max_len: int = 23) -> np.ndarray:
+        """Visual question answering: the probabilities (B, A) of ``answers`` (strings, or their
+        :meth:`encode_words`) to one question about each image (B, 3, S, S), as ``UniPerceiver.answer``."""
+        images = self._check_visual(images)
+        if images.ndim != 4:
+            raise ValueError("visual question answering takes images (B, 3, S, S), not clips")
+        graph = self.require_graph("vqa_encoder")
+        targets = answers if isinstance(answers, np.ndarray) else self.encode_words(answers)
+        prompt = question if "<|spe|>" in question else f"{question} <|spe|>"
+        feeds = {key: np.repeat(value, len(images), axis=0) for key, value in self._prompts([prompt], max_len).items()}
+        query = self._run(graph, {"images": images, **feeds})[0]
+        return softmax(query @ targets.T * np.float32(self.manifest.temperatures["downstream"]))
 
     def caption_tokens(self, inputs: np.ndarray, *, beam_size: int = 2, max_len: int = 21, len_penalty: float = 0.0,
                        only: Sequence[int] | None = None) -> np.ndarray:
