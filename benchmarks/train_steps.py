@@ -40,7 +40,7 @@ def main() -> None:
         loader = make_loader(task.directory, task=spec.type, batch_size=spec.batch_size, train=True,
                              image_size=image_size, num_frames=spec.num_frames,
                              max_text_len=spec.max_text_len, epochs=None, label_set=spec.label_set,
-                             augment=spec.augment, frame_stride=spec.frame_stride)
+                             augment=spec.augment, frame_stride=spec.frame_stride, answers=task.answers)
         batches = list(itertools.islice(iter(loader), 4))
         times = {}
         for mode in ("dense", "sparse"):

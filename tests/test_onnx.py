@@ -293,7 +293,7 @@ def test_fold_experts_from_the_cli(reference_dir: Path, tmp_path: Path, ref_moe_
     result = runner.invoke(app, ["export", str(reference_dir / "ref_moe_state.pt"), "--out", str(out),
                                  "--fold-experts"])
     assert result.exit_code == 0, result.output
-    assert "folded the experts: 3,701,830 parameters -> 3,896,902" in result.stdout
+    assert "folded the experts: 3,701,830 parameters -> 3,996,358" in result.stdout
     folded, original = load_model(out), load_model(reference_dir / "ref_moe_state.pt")
     assert folded.config.moe.folded and json.loads((out / "config.json").read_text())["provenance"]["folded_experts"]
     images = ref_moe_io["retrieval"]["inputs"]["input_sample_list"][0]["data"]

@@ -88,24 +88,28 @@ def sentence_answerer(model: UniPerceiver | Path, words: list[str], max_len: int
     """How to answer a batch of cloze prompts (text classification): the top label ``words`` at each prompt's
     <|spe|> slot, with a PyTorch model or an exported ONNX folder (``model`` a path). A prompt without a slot is
     answered with an error."""
-    from uniperceiver_cli.model.tokenizer import label_word_ids
+    from uniperceiver_cli.model.config import SPE_ID
+    from uniperceiver_cli.model.tokenizer import get_tokenizer, label_word_ids
 
     label_word_ids(words)  # a word of several tokens is refused before any prompt is read
     if isinstance(model, Path):
         from uniperceiver_cli.onnx.runtime import OnnxModel
 
         runtime = OnnxModel(model)
+        tokenizer = runtime.tokenizer
 
         def probabilities(prompts: list[str]) -> Any:
             return runtime.classify_text(prompts, words, max_len=max_len)
     else:
+        tokenizer = get_tokenizer()
+
         def probabilities(prompts: list[str]) -> Any:
             with model.routing_task(routing_task):
                 return model.classify_text(prompts, words, max_len=max_len).float().cpu().numpy()
 
     def answer(prompts: Sequence[str], top_k: int) -> list[dict]:
         rows: list[dict] = [{"sentence": prompt} for prompt in prompts]
-        good = [i for i, prompt in enumerate(prompts) if "<|spe|>" in prompt]
+        good = [i for i, prompt in enumerate(prompts) if SPE_ID in tokenizer.encode(prompt)]
         for i in set(range(len(prompts))) - set(good):
             rows[i]["error"] = "the sentence holds no <|spe|> slot, where its label word goes"
         if good:

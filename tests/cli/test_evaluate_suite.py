@@ -33,6 +33,8 @@ tasks:
   - {{name: captions, type: image_caption, data: images/test, max_len: 4, batch_size: 1}}
   - {{name: retrieval, type: image_retrieval, data: images/test, captions_per_item: 1, batch_size: 1}}
   - {{name: mlm, type: text_mlm, data: text/val, batch_size: 1}}
+  - {{name: follows, type: text_classification, data: sentences/val, batch_size: 1}}
+  - {{name: vqa, type: vqa, data: questions/val, batch_size: 1}}
 """
 
 
@@ -65,7 +67,7 @@ def test_a_suite_writes_every_task_and_a_summary_then_skips_what_exists(suite, t
     shutil.copytree(suite / "one", out)
     rows = _summary(out)
     assert [r["task"] for r in rows][:2] == ["shape", "shape"]  # acc@1, acc@5
-    assert {r["task"] for r in rows} == {"shape", "captions", "retrieval", "mlm", "single"}
+    assert {r["task"] for r in rows} == {"shape", "captions", "retrieval", "mlm", "single", "follows", "vqa"}
     assert {r["status"] for r in rows} == {"evaluated"}
     for row in rows:
         results = json.loads((out / row["task"] / "results.json").read_text())
@@ -79,7 +81,8 @@ def test_a_suite_writes_every_task_and_a_summary_then_skips_what_exists(suite, t
     result = _run("--suite", suite / "changed.yaml", "--model", suite / "bundle", "--out", out, "--skip-existing")
     assert result.exit_code == 0, result.output
     status = {r["task"]: r["status"] for r in _summary(out)}
-    assert status == {"shape": "kept", "captions": "kept", "retrieval": "kept", "mlm": "evaluated", "single": "kept"}
+    assert status == {"shape": "kept", "captions": "kept", "retrieval": "kept", "mlm": "evaluated", "single": "kept",
+                      "follows": "kept", "vqa": "kept"}
     assert (out / "shape" / "results.json").stat().st_mtime_ns == written["shape"]
     assert (out / "mlm" / "results.json").stat().st_mtime_ns != written["mlm"]
     assert [r["value"] for r in _summary(out) if r["task"] == "shape"] == [r["value"] for r in rows
@@ -116,7 +119,7 @@ def test_suite_options_are_checked(suite, tmp_path, monkeypatch):
     assert result.exit_code == 2 and "tasks.0.beams" in result.stderr
     monkeypatch.chdir(tmp_path)  # a shipped recipe's tasks, whose data folders are not here
     result = _run("--suite", "toyworld-tiny", "--preset", "tiny", "--out", tmp_path / "o")
-    assert result.exit_code == 1 and result.stderr.count("\n") == 8
+    assert result.exit_code == 1 and result.stderr.count("\n") == 9  # one line per evaluation task
     assert "error: shape_classification: no manifest.json at data/toyworld/images/test" in result.stderr
 
 
@@ -135,7 +138,7 @@ def test_two_processes_under_torchrun_give_one_process_metrics(suite, tmp_path):
     for a, b in zip(ones, twos, strict=True):
         assert float(a["value"]) == pytest.approx(float(b["value"]), abs=1e-9), (a, b)
     assert [r["samples"] for r in twos if r["task"] == "single"] == ["1", "1"]
-    for task in ("shape", "captions", "retrieval", "single"):
+    for task in ("shape", "captions", "retrieval", "single", "follows", "vqa"):
         keys = [json.loads(line)["key"] for line in (tmp_path / "two" / task / "predictions.jsonl").open()]
         assert sorted(keys) == sorted(json.loads(line)["key"] for line in (one / task / "predictions.jsonl").open())
         assert json.loads((tmp_path / "two" / task / "results.json").read_text())["data"]["processes"] == 2

@@ -283,12 +283,13 @@ def test_questions_about_images(files, tiny_bundle):
 
 def test_sentences_are_classified_at_their_slot(files, tiny_bundle, tmp_path):
     prompts = ["if a red circle is above a blue star, is the star below it? <|spe|>", "a gripping film. It is <|spe|>."]
-    (tmp_path / "sentences.txt").write_text(prompts[1] + "\nno slot here\n")
+    (tmp_path / "sentences.txt").write_text(prompts[1] + "\nno slot here\na film.<|spe|>\n")  # glued: no slot
     result, out = _invoke(["--sentence", prompts[0], "--sentences", tmp_path / "sentences.txt", "--model", tiny_bundle,
                            "--label", "no", "--label", "yes", "--jsonl"])
     assert result.exit_code == 1  # the sentence without a slot
     rows = _jsonl(out)
-    assert [r["sentence"] for r in rows] == [*prompts, "no slot here"] and "no <|spe|> slot" in rows[2]["error"]
+    assert [r["sentence"] for r in rows] == [*prompts, "no slot here", "a film.<|spe|>"]
+    assert all("no <|spe|> slot" in row["error"] for row in rows[2:])
     expected = up.load_model(tiny_bundle).classify_text(prompts, ["no", "yes"])
     for row, probs in zip(rows[:2], expected, strict=True):
         assert {e["text"]: e["prob"] for e in row["top"]} == pytest.approx(

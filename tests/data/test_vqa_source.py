@@ -24,16 +24,18 @@ ANNOTATED = {  # question_id -> image_id, question, the 10 human answers, multip
     "val2014": {
         201: (10, "What color is the car?", ["blue"] * 9 + ["yes"], "blue"),
         202: (10, "Is it sunny?", ["yes"] * 10, "yes"),
-        203: (11, "How many cars?", ["two"] * 10, "two"),  # image 11 is missing; "two" counts as "2"
+        203: (12, "How many cars?", ["two"] * 10, "two"),  # "two" counts as "2", in the vocabulary and the scores
         204: (10, "What animal is it?", ["giraffe"] * 10, "giraffe"),
+        205: (11, "What is it?", ["zebra"] * 10, "zebra"),  # image 11 is missing
     },
 }
 UNANNOTATED = {"train2014": {106: 1}}  # question_id -> image_id
 # min count 2: yes 3 times (103, 105, 202), then 2 (102, 203) and blue (104, 201) twice, alphabetically.
 VOCABULARY = ["yes", "2", "blue"]
 TARGETS = {101: [[2, 0.9]], 102: [[1, 1.0]], 103: [[0, 1.0]], 104: [[2, 1.0]],  # 3 of 10 said blue: 0.9
-           201: [[0, 0.3], [2, 1.0]], 202: [[0, 1.0]], 204: []}  # one said yes: 0.3; giraffe not in the vocabulary
-IMAGE_SEEDS = {1: 1, 2: 2, 10: 10}
+           201: [[0, 0.3], [2, 1.0]], 202: [[0, 1.0]], 203: [[1, 1.0]],  # one said yes: 0.3
+           204: []}  # giraffe is not in the vocabulary
+IMAGE_SEEDS = {1: 1, 2: 2, 10: 10, 12: 12}
 
 
 def _layout(root: Path) -> tuple[Path, Path]:
@@ -57,6 +59,7 @@ def _layout(root: Path) -> tuple[Path, Path]:
     put(images / "COCO_train2014_000000000002.jpg", jpeg(2))
     put(images / "COCO_train2014_000000000003.jpg", GARBAGE)
     put(images / "COCO_val2014_000000000010.jpg", jpeg(10))
+    put(images / "COCO_val2014_000000000012.jpg", jpeg(12))
     return source, images
 
 
@@ -104,14 +107,17 @@ def test_vqa_given_answers_hold_out_and_split_selection(tmp_path):
     assert (out / "answers.txt").read_text() == answers.read_text()
     manifest, samples = read_split(out / "val2014")
     assert manifest.classes == ["blue", "yes", "giraffe"] and manifest.extra["answer_vocabulary"] == str(answers)
-    assert manifest.skipped == {} and manifest.extra["questions"] == 2
-    assert {k: _targets(s) for k, s in samples.items()} == {"q201": [[0, 1.0], [1, 0.3]], "q202": [[1, 1.0]]}
+    assert manifest.skipped == {} and manifest.extra["questions"] == 3
+    assert {k: _targets(s) for k, s in samples.items()} == {"q201": [[0, 1.0], [1, 0.3]], "q202": [[1, 1.0]],
+                                                            "q203": []}
     manifest, samples = read_split(out / "minival")  # val's last 2 questions
     assert manifest.classes == ["blue", "yes", "giraffe"] and manifest.skipped == {"missing file": 1}
     assert {k: _targets(s) for k, s in samples.items()} == {"q204": [[2, 1.0]]}
 
+    fails(prepare("vqa", source, "--images", images, "--out", out, "--split", "train2014", "--min-answer-count", "1",
+                  code=2), "answers.txt holds another answer set", f"--answers {out / 'answers.txt'}")
     fails(prepare("vqa", source, "--images", images, "--out", tmp_path / "x", "--answers", answers, "--split",
-                  "val2014", "--hold-out", "5", code=2), "--hold-out 5", "only 4 questions")
+                  "val2014", "--hold-out", "6", code=2), "--hold-out 6", "only 5 questions")
     fails(prepare("vqa", source, "--images", images, "--out", tmp_path / "x", "--answers", answers, "--split",
                   "train2014", "--hold-out", "1", code=2), "--hold-out-from val2014")
     fails(prepare("vqa", source, "--images", images, "--out", tmp_path / "x", code=2), "lower --min-answer-count")

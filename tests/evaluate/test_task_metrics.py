@@ -33,8 +33,16 @@ def test_the_official_normalisation_and_soft_scores():
     assert normalise_answer("The Two dogs") == "2 dogs"
     assert normalise_answer("  left-hand side ") == "left hand side"
     assert normalise_answer("3.5") == "3.5" and normalise_answer("end.") == "end"
-    # the human answers are taken as given (VQA v2's are normalised already): "Red!" is not "red"
-    assert answer_scores(["red"] * 3 + ["blue"] * 6 + ["Red!"]) == pytest.approx({"red": 0.9, "blue": 1.0})
+    # the accuracy takes the human answers as given (VQA v2's are normalised already): "Red!" is not "red"
+    assert vqa_accuracy("red", ["red"] * 3 + ["blue"] * 6 + ["Red!"]) == pytest.approx(0.9)
+    # the training scores normalise them as a prediction is: "Red!" and "Two" count as "red" and "2"
+    assert answer_scores(["red"] * 3 + ["blue"] * 6 + ["Red!"]) == pytest.approx({"red": 1.0, "blue": 1.0})
+    assert answer_scores(["Two"] * 2 + ["2"] + ["3"] * 7) == pytest.approx({"2": 0.9, "3": 1.0})
+    assert answer_scores(["red"] + ["blue"] * 9) == pytest.approx({"red": 0.3, "blue": 1.0})
+    assert answer_scores(["red", "red", "blue"] + ["green"] * 7) == pytest.approx({"red": 0.6, "blue": 0.3,
+                                                                                   "green": 1.0})
+    assert answer_scores(["a dog"]) == {"dog": 1.0} and vqa_accuracy("Dog.", ["dog"]) == 1.0  # one human
+    assert vqa_accuracy("cat", ["dog"]) == 0.0
     with pytest.raises(ValueError, match="at least one human answer"):
         vqa_accuracy("red", [])
 

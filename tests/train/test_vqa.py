@@ -19,11 +19,15 @@ from uniperceiver_cli.data.toyworld import VQA_ANSWERS
 from uniperceiver_cli.evaluate.tasks import evaluate_task
 from uniperceiver_cli.model.config import EOT_ID, SPE_ID, get_config
 from uniperceiver_cli.model.moe import ATTRIBUTES
+from uniperceiver_cli.model.tokenizer import get_tokenizer
 from uniperceiver_cli.model.uniperceiver import UniPerceiver
 from uniperceiver_cli.task_types import TASKS
 from uniperceiver_cli.train.loop import train
-from uniperceiver_cli.train.losses import cross_entropy
-from uniperceiver_cli.train.recipe import EvalTaskSpec, validate
+from uniperceiver_cli.train.recipe import EvalTaskSpec, TaskSpec, validate
+from uniperceiver_cli.train.tasks import TrainTask
+
+IMAGENET = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 
 
 def _raw(question: str, targets: list[list[float]], answers: list[str], image: Image.Image) -> dict:
@@ -124,15 +128,38 @@ def test_vqa_logits_read_the_slot_of_one_call_routed_by_two_rows(monkeypatch: py
     assert got.shape == (2, 2)
 
 
-def test_the_soft_mode_is_cross_entropy_against_the_normalised_scores():
-    logits = torch.tensor([[2.0, 0.0, -1.0]])
-    scores = torch.tensor([[0.3, 0.0, 0.9]])
+@pytest.mark.parametrize("mode", ["sample", "soft"])
+def test_the_training_loss_by_hand(toyworld_32: Path, mode: str):
+    """The task's loss on a batch whose scores are spread over several answers: cross entropy on the drawn answer
+    (label-smoothed), or against the scores normalised into a distribution."""
+    smoothing = 0.1 if mode == "sample" else 0.0
+    spec = TaskSpec(name="qa", type="vqa", data="questions/train", answer_targets=mode, label_smoothing=smoothing)
+    task = TrainTask.build(spec, toyworld_32)
+    batch = next(iter(make_loader(toyworld_32 / "questions" / "train", task="vqa", batch_size=4, image_size=32,
+                                  train=True, augment=False, answers=task.answers)))
+    scores = torch.zeros(4, len(VQA_ANSWERS))
+    scores[:, :3] = torch.tensor([0.3, 0.9, 0.0])  # and each question's own answer at 1
+    scores[torch.arange(4), batch["labels"]] = 1.0
+    batch["answer_scores"] = scores
+    torch.manual_seed(0)
+    model = UniPerceiver(get_config("tiny", image_size=32)).eval()
+    loss, metrics = task.loss(model, batch)
+    ids, padding = get_tokenizer().encode_batch(VQA_ANSWERS)
+    logits = model.vqa_logits(batch["images"].float().div(255).sub(IMAGENET).div(STD), batch["text_ids"], None,
+                              batch["slots"], model.answer_features(ids, padding)).double()
     log_p = logits.log_softmax(-1)
-    expected = -(0.25 * log_p[0, 0] + 0.75 * log_p[0, 2])
-    assert float(cross_entropy(logits, scores / scores.sum(1, keepdim=True))) == pytest.approx(float(expected))
+    if mode == "soft":
+        expected = -(scores.double() / scores.double().sum(1, keepdim=True) * log_p).sum(1).mean()
+    else:
+        nll = -log_p[torch.arange(4), batch["labels"]]
+        expected = ((1 - smoothing) * nll - smoothing * log_p.mean(1)).mean()
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
+    assert float(metrics["acc"]) == pytest.approx(float(scores[torch.arange(4), logits.detach().argmax(-1)].mean()))
     with pytest.raises(ValueError, match="not a VQA task"):
         validate({"name": "t", "stage": "pretrain", "data_root": ".", "model": {"preset": "tiny"},
                   "tasks": [{"name": "c", "type": "image_caption", "data": "x", "answer_targets": "soft"}]})
+    with pytest.raises(ValueError, match="label_smoothing does not apply"):
+        TaskSpec(name="qa", type="vqa", data="x", answer_targets="soft", label_smoothing=0.1)
 
 
 @pytest.mark.parametrize("mode", ["sample", "soft"])

@@ -22,13 +22,12 @@ from uniperceiver_cli.cli.common import (
 )
 from uniperceiver_cli.data.shards import Manifest, is_split_url
 from uniperceiver_cli.task_types import TASKS
-from uniperceiver_cli.train.recipe import EvalTaskSpec
+from uniperceiver_cli.train.recipe import PROMPT_LENGTHS, EvalTaskSpec
 
 if TYPE_CHECKING:
     from uniperceiver_cli.parallel.context import Context
 
 SPEC = {field.name: field.default for field in dataclasses.fields(EvalTaskSpec)}  # the recipes' defaults
-PROMPT_LEN = {"text_classification": 256, "vqa": 23}  # prompts by task type: the reference's GLUE and VQA lengths
 
 
 def evaluate(
@@ -56,10 +55,9 @@ def evaluate(
         "when the bundle records none) or all 49,411 (full)."),
     vocabulary_from: list[Path] | None = typer.Option(None, help="Captioning (and MLM): decode (score) only over "
                                                       "the tokens of this split's texts (repeatable)."),
-    max_text_len: int | None = typer.Option(None, min=2, help=f"Retrieval: cut captions to this many tokens (default "
-                                            f"{SPEC['max_text_len']}); text classification and VQA: prompts, around "
-                                            f"their slot (default {PROMPT_LEN['text_classification']} and "
-                                            f"{PROMPT_LEN['vqa']})."),
+    max_text_len: int | None = typer.Option(None, min=2, help="Retrieval: cut captions to this many tokens (default "
+                                            "50); text classification and VQA: prompts, around their slot (default "
+                                            f"{PROMPT_LENGTHS['text_classification']} and {PROMPT_LENGTHS['vqa']})."),
     captions_per_item: int | None = typer.Option(None, min=1, help="Retrieval: use only each item's first N."),
     num_frames: int = typer.Option(SPEC["num_frames"], min=1, help="Frames per video clip."),
     frame_stride: float = typer.Option(SPEC["frame_stride"], min=0.01, help="Source frames between "
@@ -116,7 +114,7 @@ def evaluate(
             batch_size=batch_size, label_set=label_set, labels=labels and str(labels), templates=template_list,
             max_samples=limit, beam_size=beam_size, max_len=max_len, vocabulary=vocabulary.value,
             vocabulary_from=[str(f) for f in vocabulary_from or []],
-            max_text_len=max_text_len or PROMPT_LEN.get(task, SPEC["max_text_len"]),
+            max_text_len=max_text_len or spec.max_text_len,
             captions_per_item=captions_per_item, num_frames=num_frames, frame_stride=frame_stride, views=views,
             clips=clips)
         ctx = _context(device)

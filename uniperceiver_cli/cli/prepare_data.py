@@ -243,7 +243,11 @@ def vqa_questions(
                                min_answer_count=min_answer_count or vqa.MIN_ANSWER_COUNT, hold_out=hold_out,
                                hold_out_from=hold_out_from, visual_genome_qa=visual_genome_qa,
                                visual_genome_images=visual_genome_images, name=name)
-        vqa.write_answers(out / vqa.ANSWERS_FILE, conversions[0].manifest.classes or [])
+        vocabulary, kept = conversions[0].manifest.classes or [], out / vqa.ANSWERS_FILE
+        if kept.is_file() and kept.read_text(encoding="utf-8").splitlines() != vocabulary:
+            raise ValueError(f"{kept} holds another answer set, which the splits already there index; convert more "
+                             f"splits with --answers {kept}, or into a new folder")
+        vqa.write_answers(kept, vocabulary)
         return conversions
 
     _convert(plan, out, min_shards, max_per_shard, workers, no_progress)

@@ -188,9 +188,12 @@ def open_shard(shard: Shard, timeout: float) -> BinaryIO:
 
 def sample_json(raw: dict[str, Any]) -> dict[str, Any]:
     try:
-        return json.loads(raw["json"]) if "json" in raw else {}
-    except ValueError as error:  # also UnicodeDecodeError
+        meta = json.loads(raw["json"]) if "json" in raw else {}
+    except (ValueError, RecursionError) as error:  # ValueError: also UnicodeDecodeError
         raise Skip("bad json", str(error)[:200]) from error
+    if not isinstance(meta, dict):
+        raise Skip("bad json", f"a sample's json is an object, not {type(meta).__name__}")
+    return meta
 
 
 def sample_text(raw: dict[str, Any]) -> str:
@@ -306,28 +309,32 @@ class SampleDecoder:
         left to right and swaps "left" and "right" in the question and the answers (the reference's flip, whose
         swap of a sub-word id missed the question's words)."""
         meta = sample_json(raw)
-        question = " ".join(sample_text(raw).split())
+        question = " ".join(_SPECIAL.sub(" ", sample_text(raw)).split())  # its own slot alone marks the answer
         if not question:
             raise Skip("empty question")
-        targets = _answer_targets(meta, len(self.answers))
+        if self.train:
+            targets = _answer_targets(meta, len(self.answers))
+            if not targets:  # before the image is decoded; the flip only drops answers
+                raise Skip("no answer in the answer set")
+        else:
+            sample["answers"] = _human_answers(meta)
+            sample["answer_type"] = str(meta.get("answer_type") or "")
         image = _image(raw)
         if self.flip and rng.random() < 0.5:
             image, question = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), swap_left_right(question)
             targets = [(self.flipped[i], score) for i, score in targets if self.flipped.get(i) is not None]
+            if not targets:
+                raise Skip("no answer in the answer set")
         sample["ids"] = prompt_ids(f"{question} <|spe|>", self.max_text_len or 23)
         sample["input"] = self.image_transform(image)
         if self.train:
-            if not targets:
-                raise Skip("no answer in the answer set")
             sample["targets"] = targets
             sample["label"] = rng.choices([i for i, _ in targets], weights=[score for _, score in targets])[0]
-        else:
-            sample["answers"] = [str(answer) for answer in meta.get("answers") or []]
-            sample["answer_type"] = str(meta.get("answer_type") or "")
         return sample
 
 
 _LEFT_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+_SPECIAL = re.compile(r"<\|(startoftext|endoftext|gen|spe|mask)\|>", re.IGNORECASE)  # the tokenizer's special tokens
 
 
 def swap_left_right(text: str) -> str:
@@ -344,13 +351,22 @@ def flipped_answers(answers: Sequence[str]) -> dict[int, int | None]:
 
 def _answer_targets(meta: dict[str, Any], size: int) -> list[tuple[int, float]]:
     """A VQA sample's ``targets``: (answer index, score) pairs, checked against the answer set's ``size``."""
-    try:
-        targets = [(int(i), float(score)) for i, score in meta.get("targets") or []]
-    except (TypeError, ValueError) as error:
-        raise Skip("bad answer targets", str(error)[:200]) from error
-    if any(not 0 <= i < size or not 0 < score <= 1 for i, score in targets):
-        raise Skip("bad answer targets", f"an index outside the {size} answers or a score outside (0, 1]")
-    return targets
+    targets = meta.get("targets") or []
+    good = isinstance(targets, list) and all(
+        isinstance(pair, list) and len(pair) == 2 and type(pair[0]) is int and 0 <= pair[0] < size
+        and type(pair[1]) in (int, float) and 0 < pair[1] <= 1 for pair in targets)
+    if not good:
+        raise Skip("bad answer targets", f"targets are [answer index, score] pairs, an index among the {size} "
+                                         f"answers and a score in (0, 1]")
+    return [(i, float(score)) for i, score in targets]
+
+
+def _human_answers(meta: dict[str, Any]) -> list[str]:
+    """A VQA sample's human ``answers``: a list of strings (none: the question is predicted, not scored)."""
+    answers = meta.get("answers") or []
+    if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+        raise Skip("bad answers", "a sample's answers are a list of strings")
+    return answers
 
 
 def prompt_ids(text: str, max_len: int) -> list[int]:

@@ -6,6 +6,7 @@ targets) is that accuracy."""
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Sequence
 
 _PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?",
@@ -73,18 +74,31 @@ def normalise_answer(text: str) -> str:
 def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
     """The official accuracy (0..1) of one predicted answer against a question's human answers (10 in VQA v2):
     for each human, min(1, the number of the other humans who gave the predicted answer / 3), averaged. The human
-    answers are compared without punctuation when they differ, as in the official code."""
+    answers are compared without punctuation when they differ, as in the official code. With one human answer
+    (Visual Genome's) there is no other human: the accuracy is whether the prediction is that answer."""
     if not answers:
         raise ValueError("a question needs at least one human answer")
     predicted = normalise_answer(prediction)
     humans = [" ".join(a.split("\n")).replace("\t", " ").strip() for a in answers]
     if len(set(humans)) > 1:
         humans = [strip_punctuation(a) for a in humans]
-    matches = sum(a == predicted for a in humans)
-    return sum(min(1.0, (matches - (a == predicted)) / 3) for a in humans) / len(humans)
+    if len(humans) == 1:
+        return float(humans[0] == predicted)
+    return _leave_one_out(sum(a == predicted for a in humans), len(humans))
+
+
+def _leave_one_out(matches: int, humans: int) -> float:
+    """The official min(1, others / 3) averaged over the humans, ``matches`` of whom gave the answer."""
+    return (matches * min(1.0, (matches - 1) / 3) + (humans - matches) * min(1.0, matches / 3)) / humans
 
 
 def answer_scores(answers: Sequence[str]) -> dict[str, float]:
-    """Each distinct human answer's soft score: the accuracy predicting it would get (the training targets of the
-    soft-score mode, and the weights of the single-class mode's draw)."""
-    return {answer: vqa_accuracy(answer, answers) for answer in dict.fromkeys(normalise_answer(a) for a in answers)}
+    """Each distinct human answer's soft score, the training targets of the soft-score mode and the weights of the
+    single-class mode's draw: the official accuracy of predicting it, with every human answer normalised as a
+    prediction is (so "Two" and "2" count as one answer, as the standard soft-score preprocessing counts them):
+    0.3, 0.6, 0.9 and 1.0 for 1, 2, 3 and at least 4 of 10 humans; 1.0 for a lone answer."""
+    normalised = [normalise_answer(a) for a in answers]
+    counts = Counter(a for a in normalised if a)
+    if len(normalised) == 1:
+        return {answer: 1.0 for answer in counts}
+    return {answer: _leave_one_out(count, len(normalised)) for answer, count in counts.items()}

@@ -305,21 +305,20 @@ def run_vqa(model: UniPerceiver, batches: Iterable[Batch], answers: Sequence[str
     best answer: its <|spe|> slot scored against the answer set, encoded once. A question without human answers is
     predicted but not scored (a note says how many)."""
     device = _evaluating(model)
-    predicted, humans, types, keys = [], [], [], []
+    best, scores, types, keys = [], [], [], []
     with autocast(device, precision):
         targets = model.answer_features(answers)
         for batch in batches:
             logits = model.vqa_logits(visual_input(batch, device), batch["text_ids"].to(device),
                                       batch["text_padding"].to(device), batch["slots"].to(device), targets)
-            predicted.append(logits.argmax(dim=-1))
-            humans.extend(batch["answers"])
+            chosen = [answers[i] for i in logits.argmax(dim=-1).tolist()]
+            best.extend(chosen)
+            scores.extend(vqa_accuracy(answer, given) if given else None
+                          for answer, given in zip(chosen, batch["answers"], strict=True))
             types.extend(batch["answer_types"])
             keys.extend(batch["keys"])
-    empty = torch.empty(0, dtype=torch.long)
-    parts = gather((torch.cat(predicted).cpu() if predicted else empty, humans, types, keys), ctx)
-    best = [answers[int(i)] for part in parts for i in part[0]]
-    humans, types, keys = ([x for part in parts for x in part[i]] for i in (1, 2, 3))
-    scores = [vqa_accuracy(answer, given) if given else None for answer, given in zip(best, humans, strict=True)]
+    parts = gather((best, scores, types, keys), ctx)  # each process scores its questions; the scores travel
+    best, scores, types, keys = ([x for part in parts for x in part[i]] for i in range(4))
     scored = [(score, kind) for score, kind in zip(scores, types, strict=True) if score is not None]
     if not scored:
         raise ValueError(f"none of the {len(keys)} evaluated questions has human answers to score against")

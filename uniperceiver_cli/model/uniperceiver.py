@@ -499,9 +499,10 @@ class UniPerceiver(nn.Module):
         """Visual question answering: the probabilities (B, A) of ``answers`` (strings, or their
         :meth:`answer_features`) to one ``question`` about each of the images (B, 3, H, W), preprocessed. The answer
         slot goes at the end of the question unless it holds one (<|spe|>); it is cut to ``max_len`` tokens (the
-        reference's 23)."""
-        prompt = question if "<|spe|>" in question else f"{question} <|spe|>"
-        ids = torch.tensor(cloze_ids(get_tokenizer().encode(prompt), max_len), device=self.device)
+        reference's 23; at most the model's ``max_text_len``)."""
+        tokenizer, limit = get_tokenizer(), min(max_len, self.config.max_text_len)
+        prompt = question if SPE_ID in tokenizer.encode(question) else f"{question} <|spe|>"
+        ids = torch.tensor(cloze_ids(tokenizer.encode(prompt), limit), device=self.device)
         ids = ids.expand(images.shape[0], -1)
         features = answers if isinstance(answers, torch.Tensor) else self.answer_features(answers)
         slots = (ids == SPE_ID).int().argmax(dim=1)
@@ -511,10 +512,10 @@ class UniPerceiver(nn.Module):
     def classify_text(self, prompts: Sequence[str], words: Sequence[str], *, max_len: int = 256) -> torch.Tensor:
         """Text classification as a cloze: the probabilities (N, C) of the label ``words`` (one token each) at the
         <|spe|> slot of each prompt (e.g. "a gripping film. It is <|spe|>." against "bad", "wonderful"); prompts are
-        cut around their slot to ``max_len`` tokens. Raises ValueError for a prompt without a slot or a word of
-        several tokens."""
-        tokenizer = get_tokenizer()
-        rows = [cloze_ids(tokenizer.encode(prompt), max_len) for prompt in prompts]
+        cut around their slot to ``max_len`` tokens (at most the model's ``max_text_len``). Raises ValueError for a
+        prompt without a slot or a word of several tokens."""
+        tokenizer, limit = get_tokenizer(), min(max_len, self.config.max_text_len)
+        rows = [cloze_ids(tokenizer.encode(prompt), limit) for prompt in prompts]
         ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
         for i, row in enumerate(rows):
             ids[i, :len(row)] = torch.tensor(row)

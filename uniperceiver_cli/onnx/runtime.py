@@ -261,10 +261,10 @@ class OnnxModel:
     def require_graph(self, graph: str) -> str:
         """``graph``, one of :data:`TASK_GRAPHS`, when the folder has it; else a one-line error saying why not."""
         if not _inside(self.folder, f"{graph}.onnx").is_file():
+            newer = _inside(self.folder, "word_encoder.onnx").is_file()  # exported with the task graphs
             why = ("its model is a mixture of experts: a VQA call routes the image and the question by two attribute "
                    "rows in one pass, and a graph holds one row's dense weights; answer questions with the PyTorch "
-                   "bundle" if graph == "vqa_encoder" else "it was exported before that graph existed; export the "
-                   "model again")
+                   "bundle" if newer else "it was exported before that graph existed; export the model again")
             raise OnnxModelError(f"{self.folder} has no {graph}.onnx: {why}")
         return graph
 
@@ -307,7 +307,7 @@ class OnnxModel:
             raise ValueError("visual question answering takes images (B, 3, S, S), not clips")
         graph = self.require_graph("vqa_encoder")
         targets = answers if isinstance(answers, np.ndarray) else self.encode_words(answers)
-        prompt = question if "<|spe|>" in question else f"{question} <|spe|>"
+        prompt = question if SPE_ID in self.tokenizer.encode(question) else f"{question} <|spe|>"
         feeds = {key: np.repeat(value, len(images), axis=0) for key, value in self._prompts([prompt], max_len).items()}
         query = self._run(graph, {"images": images, **feeds})[0]
         return softmax(query @ targets.T * np.float32(self.manifest.temperatures["downstream"]))

@@ -82,6 +82,7 @@ Few = Annotated[int, NUMBER, AfterValidator(Range(1, 4096))]  # accumulation, th
 Workers = Annotated[int, NUMBER, AfterValidator(Range(0, 1024))]
 Negatives = Annotated[int, NUMBER, AfterValidator(Range(0, LIMITS["vocab_size"]))]
 TextLength = Annotated[int, NUMBER, AfterValidator(Range(1, LIMITS["max_text_len"]))]  # also <= the model's
+PROMPT_LENGTHS = {"text_classification": 256, "vqa": 23}  # the reference's GLUE and VQA lengths, by task family
 Frames = Annotated[int, NUMBER, AfterValidator(Range(1, LIMITS["max_frames"]))]  # also <= the model's
 Seed = Annotated[int, NUMBER, AfterValidator(Range(0, 2**32 - 1))]  # numpy takes 32-bit seeds
 Positive = Annotated[float, NUMBER, AfterValidator(Range(0, low_open=True))]
@@ -161,7 +162,7 @@ class TaskSpec:
     label_smoothing: Probability = 0.0
     mixup: MixupSpec | None = None
     label_set: str | None = None  # which of the split's label sets to train on (default: its classes)
-    max_text_len: TextLength = 30
+    max_text_len: TextLength | None = None  # default: 30, or the type's prompt length (PROMPT_LENGTHS)
     num_frames: Frames = 8
     frame_stride: Stride = 32  # video: source frames between sampled frames at 30 fps (scaled by the video's fps)
     augment: bool = True  # the reference's random augmentation; False for synthetic data (ToyWorld)
@@ -192,7 +193,21 @@ class TaskSpec:
         kind = info.data.get("type")
         if targets != "sample" and kind is not None and TASKS[kind].family != "vqa":
             raise ValueError(f"sets VQA answer targets; {kind} is not a VQA task")
+        if targets == "soft" and info.data.get("label_smoothing"):
+            raise ValueError("soft answer targets are the scores themselves; label_smoothing does not apply")
         return targets
+
+    @field_validator("mixup")
+    @classmethod
+    def _classification_only(cls, mixup: MixupSpec | None, info: ValidationInfo) -> MixupSpec | None:
+        kind = info.data.get("type")
+        if mixup is not None and kind is not None and kind != "image_classification":
+            raise ValueError(f"mixes images of a classification batch; {kind} is not image classification")
+        return mixup
+
+    def __post_init__(self) -> None:
+        if self.max_text_len is None:
+            self.max_text_len = PROMPT_LENGTHS.get(TASKS[self.type].family, 30)
 
 
 @dataclass(config=STRICT)
@@ -283,7 +298,7 @@ class EvalTaskSpec:
     # score the masked tokens over those tokens only; without it, over the whole vocabulary).
     vocabulary: Literal["trained", "full"] = "trained"
     vocabulary_from: list[LocalPath] = field(default_factory=list)  # not with vocabulary: full (checked below)
-    max_text_len: TextLength = 50
+    max_text_len: TextLength | None = None  # default: 50, or the type's prompt length (PROMPT_LENGTHS)
     captions_per_item: Count | None = None  # retrieval: score only each item's first captions (None: all)
     num_frames: Frames = 8
     frame_stride: Stride = 32
@@ -296,6 +311,10 @@ class EvalTaskSpec:
         if folders and info.data.get("vocabulary") == "full":
             raise ValueError("names the tokens to decode over, and vocabulary: full says all of them: give one")
         return folders
+
+    def __post_init__(self) -> None:
+        if self.max_text_len is None:
+            self.max_text_len = PROMPT_LENGTHS.get(TASKS[self.type].family, 50)
 
 
 @dataclass(config=STRICT)
