@@ -78,6 +78,27 @@ def test_a_drawn_answer_follows_the_scores():
         decoder(_raw("what?", [[7, 1.0]], ["x"] * 10, Image.new("RGB", (32, 32))), rng)
 
 
+def test_bad_question_samples_are_counted_skips():
+    train = SampleDecoder(TASKS["vqa"], True, 32, 1, 1, 1, None, augment=False, answers=("red", "blue"))
+    evaluation = SampleDecoder(TASKS["vqa"], False, 32, 1, 1, 1, None, answers=("red", "blue"))
+    image, rng = Image.new("RGB", (32, 32)), random.Random(0)
+    raw = _raw("what colour?", [[0, 1.0]], ["red"] * 10, image)
+    for decoder in (train, evaluation):
+        with pytest.raises(Skip, match="bad json"):
+            decoder({**raw, "json": b"[1, 2]"}, rng)
+    for answers in (5, "red", [{"answer": "red"}]):
+        with pytest.raises(Skip, match="bad answers"):
+            evaluation(_raw("what colour?", [], answers, image), rng)
+    for targets in ([[1.5, 1.0]], [[0, 2.0]], [[0]], "0"):
+        with pytest.raises(Skip, match="bad answer targets"):
+            train(_raw("what colour?", targets, ["red"] * 10, image), rng)
+    assert evaluation(_raw("what?", [[7, 9.0]], ["red"] * 10, image), rng)["answers"] == ["red"] * 10  # unused
+    # special tokens in a question are dropped: its own slot, at the end, is the only one
+    sample = evaluation(_raw("what <|spe|> is <|endoftext|> this?", [], ["red"] * 10, image), rng)
+    assert sample["ids"].count(SPE_ID) == 1 and sample["ids"][-2:] == [SPE_ID, EOT_ID]
+    assert sample["ids"].count(EOT_ID) == 1
+
+
 def test_the_flip_swaps_left_and_right_in_the_image_question_and_answers():
     assert swap_left_right("is the circle on the left or the right? Left.") == \
         "is the circle on the right or the left? right."
