@@ -113,6 +113,8 @@ def test_the_flip_swaps_left_and_right_in_the_image_question_and_answers():
     assert kept["targets"] == [(0, 1.0), (2, 0.3), (3, 0.3)] and kept["input"][0, 0, 0] == 255
     assert flipped["targets"] == [(1, 1.0), (2, 0.3)]  # "left side" has no flipped answer: dropped
     assert flipped["input"][0, 0, -1] == 255 and flipped["input"][0, 0, 0] == 0  # the band is on the right
+    lone = decoder(_raw("where is the red band?", [[3, 1.0]], ["left side"] * 10, image), _Flip(True))
+    assert lone["targets"] == [(3, 1.0)] and lone["input"][0, 0, 0] == 255  # no mirror answer: not flipped
     from uniperceiver_cli.model.tokenizer import get_tokenizer
 
     assert get_tokenizer().decode(flipped["ids"][:-2]).strip() == "where is the red band , right or left ?"

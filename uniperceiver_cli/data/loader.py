@@ -301,7 +301,6 @@ class SampleDecoder:
             sample["input"] = views[0] if self.train else views
         return sample
 
-
     def _vqa(self, raw: dict[str, Any], rng: random.Random, sample: dict[str, Any]) -> dict[str, Any]:
         """A VQA sample: the image, the question's ids with its answer slot (``ids``), the answer targets (index,
         score) and, in training, one answer drawn in proportion to its score (``label``; a question none of whose
@@ -321,10 +320,10 @@ class SampleDecoder:
             sample["answer_type"] = str(meta.get("answer_type") or "")
         image = _image(raw)
         if self.flip and rng.random() < 0.5:
-            image, question = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), swap_left_right(question)
-            targets = [(self.flipped[i], score) for i, score in targets if self.flipped.get(i) is not None]
-            if not targets:
-                raise Skip("no answer in the answer set")
+            flipped = [(self.flipped[i], score) for i, score in targets if self.flipped.get(i) is not None]
+            if flipped:  # else none of its answers has its mirror image in the answer set: it stays as it is
+                image, question = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT), swap_left_right(question)
+                targets = flipped
         sample["ids"] = prompt_ids(f"{question} <|spe|>", self.max_text_len or 23)
         sample["input"] = self.image_transform(image)
         if self.train:

@@ -261,10 +261,10 @@ class OnnxModel:
     def require_graph(self, graph: str) -> str:
         """``graph``, one of :data:`TASK_GRAPHS`, when the folder has it; else a one-line error saying why not."""
         if not _inside(self.folder, f"{graph}.onnx").is_file():
-            newer = _inside(self.folder, "word_encoder.onnx").is_file()  # exported with the task graphs
+            moe = graph == "vqa_encoder" and _inside(self.folder, "word_encoder.onnx").is_file()  # the others there
             why = ("its model is a mixture of experts: a VQA call routes the image and the question by two attribute "
                    "rows in one pass, and a graph holds one row's dense weights; answer questions with the PyTorch "
-                   "bundle" if newer else "it was exported before that graph existed; export the model again")
+                   "bundle" if moe else "it was exported before that graph existed; export the model again")
             raise OnnxModelError(f"{self.folder} has no {graph}.onnx: {why}")
         return graph
 
