@@ -85,7 +85,7 @@ from uniperceiver_cli.data.transforms import build_image_transform, erasing_box
 from uniperceiver_cli.data.video import STRIDE, eval_clip, train_clip
 from uniperceiver_cli.model.config import IMAGENET_MEAN, IMAGENET_STD, SPE_ID, VIDEO_MEAN, VIDEO_STD
 from uniperceiver_cli.model.preprocess import VIDEO_NUM_CROPS
-from uniperceiver_cli.model.tokenizer import cloze_ids, get_tokenizer
+from uniperceiver_cli.model.tokenizer import cloze_ids, get_tokenizer, pad_rows
 from uniperceiver_cli.random_state import global_rng_state, python_state, set_global_rng_state
 from uniperceiver_cli.task_types import TASKS, TaskType
 from uniperceiver_cli.text_files import read_json
@@ -415,12 +415,7 @@ class Collate:
             ids, padding = _bucketed(ids, padding, self.text_multiple, self.max_text_len)
             batch["text_ids"], batch["text_padding"] = ids, padding
         if "ids" in samples[0]:  # text classification, VQA: prompts tokenized (and cut around their slot) per sample
-            lengths = torch.tensor([len(s["ids"]) for s in samples])
-            ids = torch.zeros(len(samples), int(lengths.max()), dtype=torch.long)
-            for row, sample in enumerate(samples):
-                ids[row, :len(sample["ids"])] = torch.tensor(sample["ids"])
-            padding = torch.arange(ids.shape[1]) >= lengths[:, None]
-            ids, padding = _bucketed(ids, padding, self.text_multiple, self.max_text_len)
+            ids, padding = _bucketed(*pad_rows([s["ids"] for s in samples]), self.text_multiple, self.max_text_len)
             batch["text_ids"], batch["text_padding"] = ids, padding
             batch["slots"] = (ids == SPE_ID).int().argmax(dim=1)  # each prompt's first <|spe|>: its answer's slot
         if "captions" in samples[0]:

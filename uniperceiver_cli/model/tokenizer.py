@@ -188,14 +188,7 @@ class Tokenizer:
         Returns:
             ``ids`` (B, L) int64, padded with 0, and ``padding`` (B, L) bool, True at the padded positions.
         """
-        import torch
-
-        rows = self.encode_many(texts, add_eot=add_eot, max_len=max_len)
-        lengths = torch.tensor([len(row) for row in rows], dtype=torch.long)
-        length = int(lengths.max()) if rows else 0
-        ids = torch.tensor([row + [0] * (length - len(row)) for row in rows], dtype=torch.long)
-        padding = torch.arange(length) >= lengths[:, None]  # (B, L)
-        return ids.reshape(len(rows), length), padding
+        return pad_rows(self.encode_many(texts, add_eot=add_eot, max_len=max_len))
 
     def _decodable(self, ids: Sequence[int] | np.ndarray | torch.Tensor, stop_at_eot: bool) -> list[int]:
         if hasattr(ids, "ndim"):  # a tensor or an array, told from a list without importing torch
@@ -247,6 +240,17 @@ class Tokenizer:
 
         return torch.tensor([self._backend.id_to_token(i).endswith("</w>") or i >= SOT_ID
                              for i in range(self.vocab_size)])
+
+
+def pad_rows(rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of token ids right-padded with 0 to the longest: ``ids`` (B, L) int64 and ``padding`` (B, L) bool, True
+    at the padded positions."""
+    import torch
+
+    lengths = torch.tensor([len(row) for row in rows], dtype=torch.long)
+    length = int(lengths.max()) if rows else 0
+    ids = torch.tensor([[*row, *[0] * (length - len(row))] for row in rows], dtype=torch.long)
+    return ids.reshape(len(rows), length), torch.arange(length) >= lengths[:, None]
 
 
 def cloze_ids(ids: list[int], max_len: int) -> list[int]:

@@ -19,7 +19,7 @@ from uniperceiver_cli.model.embeddings import TextEmbedding, VisualEmbedding
 from uniperceiver_cli.model.heads import SimilarityHead
 from uniperceiver_cli.model.layers import KV, Block, checkpointed_block
 from uniperceiver_cli.model.moe import GATES, ExpertLinear, FeatureGate, RouterLog, Routing, task_index
-from uniperceiver_cli.model.tokenizer import cloze_ids, get_tokenizer, label_word_ids
+from uniperceiver_cli.model.tokenizer import cloze_ids, get_tokenizer, label_word_ids, pad_rows
 
 VISUAL = Routing(("visual_input",))
 TEXT_TARGET = Routing(("text_target",))
@@ -515,11 +515,7 @@ class UniPerceiver(nn.Module):
         cut around their slot to ``max_len`` tokens (at most the model's ``max_text_len``). Raises ValueError for a
         prompt without a slot or a word of several tokens."""
         tokenizer, limit = get_tokenizer(), min(max_len, self.config.max_text_len)
-        rows = [cloze_ids(tokenizer.encode(prompt), limit) for prompt in prompts]
-        ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, :len(row)] = torch.tensor(row)
-        padding = torch.arange(ids.shape[1]) >= torch.tensor([len(row) for row in rows])[:, None]
+        ids, padding = pad_rows([cloze_ids(tokenizer.encode(prompt), limit) for prompt in prompts])
         targets = self.vocabulary_targets(torch.tensor(label_word_ids(words), device=self.device))
         slots = (ids == SPE_ID).int().argmax(dim=1)
         logits = self.cloze_logits(ids.to(self.device), padding.to(self.device), slots.to(self.device), targets)

@@ -134,6 +134,16 @@ class Manifest:
             raise OnnxModelError(f"{path} is malformed ({type(e).__name__}: {e})") from None
 
 
+def _pad(rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of token ids -> ids (B, L) int64 right-padded with 0 and padding (B, L) bool, as
+    ``tokenizer.pad_rows`` (without torch)."""
+    lengths = np.array([len(r) for r in rows])
+    padding = np.arange(lengths.max())[None] >= lengths[:, None]
+    ids = np.zeros(padding.shape, dtype=np.int64)
+    ids[~padding] = np.concatenate(rows)  # row-major: each row's ids fill its unpadded prefix
+    return ids, padding
+
+
 def _normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
@@ -208,12 +218,7 @@ class OnnxModel:
 
     def tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Texts -> ids (B, L) int64 right-padded with 0 and padding (B, L) bool, as ``Tokenizer.encode_batch``."""
-        rows = self.tokenizer.encode_many(texts, max_len=self.manifest.max_text_len)
-        lengths = np.array([len(r) for r in rows])
-        padding = np.arange(lengths.max())[None] >= lengths[:, None]
-        ids = np.zeros(padding.shape, dtype=np.int64)
-        ids[~padding] = np.concatenate(rows)  # row-major: each row's ids fill its unpadded prefix
-        return ids, padding
+        return _pad(self.tokenizer.encode_many(texts, max_len=self.manifest.max_text_len))
 
     def encode_tokens(self, ids: np.ndarray, padding: np.ndarray | None = None) -> np.ndarray:
         """Token ids (B, L) with padding (B, L, True at padded ids) -> L2-normalised target features (B, D)."""
@@ -280,11 +285,7 @@ class OnnxModel:
         from uniperceiver_cli.model.tokenizer import cloze_ids
 
         limit = min(max_len, self.manifest.max_text_len)
-        rows = [cloze_ids(self.tokenizer.encode(prompt), limit) for prompt in prompts]
-        lengths = np.array([len(r) for r in rows])
-        padding = np.arange(lengths.max())[None] >= lengths[:, None]
-        ids = np.zeros(padding.shape, dtype=np.int64)
-        ids[~padding] = np.concatenate(rows)
+        ids, padding = _pad([cloze_ids(self.tokenizer.encode(prompt), limit) for prompt in prompts])
         return {"ids": ids, "padding": padding, "slots": (ids == SPE_ID).argmax(axis=1).astype(np.int64)}
 
     def classify_text(self, prompts: Sequence[str], words: Sequence[str], *, max_len: int = 256) -> np.ndarray:
