@@ -345,6 +345,26 @@ def test_subset_is_class_balanced_and_shared(images: Path) -> None:
     assert sorted(keys) == sorted(key for _, key in subset)
 
 
+def test_a_caption_subset_draws_caption_pairs(images: Path) -> None:
+    """Caption and retrieval data: the fraction of (image, caption) pairs, as the reference draws them; an image comes
+    with the captions drawn for it, the same on every process."""
+    shards = sorted(str(p) for p in images.glob("shard-*.tar"))
+    subset = choose_subset(shards, 0.25, seed=3, balanced=False, captions=True)
+    assert sum(len(indices) for indices in subset.values()) == int(0.25 * 2 * NUM_IMAGES)  # 12 of 48 pairs
+    assert all(indices and set(indices) <= {0, 1} for indices in subset.values())
+    assert subset == choose_subset(shards, 0.25, seed=3, balanced=False, captions=True)
+    chosen = {key: indices for (_, key), indices in subset.items()}
+    for rank in range(2):
+        loader = make_loader(images, task="image_caption", train=True, batch_size=2, image_size=SIZE, subset=0.25,
+                             seed=3, rank=rank, world_size=2, augment=False)
+        assert loader.subset == subset
+        for batch in loader:
+            for key, captions in zip(batch["keys"], batch["captions"], strict=True):
+                assert captions == [_captions(_index(key))[i] for i in chosen[key]]
+    evaluation = make_loader(images, task="image_caption", train=False, batch_size=24, image_size=SIZE)
+    assert all(len(c) == 2 for c in next(iter(evaluation))["captions"])  # no subset: every caption
+
+
 def test_bad_samples_are_skipped_and_counted(tmp_path: Path) -> None:
     images = [Sample(f"i{i}", image=_image_bytes(i, "JPEG"), label=0, meta=_meta(i)) for i in range(7)]
     images[2].image = b"not an image"

@@ -92,6 +92,8 @@ from uniperceiver_cli.text_files import read_json
 
 SKIPPED = "__skipped__"  # per-batch skip counts travelling from the workers to the main process
 POSITION = "__position__"  # where a batch leaves its worker's stream (ShardStream.position), for resuming
+CAPTIONS = "__captions__"  # a raw sample's caption indices in a caption-pair subset
+Subset = dict[tuple[str, str], tuple[int, ...] | None]  # (shard file name, key) -> its chosen captions (None: all)
 UNREADABLE_SHARD = "unreadable shard"
 UNREADABLE_MEMBER = "unreadable member"
 
@@ -215,6 +217,8 @@ def _label(raw: dict[str, Any], label_set: str | None) -> int:
 
 def _captions(raw: dict[str, Any]) -> list[str]:
     captions = sample_json(raw).get("captions") or [sample_text(raw)]
+    if CAPTIONS in raw:  # a caption-pair subset: the captions drawn for this item
+        captions = [captions[i] for i in raw[CAPTIONS] if i < len(captions)]
     captions = [" ".join(str(caption).split()) for caption in captions]
     captions = [caption for caption in captions if caption]
     if not captions:
@@ -818,7 +822,7 @@ class ShardStream(IterableDataset):
 
     def __init__(self, shards: Sequence[Shard], decoder: SampleDecoder, collate: Collate, *, batch_size: int,
                  train: bool, seed: int, epochs: int | None, shuffle_buffer: int,
-                 subset: frozenset[tuple[str, str]] | None, rank: int, world_size: int,
+                 subset: Subset | None, rank: int, world_size: int,
                  stream_timeout: float) -> None:
         super().__init__()
         self.shards, self.decoder, self.collate = list(shards), decoder, collate
@@ -851,8 +855,12 @@ class ShardStream(IterableDataset):
         order = self.epoch_order(epoch)
         mine = order[reader::readers] if split_shards else order
         for sample in read_shards(mine, shard_skips, members, timeout=self.stream_timeout):
-            if self.subset is not None and (Path(sample["__url__"]).name, sample["__key__"]) not in self.subset:
-                continue
+            if self.subset is not None:
+                entry = (Path(sample["__url__"]).name, sample["__key__"])
+                if entry not in self.subset:
+                    continue
+                if self.subset[entry] is not None:
+                    sample[CAPTIONS] = self.subset[entry]
             seen[0] += 1
             if split_shards or (seen[0] - 1) % readers == reader:
                 yield sample
@@ -972,7 +980,7 @@ class ShardLoader:
 
     Attributes:
         skipped: reason -> count of the samples and shards skipped so far, over every iteration.
-        subset: the ``(shard file name, key)`` pairs of the 1% subset, or None.
+        subset: the ``(shard file name, key)`` pairs of the 1% subset (each with its chosen captions), or None.
         batches: batches handed out so far.
     """
 
@@ -1044,12 +1052,15 @@ def shard_stats(url: str) -> dict[str, Any]:
     return read_json(path, "shard stats file")
 
 
-def choose_subset(shard_urls: Sequence[str], fraction: float, seed: int, *,
-                  balanced: bool) -> frozenset[tuple[str, str]]:
-    """The reference's 1%-data subset as ``(shard file name, key)`` pairs, drawn once from ``seed`` (the same in
-    every process) from the local shards' stats files (``keys``, ``labels``): ``balanced``, ``int(fraction * n_c)
-    + 1`` samples of each class (classification), else ``int(fraction * N)`` of all. ValueError on a fraction
-    outside (0, 1], a missing stats file, unlabelled samples in a balanced draw, or an empty subset."""
+def choose_subset(shard_urls: Sequence[str], fraction: float, seed: int, *, balanced: bool,
+                  captions: bool = False) -> Subset:
+    """The reference's 1%-data subset, drawn once from ``seed`` (the same in every process) from the local shards'
+    stats files (``keys``, ``labels``): ``balanced``, ``int(fraction * n_c) + 1`` samples of each class
+    (classification); with ``captions``, ``int(fraction * P)`` of the P (item, caption) pairs, as the reference draws
+    its caption and retrieval data (an item enters with the captions drawn for it); else ``int(fraction * N)`` of
+    all samples. Returns the chosen ``(shard file name, key)`` pairs, each with its chosen caption indices (None:
+    the sample as it is). ValueError on a fraction outside (0, 1], a missing stats file, unlabelled samples in a
+    balanced draw, or an empty subset."""
     if not 0 < fraction <= 1:
         raise ValueError(f"subset must be a fraction in (0, 1], got {fraction}")
     entries: list[tuple[str, str]] = []
@@ -1062,21 +1073,45 @@ def choose_subset(shard_urls: Sequence[str], fraction: float, seed: int, *,
         entries += [(Path(url).name, key) for key in stats["keys"]]
         labels += stats["labels"]
     rng = random.Random(seed)
+    chosen: Subset = {}
     if balanced:
         if any(label is None for label in labels):
             raise ValueError("a class-balanced subset needs a label for every sample; the shards have unlabelled ones")
         by_class: dict[int, list[tuple[str, str]]] = defaultdict(list)
         for entry, label in zip(entries, labels, strict=True):
             by_class[label].append(entry)
-        chosen = []
         for label in sorted(by_class):
             members = by_class[label]
-            chosen += rng.sample(members, min(len(members), int(fraction * len(members)) + 1))
+            chosen.update(dict.fromkeys(rng.sample(members, min(len(members), int(fraction * len(members)) + 1))))
+    elif captions:
+        counts = {entry: count for url in shard_urls for entry, count in _caption_counts(url).items()}
+        pairs = [(entry, i) for entry in entries for i in range(counts.get(entry, 1))]
+        picked: dict[tuple[str, str], list[int]] = defaultdict(list)
+        for entry, i in rng.sample(pairs, int(fraction * len(pairs))):
+            picked[entry].append(i)
+        chosen = {entry: tuple(sorted(indices)) for entry, indices in sorted(picked.items())}
     else:
-        chosen = rng.sample(entries, int(fraction * len(entries)))
+        chosen = dict.fromkeys(rng.sample(entries, int(fraction * len(entries))))
     if not chosen:
         raise ValueError(f"a {fraction} subset of {len(entries)} samples is empty")
-    return frozenset(chosen)
+    return chosen
+
+
+def _caption_counts(url: str) -> dict[tuple[str, str], int]:
+    """How many captions each sample of a local shard holds (its json's ``captions``; 1 without), read from the
+    json members only."""
+    counts = {}
+    with tarfile.open(url) as tar:
+        for member in tar:
+            key, _, ext = member.name.partition(".")
+            if member.isfile() and ext == "json":
+                try:
+                    meta = json.loads(tar.extractfile(member).read())
+                except ValueError:
+                    continue  # the loader skips it as "bad json"
+                found = meta.get("captions") if isinstance(meta, dict) else None
+                counts[(Path(url).name, key)] = len(found) if isinstance(found, list) and found else 1
+    return counts
 
 
 # ---------------------------------------------------------------------------------------------------- entry
@@ -1201,7 +1236,8 @@ def make_loader(
             require_streaming(shard.url)
     chosen = None
     if subset is not None:
-        chosen = choose_subset([s.url for s in shards], subset, seed, balanced=kind.family == "classification")
+        chosen = choose_subset([s.url for s in shards], subset, seed, balanced=kind.family == "classification",
+                               captions=kind.family in ("caption", "retrieval"))
         holding = {name for name, _ in chosen}
         shards = [s for s in shards if Path(s.url).name in holding]  # read only the shards the subset draws from
     text_len = max_text_len or {"mlm": 128, "text_classification": 256, "vqa": 23}.get(kind.family, 30)
