@@ -361,6 +361,9 @@ def test_a_caption_subset_draws_caption_pairs(images: Path) -> None:
         for batch in loader:
             for key, captions in zip(batch["keys"], batch["captions"], strict=True):
                 assert captions == [_captions(_index(key))[i] for i in chosen[key]]
+    by_item = make_loader(images, task="image_caption", train=True, batch_size=2, image_size=SIZE, subset=0.25,
+                          seed=3, subset_by="item").subset  # the reference's COCO: images with all their captions
+    assert len(by_item) == 6 and set(by_item.values()) == {None}
     evaluation = make_loader(images, task="image_caption", train=False, batch_size=24, image_size=SIZE)
     assert all(len(c) == 2 for c in next(iter(evaluation))["captions"])  # no subset: every caption
 

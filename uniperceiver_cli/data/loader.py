@@ -1174,6 +1174,7 @@ def make_loader(
     pin_memory: bool = False,
     text_multiple: int = 1,
     answers: Sequence[str] = (),
+    subset_by: str = "caption",
 ) -> ShardLoader:
     """A streaming loader of task batches from WebDataset shards.
 
@@ -1212,6 +1213,7 @@ def make_loader(
         text_multiple: pad texts to a multiple of this many tokens (at most ``max_text_len``), for a compiled
             model.
         answers: VQA: the answer set (the split's classes), needed to size the answer scores and to flip.
+        subset_by: captioning and retrieval subsets: of the (item, caption) pairs ("caption") or of the items.
 
     Returns:
         A :class:`ShardLoader` of :class:`Batch` dicts.
@@ -1237,7 +1239,7 @@ def make_loader(
     chosen = None
     if subset is not None:
         chosen = choose_subset([s.url for s in shards], subset, seed, balanced=kind.family == "classification",
-                               captions=kind.family in ("caption", "retrieval"))
+                               captions=subset_by == "caption" and kind.family in ("caption", "retrieval"))
         holding = {name for name, _ in chosen}
         shards = [s for s in shards if Path(s.url).name in holding]  # read only the shards the subset draws from
     text_len = max_text_len or {"mlm": 128, "text_classification": 256, "vqa": 23}.get(kind.family, 30)

@@ -232,7 +232,8 @@ def _setup(recipe: Recipe, run_dir: Path, resume: str | None, ctx: Context) -> _
                                  num_workers=workers[name], epochs=None, label_set=t.spec.label_set,
                                  augment=t.spec.augment, frame_stride=t.spec.frame_stride,
                                  rank=ctx.rank, world_size=ctx.world_size, pin_memory=ctx.device.type == "cuda",
-                                 text_multiple=TEXT_MULTIPLE if spec.compile else 1, answers=t.answers)
+                                 text_multiple=TEXT_MULTIPLE if spec.compile else 1, answers=t.answers,
+                                 subset_by=t.spec.subset_by)
                for name, t in tasks.items()}
     generator = torch.Generator().manual_seed(seed + 1)
     state = _restore(checkpoint, client, ctx, loaders, generator, spec.accumulation)

@@ -172,12 +172,23 @@ class TaskSpec:
     negatives: Negatives = 1024
     mask_probability: Probability = 0.15  # text_mlm: whole-word masking rate (80% <|spe|>, 10% random, 10% kept)
     subset: Fraction | None = None  # a fraction of the data (prompt tuning's 1%), chosen once from the seed
+    # Captioning and retrieval: the subset draws (item, caption) pairs (the reference's MSVD) or items with all their
+    # captions (its COCO and Flickr30k).
+    subset_by: Literal["caption", "item"] = "caption"
     # Retrieval under several processes: every process's features serve as negatives (the reference's
     # FEATURE_GATHER, on in its retrieval fine-tuning), without gradient through the other processes'.
     gather_negatives: bool = False
     # VQA: train on one answer drawn in proportion to the answers' scores (the reference's single-class mode), or
     # on every answer at once, its score normalised into a target distribution ("soft").
     answer_targets: Literal["sample", "soft"] = "sample"
+
+    @field_validator("subset_by")
+    @classmethod
+    def _captioned_only(cls, unit: str, info: ValidationInfo) -> str:
+        kind = info.data.get("type")
+        if unit != "caption" and kind is not None and TASKS[kind].family not in ("caption", "retrieval"):
+            raise ValueError(f"chooses how a captioned split is drawn; {kind} is not captioning or retrieval")
+        return unit
 
     @field_validator("gather_negatives")
     @classmethod
