@@ -328,6 +328,32 @@ def true_recall(run: Path, task: str, folder: str) -> float | None:
     return toyworld.true_caption_recall(best, _metas(DATA / folder))
 
 
+def per_sample(predictions: Path, metric: str) -> dict[str, float]:
+    """Each test sample's share of a metric, from an evaluation's predictions.jsonl, so that the metric is their mean
+    and a bootstrap can resample them: acc@1 and i2t_R@1 as 100 or 0 (the top label, the top text right or not),
+    CIDEr as each image's own CIDEr-D (x100; the corpus CIDEr is their mean, the document frequencies those of
+    the whole test split). ValueError for another metric."""
+    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+    if metric == "acc@1":
+        return {row["key"]: 100.0 * (row["top"][0]["label"] == row["label"]) for row in rows}
+    if metric == "i2t_R@1":
+        return {row["key"]: 100.0 * bool(row["correct"]) for row in rows}
+    if metric != "CIDEr":
+        raise ValueError(f"no per-sample form of {metric}")
+    import contextlib
+    import io
+
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        tokenizer = PTBTokenizer()
+        gts = tokenizer.tokenize({row["key"]: [{"caption": c} for c in row["references"]] for row in rows})
+        res = tokenizer.tokenize({row["key"]: [{"caption": row["caption"]}] for row in rows})
+        _, scores = Cider().compute_score(gts, res)
+    return {key: 100.0 * float(score) for key, score in zip(gts, scores, strict=True)}
+
+
 @functools.cache
 def _metas(folder: Path) -> dict[str, dict]:
     """A split's sample metas, read from its shards once per report."""
@@ -508,7 +534,8 @@ def moe_section(p: Plan, demo: Path, plots: Path, rel: str) -> list[str]:
         "## 2. Dense against attribute-routed MoE", "",
         "The MoE paper: conditional MoE beats the dense model without tuning (ImageNet 79.2 → 80.3, MSVD "
         f"captioning 22.6 → 23.4). Here: `toyworld-tiny` against `toyworld-tiny-moe` (4 experts, top-2, in layers "
-        f"0 and 2 of 3; attention and MLP linears), {p.steps(MOE_STEPS):,} steps each, seeds 0 and 1 (dense seed 0 "
+        f"0 and 2 of 3; attention and MLP linears), {p.steps(PRETRAIN_STEPS):,} steps each, seeds 0 and 1 "
+        "(dense seed 0 "
         "is the demo's model). Equal active compute: attribute routing merges the two chosen experts' weights "
         "per segment, so each token goes through one linear of the dense model's size (the merge itself is the "
         "extra cost, docs/performance.md). Mean ± half the range over the two seeds, the two values in brackets; "

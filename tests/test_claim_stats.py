@@ -4,6 +4,7 @@ false-positive rate under the null by simulation: at or below its nominal level,
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -137,3 +138,29 @@ def test_gradient_cosines_by_hand():
 
     names = interference.fc2_weights(UniPerceiver(get_config("tiny-moe", image_size=32)))
     assert names == [f"blocks.{i}.mlp.fc2.weight" for i in range(3)]
+
+
+def test_per_sample_metrics_average_to_the_reported_ones(tmp_path):
+    spec_ = importlib.util.spec_from_file_location("claims_page", BENCHMARKS / "claims.py")
+    claims = importlib.util.module_from_spec(spec_)
+    sys.modules["claims_page"] = claims  # its dataclasses look their module up
+    spec_.loader.exec_module(claims)
+    rows = [{"key": "a", "label": "red", "top": [{"label": "red", "prob": 0.9}]},
+            {"key": "b", "label": "blue", "top": [{"label": "red", "prob": 0.6}]}]
+    (tmp_path / "cls.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert claims.per_sample(tmp_path / "cls.jsonl", "acc@1") == {"a": 100.0, "b": 0.0}
+    rows = [{"key": "a", "best_text": "x", "correct": True}, {"key": "b", "best_text": "y", "correct": False}]
+    (tmp_path / "ret.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert claims.per_sample(tmp_path / "ret.jsonl", "i2t_R@1") == {"a": 100.0, "b": 0.0}
+    from uniperceiver_cli.evaluate.metrics import caption_metrics
+
+    refs = {"a": ["a red circle on the left", "there is a red circle"], "b": ["a blue star at the top", "a star"],
+            "c": ["a green square", "the square is green"]}
+    captions = {"a": "a red circle on the left", "b": "a blue square", "c": "a green square"}
+    rows = [{"key": k, "caption": captions[k], "references": refs[k]} for k in refs]
+    (tmp_path / "cap.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cider = claims.per_sample(tmp_path / "cap.jsonl", "CIDEr")
+    assert set(cider) == set(refs) and cider["a"] > cider["b"]
+    assert np.mean(list(cider.values())) == pytest.approx(caption_metrics(captions, refs)["CIDEr"], rel=1e-9)
+    with pytest.raises(ValueError, match="no per-sample form of BLEU-4"):
+        claims.per_sample(tmp_path / "cap.jsonl", "BLEU-4")
