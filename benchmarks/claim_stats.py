@@ -12,6 +12,7 @@ the old page's rule ("a difference larger than the larger half-range of two seed
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -22,14 +23,20 @@ POWER = 0.8
 
 
 def welch(a: Sequence[float], b: Sequence[float]) -> float:
-    """The two-sided p-value of Welch's t-test of equal means (unequal variances). Arms without any spread: 1.0
-    when their means are equal, 0.0 when not."""
+    """The two-sided p-value of Welch's t-test of equal means (unequal variances). Arms without any spread (up to
+    rounding): 1.0 when their means are equal, 0.0 when not."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if len(a) < 2 or len(b) < 2:
         raise ValueError(f"Welch's test needs at least 2 values per arm, got {len(a)} and {len(b)}")
-    if a.var() == 0 and b.var() == 0:
-        return 1.0 if a.mean() == b.mean() else 0.0
-    return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    if _constant(a) and _constant(b):  # also equal up to rounding (means of equal metrics)
+        return 1.0 if math.isclose(a.mean(), b.mean(), rel_tol=1e-9, abs_tol=1e-9) else 0.0
+    with warnings.catch_warnings():  # one arm without spread: scipy warns of precision, its variance is just 0
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def _constant(x: np.ndarray) -> bool:
+    return float(np.ptp(x)) <= 1e-9 * max(1.0, float(np.abs(x).max()))
 
 
 def permutation(a: Sequence[float], b: Sequence[float]) -> float:
