@@ -1,14 +1,17 @@
 """The reports of `make demo` (benchmarks/demo_targets.py) and `make claims` (benchmarks/claims.py) on made-up
 runs: the rows, the targets met and missed, the true-caption R@1, the claims' arithmetic and commands."""
 
+import dataclasses
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from uniperceiver_cli.data import loader
 from uniperceiver_cli.data.shards import read_metas
 from uniperceiver_cli.data.toyworld import generate
 
@@ -71,6 +74,31 @@ def test_claims_share_verdicts() -> None:
     assert claims.share_verdict((0.3, 0.2, 0.4), paper=0.8) == "does not agree (significant): recovers less"
     assert claims.share_verdict((0.5, 0.3, 0.6), paper=0.09) == "does not agree (significant): recovers more"
     assert claims.share_verdict((0.5, -0.4, 0.9), paper=0.8) == "not resolved at this power (interval -40% to 90%)"
+    # wide but wholly on one side: still significant; fitted to nothing while recovering less: the scale's evidence
+    assert claims.share_verdict((-4.8, -17.4, -1.8), paper=0.09) == "does not agree (significant): recovers less"
+    assert (claims.share_verdict((-4.8, -17.4, -1.8), paper=0.09, memorized="fits 21 clips")
+            == "not reproduced at this scale: fits 21 clips")
+    assert claims.share_verdict((0.5, 0.3, 0.6), paper=0.09, memorized="fits 21 clips").startswith("does not agree")
+
+
+def test_claims_final_loss_and_subset_size(tmp_path: Path, world: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "metrics.jsonl").write_text('{"step": 10, "motion_classification/loss": 1.5}\n{"step": 20, "lr": 0.1}\n'
+                                            '{"step": 30, "motion_classification/loss": 0.25, "grad_norm": 2.0}\n')
+    assert claims.final_loss(tmp_path, "motion_classification") == 0.25
+    assert claims.final_loss(tmp_path, "video_captioning") is None
+    assert claims.final_loss(tmp_path / "missing", "motion_classification") is None
+    monkeypatch.setattr(claims, "DATA", world)
+    motion, caption = (next(t for t in claims.TUNED if t.name == name) for name in ("motion", "video-caption"))
+    labels = json.loads((world / "videos" / "train" / "manifest.json").read_text())["classes"]
+    assert claims.subset_size(motion) == f"{len(labels)} clips"  # int(0.01 n_c) + 1 = 1 clip of each motion
+    assert claims.subset_size(caption) == "none (a 0.01 subset of 24 samples is empty)"
+    recipe = claims._recipe("toyworld-tiny-prompt-tune-video-caption")
+    half = dataclasses.replace(recipe, tasks=[dataclasses.replace(recipe.tasks[0], subset=0.5)])
+    monkeypatch.setattr(claims, "_recipe", lambda name: half)
+    shards = sorted((world / "videos" / "train").glob("*.tar"))
+    pairs = sum(sum(loader._caption_counts(str(url)).values()) for url in shards)
+    found = re.fullmatch(r"(\d+) pairs over (\d+) clips", claims.subset_size(caption))
+    assert found and int(found[1]) == pairs // 2 and pairs // 2 / 4 <= int(found[2]) <= 24  # 2 to 4 captions a clip
 
 
 def test_claims_plan_searches_then_runs_the_seeds(tmp_path: Path) -> None:
@@ -152,8 +180,8 @@ def test_claims_page_from_made_up_runs(tmp_path: Path, world: Path, monkeypatch:
     # clips (resampled) lies above Kinetics' 9%
     row = next(line for line in page.splitlines() if line.startswith("| motion classification"))
     assert row == ("| motion classification (seen), acc@1 | 0.0 | 60.0 ± 0.0 (3) | 80.0 ± 0.0 (3) | 100.0 ± 0.0 (3) | "
-                   "60% [30, 90] | 80% [50, 100] | K400 acc@1: 74.5 / 74.8 / 77.7, 9% | does not agree (significant): "
-                   "recovers more |")
+                   "60% [30, 90] | 80% [50, 100] | 7 clips; prompt-tune -, finetune - | "
+                   "K400 acc@1: 74.5 / 74.8 / 77.7, 9% | does not agree (significant): recovers more |")
     assert "| video captioning (unseen), CIDEr | 50.0 | 50.0 ± 0.0 (3) |" in page  # no predictions: no share
     # MLM, MoE 5 points better over 5 seeds of sd 0.8: significant after Holm over the 5 primary metrics
     row = next(line for line in page.splitlines() if line.startswith("| MLM masked acc |"))
