@@ -31,7 +31,7 @@ demo: install
 	$(BIN)/python benchmarks/demo_targets.py runs/toyworld-tiny --seconds $$(( $$(date +%s) - start ))
 
 # The papers' claims at ToyWorld scale: tuning, dense against MoE, routing levels (72 minutes on 2 cores;
-# reuses `make demo`'s run when it is current). Writes docs/claims.md and its plots in docs/claims/.
+# reuses `make demo`'s run when it is current). Writes docs/claims.md.
 claims: install
 	$(BIN)/pip install --quiet -e ".[claims]"
 	$(BIN)/uniperceiver prepare-data toyworld --out data/toyworld --workers 2

@@ -643,7 +643,7 @@ def report(p: Plan, out: Path, chosen: dict[str, float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=Path, default=Path("runs/claims"), help="where the runs go")
-    parser.add_argument("--out", type=Path, default=Path("docs/claims.md"), help="the page (plots beside it)")
+    parser.add_argument("--out", type=Path, default=Path("docs/claims.md"), help="the page")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every run's steps (smoke runs)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate about this many samples a task (smoke runs)")
     parser.add_argument("--report-only", action="store_true", help="write the page from the runs done")
