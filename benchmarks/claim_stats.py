@@ -96,7 +96,9 @@ def share_interval(zero: np.ndarray, tuned: np.ndarray, full: np.ndarray, *, res
     Returns:
         The estimate on the data as it is, and the interval's bounds. Resampling the seeds as well as the samples
         counts the samples' noise within each seed's mean twice, so the interval errs wide (up to sqrt(2)). A draw
-        where fine-tuning gains nothing has no share and is left out; the interval is then over the others.
+        where fine-tuning gains nothing has no share and is left out; where more draws than the interval's tail
+        are such (fine-tuning's gain itself is not significant), or the data's own gain is not positive, the
+        interval is unbounded, (-inf, inf): a share of nothing is not estimated.
     """
     zero, tuned, full = np.asarray(zero, float), np.atleast_2d(tuned).astype(float), np.atleast_2d(full).astype(float)
     n = zero.shape[0]
@@ -111,11 +113,10 @@ def share_interval(zero: np.ndarray, tuned: np.ndarray, full: np.ndarray, *, res
     t = np.stack([tuned[s][:, i].mean() for s, i in zip(tuned_seeds, samples, strict=True)])
     f = np.stack([full[s][:, i].mean() for s, i in zip(full_seeds, samples, strict=True)])
     gain = f - z
-    shares = ((t - z) / np.where(gain == 0, np.nan, gain))[gain != 0]
-    if not len(shares):
-        raise ValueError("fine-tuning gains nothing over zero-shot in any draw: there is no share to estimate")
     tail = 100 * (1 - level) / 2
-    low, high = np.percentile(shares, [tail, 100 - tail])
+    if full.mean() <= zero.mean() or 100 * np.mean(gain <= 0) > tail:  # the gain itself is not significant
+        return estimate, -math.inf, math.inf
+    low, high = np.percentile((t - z)[gain > 0] / gain[gain > 0], [tail, 100 - tail])
     return estimate, float(low), float(high)
 
 

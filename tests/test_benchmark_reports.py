@@ -104,8 +104,12 @@ def test_claims_final_loss_and_subset_size(tmp_path: Path, world: Path, monkeypa
 def test_claims_plan_searches_then_runs_the_seeds(tmp_path: Path) -> None:
     search = claims.plan(tmp_path, scale=0.01, limit=8)
     keys = [job.key for job in search.jobs]
-    assert keys[0] == "demo" and len(keys) == 1 + 4 * 4  # 4 tasks x 2 methods x 2 rates
+    assert keys[:2] == ["demo", "zero-shot-video-caption"] and len(keys) == 2 + 4 * 4  # 4 tasks x 2 methods x 2 rates
     jobs = {job.key: job for job in search.jobs}
+    zero = jobs["zero-shot-video-caption"].argv  # the demo's captions again, over the tokens the tuned runs decode over
+    assert zero[:3] == ["evaluate", "--model", str(tmp_path / "demo")]
+    assert [zero[i + 1] for i, a in enumerate(zero) if a == "--vocabulary-from"] == [
+        str(claims.DATA / folder) for folder in ("images/train", "text/train", "videos/train")]
     pt = jobs["search-prompt-tune-video-caption-0.003"].recipe
     ft = jobs["search-finetune-video-caption-0.0001"].recipe
     for recipe in (pt, ft):  # compute-matched: the same steps, batch, warm-up and clipping
@@ -182,7 +186,9 @@ def test_claims_page_from_made_up_runs(tmp_path: Path, world: Path, monkeypatch:
     assert row == ("| motion classification (seen), acc@1 | 0.0 | 60.0 ± 0.0 (3) | 80.0 ± 0.0 (3) | 100.0 ± 0.0 (3) | "
                    "60% [30, 90] | 80% [50, 100] | 7 clips; prompt-tune -, finetune - | "
                    "K400 acc@1: 74.5 / 74.8 / 77.7, 9% | does not agree (significant): recovers more |")
-    assert "| video captioning (unseen), CIDEr | 50.0 | 50.0 ± 0.0 (3) |" in page  # no predictions: no share
+    # video captioning's zero-shot: the zero-shot evaluation's (4.0), not the demo's own; no predictions: no share
+    assert "| video captioning (unseen), CIDEr | 4.0 | 50.0 ± 0.0 (3) | 50.0 ± 0.0 (3) | 50.0 ± 0.0 (3) | - | - |" \
+        in page
     # MLM, MoE 5 points better over 5 seeds of sd 0.8: significant after Holm over the 5 primary metrics
     row = next(line for line in page.splitlines() if line.startswith("| MLM masked acc |"))
     assert "| 50.0 ± 0.8 (5) | 55.0 ± 0.8 (5) | +5.00 |" in row and row.endswith("| agrees |")

@@ -81,8 +81,16 @@ def test_share_interval():
     assert exact == pytest.approx((0.25, 0.25, 0.25))
     with pytest.raises(ValueError, match="the same 2000 test samples"):
         claim_stats.share_interval(zero, tuned[:, :10], full)
-    with pytest.raises(ValueError, match="gains nothing"):
-        claim_stats.share_interval(zero, tuned, zero[None], resamples=10)
+    # fine-tuning gains nothing, or too little to tell from noise: no share, an unbounded interval
+    nothing = claim_stats.share_interval(zero, tuned, zero[None], resamples=10)
+    assert math.isnan(nothing[0]) and nothing[1:] == (-math.inf, math.inf)
+    worse = claim_stats.share_interval(zero + 0.5, tuned, zero[None] + 0.4, resamples=10)  # fine-tuning loses
+    assert worse[1:] == (-math.inf, math.inf)
+    alternate = np.tile([0.0, 1.0], 20)
+    slight = alternate.copy()
+    slight[[0, 2, 1]] = (1.0, 1.0, 0.0)  # fine-tuning: 2 samples right more, 1 less, of 40
+    estimate, *bounds = claim_stats.share_interval(alternate, np.tile(alternate, (3, 1)), slight[None])
+    assert estimate == 0.0 and bounds == [-math.inf, math.inf]  # the resamples' gain is often not positive
 
 
 def test_each_rule_keeps_its_false_positive_rate_under_the_null():

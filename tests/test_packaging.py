@@ -64,5 +64,5 @@ def test_shell_completion_is_on_and_completes_recipe_names() -> None:
     env = {"_UNIPERCEIVER_COMPLETE": "complete_bash", "COMP_WORDS": "uniperceiver pretrain --recipe toyworld-tiny-p",
            "COMP_CWORD": "3"}
     done = runner.invoke(app, [], env=env, prog_name="uniperceiver")
-    assert set(done.output.split()) == {"toyworld-tiny-prompt-tune-video-caption",
-                                        "toyworld-tiny-prompt-tune-video-retrieval"}
+    assert set(done.output.split()) == {f"toyworld-tiny-prompt-tune-{task}" for task in
+                                        ("image-caption", "motion", "video-caption", "video-retrieval")}

@@ -361,6 +361,22 @@ def test_a_caption_subset_draws_caption_pairs(images: Path) -> None:
         for batch in loader:
             for key, captions in zip(batch["keys"], batch["captions"], strict=True):
                 assert captions == [_captions(_index(key))[i] for i in chosen[key]]
+    # resumed: the samples in the shuffle buffer, read again for their members, keep their drawn captions
+    def endless() -> ShardLoader:
+        return make_loader(images, task="image_caption", train=True, batch_size=2, image_size=SIZE, subset=0.25,
+                           seed=3, epochs=None, shuffle_buffer=6, augment=False)
+
+    first = endless()
+    stream = iter(first)
+    for _ in range(7):
+        next(stream)
+    again = endless()
+    again.restore(first.state())
+    resumed = list(islice(again, 8))
+    assert [b["keys"] for b in resumed] == [next(stream)["keys"] for _ in range(8)]
+    for batch in resumed:
+        for key, captions in zip(batch["keys"], batch["captions"], strict=True):
+            assert captions == [_captions(_index(key))[i] for i in chosen[key]]
     by_item = make_loader(images, task="image_caption", train=True, batch_size=2, image_size=SIZE, subset=0.25,
                           seed=3, subset_by="item").subset  # the reference's COCO: images with all their captions
     assert len(by_item) == 6 and set(by_item.values()) == {None}

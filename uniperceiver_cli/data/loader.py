@@ -965,7 +965,10 @@ class ShardStream(IterableDataset):
                     filled[(sample["__url__"], sample["__key__"])] = sample
         if key not in filled:
             raise Skip(UNREADABLE_MEMBER)
-        return filled.pop(key)
+        sample = filled.pop(key)
+        if CAPTIONS in raw:  # a caption-pair subset's draw, made when the sample was first met
+            sample[CAPTIONS] = raw[CAPTIONS]
+        return sample
 
 
 def _is_position(worker: Any, position: Any, num_workers: int) -> bool:
@@ -1103,8 +1106,8 @@ def _caption_counts(url: str) -> dict[tuple[str, str], int]:
     counts = {}
     with tarfile.open(url) as tar:
         for member in tar:
-            key, _, ext = member.name.partition(".")
-            if member.isfile() and ext == "json":
+            key, ext = base_plus_ext(member.name)  # as the stream groups members into samples
+            if member.isfile() and key is not None and (ext or "").lower() == "json":
                 try:
                     meta = json.loads(tar.extractfile(member).read())
                 except ValueError:
@@ -1193,7 +1196,8 @@ def make_loader(
             ``text_mlm``, 256 for text classification, 23 for VQA, 30 otherwise.
         seed: seed of shard order, sample shuffle, augmentation and subset.
         subset: keep only this fraction of the data, chosen once from ``seed`` and the same in every process:
-            class-balanced for classification, a uniform draw otherwise. Needs local shards with their stats
+            class-balanced for classification, of the (item, caption) pairs for captioning and retrieval (see
+            ``subset_by``), a uniform draw of the samples otherwise. Needs local shards with their stats
             files. The reference used it for training only (the 1% prompt-tuning protocol).
         num_workers: DataLoader worker processes.
         shuffle_buffer: samples held for shuffling in training.
