@@ -2,7 +2,7 @@
 two tasks' gradients on chosen feed-forward weights. A negative cosine means a step for one task undoes part of a
 step for the other; routing tasks to different experts should move the cosines of tasks that conflict towards 0.
 
-    python benchmarks/interference.py runs/toyworld-tiny/final runs/claims/moe-0/final --batches 8
+    python benchmarks/interference.py runs/toyworld-tiny/final runs/claims/moe-seed0/final --batches 8
 
 The reference compared ImageNet, BooksWiki and CC12M on the second FFN linear of layers 3, 7 and 11 of 12; here
 every layer's ``mlp.fc2`` (an MoE layer's experts together) on ToyWorld's training tasks, each gradient summed

@@ -191,7 +191,8 @@ def test_claims_page_from_made_up_runs(tmp_path: Path, world: Path, monkeypatch:
         in page
     # MLM, MoE 5 points better over 5 seeds of sd 0.8: significant after Holm over the 5 primary metrics
     row = next(line for line in page.splitlines() if line.startswith("| MLM masked acc |"))
-    assert "| 50.0 ± 0.8 (5) | 55.0 ± 0.8 (5) | +5.00 |" in row and row.endswith("| agrees |")
+    assert "| 50.0 ± 0.8 (5) | 55.0 ± 0.8 (5) | +5.00 |" in row and row.endswith("| - | agrees |")
+    assert "| 0.008 |" in row  # the exact permutation test: the arms wholly apart, 2 of C(10, 5) = 252 splits
     row = next(line for line in page.splitlines() if line.startswith("| colour acc@1 (zero-shot) |"))
     assert "not resolved at this power" in row
     assert "| shape acc@1 | 50.0 ± 0.0 (5) | 50.0 ± 0.0 (5) | +0.00 | 1.000 |" in page  # secondary
