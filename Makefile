@@ -30,7 +30,7 @@ demo: install
 	$(BIN)/uniperceiver pretrain --recipe toyworld-tiny --run-dir runs/toyworld-tiny && \
 	$(BIN)/python benchmarks/demo_targets.py runs/toyworld-tiny --seconds $$(( $$(date +%s) - start ))
 
-# The papers' claims at ToyWorld scale: tuning, dense against MoE, routing levels (72 minutes on 2 cores;
+# The papers' claims at ToyWorld scale: tuning, dense against MoE, routing levels (2 h 40 min on 2 cores;
 # reuses `make demo`'s run when it is current). Writes docs/claims.md.
 claims: install
 	$(BIN)/pip install --quiet -e ".[claims]"

@@ -1,6 +1,7 @@
 """`make claims`: the two papers' claims tested on ToyWorld, written to docs/claims.md (issue 25's protocol).
 
-    python benchmarks/claims.py                      # every run (about 2.5 h on 2 cores), then the page
+    python benchmarks/claims.py                      # every run (2 h 50 min on 2 cores, 2 h 40 min after
+                                                     # `make demo`), then the page
     python benchmarks/claims.py --runs-only          # the runs, no page (resumable: done runs are kept)
     python benchmarks/claims.py --report-only        # the page from the runs already done
 
@@ -426,7 +427,8 @@ def _share_shown(share: tuple[float, float, float] | None) -> str:
         return "-"
     if not math.isfinite(share[1]):
         return "none: fine-tuning's gain is not significant"
-    return f"{100 * share[0]:.0f}% [{100 * share[1]:.0f}, {100 * share[2]:.0f}]"
+    estimate, low, high = (round(100 * x) for x in share)  # integers: no "-0"
+    return f"{estimate}% [{low}, {high}]"
 
 
 def share_verdict(share: tuple[float, float, float], paper: float, memorized: str | None = None) -> str:
