@@ -384,6 +384,27 @@ def test_a_caption_subset_draws_caption_pairs(images: Path) -> None:
     assert all(len(c) == 2 for c in next(iter(evaluation))["captions"])  # no subset: every caption
 
 
+def test_caption_counts_survive_planted_and_damaged_shards(tmp_path: Path) -> None:
+    """The caption-pair draw reads each json as the stream does: a json the loader skips, or a shard cut short,
+    counts 1 caption (the stream then skips and counts the sample), never a traceback."""
+    from uniperceiver_cli.data.loader import _caption_counts
+
+    members = {"a.json": json.dumps({"captions": ["x", "y", "z"]}).encode(), "b.json": b"[" * 100_000,
+               "c.JSON": b'{"captions": ["p", "q"]}', "d.json": b"\xff\xfe", "e.json": b"[1, 2]", "f.jpg": b"?"}
+    shard = tmp_path / "shard-000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert _caption_counts(str(shard)) == {("shard-000000.tar", "a"): 3, ("shard-000000.tar", "c"): 2}
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(shard.read_bytes()[:1636])  # inside b.json's data (a's header and data take 1,024 bytes)
+    assert _caption_counts(str(cut)) == {("cut.tar", "a"): 3}
+    (tmp_path / "garbage.tar").write_bytes(b"not a tar at all" * 100)
+    assert _caption_counts(str(tmp_path / "garbage.tar")) == {}
+
+
 def test_bad_samples_are_skipped_and_counted(tmp_path: Path) -> None:
     images = [Sample(f"i{i}", image=_image_bytes(i, "JPEG"), label=0, meta=_meta(i)) for i in range(7)]
     images[2].image = b"not an image"
