@@ -47,6 +47,7 @@ import numpy as np
 import yaml
 
 from uniperceiver_cli.data import loader, toyworld
+from uniperceiver_cli.evaluate import metrics
 from uniperceiver_cli.train.catalogue import resolve_recipe
 from uniperceiver_cli.train.recipe import EvalTaskSpec, Recipe, load_recipe
 
@@ -353,18 +354,8 @@ def per_sample(predictions: Path, metric: str) -> dict[str, float]:
         return {row["key"]: 100.0 * bool(row["correct"]) for row in rows}
     if metric != "CIDEr":
         raise ValueError(f"no per-sample form of {metric}")
-    import contextlib
-    import io
-
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        tokenizer = PTBTokenizer()
-        gts = tokenizer.tokenize({row["key"]: [{"caption": c} for c in row["references"]] for row in rows})
-        res = tokenizer.tokenize({row["key"]: [{"caption": row["caption"]}] for row in rows})
-        _, scores = Cider().compute_score(gts, res)
-    return {key: 100.0 * float(score) for key, score in zip(gts, scores, strict=True)}
+    return metrics.cider_per_caption({row["key"]: row["caption"] for row in rows},
+                                     {row["key"]: row["references"] for row in rows})
 
 
 # --- the page ----------------------------------------------------------------------------------------------------
@@ -464,7 +455,7 @@ def subset_size(tuned: Tuned, seed: int = SEEDS[0]) -> str:
     """What prompt tuning's 1% of ``tuned`` holds (its recipe's draw, seed ``seed``): items, and for captioned data
     the (item, caption) pairs."""
     spec = _recipe(f"toyworld-tiny-prompt-tune-{tuned.name}").tasks[0]
-    shards = sorted(str(url) for url in (DATA / spec.data).glob("*.tar"))
+    shards = [shard.url for shard in loader._shards(DATA / spec.data)]  # in the manifest's order, as training's
     captioned = tuned.task != "motion_classification"
     try:
         chosen = loader.choose_subset(shards, spec.subset, seed, balanced=not captioned,

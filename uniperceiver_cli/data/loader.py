@@ -1101,21 +1101,17 @@ def choose_subset(shard_urls: Sequence[str], fraction: float, seed: int, *, bala
 
 
 def _caption_counts(url: str) -> dict[tuple[str, str], int]:
-    """How many captions each sample of a local shard holds (its json's ``captions``; 1 without), read from the
-    json members only. A sample whose json the loader would skip, or that a damaged shard loses, counts 1."""
+    """How many captions each sample of a local shard holds (its json's ``captions``; 1 without), its json members
+    read as the stream reads them. A sample whose json the loader would skip, or that damage loses, counts 1."""
     counts = {}
-    try:
-        with tarfile.open(url) as tar:
-            for member in tar:
-                key, ext = base_plus_ext(member.name)  # as the stream groups members into samples
-                if member.isfile() and key is not None and (ext or "").lower() == "json":
-                    try:
-                        found = sample_json({"json": tar.extractfile(member).read()}).get("captions")
-                    except Skip:
-                        continue  # the loader skips it as "bad json"
-                    counts[(Path(url).name, key)] = len(found) if isinstance(found, list) and found else 1
-    except (tarfile.TarError, OSError):
-        pass  # the stream skips what it cannot read and counts it
+    for raw in read_shards([Shard(url)], Counter(), members={"json"}):
+        if "json" not in raw:
+            continue  # no json, one caption (the draw's default)
+        try:
+            found = sample_json(raw).get("captions")
+        except Skip:
+            continue  # the loader skips it as "bad json"
+        counts[(Path(url).name, raw["__key__"])] = len(found) if isinstance(found, list) and found else 1
     return counts
 
 

@@ -81,13 +81,40 @@ def caption_metrics(predictions: Mapping[str | int, str],
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.rouge.rouge import Rouge
+
+    gts, res = _tokenized(predictions, references)
+    scores: dict[str, float] = {}
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocoevalcap's debugging output (see _tokenized)
+        bleu, _ = Bleu(4).compute_score(gts, res)
+        scores.update({f"BLEU-{n + 1}": 100.0 * b for n, b in enumerate(bleu)})
+        for name, scorer in (("METEOR", Meteor()), ("ROUGE-L", Rouge()), ("CIDEr", Cider())):
+            score, _ = scorer.compute_score(gts, res)
+            scores[name] = 100.0 * float(score)
+    return scores
+
+
+def cider_per_caption(predictions: Mapping[str | int, str],
+                      references: Mapping[str | int, Sequence[str]]) -> dict[str | int, float]:
+    """Each id's own CIDEr-D (x100), the document frequencies those of all ``references``: their mean is
+    :func:`caption_metrics`' CIDEr, so a bootstrap can resample them."""
+    from pycocoevalcap.cider.cider import Cider
+
+    gts, res = _tokenized(predictions, references)
+    with contextlib.redirect_stdout(io.StringIO()):
+        _, scores = Cider().compute_score(gts, res)
+    return {i: 100.0 * float(score) for i, score in zip(gts, scores, strict=True)}
+
+
+def _tokenized(predictions: Mapping[str | int, str],
+               references: Mapping[str | int, Sequence[str]]) -> tuple[dict, dict]:
+    """References and predictions by id as pycocoevalcap's scorers take them, PTB-tokenized. ValueError for a
+    reference id without a prediction."""
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     missing = sorted(map(str, set(references) - set(predictions)))[:5]
     if missing:
         raise ValueError(f"no prediction for reference id(s) {', '.join(missing)}")
     ids = list(references)
-    scores: dict[str, float] = {}
     # pycocoevalcap prints debugging output ({'testlen': ...}, ratio: ...) where our commands print their
     # results: drop it. The PTB tokenizer's Java process reports on stderr; that stays, as it is the only
     # sign of a Java failure (the tokenizer ignores the exit code).
@@ -95,12 +122,7 @@ def caption_metrics(predictions: Mapping[str | int, str],
         tokenizer = PTBTokenizer()
         gts = tokenizer.tokenize({i: [{"caption": c} for c in references[i]] for i in ids})
         res = tokenizer.tokenize({i: [{"caption": predictions[i]}] for i in ids})
-        bleu, _ = Bleu(4).compute_score(gts, res)
-        scores.update({f"BLEU-{n + 1}": 100.0 * b for n, b in enumerate(bleu)})
-        for name, scorer in (("METEOR", Meteor()), ("ROUGE-L", Rouge()), ("CIDEr", Cider())):
-            score, _ = scorer.compute_score(gts, res)
-            scores[name] = 100.0 * float(score)
-    return scores
+    return gts, res
 
 
 def matthews_correlation(predicted: torch.Tensor, labels: torch.Tensor) -> float:
